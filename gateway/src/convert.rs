@@ -1,0 +1,145 @@
+//! prost types stop here: conversions between the wire messages of `kiln.v1` and the
+//! registry's domain types.
+
+use kiln_proto::kiln::v1 as pb;
+use kiln_registry::records::VersionRecord;
+use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
+
+use crate::{Error, Result};
+
+/// A wire spec to a domain spec; the error names the field.
+pub fn spec_from_proto(spec: Option<&pb::ArchitectureSpec>) -> Result<ModelSpec> {
+    let Some(pb::ArchitectureSpec {
+        family: Some(pb::architecture_spec::Family::Mlp(mlp)),
+    }) = spec
+    else {
+        return Err(Error::Invalid("spec is missing: set spec.mlp".into()));
+    };
+    let task = match pb::Task::try_from(mlp.task) {
+        Ok(pb::Task::BinaryClassification) => Task::BinaryClassification,
+        Ok(pb::Task::MulticlassClassification) => Task::MulticlassClassification,
+        Ok(pb::Task::Regression) => Task::Regression,
+        _ => {
+            return Err(Error::Invalid(format!(
+                "spec.mlp.task must be binary_classification, multiclass_classification or regression (got {})",
+                mlp.task
+            )));
+        }
+    };
+    let activation = match pb::Activation::try_from(mlp.activation) {
+        Ok(pb::Activation::Unspecified | pb::Activation::Relu) => Activation::Relu,
+        Ok(pb::Activation::Tanh) => Activation::Tanh,
+        Ok(pb::Activation::Sigmoid) => Activation::Sigmoid,
+        Ok(pb::Activation::Gelu) => Activation::Gelu,
+        Err(_) => {
+            return Err(Error::Invalid(format!(
+                "spec.mlp.activation {} is not a known activation",
+                mlp.activation
+            )));
+        }
+    };
+    let spec = ModelSpec::Mlp(MlpSpec {
+        input_width: mlp.input_width,
+        hidden: mlp.hidden.clone(),
+        activation,
+        output_width: mlp.output_width,
+        task,
+    });
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// A domain spec on the wire.
+pub fn spec_to_proto(spec: &ModelSpec) -> pb::ArchitectureSpec {
+    let ModelSpec::Mlp(mlp) = spec;
+    pb::ArchitectureSpec {
+        family: Some(pb::architecture_spec::Family::Mlp(pb::MlpSpec {
+            input_width: mlp.input_width,
+            hidden: mlp.hidden.clone(),
+            activation: match mlp.activation {
+                Activation::Relu => pb::Activation::Relu,
+                Activation::Tanh => pb::Activation::Tanh,
+                Activation::Sigmoid => pb::Activation::Sigmoid,
+                Activation::Gelu => pb::Activation::Gelu,
+            } as i32,
+            output_width: mlp.output_width,
+            task: match mlp.task {
+                Task::BinaryClassification => pb::Task::BinaryClassification,
+                Task::MulticlassClassification => pb::Task::MulticlassClassification,
+                Task::Regression => pb::Task::Regression,
+            } as i32,
+        })),
+    }
+}
+
+/// A wire signature, with defaults for empty names.
+pub fn signature_from_proto(sig: Option<&pb::Signature>) -> Result<Signature> {
+    let mut signature = Signature::default();
+    if let Some(sig) = sig {
+        if !sig.input_name.is_empty() {
+            signature.input_name = sig.input_name.clone();
+        }
+        if !sig.output_name.is_empty() {
+            signature.output_name = sig.output_name.clone();
+        }
+    }
+    signature.validate()?;
+    Ok(signature)
+}
+
+/// A domain signature on the wire.
+pub fn signature_to_proto(sig: &Signature) -> pb::Signature {
+    pb::Signature {
+        input_name: sig.input_name.clone(),
+        output_name: sig.output_name.clone(),
+    }
+}
+
+/// A version record on the wire.
+pub fn version_to_proto(
+    v: &VersionRecord,
+    spec: &ModelSpec,
+    signature: &Signature,
+    state: &str,
+) -> pb::ModelVersion {
+    pb::ModelVersion {
+        model: v.model.clone(),
+        version: v.version,
+        sha256: v.artifact.sha256.clone(),
+        size_bytes: v.artifact.size,
+        artifact_uri: v.artifact.uri.clone(),
+        created_unix_ms: v.created_unix_ms,
+        spec: Some(spec_to_proto(spec)),
+        signature: Some(signature_to_proto(signature)),
+        source: v.source.clone(),
+        state: state.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_round_trip_and_missing_fields_are_named() {
+        let wire = pb::ArchitectureSpec {
+            family: Some(pb::architecture_spec::Family::Mlp(pb::MlpSpec {
+                input_width: 10,
+                hidden: vec![16, 8],
+                activation: pb::Activation::Gelu as i32,
+                output_width: 3,
+                task: pb::Task::MulticlassClassification as i32,
+            })),
+        };
+        let spec = spec_from_proto(Some(&wire)).unwrap();
+        assert_eq!(spec_to_proto(&spec), wire);
+        let err = spec_from_proto(None).unwrap_err().to_string();
+        assert!(err.contains("spec"), "{err}");
+        let mut no_task = wire.clone();
+        if let Some(pb::architecture_spec::Family::Mlp(m)) = &mut no_task.family {
+            m.task = 0;
+        }
+        let err = spec_from_proto(Some(&no_task)).unwrap_err().to_string();
+        assert!(err.contains("spec.mlp.task"), "{err}");
+    }
+}

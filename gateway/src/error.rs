@@ -1,0 +1,68 @@
+//! The gateway's one error type and its one mapping to gRPC status codes.
+
+use tonic::Status;
+
+/// What can go wrong serving a public request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request broke a rule; the message names the field and the limit.
+    #[error("{0}")]
+    Invalid(String),
+    /// The model, version or alias does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The name is taken by something different.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// No replica of the version is ready.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A queue is full.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The deadline passed.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// Something failed inside Kiln; details are logged, not sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The gateway's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<kiln_registry::Error> for Error {
+    fn from(e: kiln_registry::Error) -> Self {
+        use kiln_registry::Error as R;
+        match e {
+            R::NotFound { .. } => Error::NotFound(e.to_string()),
+            R::AlreadyExists { .. } => Error::AlreadyExists(e.to_string()),
+            R::Invalid(m) => Error::Invalid(m),
+            R::Contention { .. } => Error::Unavailable(e.to_string()),
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::codec::CodecError> for Error {
+    fn from(e: crate::codec::CodecError) -> Self {
+        Error::Invalid(e.0)
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Invalid(m) => Status::invalid_argument(m),
+            Error::NotFound(m) => Status::not_found(m),
+            Error::AlreadyExists(m) => Status::already_exists(m),
+            Error::Unavailable(m) => Status::unavailable(m),
+            Error::Overloaded(m) => Status::resource_exhausted(m),
+            Error::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+            Error::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                Status::internal("internal error; see the gateway's log")
+            }
+        }
+    }
+}

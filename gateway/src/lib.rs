@@ -1,0 +1,130 @@
+//! Kiln's gateway: the public gRPC face of the cluster.
+//!
+//! - [`oip`]: `inference.GRPCInferenceService` (Open Inference Protocol + Triton extensions);
+//! - [`models`]: `kiln.v1.Models`;
+//! - [`codec`]: OIP tensor decoding and encoding, with every validation rule;
+//! - [`router`]: replica choice, deadlines and the one retry;
+//! - [`convert`]: wire types to domain types; [`stats`]: ModelStatistics.
+//!
+//! Entry point: [`serve`].
+
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod convert;
+mod error;
+pub mod models;
+pub mod oip;
+pub mod router;
+pub mod stats;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kiln_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use kiln_proto::kiln::v1::models_server::ModelsServer;
+use kiln_registry::{ArtifactStore, Registry, WatchedView};
+use tokio::net::TcpListener;
+
+pub use error::{Error, Result};
+
+/// How the gateway runs.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Largest message accepted or sent (PROTOCOL.md: 64 MiB by default).
+    pub max_message_bytes: usize,
+    /// Deadline of a request that carries none.
+    pub default_timeout: Duration,
+    /// How long RepositoryModelLoad/Unload wait for the workers.
+    pub load_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 * 1024 * 1024,
+            default_timeout: Duration::from_secs(30),
+            load_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What the gateway needs from the rest of the cluster.
+#[derive(Clone)]
+pub struct GatewayDeps {
+    /// Cluster state (writes, and fresh reads for listings).
+    pub registry: Registry,
+    /// The watched view requests are routed from.
+    pub view: WatchedView,
+    /// Where weights are stored.
+    pub artifacts: ArtifactStore,
+}
+
+pub(crate) struct Shared {
+    registry: Registry,
+    view: WatchedView,
+    artifacts: ArtifactStore,
+    router: router::Router,
+    stats: stats::Stats,
+    config: GatewayConfig,
+    /// False once shutdown begins, so ServerReady turns false before the drain.
+    ready: AtomicBool,
+}
+
+/// Serve the public services on `listener` until `shutdown` resolves, then drain in-flight
+/// calls and return.
+pub async fn serve(
+    config: GatewayConfig,
+    listener: TcpListener,
+    deps: GatewayDeps,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::result::Result<(), tonic::transport::Error> {
+    let shared = Arc::new(Shared {
+        router: router::Router::new(deps.view.clone(), config.max_message_bytes),
+        registry: deps.registry,
+        view: deps.view,
+        artifacts: deps.artifacts,
+        stats: stats::Stats::default(),
+        config: config.clone(),
+        ready: AtomicBool::new(true),
+    });
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<GrpcInferenceServiceServer<oip::InferenceService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the descriptor set is generated at build time and always valid");
+    let inference = GrpcInferenceServiceServer::new(oip::InferenceService {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes);
+    let models = ModelsServer::new(models::ModelsService {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes);
+    let on_shutdown = async move {
+        shutdown.await;
+        shared.ready.store(false, Ordering::Relaxed);
+        health_reporter
+            .set_not_serving::<GrpcInferenceServiceServer<oip::InferenceService>>()
+            .await;
+    };
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(inference)
+        .add_service(models)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            on_shutdown,
+        )
+        .await
+}

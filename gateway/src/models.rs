@@ -1,0 +1,198 @@
+//! `kiln.v1.Models`: create models, list them, read and export versions, set aliases.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kiln_proto::kiln::v1 as pb;
+use kiln_proto::kiln::v1::models_server::Models;
+use kiln_registry::spec::validate_name;
+use kiln_registry::{ClusterView, MlpWeights, NewModel};
+use tonic::{Request, Response, Status};
+
+use crate::convert::{
+    signature_from_proto, signature_to_proto, spec_from_proto, spec_to_proto, version_to_proto,
+};
+use crate::oip::version_state;
+use crate::{Error, Result, Shared};
+
+/// The model registry service.
+pub struct ModelsService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+fn version_message(view: &ClusterView, name: &str, selector: &str) -> Result<pb::ModelVersion> {
+    let (entry, version) = view.resolve(name, selector)?;
+    let (state, _) = version_state(view, &version.key());
+    Ok(version_to_proto(
+        version,
+        &entry.record.spec,
+        &entry.record.signature,
+        state,
+    ))
+}
+
+impl ModelsService {
+    async fn create(&self, req: pb::CreateModelRequest) -> Result<pb::ModelVersion> {
+        let shared = &self.shared;
+        validate_name("name", &req.name)?;
+        let spec = spec_from_proto(req.spec.as_ref())?;
+        let signature = signature_from_proto(req.signature.as_ref())?;
+        let (weights, source) = match req.weights {
+            Some(pb::create_model_request::Weights::Safetensors(bytes)) => {
+                let weights = MlpWeights::from_safetensors(&spec, &bytes)?;
+                (weights, "import".to_owned())
+            }
+            Some(pb::create_model_request::Weights::Seed(seed)) => {
+                (MlpWeights::seeded(&spec, seed), format!("seed:{seed}"))
+            }
+            None => (MlpWeights::seeded(&spec, 0), "seed:0".to_owned()),
+        };
+        // Re-encode rather than store the upload as is: the artifact then always carries
+        // the spec in its metadata and the canonical tensor layout.
+        let artifact_bytes = weights.to_safetensors(&spec)?;
+
+        match shared.registry.get_model(&req.name).await {
+            Ok(existing) => {
+                if existing.spec != spec || existing.signature != signature {
+                    return Err(Error::AlreadyExists(format!(
+                        "model {:?} exists with a different spec or signature; choose another name",
+                        req.name
+                    )));
+                }
+            }
+            Err(kiln_registry::Error::NotFound { .. }) => {
+                let created = shared
+                    .registry
+                    .create_model(NewModel {
+                        name: req.name.clone(),
+                        spec: spec.clone(),
+                        signature: signature.clone(),
+                        description: req.description.clone(),
+                    })
+                    .await;
+                // Losing a race to an identical create is fine: both become versions.
+                match created {
+                    Ok(_) | Err(kiln_registry::Error::AlreadyExists { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let artifact = shared.artifacts.put(Bytes::from(artifact_bytes)).await?;
+        let version = shared
+            .registry
+            .register_version(&req.name, artifact, source)
+            .await?;
+        Ok(version_to_proto(&version, &spec, &signature, "LOADING"))
+    }
+}
+
+#[tonic::async_trait]
+impl Models for ModelsService {
+    async fn create_model(
+        &self,
+        request: Request<pb::CreateModelRequest>,
+    ) -> Result<Response<pb::CreateModelResponse>, Status> {
+        let version = self.create(request.into_inner()).await?;
+        Ok(Response::new(pb::CreateModelResponse {
+            version: Some(version),
+        }))
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        // A fresh read, not the watched view: a listing right after a create shows it.
+        let view = self.shared.registry.view().await.map_err(Error::from)?;
+        let live = self.shared.view.current();
+        let models = view
+            .models
+            .values()
+            .map(|entry| {
+                let r = &entry.record;
+                pb::ModelSummary {
+                    name: r.name.clone(),
+                    spec: Some(spec_to_proto(&r.spec)),
+                    signature: Some(signature_to_proto(&r.signature)),
+                    description: r.description.clone(),
+                    versions: entry
+                        .versions
+                        .values()
+                        .map(|v| {
+                            version_to_proto(
+                                v,
+                                &r.spec,
+                                &r.signature,
+                                version_state(&live, &v.key()).0,
+                            )
+                        })
+                        .collect(),
+                    aliases: entry
+                        .aliases
+                        .values()
+                        .map(|a| pb::Alias {
+                            model: a.model.clone(),
+                            alias: a.alias.clone(),
+                            version: a.version,
+                        })
+                        .collect(),
+                    created_unix_ms: r.created_unix_ms,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    async fn get_model_version(
+        &self,
+        request: Request<pb::GetModelVersionRequest>,
+    ) -> Result<Response<pb::ModelVersion>, Status> {
+        let req = request.into_inner();
+        let view = self.shared.registry.view().await.map_err(Error::from)?;
+        Ok(Response::new(version_message(
+            &view,
+            &req.name,
+            &req.version,
+        )?))
+    }
+
+    async fn export_weights(
+        &self,
+        request: Request<pb::ExportWeightsRequest>,
+    ) -> Result<Response<pb::ExportWeightsResponse>, Status> {
+        let req = request.into_inner();
+        let view = self.shared.registry.view().await.map_err(Error::from)?;
+        let message = version_message(&view, &req.name, &req.version)?;
+        let (_, version) = view.resolve(&req.name, &req.version).map_err(Error::from)?;
+        let bytes = self
+            .shared
+            .artifacts
+            .get(&version.artifact)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::ExportWeightsResponse {
+            version: Some(message),
+            safetensors: bytes.to_vec(),
+        }))
+    }
+
+    async fn set_alias(
+        &self,
+        request: Request<pb::SetAliasRequest>,
+    ) -> Result<Response<pb::Alias>, Status> {
+        let req = request.into_inner();
+        validate_name("name", &req.name).map_err(Error::from)?;
+        let alias = self
+            .shared
+            .registry
+            .set_alias(&req.name, &req.alias, req.version)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::Alias {
+            model: alias.model,
+            alias: alias.alias,
+            version: alias.version,
+        }))
+    }
+}

@@ -1,0 +1,399 @@
+//! `inference.GRPCInferenceService`: the Open Inference Protocol with Triton's extensions.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use kiln_proto::inference as oip;
+use kiln_proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use kiln_proto::inference::model_metadata_response::TensorMetadata;
+use kiln_registry::ClusterView;
+use kiln_registry::records::{LoadState, VersionKey};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::codec::{InputSpec, check_requested_outputs, decode_input, encode_output};
+use crate::stats::Success;
+use crate::{Error, Result, Shared};
+
+/// Extensions this server answers (ServerMetadata lists them).
+pub const EXTENSIONS: &[&str] = &["model_configuration", "statistics", "model_repository"];
+/// How many requests of one ModelStreamInfer stream run at once (answers keep their order).
+const STREAM_CONCURRENCY: usize = 32;
+
+/// The OIP service.
+pub struct InferenceService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// A version's serving state in Triton's words, with the reason when it is not ready.
+pub fn version_state(view: &ClusterView, key: &VersionKey) -> (&'static str, String) {
+    let mut loading = false;
+    let mut failure = None;
+    for w in view.workers.values() {
+        for l in w.loaded.iter().filter(|l| &l.key == key) {
+            match l.state {
+                LoadState::Ready => return ("READY", String::new()),
+                LoadState::Loading => loading = true,
+                LoadState::Failed => failure = Some(l.reason.clone()),
+            }
+        }
+    }
+    if loading {
+        return ("LOADING", String::new());
+    }
+    if let Some(reason) = failure {
+        return ("UNAVAILABLE", reason);
+    }
+    if !view.deployment(&key.model).loaded {
+        return ("UNAVAILABLE", "unloaded".into());
+    }
+    let placed = view.placements.values().any(|p| p.versions.contains(key));
+    if placed {
+        ("LOADING", String::new())
+    } else {
+        ("UNAVAILABLE", "no worker holds this version".into())
+    }
+}
+
+impl Shared {
+    /// Serve one inference request end to end.
+    pub(crate) async fn infer(
+        &self,
+        req: oip::ModelInferRequest,
+        timeout: Option<Duration>,
+    ) -> Result<oip::ModelInferResponse> {
+        let started = Instant::now();
+        let deadline = started + timeout.unwrap_or(self.config.default_timeout);
+        if req.model_name.is_empty() {
+            return Err(Error::Invalid("model_name is empty".into()));
+        }
+        let view = self.view.current();
+        let (entry, version) = view.resolve(&req.model_name, &req.model_version)?;
+        let key = version.key();
+        let signature = &entry.record.signature;
+        let batching = view.deployment(&key.model).batching;
+        let result = async {
+            check_requested_outputs(&req, &signature.output_name)?;
+            let features = decode_input(
+                &req,
+                &InputSpec {
+                    name: &signature.input_name,
+                    width: entry.record.spec.input_width(),
+                    max_batch: batching.max_batch_size as usize,
+                },
+            )?;
+            let answer = self
+                .router
+                .infer(&key, features.rows, features.bytes, deadline)
+                .await?;
+            let mut response = oip::ModelInferResponse {
+                model_name: req.model_name.clone(),
+                model_version: key.version.to_string(),
+                id: req.id.clone(),
+                ..Default::default()
+            };
+            encode_output(
+                &mut response,
+                &signature.output_name,
+                answer.rows as usize,
+                answer.cols as usize,
+                answer.outputs,
+                features.raw,
+            );
+            Ok::<_, Error>((
+                response,
+                features.rows,
+                answer.queue_ns,
+                answer.compute_ns,
+                answer.batch_rows,
+            ))
+        }
+        .await;
+        match result {
+            Ok((response, rows, queue_ns, compute_ns, batch_rows)) => {
+                self.stats.success(
+                    &key,
+                    Success {
+                        total: started.elapsed(),
+                        queue: Duration::from_nanos(queue_ns),
+                        compute: Duration::from_nanos(compute_ns),
+                        rows: rows as u64,
+                        batch_rows: batch_rows as u64,
+                    },
+                );
+                Ok(response)
+            }
+            Err(e) => {
+                self.stats.failure(&key, started.elapsed());
+                Err(e)
+            }
+        }
+    }
+}
+
+fn tensor(name: &str, width: usize) -> TensorMetadata {
+    TensorMetadata {
+        name: name.to_owned(),
+        datatype: "FP32".into(),
+        shape: vec![-1, width as i64],
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(
+        &self,
+        _: Request<oip::ServerLiveRequest>,
+    ) -> Result<Response<oip::ServerLiveResponse>, Status> {
+        Ok(Response::new(oip::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<oip::ServerReadyRequest>,
+    ) -> Result<Response<oip::ServerReadyResponse>, Status> {
+        let ready = self.shared.ready.load(Ordering::Relaxed);
+        Ok(Response::new(oip::ServerReadyResponse { ready }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<oip::ModelReadyRequest>,
+    ) -> Result<Response<oip::ModelReadyResponse>, Status> {
+        let req = request.into_inner();
+        let view = self.shared.view.current();
+        let ready = match view.resolve(&req.name, &req.version) {
+            Ok((_, version)) => version_state(&view, &version.key()).0 == "READY",
+            Err(_) => false,
+        };
+        Ok(Response::new(oip::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<oip::ServerMetadataRequest>,
+    ) -> Result<Response<oip::ServerMetadataResponse>, Status> {
+        Ok(Response::new(oip::ServerMetadataResponse {
+            name: "kiln".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: EXTENSIONS.iter().map(|s| (*s).to_owned()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<oip::ModelMetadataRequest>,
+    ) -> Result<Response<oip::ModelMetadataResponse>, Status> {
+        let req = request.into_inner();
+        let view = self.shared.view.current();
+        let (entry, _) = view.resolve(&req.name, &req.version).map_err(Error::from)?;
+        let r = &entry.record;
+        Ok(Response::new(oip::ModelMetadataResponse {
+            name: r.name.clone(),
+            versions: entry.versions.keys().map(|v| v.to_string()).collect(),
+            platform: "kiln_burn".into(),
+            inputs: vec![tensor(&r.signature.input_name, r.spec.input_width())],
+            outputs: vec![tensor(&r.signature.output_name, r.spec.output_width())],
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<oip::ModelInferRequest>,
+    ) -> Result<Response<oip::ModelInferResponse>, Status> {
+        let timeout = kiln_proto::deadline::from_metadata(request.metadata());
+        let response = self.shared.infer(request.into_inner(), timeout).await?;
+        Ok(Response::new(response))
+    }
+
+    type ModelStreamInferStream =
+        Pin<Box<dyn Stream<Item = Result<oip::ModelStreamInferResponse, Status>> + Send>>;
+
+    async fn model_stream_infer(
+        &self,
+        request: Request<Streaming<oip::ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let shared = self.shared.clone();
+        let answers = request
+            .into_inner()
+            .map(move |item| {
+                let shared = shared.clone();
+                async move {
+                    let req = item?;
+                    let id = req.id.clone();
+                    Ok(match shared.infer(req, None).await {
+                        Ok(response) => oip::ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(response),
+                        },
+                        Err(e) => oip::ModelStreamInferResponse {
+                            error_message: Status::from(e).message().to_owned(),
+                            infer_response: Some(oip::ModelInferResponse {
+                                id,
+                                ..Default::default()
+                            }),
+                        },
+                    })
+                }
+            })
+            .buffered(STREAM_CONCURRENCY);
+        Ok(Response::new(Box::pin(answers)))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<oip::ModelConfigRequest>,
+    ) -> Result<Response<oip::ModelConfigResponse>, Status> {
+        let req = request.into_inner();
+        let view = self.shared.view.current();
+        let (entry, _) = view.resolve(&req.name, &req.version).map_err(Error::from)?;
+        let r = &entry.record;
+        let batching = view.deployment(&r.name).batching;
+        let runtime = view
+            .workers
+            .values()
+            .next()
+            .map_or_else(String::new, |w| w.backend.clone());
+        let config = oip::ModelConfig {
+            name: r.name.clone(),
+            platform: "kiln_burn".into(),
+            backend: "kiln".into(),
+            runtime,
+            version_policy: Some(oip::ModelVersionPolicy {
+                policy_choice: Some(oip::model_version_policy::PolicyChoice::All(
+                    oip::model_version_policy::All {},
+                )),
+            }),
+            max_batch_size: batching.max_batch_size as i32,
+            input: vec![oip::ModelInput {
+                name: r.signature.input_name.clone(),
+                data_type: oip::DataType::TypeFp32 as i32,
+                dims: vec![r.spec.input_width() as i64],
+            }],
+            output: vec![oip::ModelOutput {
+                name: r.signature.output_name.clone(),
+                data_type: oip::DataType::TypeFp32 as i32,
+                dims: vec![r.spec.output_width() as i64],
+            }],
+            scheduling_choice: Some(oip::model_config::SchedulingChoice::DynamicBatching(
+                oip::ModelDynamicBatching {
+                    preferred_batch_size: vec![],
+                    max_queue_delay_microseconds: batching.max_queue_delay_us,
+                    preserve_ordering: true,
+                },
+            )),
+        };
+        Ok(Response::new(oip::ModelConfigResponse {
+            config: Some(config),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<oip::ModelStatisticsRequest>,
+    ) -> Result<Response<oip::ModelStatisticsResponse>, Status> {
+        let req = request.into_inner();
+        let view = self.shared.view.current();
+        let mut keys = Vec::new();
+        if req.name.is_empty() {
+            for entry in view.models.values() {
+                keys.extend(entry.versions.values().map(|v| v.key()));
+            }
+        } else if req.version.is_empty() {
+            let entry = view
+                .models
+                .get(&req.name)
+                .ok_or_else(|| Status::not_found(format!("model {:?} not found", req.name)))?;
+            keys.extend(entry.versions.values().map(|v| v.key()));
+        } else {
+            let (_, version) = view.resolve(&req.name, &req.version).map_err(Error::from)?;
+            keys.push(version.key());
+        }
+        let model_stats = keys.iter().map(|k| self.shared.stats.report(k)).collect();
+        Ok(Response::new(oip::ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<oip::RepositoryIndexRequest>,
+    ) -> Result<Response<oip::RepositoryIndexResponse>, Status> {
+        let req = request.into_inner();
+        let view = self.shared.view.current();
+        let mut models = Vec::new();
+        for entry in view.models.values() {
+            for v in entry.versions.values() {
+                let (state, reason) = version_state(&view, &v.key());
+                if req.ready && state != "READY" {
+                    continue;
+                }
+                models.push(oip::repository_index_response::ModelIndex {
+                    name: v.model.clone(),
+                    version: v.version.to_string(),
+                    state: state.into(),
+                    reason,
+                });
+            }
+        }
+        Ok(Response::new(oip::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<oip::RepositoryModelLoadRequest>,
+    ) -> Result<Response<oip::RepositoryModelLoadResponse>, Status> {
+        let req = request.into_inner();
+        self.set_loaded(&req.model_name, true).await?;
+        Ok(Response::new(oip::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<oip::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<oip::RepositoryModelUnloadResponse>, Status> {
+        let req = request.into_inner();
+        self.set_loaded(&req.model_name, false).await?;
+        Ok(Response::new(oip::RepositoryModelUnloadResponse {}))
+    }
+}
+
+impl InferenceService {
+    /// Mark a model loaded or unloaded, then wait (bounded) until the workers agree.
+    async fn set_loaded(&self, name: &str, loaded: bool) -> Result<()> {
+        let shared = &self.shared;
+        let view = shared.view.current();
+        let (_, default) = view.resolve(name, "")?;
+        let key = default.key();
+        let mut deployment = shared.registry.deployment(name).await?;
+        if deployment.loaded != loaded {
+            deployment.loaded = loaded;
+            shared.registry.set_deployment(&deployment).await?;
+        }
+        let settled = shared
+            .view
+            .wait_for(shared.config.load_timeout, |view| {
+                let state = version_state(view, &key).0;
+                if loaded {
+                    state == "READY"
+                } else {
+                    !view
+                        .workers
+                        .values()
+                        .any(|w| w.loaded.iter().any(|l| l.key.model == name))
+                }
+            })
+            .await;
+        match settled {
+            Some(_) => Ok(()),
+            None if loaded => Err(Error::Unavailable(format!(
+                "model {name:?} did not become ready within {:?}",
+                shared.config.load_timeout
+            ))),
+            None => Err(Error::Unavailable(format!(
+                "model {name:?} was not unloaded within {:?}",
+                shared.config.load_timeout
+            ))),
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Per-version request statistics, as ModelStatistics reports them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kiln_proto::inference as oip;
+use kiln_registry::records::{VersionKey, now_unix_ms};
+
+#[derive(Default, Clone, Copy)]
+struct Counter {
+    count: u64,
+    ns: u64,
+}
+
+impl Counter {
+    fn add(&mut self, d: Duration) {
+        self.count += 1;
+        self.ns += d.as_nanos() as u64;
+    }
+
+    fn proto(self) -> Option<oip::StatisticDuration> {
+        Some(oip::StatisticDuration {
+            count: self.count,
+            ns: self.ns,
+        })
+    }
+}
+
+#[derive(Default)]
+struct VersionStats {
+    success: Counter,
+    fail: Counter,
+    queue: Counter,
+    compute_infer: Counter,
+    inference_count: u64,
+    execution_count: u64,
+    last_inference: u64,
+    /// Executions by the batch size they ran at.
+    batches: BTreeMap<u64, Counter>,
+}
+
+/// What one successful request measured.
+pub struct Success {
+    /// End to end, through the gateway.
+    pub total: Duration,
+    /// Waiting in the worker's batcher.
+    pub queue: Duration,
+    /// Its batch's forward pass.
+    pub compute: Duration,
+    /// Rows in the request.
+    pub rows: u64,
+    /// Rows in the batch it rode in.
+    pub batch_rows: u64,
+}
+
+/// Statistics of every version this gateway served.
+#[derive(Default)]
+pub struct Stats {
+    versions: Mutex<HashMap<VersionKey, VersionStats>>,
+}
+
+impl Stats {
+    /// Record a success.
+    pub fn success(&self, key: &VersionKey, s: Success) {
+        let mut map = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        let v = map.entry(key.clone()).or_default();
+        v.success.add(s.total);
+        v.queue.add(s.queue);
+        v.compute_infer.add(s.compute);
+        v.inference_count += s.rows;
+        v.execution_count += 1;
+        v.last_inference = now_unix_ms();
+        v.batches.entry(s.batch_rows).or_default().add(s.compute);
+    }
+
+    /// Record a failure.
+    pub fn failure(&self, key: &VersionKey, total: Duration) {
+        let mut map = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key.clone()).or_default().fail.add(total);
+    }
+
+    /// The statistics of one version (zeros if it never served).
+    pub fn report(&self, key: &VersionKey) -> oip::ModelStatistics {
+        let map = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        let empty = VersionStats::default();
+        let v = map.get(key).unwrap_or(&empty);
+        oip::ModelStatistics {
+            name: key.model.clone(),
+            version: key.version.to_string(),
+            last_inference: v.last_inference,
+            inference_count: v.inference_count,
+            execution_count: v.execution_count,
+            inference_stats: Some(oip::InferStatistics {
+                success: v.success.proto(),
+                fail: v.fail.proto(),
+                queue: v.queue.proto(),
+                compute_input: Counter::default().proto(),
+                compute_infer: v.compute_infer.proto(),
+                compute_output: Counter::default().proto(),
+                cache_hit: Counter::default().proto(),
+                cache_miss: Counter::default().proto(),
+            }),
+            batch_stats: v
+                .batches
+                .iter()
+                .map(|(size, c)| oip::InferBatchStatistics {
+                    batch_size: *size,
+                    compute_input: Counter::default().proto(),
+                    compute_infer: c.proto(),
+                    compute_output: Counter::default().proto(),
+                })
+                .collect(),
+        }
+    }
+}

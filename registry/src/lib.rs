@@ -1,0 +1,32 @@
+//! Kiln's cluster state and artifact store.
+//!
+//! - [`kv`]: the etcd-shaped key-value contract ([`KvStore`]): revisions, leases,
+//!   compare-and-swap, watch;
+//! - [`memory`] and [`file`]: its in-memory and embedded persistent (redb) implementations;
+//! - [`spec`]: what a model is (architecture and signature);
+//! - [`records`]: the JSON records and the key layout;
+//! - [`registry`]: typed operations over a store ([`Registry`]);
+//! - [`view`]: a parsed snapshot ([`ClusterView`]) kept current by a watch ([`WatchedView`]);
+//! - [`artifacts`]: weights, content-addressed by sha256 ([`ArtifactStore`]).
+
+#![forbid(unsafe_code)]
+
+pub mod artifacts;
+mod error;
+pub mod file;
+pub mod kv;
+pub mod memory;
+pub mod records;
+pub mod registry;
+pub mod spec;
+pub mod view;
+pub mod weights;
+
+pub use artifacts::{ArtifactStore, sha256_hex};
+pub use error::{Error, Result};
+pub use file::FileStore;
+pub use kv::{KvStore, LeaseId};
+pub use memory::MemoryStore;
+pub use registry::{NewModel, Registry};
+pub use view::{ClusterView, WatchedView};
+pub use weights::MlpWeights;

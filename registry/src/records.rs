@@ -1,0 +1,247 @@
+//! The records stored under each key, and the key layout (see `docs/cluster-state.md`).
+//! Every record is JSON with a `schema` number so that operators can read it with
+//! `etcdctl get` and later releases can migrate it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{ModelSpec, Signature};
+
+/// Schema number written into every record.
+pub const SCHEMA: u32 = 1;
+
+/// A model version's identity.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct VersionKey {
+    /// Model name.
+    pub model: String,
+    /// Version number.
+    pub version: u64,
+}
+
+impl std::fmt::Display for VersionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.model, self.version)
+    }
+}
+
+/// `models/<name>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// Record schema.
+    pub schema: u32,
+    /// Model name.
+    pub name: String,
+    /// Architecture.
+    pub spec: ModelSpec,
+    /// Tensor names.
+    pub signature: Signature,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Creation time.
+    pub created_unix_ms: u64,
+    /// Highest version number ever allocated; versions are never reused.
+    pub last_version: u64,
+}
+
+/// Where a version's weights live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRef {
+    /// Location in the artifact store.
+    pub uri: String,
+    /// sha256 of the bytes, hex.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// `models/<name>/versions/<n>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// Record schema.
+    pub schema: u32,
+    /// Model name.
+    pub model: String,
+    /// Version number.
+    pub version: u64,
+    /// The safetensors weights.
+    pub artifact: ArtifactRef,
+    /// How the weights were made: `seed:<n>`, `import` or `job:<id>`.
+    pub source: String,
+    /// Creation time.
+    pub created_unix_ms: u64,
+    /// Metrics recorded with the version (e.g. by training).
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl VersionRecord {
+    /// The version's identity.
+    pub fn key(&self) -> VersionKey {
+        VersionKey {
+            model: self.model.clone(),
+            version: self.version,
+        }
+    }
+}
+
+/// `models/<name>/aliases/<alias>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AliasRecord {
+    /// Record schema.
+    pub schema: u32,
+    /// Model name.
+    pub model: String,
+    /// Alias name.
+    pub alias: String,
+    /// The version it names.
+    pub version: u64,
+}
+
+/// Serving state of a version on one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LoadState {
+    /// Being fetched and built.
+    Loading,
+    /// Serving.
+    Ready,
+    /// Could not be loaded; see the reason.
+    Failed,
+}
+
+/// One version as a worker reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadedRecord {
+    /// Which version.
+    pub key: VersionKey,
+    /// Its state.
+    pub state: LoadState,
+    /// Why it failed, if it did.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `workers/<id>`, bound to the worker's lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    /// Record schema.
+    pub schema: u32,
+    /// Worker id.
+    pub id: String,
+    /// Address the worker's gRPC service is reached at (`host:port`).
+    pub address: String,
+    /// `wgpu` or `cpu`.
+    pub backend: String,
+    /// Adapter name.
+    pub adapter: String,
+    /// Versions held, with their state.
+    #[serde(default)]
+    pub loaded: Vec<LoadedRecord>,
+    /// Start time.
+    pub started_unix_ms: u64,
+}
+
+impl WorkerRecord {
+    /// Whether this worker serves `key` right now.
+    pub fn is_ready(&self, key: &VersionKey) -> bool {
+        self.loaded
+            .iter()
+            .any(|l| &l.key == key && l.state == LoadState::Ready)
+    }
+}
+
+/// `placements/<worker-id>`: what the scheduler wants a worker to hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementRecord {
+    /// Record schema.
+    pub schema: u32,
+    /// Worker id.
+    pub worker: String,
+    /// Versions to hold.
+    pub versions: Vec<VersionKey>,
+}
+
+/// Batcher settings of a deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchingSettings {
+    /// Most rows per forward pass.
+    pub max_batch_size: u32,
+    /// Longest wait for company, microseconds.
+    pub max_queue_delay_us: u64,
+    /// Most queued requests.
+    pub max_queue_size: u32,
+}
+
+impl Default for BatchingSettings {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 64,
+            max_queue_delay_us: 500,
+            max_queue_size: 1024,
+        }
+    }
+}
+
+/// `deployments/<name>`: how a model should be served. Absent means the defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    /// Record schema.
+    pub schema: u32,
+    /// Model name.
+    pub model: String,
+    /// Replicas per version; None means every worker.
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    /// False after RepositoryModelUnload: no worker holds the model.
+    pub loaded: bool,
+    /// Batcher settings.
+    #[serde(default)]
+    pub batching: BatchingSettings,
+}
+
+/// Key construction and parsing. All keys are relative to the store's prefix.
+pub mod keys {
+    /// Prefix of worker records.
+    pub const WORKERS: &str = "workers/";
+    /// Prefix of model, version and alias records.
+    pub const MODELS: &str = "models/";
+    /// Prefix of placement records.
+    pub const PLACEMENTS: &str = "placements/";
+    /// Prefix of deployment records.
+    pub const DEPLOYMENTS: &str = "deployments/";
+
+    /// `models/<name>`.
+    pub fn model(name: &str) -> String {
+        format!("{MODELS}{name}")
+    }
+    /// `models/<name>/versions/<n>`.
+    pub fn version(name: &str, version: u64) -> String {
+        format!("{MODELS}{name}/versions/{version}")
+    }
+    /// `models/<name>/aliases/<alias>`.
+    pub fn alias(name: &str, alias: &str) -> String {
+        format!("{MODELS}{name}/aliases/{alias}")
+    }
+    /// `workers/<id>`.
+    pub fn worker(id: &str) -> String {
+        format!("{WORKERS}{id}")
+    }
+    /// `placements/<id>`.
+    pub fn placement(worker: &str) -> String {
+        format!("{PLACEMENTS}{worker}")
+    }
+    /// `deployments/<name>`.
+    pub fn deployment(name: &str) -> String {
+        format!("{DEPLOYMENTS}{name}")
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

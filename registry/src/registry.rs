@@ -1,0 +1,371 @@
+//! Typed cluster state over any [`KvStore`]: the only place that knows keys and records.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::kv::{Expect, KvStore, LeaseId};
+use crate::records::{
+    AliasRecord, ArtifactRef, DeploymentRecord, ModelRecord, PlacementRecord, SCHEMA,
+    VersionRecord, WorkerRecord, keys, now_unix_ms,
+};
+use crate::spec::{ModelSpec, Signature, validate_name};
+use crate::view::ClusterView;
+use crate::{Error, Result};
+
+/// Largest record Kiln writes; etcd's request limit is 1.5 MiB and records stay small.
+pub const MAX_RECORD_BYTES: usize = 256 * 1024;
+/// Attempts of a compare-and-swap loop before giving up with `Contention`.
+const CAS_ATTEMPTS: usize = 64;
+
+/// Cluster state: models, versions, aliases, workers, placements and deployments.
+#[derive(Clone)]
+pub struct Registry {
+    store: Arc<dyn KvStore>,
+    /// Prepended to every key, e.g. `/kiln/v1/`.
+    prefix: String,
+}
+
+/// What `create_model` needs.
+#[derive(Debug, Clone)]
+pub struct NewModel {
+    /// Model name.
+    pub name: String,
+    /// Architecture.
+    pub spec: ModelSpec,
+    /// Tensor names.
+    pub signature: Signature,
+    /// Free text.
+    pub description: String,
+}
+
+impl Registry {
+    /// A registry over `store`, with every key under `prefix`.
+    pub fn new(store: Arc<dyn KvStore>, prefix: impl Into<String>) -> Self {
+        Self {
+            store,
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Arc<dyn KvStore> {
+        &self.store
+    }
+
+    fn full(&self, key: &str) -> String {
+        format!("{}{}", self.prefix, key)
+    }
+
+    fn encode<T: Serialize>(&self, key: &str, record: &T) -> Result<Bytes> {
+        let bytes = serde_json::to_vec(record).map_err(|e| Error::Decode {
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })?;
+        if bytes.len() > MAX_RECORD_BYTES {
+            return Err(Error::Invalid(format!(
+                "record {key} is {} bytes; records are limited to {MAX_RECORD_BYTES}",
+                bytes.len()
+            )));
+        }
+        Ok(Bytes::from(bytes))
+    }
+
+    async fn read<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, i64)>> {
+        let full = self.full(key);
+        match self.store.get(&full).await? {
+            None => Ok(None),
+            Some(kv) => Ok(Some((decode(&full, &kv.value)?, kv.mod_revision))),
+        }
+    }
+
+    async fn write<T: Serialize>(
+        &self,
+        key: &str,
+        record: &T,
+        lease: Option<LeaseId>,
+    ) -> Result<i64> {
+        let value = self.encode(key, record)?;
+        self.store.put(&self.full(key), value, lease).await
+    }
+
+    /// Read everything under the prefix into one consistent view.
+    pub async fn view(&self) -> Result<ClusterView> {
+        let listing = self.store.list(&self.prefix).await?;
+        ClusterView::from_listing(&self.prefix, &listing.items, listing.revision)
+    }
+
+    // --- models, versions, aliases ---
+
+    /// Create a model record (no versions yet). Fails if the name is taken.
+    pub async fn create_model(&self, new: NewModel) -> Result<ModelRecord> {
+        validate_name("name", &new.name)?;
+        new.spec.validate()?;
+        new.signature.validate()?;
+        if new.description.len() > 1024 {
+            return Err(Error::Invalid(
+                "description is limited to 1024 bytes".into(),
+            ));
+        }
+        let record = ModelRecord {
+            schema: SCHEMA,
+            name: new.name.clone(),
+            spec: new.spec,
+            signature: new.signature,
+            description: new.description,
+            created_unix_ms: now_unix_ms(),
+            last_version: 0,
+        };
+        let key = keys::model(&new.name);
+        let value = self.encode(&key, &record)?;
+        match self
+            .store
+            .compare_and_put(&self.full(&key), Expect::Absent, value, None)
+            .await?
+        {
+            Ok(_) => Ok(record),
+            Err(_) => Err(Error::AlreadyExists {
+                what: format!("model {:?}", new.name),
+            }),
+        }
+    }
+
+    /// Read a model record.
+    pub async fn get_model(&self, name: &str) -> Result<ModelRecord> {
+        self.read(&keys::model(name))
+            .await?
+            .map(|(r, _)| r)
+            .ok_or_else(|| Error::NotFound {
+                what: format!("model {name:?}"),
+            })
+    }
+
+    /// Allocate the next version number of `model` by compare-and-swap (unique and never
+    /// reused under any concurrency) and record the version.
+    pub async fn register_version(
+        &self,
+        model: &str,
+        artifact: ArtifactRef,
+        source: String,
+    ) -> Result<VersionRecord> {
+        let key = keys::model(model);
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((mut record, revision)) = self.read::<ModelRecord>(&key).await? else {
+                return Err(Error::NotFound {
+                    what: format!("model {model:?}"),
+                });
+            };
+            record.last_version += 1;
+            let value = self.encode(&key, &record)?;
+            let won = self
+                .store
+                .compare_and_put(&self.full(&key), Expect::ModRevision(revision), value, None)
+                .await?;
+            if won.is_err() {
+                continue;
+            }
+            let version = VersionRecord {
+                schema: SCHEMA,
+                model: model.to_owned(),
+                version: record.last_version,
+                artifact,
+                source,
+                created_unix_ms: now_unix_ms(),
+                metrics: Default::default(),
+            };
+            self.write(&keys::version(model, version.version), &version, None)
+                .await?;
+            return Ok(version);
+        }
+        Err(Error::Contention { key })
+    }
+
+    /// Point `alias` of `model` at `version` (which must exist).
+    pub async fn set_alias(&self, model: &str, alias: &str, version: u64) -> Result<AliasRecord> {
+        validate_name("alias", alias)?;
+        if alias.chars().all(|c| c.is_ascii_digit()) {
+            return Err(Error::Invalid(format!(
+                "alias {alias:?} is all digits and would read as a version number"
+            )));
+        }
+        if self
+            .read::<VersionRecord>(&keys::version(model, version))
+            .await?
+            .is_none()
+        {
+            return Err(Error::NotFound {
+                what: format!("version {version} of model {model:?}"),
+            });
+        }
+        let record = AliasRecord {
+            schema: SCHEMA,
+            model: model.to_owned(),
+            alias: alias.to_owned(),
+            version,
+        };
+        self.write(&keys::alias(model, alias), &record, None)
+            .await?;
+        Ok(record)
+    }
+
+    // --- deployments ---
+
+    /// Read a model's deployment, or the default one.
+    pub async fn deployment(&self, model: &str) -> Result<DeploymentRecord> {
+        Ok(self
+            .read(&keys::deployment(model))
+            .await?
+            .map(|(r, _)| r)
+            .unwrap_or_else(|| DeploymentRecord {
+                schema: SCHEMA,
+                model: model.to_owned(),
+                replicas: None,
+                loaded: true,
+                batching: Default::default(),
+            }))
+    }
+
+    /// Write a model's deployment.
+    pub async fn set_deployment(&self, record: &DeploymentRecord) -> Result<()> {
+        self.write(&keys::deployment(&record.model), record, None)
+            .await
+            .map(|_| ())
+    }
+
+    // --- workers and placements ---
+
+    /// Grant the lease a worker's record is bound to.
+    pub async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+        self.store.grant_lease(ttl).await
+    }
+
+    /// Write a worker's record, bound to its lease.
+    pub async fn put_worker(&self, record: &WorkerRecord, lease: LeaseId) -> Result<()> {
+        self.write(&keys::worker(&record.id), record, Some(lease))
+            .await
+            .map(|_| ())
+    }
+
+    /// Write a worker's placement, unless it already says exactly that.
+    pub async fn put_placement(&self, record: &PlacementRecord) -> Result<bool> {
+        let key = keys::placement(&record.worker);
+        if let Some((current, _)) = self.read::<PlacementRecord>(&key).await?
+            && &current == record
+        {
+            return Ok(false);
+        }
+        self.write(&key, record, None).await?;
+        Ok(true)
+    }
+
+    /// Read a worker's placement (empty if none).
+    pub async fn placement(&self, worker: &str) -> Result<PlacementRecord> {
+        Ok(self
+            .read(&keys::placement(worker))
+            .await?
+            .map(|(r, _)| r)
+            .unwrap_or_else(|| PlacementRecord {
+                schema: SCHEMA,
+                worker: worker.to_owned(),
+                versions: Vec::new(),
+            }))
+    }
+
+    /// Delete a placement (its worker is gone).
+    pub async fn delete_placement(&self, worker: &str) -> Result<()> {
+        self.store
+            .delete(&self.full(&keys::placement(worker)))
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Decode a JSON record, naming the key on failure.
+pub(crate) fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Decode {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+    use crate::spec::{Activation, MlpSpec, Task};
+
+    fn registry() -> Registry {
+        Registry::new(Arc::new(MemoryStore::new()), "/kiln/v1/")
+    }
+
+    fn new_model(name: &str) -> NewModel {
+        NewModel {
+            name: name.into(),
+            spec: ModelSpec::Mlp(MlpSpec {
+                input_width: 4,
+                hidden: vec![3],
+                activation: Activation::Tanh,
+                output_width: 2,
+                task: Task::MulticlassClassification,
+            }),
+            signature: Signature::default(),
+            description: String::new(),
+        }
+    }
+
+    fn artifact() -> ArtifactRef {
+        ArtifactRef {
+            uri: "file:///x".into(),
+            sha256: "00".into(),
+            size: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_registrations_get_distinct_versions() {
+        let registry = registry();
+        registry.create_model(new_model("m")).await.unwrap();
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let r = registry.clone();
+                tokio::spawn(
+                    async move { r.register_version("m", artifact(), "import".into()).await },
+                )
+            })
+            .collect();
+        let mut versions = Vec::new();
+        for t in tasks {
+            versions.push(t.await.unwrap().unwrap().version);
+        }
+        versions.sort();
+        assert_eq!(versions, (1..=16).collect::<Vec<_>>());
+        let view = registry.view().await.unwrap();
+        assert_eq!(view.models["m"].versions.len(), 16);
+    }
+
+    #[tokio::test]
+    async fn duplicate_names_and_bad_aliases_are_refused() {
+        let registry = registry();
+        registry.create_model(new_model("m")).await.unwrap();
+        let err = registry.create_model(new_model("m")).await.unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists { .. }));
+        assert!(
+            registry.set_alias("m", "prod", 1).await.is_err(),
+            "no version 1 yet"
+        );
+        registry
+            .register_version("m", artifact(), "import".into())
+            .await
+            .unwrap();
+        assert!(registry.set_alias("m", "42", 1).await.is_err());
+        registry.set_alias("m", "prod", 1).await.unwrap();
+    }
+}

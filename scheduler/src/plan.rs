@@ -1,0 +1,173 @@
+//! Pure planning: placements and replica choice. Deterministic, so it is tested directly.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A version that should be served, and on how many workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Want<K> {
+    /// The version.
+    pub key: K,
+    /// Replicas wanted; None means every worker.
+    pub replicas: Option<u32>,
+}
+
+/// Decide which workers hold which versions.
+///
+/// Rules: a version gets `min(replicas, workers)` holders; workers that already hold it
+/// keep it (no needless reloads); new holders are the workers holding the fewest versions,
+/// ties broken by worker id, so the plan is stable and spreads load.
+pub fn plan_placements<K: Ord + Clone>(
+    workers: &[String],
+    wants: &[Want<K>],
+    current: &BTreeMap<String, BTreeSet<K>>,
+) -> BTreeMap<String, BTreeSet<K>> {
+    let mut plan: BTreeMap<String, BTreeSet<K>> = workers
+        .iter()
+        .map(|w| (w.clone(), BTreeSet::new()))
+        .collect();
+    for want in wants {
+        let n = want
+            .replicas
+            .map_or(workers.len(), |r| (r as usize).min(workers.len()));
+        let mut holders: Vec<&String> = workers
+            .iter()
+            .filter(|w| current.get(*w).is_some_and(|held| held.contains(&want.key)))
+            .take(n)
+            .collect();
+        if holders.len() < n {
+            let mut others: Vec<&String> =
+                workers.iter().filter(|w| !holders.contains(w)).collect();
+            others.sort_by_key(|w| (plan.get(*w).map_or(0, |s| s.len()), (*w).clone()));
+            holders.extend(others.into_iter().take(n - holders.len()));
+        }
+        for w in holders {
+            if let Some(set) = plan.get_mut(w) {
+                set.insert(want.key.clone());
+            }
+        }
+    }
+    plan
+}
+
+/// The load of one replica as the router sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaLoad {
+    /// Requests this router has in flight to the replica.
+    pub in_flight: u64,
+}
+
+/// Pick the least busy replica; among equals, the one after `rotation` (a counter the
+/// caller increments), so idle replicas share the work instead of the first taking all.
+pub fn choose_replica(loads: &[ReplicaLoad], rotation: usize) -> Option<usize> {
+    if loads.is_empty() {
+        return None;
+    }
+    let n = loads.len();
+    (0..n)
+        .map(|i| (i + rotation) % n)
+        .min_by_key(|&i| loads[i].in_flight)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workers(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("w{i}")).collect()
+    }
+
+    #[test]
+    fn every_worker_gets_every_version_by_default() {
+        let plan = plan_placements(
+            &workers(3),
+            &[
+                Want {
+                    key: "a",
+                    replicas: None,
+                },
+                Want {
+                    key: "b",
+                    replicas: None,
+                },
+            ],
+            &BTreeMap::new(),
+        );
+        assert_eq!(plan.len(), 3);
+        assert!(plan.values().all(|s| s.len() == 2));
+    }
+
+    #[test]
+    fn replicas_are_spread_and_existing_holders_kept() {
+        let wants = [
+            Want {
+                key: "a",
+                replicas: Some(2),
+            },
+            Want {
+                key: "b",
+                replicas: Some(2),
+            },
+            Want {
+                key: "c",
+                replicas: Some(1),
+            },
+        ];
+        let plan = plan_placements(&workers(3), &wants, &BTreeMap::new());
+        let count = |k| plan.values().filter(|s| s.contains(k)).count();
+        assert_eq!((count(&"a"), count(&"b"), count(&"c")), (2, 2, 1));
+        // Five placements on three workers: no worker holds more than two.
+        assert!(plan.values().all(|s| s.len() <= 2));
+
+        // w2 already holds "a": it keeps it.
+        let current = BTreeMap::from([("w2".to_owned(), BTreeSet::from(["a"]))]);
+        let plan = plan_placements(
+            &workers(3),
+            &[Want {
+                key: "a",
+                replicas: Some(1),
+            }],
+            &current,
+        );
+        assert!(plan["w2"].contains("a"));
+        assert!(plan["w0"].is_empty() && plan["w1"].is_empty());
+    }
+
+    #[test]
+    fn more_replicas_than_workers_means_all_workers() {
+        let plan = plan_placements(
+            &workers(2),
+            &[Want {
+                key: 1,
+                replicas: Some(5),
+            }],
+            &BTreeMap::new(),
+        );
+        assert!(plan.values().all(|s| s.contains(&1)));
+        assert!(
+            plan_placements::<u8>(
+                &[],
+                &[Want {
+                    key: 1,
+                    replicas: None
+                }],
+                &BTreeMap::new()
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_least_busy_replica_is_chosen_and_ties_rotate() {
+        let loads = [
+            ReplicaLoad { in_flight: 3 },
+            ReplicaLoad { in_flight: 1 },
+            ReplicaLoad { in_flight: 2 },
+        ];
+        assert_eq!(choose_replica(&loads, 0), Some(1));
+        assert_eq!(choose_replica(&loads, 2), Some(1));
+        let idle = [ReplicaLoad { in_flight: 0 }; 3];
+        let picks: BTreeSet<_> = (0..3).map(|r| choose_replica(&idle, r).unwrap()).collect();
+        assert_eq!(picks.len(), 3);
+        assert_eq!(choose_replica(&[], 0), None);
+    }
+}

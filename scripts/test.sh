@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up and run Kiln's whole test suite: Rust unit and cluster tests, then the Python
+# client tests (real tritonclient against the built binary).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+kiln_system_deps
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    kiln_apt_install python3-venv
+fi
+
+echo "== cargo test (target: $CARGO_TARGET_DIR)"
+cargo build --bin kiln
+cargo test --workspace --all-targets
+
+echo "== Python client tests (venv: $KILN_VENV)"
+if [ ! -x "$KILN_VENV/bin/pytest" ]; then
+    python3 -m venv "$KILN_VENV"
+fi
+"$KILN_VENV/bin/pip" install -q --disable-pip-version-check \
+    'tritonclient[grpc]==2.73.0' 'numpy<3' 'safetensors>=0.4' 'pytest>=8'
+KILN_BIN="$CARGO_TARGET_DIR/debug/kiln" "$KILN_VENV/bin/pytest" -q tests/python

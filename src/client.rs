@@ -1,0 +1,230 @@
+//! Client commands: `kiln models …` and `kiln infer`, all over gRPC.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use kiln_gateway::codec::fp32_input;
+use kiln_gateway::convert::{signature_to_proto, spec_to_proto};
+use kiln_proto::inference::ModelInferRequest;
+use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use kiln_proto::kiln::v1 as pb;
+use kiln_proto::kiln::v1::models_client::ModelsClient;
+use kiln_registry::spec::{ModelSpec, Signature};
+use serde::Deserialize;
+use tonic::transport::Channel;
+
+/// Largest message the CLI sends or accepts.
+const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// A model definition file for `kiln models create --spec FILE`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecFile {
+    /// Model name.
+    pub name: String,
+    /// Architecture, e.g. `{"mlp": {"input_width": 4, …}}`.
+    pub spec: ModelSpec,
+    /// Tensor names (default `input` / `output`).
+    #[serde(default)]
+    pub signature: Option<Signature>,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+}
+
+async fn channel(addr: &str) -> anyhow::Result<Channel> {
+    let url = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Channel::from_shared(url.clone())
+        .with_context(|| format!("bad address {addr}"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach Kiln at {addr}; is `kiln up` running?"))
+}
+
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+}
+
+/// `NAME[:VERSION]` → (name, version selector).
+pub fn split_ref(reference: &str) -> (&str, &str) {
+    reference.split_once(':').unwrap_or((reference, ""))
+}
+
+/// `kiln models list`: a table of models and versions.
+pub async fn models_list(addr: &str) -> anyhow::Result<String> {
+    let mut client = ModelsClient::new(channel(addr).await?);
+    let models = client
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .map_err(status)?
+        .into_inner()
+        .models;
+    let mut out = format!(
+        "{:<24} {:>7} {:<12} {:<14} {}\n",
+        "MODEL", "VERSION", "STATE", "SHA256", "ALIASES"
+    );
+    for m in &models {
+        for v in &m.versions {
+            let aliases: Vec<&str> = m
+                .aliases
+                .iter()
+                .filter(|a| a.version == v.version)
+                .map(|a| a.alias.as_str())
+                .collect();
+            out.push_str(&format!(
+                "{:<24} {:>7} {:<12} {:<14} {}\n",
+                m.name,
+                v.version,
+                v.state,
+                v.sha256.get(..12).unwrap_or(&v.sha256),
+                aliases.join(",")
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// `kiln models create --spec FILE [--weights FILE] [--seed N]`.
+pub async fn models_create(
+    addr: &str,
+    spec_file: &Path,
+    weights: Option<&Path>,
+    seed: Option<u64>,
+) -> anyhow::Result<pb::ModelVersion> {
+    let text = std::fs::read_to_string(spec_file)
+        .with_context(|| format!("cannot read {}", spec_file.display()))?;
+    let file: SpecFile = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid model spec file", spec_file.display()))?;
+    let weights = match (weights, seed) {
+        (Some(_), Some(_)) => bail!("give --weights or --seed, not both"),
+        (Some(path), None) => Some(pb::create_model_request::Weights::Safetensors(
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
+        )),
+        (None, Some(seed)) => Some(pb::create_model_request::Weights::Seed(seed)),
+        (None, None) => None,
+    };
+    let mut client = ModelsClient::new(channel(addr).await?).max_encoding_message_size(MAX_MESSAGE);
+    let response = client
+        .create_model(pb::CreateModelRequest {
+            name: file.name,
+            spec: Some(spec_to_proto(&file.spec)),
+            signature: Some(signature_to_proto(&file.signature.unwrap_or_default())),
+            description: file.description,
+            weights,
+        })
+        .await
+        .map_err(status)?;
+    response
+        .into_inner()
+        .version
+        .context("the server answered without a version")
+}
+
+/// `kiln models export NAME[:VERSION] -o FILE`.
+pub async fn models_export(
+    addr: &str,
+    reference: &str,
+    out: &Path,
+) -> anyhow::Result<pb::ModelVersion> {
+    let (name, version) = split_ref(reference);
+    let mut client = ModelsClient::new(channel(addr).await?).max_decoding_message_size(MAX_MESSAGE);
+    let response = client
+        .export_weights(pb::ExportWeightsRequest {
+            name: name.into(),
+            version: version.into(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    std::fs::write(out, &response.safetensors)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    response
+        .version
+        .context("the server answered without a version")
+}
+
+/// `kiln models alias NAME ALIAS VERSION`.
+pub async fn models_alias(
+    addr: &str,
+    name: &str,
+    alias: &str,
+    version: u64,
+) -> anyhow::Result<pb::Alias> {
+    let mut client = ModelsClient::new(channel(addr).await?);
+    Ok(client
+        .set_alias(pb::SetAliasRequest {
+            name: name.into(),
+            alias: alias.into(),
+            version,
+        })
+        .await
+        .map_err(status)?
+        .into_inner())
+}
+
+/// `kiln infer NAME[:VERSION] --input JSON`: rows in (`[[…], […]]` or one row `[…]`),
+/// JSON out.
+pub async fn infer(addr: &str, reference: &str, input: &str) -> anyhow::Result<serde_json::Value> {
+    let (name, version) = split_ref(reference);
+    let value: serde_json::Value =
+        serde_json::from_str(input).context("--input is not valid JSON")?;
+    let rows: Vec<Vec<f32>> = match &value {
+        serde_json::Value::Array(items) if items.iter().all(|v| v.is_number()) => {
+            vec![serde_json::from_value(value.clone()).context("--input: expected numbers")?]
+        }
+        _ => serde_json::from_value(value)
+            .context("--input must be a list of numbers or a list of rows")?,
+    };
+    let width = rows.first().map_or(0, Vec::len);
+    if rows.is_empty() || width == 0 || rows.iter().any(|r| r.len() != width) {
+        bail!("--input rows must be non-empty and of equal length");
+    }
+    let channel = channel(addr).await?;
+    let mut models = ModelsClient::new(channel.clone());
+    let meta = models
+        .get_model_version(pb::GetModelVersionRequest {
+            name: name.into(),
+            version: version.into(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let signature = meta.signature.unwrap_or_default();
+    let n = rows.len();
+    let mut client =
+        GrpcInferenceServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+    let response = client
+        .model_infer(ModelInferRequest {
+            model_name: name.into(),
+            model_version: version.into(),
+            inputs: vec![fp32_input(
+                &signature.input_name,
+                n,
+                rows.into_iter().flatten().collect(),
+            )],
+            ..Default::default()
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut outputs = serde_json::Map::new();
+    for out in &response.outputs {
+        let values = out
+            .contents
+            .as_ref()
+            .map(|c| c.fp32_contents.clone())
+            .unwrap_or_default();
+        let cols = out.shape.get(1).copied().unwrap_or(1).max(1) as usize;
+        let rows: Vec<Vec<f32>> = values.chunks(cols).map(<[f32]>::to_vec).collect();
+        outputs.insert(out.name.clone(), serde_json::json!(rows));
+    }
+    Ok(serde_json::json!({
+        "model": response.model_name,
+        "version": response.model_version,
+        "outputs": outputs,
+    }))
+}

@@ -1,0 +1,203 @@
+//! `kiln up`: gateway, scheduler and N workers in one process, wired through the same gRPC
+//! code paths over loopback, with the embedded file store and a local artifact directory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use kiln_gateway::{GatewayConfig, GatewayDeps};
+use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
+use kiln_registry::{
+    ArtifactStore, FileStore, KvStore, MlpWeights, NewModel, Registry, WatchedView,
+};
+use kiln_worker::{DeviceChoice, WorkerConfig, WorkerDeps};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Key prefix of the cluster state (the same layout etcd uses in cluster mode).
+pub const PREFIX: &str = "/kiln/v1/";
+/// Name of the demo model created on first start.
+pub const DEMO_MODEL: &str = "demo-mlp";
+/// Seed of the demo model's weights.
+pub const DEMO_SEED: u64 = 42;
+
+/// How `kiln up` runs.
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    /// Where the gateway listens (port 0: any free port).
+    pub grpc_addr: SocketAddr,
+    /// How many workers.
+    pub workers: usize,
+    /// State and artifacts live here.
+    pub data_dir: PathBuf,
+    /// The workers' device.
+    pub device: DeviceChoice,
+    /// Gateway settings.
+    pub gateway: GatewayConfig,
+    /// Lease TTL of the workers' registrations.
+    pub lease_ttl: Duration,
+}
+
+/// A running embedded cluster.
+pub struct Embedded {
+    /// The gateway's bound address.
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    registry: Registry,
+    /// Lets `stop` wait until every component has let go of the state file.
+    store: std::sync::Weak<dyn KvStore>,
+    gateway: JoinHandle<Result<(), tonic::transport::Error>>,
+    others: Vec<JoinHandle<()>>,
+}
+
+fn stopped(
+    mut rx: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        // A dropped sender also means stop.
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+/// The demo model's spec: 10 FP32 inputs, one hidden layer of 16 (ReLU), one sigmoid output.
+pub fn demo_spec() -> ModelSpec {
+    ModelSpec::Mlp(MlpSpec {
+        input_width: 10,
+        hidden: vec![16],
+        activation: Activation::Relu,
+        output_width: 1,
+        task: Task::BinaryClassification,
+    })
+}
+
+async fn create_demo_model(registry: &Registry, artifacts: &ArtifactStore) -> anyhow::Result<()> {
+    let spec = demo_spec();
+    registry
+        .create_model(NewModel {
+            name: DEMO_MODEL.into(),
+            spec: spec.clone(),
+            signature: Signature::default(),
+            description: "Demo: 10 FP32 features -> probability (seeded weights)".into(),
+        })
+        .await?;
+    let bytes = MlpWeights::seeded(&spec, DEMO_SEED).to_safetensors(&spec)?;
+    let artifact = artifacts.put(Bytes::from(bytes)).await?;
+    registry
+        .register_version(DEMO_MODEL, artifact, format!("seed:{DEMO_SEED}"))
+        .await?;
+    Ok(())
+}
+
+/// Start everything and return once the gateway is listening.
+pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
+    if config.workers == 0 || config.workers > 64 {
+        anyhow::bail!("--workers must be between 1 and 64, got {}", config.workers);
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let state_path = config.data_dir.join("state.redb");
+    let store: Arc<dyn KvStore> = Arc::new(
+        FileStore::open(&state_path)
+            .with_context(|| format!("cannot open the state store {}", state_path.display()))?,
+    );
+    let artifacts = ArtifactStore::open(&config.data_dir.join("artifacts").to_string_lossy())?;
+    let registry = Registry::new(store.clone(), PREFIX);
+    if registry.view().await?.models.is_empty() {
+        create_demo_model(&registry, &artifacts).await?;
+        tracing::info!(model = DEMO_MODEL, "created the demo model");
+    }
+    let view = WatchedView::start(store.clone(), PREFIX.to_owned()).await?;
+    let gateway_listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.grpc_addr))?;
+    let addr = gateway_listener.local_addr()?;
+
+    let (stop, stop_rx) = watch::channel(false);
+    let mut others = Vec::new();
+    for i in 0..config.workers {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let worker = WorkerConfig {
+            id: format!("worker-{i}"),
+            device: config.device.clone(),
+            advertise: None,
+            lease_ttl: config.lease_ttl,
+        };
+        let deps = WorkerDeps {
+            registry: registry.clone(),
+            artifacts: artifacts.clone(),
+        };
+        let shutdown = stopped(stop_rx.clone());
+        others.push(tokio::spawn(async move {
+            if let Err(e) = kiln_worker::serve(worker, listener, deps, shutdown).await {
+                tracing::error!(error = %e, "worker stopped");
+            }
+        }));
+    }
+    {
+        let registry = registry.clone();
+        let view = view.clone();
+        let shutdown = stopped(stop_rx.clone());
+        others.push(tokio::spawn(async move {
+            kiln_scheduler::run_placement_controller(registry, view, shutdown).await;
+        }));
+    }
+    let deps = GatewayDeps {
+        registry: registry.clone(),
+        view,
+        artifacts,
+    };
+    let gateway = tokio::spawn(kiln_gateway::serve(
+        config.gateway.clone(),
+        gateway_listener,
+        deps,
+        stopped(stop_rx),
+    ));
+    Ok(Embedded {
+        addr,
+        stop,
+        store: Arc::downgrade(&store),
+        registry,
+        gateway,
+        others,
+    })
+}
+
+impl Embedded {
+    /// The addresses of the live workers (for tools that call them directly).
+    pub async fn worker_addresses(&self) -> Vec<String> {
+        self.registry
+            .view()
+            .await
+            .map(|v| v.workers.values().map(|w| w.address.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Stop gracefully: readiness off, workers deregister, in-flight calls finish; bounded.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        drop(self.registry);
+        let store = self.store;
+        let drain = async {
+            let gateway = self.gateway.await;
+            for task in self.others {
+                let _ = task.await;
+            }
+            // Connection and aborted tasks drop their handles a moment later; once the
+            // last one goes the state file is closed and can be opened again.
+            while store.strong_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            gateway
+        };
+        match tokio::time::timeout(Duration::from_secs(30), drain).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(e.into()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => anyhow::bail!("shutdown did not finish within 30 s"),
+        }
+    }
+}

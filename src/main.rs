@@ -1,0 +1,274 @@
+//! `kiln`: one binary for every role and every client command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kiln::client;
+use kiln::embedded::{self, UpConfig};
+use kiln_gateway::GatewayConfig;
+use kiln_worker::DeviceChoice;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Kiln: a gRPC model-serving and training cluster on Burn"
+)]
+struct Cli {
+    /// Log filter (e.g. `info`, `kiln=debug`).
+    #[arg(long, env = "KILN_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole cluster in one process: gateway, scheduler and workers.
+    Up(UpArgs),
+    /// Manage models.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Measure ModelInfer throughput and latency (starts its own embedded cluster).
+    Bench {
+        /// Concurrent callers, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+        concurrency: Vec<usize>,
+        /// Rows per request, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,32")]
+        batch: Vec<usize>,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// The worker's device.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+        /// Also write the Markdown table to this file.
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+    /// Run one inference: JSON rows in, JSON out.
+    Infer {
+        /// `NAME` or `NAME:VERSION` (a number or an alias).
+        model: String,
+        /// The rows: `[[f, …], …]`, or one row `[f, …]`.
+        #[arg(long)]
+        input: String,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Address of the gateway's gRPC server (port 0: any free port).
+    #[arg(long, env = "KILN_GRPC_ADDR", default_value = "127.0.0.1:8001")]
+    grpc_addr: SocketAddr,
+    /// Number of workers.
+    #[arg(long, env = "KILN_WORKERS", default_value_t = 2)]
+    workers: usize,
+    /// Directory for cluster state and artifacts.
+    #[arg(long, env = "KILN_DATA_DIR", default_value = "./kiln-data")]
+    data_dir: PathBuf,
+    /// Device of the workers: auto, cpu, wgpu, wgpu:N, or wgpu:cpu (a software adapter).
+    #[arg(long, env = "KILN_DEVICE", default_value = "auto")]
+    device: DeviceChoice,
+    /// Largest gRPC message, in MiB.
+    #[arg(long, env = "KILN_MAX_MESSAGE_MIB", default_value_t = 64)]
+    max_message_mib: usize,
+    /// Deadline of requests that carry none, in milliseconds.
+    #[arg(long, env = "KILN_DEFAULT_TIMEOUT_MS", default_value_t = 30_000)]
+    default_timeout_ms: u64,
+    /// Write the gateway's bound address to this file once it listens (for scripts).
+    #[arg(long, env = "KILN_ADDR_FILE")]
+    addr_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// List models and their versions.
+    List {
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
+    /// Create a model (or a new version of it) from a JSON spec file.
+    Create {
+        /// The spec file: {"name": …, "spec": {"mlp": {…}}, "signature": …, "description": …}.
+        #[arg(long)]
+        spec: PathBuf,
+        /// Initial weights as safetensors (default: random from --seed).
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Seed of the random initial weights.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
+    /// Export a version's weights as safetensors.
+    Export {
+        /// `NAME` or `NAME:VERSION`.
+        model: String,
+        /// Output file.
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
+    /// Point an alias (e.g. production) at a version.
+    Alias {
+        /// Model name.
+        model: String,
+        /// Alias name.
+        alias: String,
+        /// Version number.
+        version: u64,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    if args.max_message_mib == 0 || args.max_message_mib > 2047 {
+        anyhow::bail!("--max-message-mib must be between 1 and 2047");
+    }
+    let config = UpConfig {
+        grpc_addr: args.grpc_addr,
+        workers: args.workers,
+        data_dir: args.data_dir.clone(),
+        device: args.device,
+        gateway: GatewayConfig {
+            max_message_bytes: args.max_message_mib * 1024 * 1024,
+            default_timeout: Duration::from_millis(args.default_timeout_ms.max(1)),
+            ..GatewayConfig::default()
+        },
+        lease_ttl: Duration::from_secs(10),
+    };
+    let cluster = embedded::start(config).await?;
+    let addr = cluster.addr;
+    if let Some(path) = &args.addr_file {
+        std::fs::write(path, addr.to_string())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    println!("Kiln is up: gRPC (Open Inference Protocol, kiln.v1) on {addr}");
+    println!("  data directory: {}", args.data_dir.display());
+    println!("  workers: {}", args.workers);
+    println!();
+    println!("Try it from Python (pip install 'tritonclient[grpc]' numpy):");
+    println!();
+    println!("  import numpy as np, tritonclient.grpc as grpcclient");
+    println!("  c = grpcclient.InferenceServerClient(\"{addr}\")");
+    println!("  x = grpcclient.InferInput(\"input\", [1, 10], \"FP32\")");
+    println!("  x.set_data_from_numpy(np.ones((1, 10), dtype=np.float32))");
+    println!(
+        "  print(c.infer(\"{}\", [x]).as_numpy(\"output\"))",
+        embedded::DEMO_MODEL
+    );
+    println!();
+    println!(
+        "or: kiln infer {} --addr {addr} --input '[1,2,3,4,5,6,7,8,9,10]'",
+        embedded::DEMO_MODEL
+    );
+    shutdown_signal().await;
+    println!("Shutting down…");
+    cluster.stop().await
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result: anyhow::Result<()> = async {
+        match cli.command {
+            Command::Up(args) => up(args).await,
+            Command::Bench { concurrency, batch, seconds, device, output } => {
+                if concurrency.iter().chain(&batch).any(|n| *n == 0 || *n > 4096) || seconds == 0 {
+                    anyhow::bail!("--concurrency and --batch take numbers from 1 to 4096, --seconds at least 1");
+                }
+                let cells = kiln::bench::run(kiln::bench::BenchConfig {
+                    concurrency,
+                    batch,
+                    duration: Duration::from_secs(seconds),
+                    device,
+                })
+                .await?;
+                let table = kiln::bench::table(&cells);
+                print!("{table}");
+                if let Some(path) = output {
+                    std::fs::write(&path, &table).with_context(|| format!("cannot write {}", path.display()))?;
+                }
+                Ok(())
+            }
+            Command::Infer { model, input, addr } => {
+                let out = client::infer(&addr, &model, &input).await?;
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                Ok(())
+            }
+            Command::Models { command } => match command {
+                ModelsCommand::List { addr } => {
+                    print!("{}", client::models_list(&addr).await?);
+                    Ok(())
+                }
+                ModelsCommand::Create { spec, weights, seed, addr } => {
+                    let v = client::models_create(&addr, &spec, weights.as_deref(), seed).await?;
+                    println!("created {} version {} (sha256 {})", v.model, v.version, v.sha256);
+                    Ok(())
+                }
+                ModelsCommand::Export { model, output, addr } => {
+                    let v = client::models_export(&addr, &model, &output).await?;
+                    println!("wrote {} version {} to {} ({} bytes, sha256 {})", v.model, v.version, output.display(), v.size_bytes, v.sha256);
+                    Ok(())
+                }
+                ModelsCommand::Alias { model, alias, version, addr } => {
+                    let a = client::models_alias(&addr, &model, &alias, version).await?;
+                    println!("{}:{} -> version {}", a.model, a.alias, a.version);
+                    Ok(())
+                }
+            },
+        }
+    }
+    .await;
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

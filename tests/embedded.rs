@@ -1,0 +1,269 @@
+//! The embedded cluster driven in-process through its public gRPC services: imported
+//! weights are served exactly, aliases resolve, errors carry the right codes, and state
+//! survives a restart.
+
+use std::path::Path;
+use std::time::Duration;
+
+use kiln::embedded::{self, UpConfig};
+use kiln_gateway::GatewayConfig;
+use kiln_gateway::codec::fp32_input;
+use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use kiln_proto::inference::{ModelInferRequest, ModelReadyRequest};
+use kiln_proto::kiln::v1 as pb;
+use kiln_proto::kiln::v1::models_client::ModelsClient;
+use kiln_registry::MlpWeights;
+use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Task};
+use kiln_registry::weights::LayerWeights;
+use kiln_worker::DeviceChoice;
+use tonic::transport::Channel;
+
+fn config(dir: &Path) -> UpConfig {
+    UpConfig {
+        grpc_addr: "127.0.0.1:0".parse().expect("literal address"),
+        workers: 2,
+        data_dir: dir.to_path_buf(),
+        device: DeviceChoice::Cpu,
+        gateway: GatewayConfig::default(),
+        lease_ttl: Duration::from_secs(10),
+    }
+}
+
+async fn clients(
+    addr: std::net::SocketAddr,
+) -> (GrpcInferenceServiceClient<Channel>, ModelsClient<Channel>) {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (
+        GrpcInferenceServiceClient::new(channel.clone()),
+        ModelsClient::new(channel),
+    )
+}
+
+async fn wait_ready(oip: &mut GrpcInferenceServiceClient<Channel>, name: &str, version: &str) {
+    for _ in 0..600 {
+        let ready = oip
+            .model_ready(ModelReadyRequest {
+                name: name.into(),
+                version: version.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .ready;
+        if ready {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{name}:{version} never became ready");
+}
+
+/// y = x · W + b with W = [[1, -1], [2, 0.5], [0, 3]], b = [0.25, -0.5], no activation.
+fn linear_model() -> (ModelSpec, MlpWeights) {
+    let spec = ModelSpec::Mlp(MlpSpec {
+        input_width: 3,
+        hidden: vec![],
+        activation: Activation::Relu,
+        output_width: 2,
+        task: Task::Regression,
+    });
+    let weights = MlpWeights {
+        layers: vec![LayerWeights {
+            inputs: 3,
+            outputs: 2,
+            weight: vec![1.0, -1.0, 2.0, 0.5, 0.0, 3.0],
+            bias: vec![0.25, -0.5],
+        }],
+    };
+    (spec, weights)
+}
+
+fn create_request(name: &str, spec: &ModelSpec, weights: &MlpWeights) -> pb::CreateModelRequest {
+    pb::CreateModelRequest {
+        name: name.into(),
+        spec: Some(kiln_gateway::convert::spec_to_proto(spec)),
+        signature: None,
+        description: String::new(),
+        weights: Some(pb::create_model_request::Weights::Safetensors(
+            weights.to_safetensors(spec).unwrap(),
+        )),
+    }
+}
+
+async fn infer(
+    oip: &mut GrpcInferenceServiceClient<Channel>,
+    name: &str,
+    version: &str,
+    rows: Vec<Vec<f32>>,
+) -> Result<Vec<f32>, tonic::Status> {
+    let n = rows.len();
+    let response = oip
+        .model_infer(ModelInferRequest {
+            model_name: name.into(),
+            model_version: version.into(),
+            inputs: vec![fp32_input("input", n, rows.into_iter().flatten().collect())],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(response.outputs[0]
+        .contents
+        .clone()
+        .unwrap_or_default()
+        .fp32_contents)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imported_weights_are_served_exactly_and_aliases_resolve() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = embedded::start(config(dir.path())).await.unwrap();
+    let (mut oip, mut models) = clients(cluster.addr).await;
+
+    let (spec, weights) = linear_model();
+    let created = models
+        .create_model(create_request("linear", &spec, &weights))
+        .await
+        .unwrap()
+        .into_inner()
+        .version
+        .unwrap();
+    assert_eq!((created.version, created.source.as_str()), (1, "import"));
+    wait_ready(&mut oip, "linear", "1").await;
+
+    // [1, 2, 3] · W + b = [1 + 4 + 0 + 0.25, -1 + 1 + 9 - 0.5]
+    let out = infer(
+        &mut oip,
+        "linear",
+        "",
+        vec![vec![1.0, 2.0, 3.0], vec![0.0, 0.0, 0.0]],
+    )
+    .await
+    .unwrap();
+    assert_eq!(out, vec![5.25, 8.5, 0.25, -0.5]);
+
+    // Export returns exactly what was imported.
+    let exported = models
+        .export_weights(pb::ExportWeightsRequest {
+            name: "linear".into(),
+            version: "1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        MlpWeights::from_safetensors(&spec, &exported.safetensors).unwrap(),
+        weights
+    );
+
+    // Version 2 with doubled weights; "production" keeps unqualified calls on version 1.
+    let mut doubled = weights.clone();
+    doubled.layers[0].weight.iter_mut().for_each(|w| *w *= 2.0);
+    let v2 = models
+        .create_model(create_request("linear", &spec, &doubled))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v2.version.unwrap().version, 2);
+    models
+        .set_alias(pb::SetAliasRequest {
+            name: "linear".into(),
+            alias: "production".into(),
+            version: 1,
+        })
+        .await
+        .unwrap();
+    wait_ready(&mut oip, "linear", "2").await;
+    let x = vec![vec![1.0, 1.0, 1.0]];
+    assert_eq!(
+        infer(&mut oip, "linear", "", x.clone()).await.unwrap(),
+        vec![3.25, 2.0]
+    );
+    assert_eq!(
+        infer(&mut oip, "linear", "production", x.clone())
+            .await
+            .unwrap(),
+        vec![3.25, 2.0]
+    );
+    assert_eq!(
+        infer(&mut oip, "linear", "2", x.clone()).await.unwrap(),
+        vec![6.25, 4.5]
+    );
+
+    // Errors carry the right codes.
+    let unknown = infer(&mut oip, "nope", "", x.clone()).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    let missing_version = infer(&mut oip, "linear", "9", x.clone()).await.unwrap_err();
+    assert_eq!(missing_version.code(), tonic::Code::NotFound);
+    let wide = infer(&mut oip, "linear", "", vec![vec![1.0; 4]])
+        .await
+        .unwrap_err();
+    assert_eq!(wide.code(), tonic::Code::InvalidArgument);
+    assert!(wide.message().contains("input"), "{}", wide.message());
+    let other_spec = ModelSpec::Mlp(MlpSpec {
+        input_width: 5,
+        hidden: vec![],
+        activation: Activation::Relu,
+        output_width: 1,
+        task: Task::Regression,
+    });
+    let clash = models
+        .create_model(create_request(
+            "linear",
+            &other_spec,
+            &MlpWeights::seeded(&other_spec, 1),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(clash.code(), tonic::Code::AlreadyExists);
+    let bad_weights = pb::CreateModelRequest {
+        weights: Some(pb::create_model_request::Weights::Safetensors(
+            b"not safetensors".to_vec(),
+        )),
+        ..create_request("other", &spec, &weights)
+    };
+    let err = models.create_model(bad_weights).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_survive_a_restart_on_the_same_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, weights) = linear_model();
+    {
+        let cluster = embedded::start(config(dir.path())).await.unwrap();
+        let (_, mut models) = clients(cluster.addr).await;
+        models
+            .create_model(create_request("kept", &spec, &weights))
+            .await
+            .unwrap();
+        cluster.stop().await.unwrap();
+    }
+    let cluster = embedded::start(config(dir.path())).await.unwrap();
+    let (mut oip, mut models) = clients(cluster.addr).await;
+    let listed = models
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = listed.models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, vec![embedded::DEMO_MODEL, "kept"]);
+    wait_ready(&mut oip, "kept", "1").await;
+    let out = infer(&mut oip, "kept", "1", vec![vec![1.0, 2.0, 3.0]])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![5.25, 8.5]);
+    // A new version after the restart gets a fresh number: nothing is reused.
+    let v = models
+        .create_model(create_request("kept", &spec, &weights))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.version.unwrap().version, 2);
+    cluster.stop().await.unwrap();
+}

@@ -1,0 +1,327 @@
+//! The engine: the one thread per device that owns every loaded model and runs every Burn
+//! computation, so that blocking compute never lands on tokio's threads. [`Engine`] is the
+//! state (testable directly, no channels); [`EngineHandle`] is how async code talks to it.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use kiln_registry::MlpWeights;
+use kiln_registry::records::VersionKey;
+use kiln_registry::spec::ModelSpec;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::model::Mlp;
+use crate::{Error, Result};
+
+/// Commands waiting for the engine beyond this make senders wait (backpressure): while the
+/// engine is busy, the batchers keep filling their next batch instead.
+const ENGINE_QUEUE: usize = 8;
+
+struct LoadedModel {
+    mlp: Mlp,
+    spec: ModelSpec,
+}
+
+/// What the engine holds and computes: the models loaded on one device.
+pub struct Engine {
+    device: Device,
+    models: HashMap<VersionKey, LoadedModel>,
+}
+
+/// A finished forward pass.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// Row-major outputs, `rows × cols`.
+    pub values: Vec<f32>,
+    /// Outputs per row.
+    pub cols: usize,
+    /// Time the pass took on the device, readback included.
+    pub compute: Duration,
+}
+
+impl Engine {
+    /// An engine with nothing loaded.
+    pub fn new(device: Device) -> Self {
+        Self {
+            device,
+            models: HashMap::new(),
+        }
+    }
+
+    /// Build `weights` into a module on the device; replaces any earlier copy of `key`.
+    pub fn load(&mut self, key: VersionKey, spec: ModelSpec, weights: &MlpWeights) -> Result<()> {
+        let mlp = guarded(|| Mlp::from_weights(&spec, weights, &self.device))?;
+        self.models.insert(key, LoadedModel { mlp, spec });
+        Ok(())
+    }
+
+    /// Drop a model; returns whether it was loaded.
+    pub fn unload(&mut self, key: &VersionKey) -> bool {
+        self.models.remove(key).is_some()
+    }
+
+    /// Run `rows` rows of features through a loaded model.
+    pub fn forward(
+        &self,
+        key: &VersionKey,
+        features: Vec<f32>,
+        rows: usize,
+    ) -> Result<ForwardOutput> {
+        let model = self
+            .models
+            .get(key)
+            .ok_or_else(|| Error::NotLoaded(key.clone()))?;
+        let width = model.spec.input_width();
+        if rows == 0 || features.len() != rows * width {
+            return Err(Error::Invalid(format!(
+                "features: {} values do not make {rows} rows of {width}",
+                features.len()
+            )));
+        }
+        let start = Instant::now();
+        let values = guarded(|| {
+            let x = Tensor::<2>::from_data(TensorData::new(features, [rows, width]), &self.device);
+            model.mlp.forward(x).into_data().try_into_vec::<f32>()
+        })?
+        .map_err(|e| Error::Device(format!("{e:?}")))?;
+        Ok(ForwardOutput {
+            values,
+            cols: model.spec.output_width(),
+            compute: start.elapsed(),
+        })
+    }
+
+    /// Read a loaded model's weights back from the device.
+    pub fn weights(&self, key: &VersionKey) -> Result<MlpWeights> {
+        let model = self
+            .models
+            .get(key)
+            .ok_or_else(|| Error::NotLoaded(key.clone()))?;
+        guarded(|| model.mlp.to_weights())
+    }
+}
+
+/// Run device work, turning a panic inside Burn or the driver into an error so that one
+/// bad call cannot take the engine thread down.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!(%message, "device computation failed");
+        Error::Device("the device failed to run the computation".into())
+    })
+}
+
+enum Command {
+    Load {
+        key: VersionKey,
+        spec: ModelSpec,
+        weights: MlpWeights,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Unload {
+        key: VersionKey,
+        reply: oneshot::Sender<bool>,
+    },
+    Forward {
+        key: VersionKey,
+        features: Vec<f32>,
+        rows: usize,
+        reply: oneshot::Sender<Result<ForwardOutput>>,
+    },
+}
+
+/// A cheap, cloneable handle to an engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    /// Start the engine thread for `device`; it ends when every handle is dropped.
+    pub fn spawn(device: Device, name: &str) -> std::io::Result<Self> {
+        let (tx, mut rx) = mpsc::channel::<Command>(ENGINE_QUEUE);
+        std::thread::Builder::new()
+            .name(format!("kiln-engine-{name}"))
+            .spawn(move || {
+                let mut engine = Engine::new(device);
+                while let Some(command) = rx.blocking_recv() {
+                    // A caller that went away no longer wants the answer: ignore send errors.
+                    match command {
+                        Command::Load {
+                            key,
+                            spec,
+                            weights,
+                            reply,
+                        } => {
+                            let _ = reply.send(engine.load(key, spec, &weights));
+                        }
+                        Command::Unload { key, reply } => {
+                            let _ = reply.send(engine.unload(&key));
+                        }
+                        Command::Forward {
+                            key,
+                            features,
+                            rows,
+                            reply,
+                        } => {
+                            if reply.is_closed() {
+                                continue;
+                            }
+                            let _ = reply.send(engine.forward(&key, features, rows));
+                        }
+                    }
+                }
+            })?;
+        Ok(Self { tx })
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| Error::EngineStopped)?;
+        rx.await.map_err(|_| Error::EngineStopped)
+    }
+
+    /// Load a model version.
+    pub async fn load(&self, key: VersionKey, spec: ModelSpec, weights: MlpWeights) -> Result<()> {
+        self.call(|reply| Command::Load {
+            key,
+            spec,
+            weights,
+            reply,
+        })
+        .await?
+    }
+
+    /// Unload a model version.
+    pub async fn unload(&self, key: VersionKey) -> Result<bool> {
+        self.call(|reply| Command::Unload { key, reply }).await
+    }
+
+    /// Run a forward pass.
+    pub async fn forward(
+        &self,
+        key: VersionKey,
+        features: Vec<f32>,
+        rows: usize,
+    ) -> Result<ForwardOutput> {
+        self.call(|reply| Command::Forward {
+            key,
+            features,
+            rows,
+            reply,
+        })
+        .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_registry::spec::{Activation, MlpSpec, Task};
+    use kiln_registry::weights::LayerWeights;
+
+    fn key() -> VersionKey {
+        VersionKey {
+            model: "m".into(),
+            version: 1,
+        }
+    }
+
+    /// 2 inputs → 2 hidden (ReLU) → 1 output (sigmoid), with weights chosen so the hand
+    /// computation is easy to follow.
+    fn hand_model() -> (ModelSpec, MlpWeights) {
+        let spec = ModelSpec::Mlp(MlpSpec {
+            input_width: 2,
+            hidden: vec![2],
+            activation: Activation::Relu,
+            output_width: 1,
+            task: Task::BinaryClassification,
+        });
+        let weights = MlpWeights {
+            layers: vec![
+                LayerWeights {
+                    inputs: 2,
+                    outputs: 2,
+                    // [in, out]: h0 = x0 - x1 + 0.5, h1 = 2 x0 + 3 x1 - 1
+                    weight: vec![1.0, 2.0, -1.0, 3.0],
+                    bias: vec![0.5, -1.0],
+                },
+                LayerWeights {
+                    inputs: 2,
+                    outputs: 1,
+                    // y = sigmoid(0.25 h0 - 0.5 h1 + 0.1)
+                    weight: vec![0.25, -0.5],
+                    bias: vec![0.1],
+                },
+            ],
+        };
+        (spec, weights)
+    }
+
+    fn sigmoid(x: f32) -> f32 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    #[test]
+    fn forward_matches_a_hand_computation() {
+        let (spec, weights) = hand_model();
+        let mut engine = Engine::new(Device::flex());
+        engine.load(key(), spec, &weights).unwrap();
+        // Row 1: x = (1, 2): h = (relu(-0.5), relu(7)) = (0, 7); y = sigmoid(-3.4).
+        // Row 2: x = (3, -1): h = (relu(4.5), relu(2)) = (4.5, 2); y = sigmoid(1.125 - 1 + 0.1).
+        let out = engine
+            .forward(&key(), vec![1.0, 2.0, 3.0, -1.0], 2)
+            .unwrap();
+        assert_eq!(out.cols, 1);
+        let expected = [sigmoid(-3.4), sigmoid(0.225)];
+        for (got, want) in out.values.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-6, "got {got}, want {want}");
+        }
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_bad_shapes_are_refused() {
+        let spec = ModelSpec::Mlp(MlpSpec {
+            input_width: 3,
+            hidden: vec![4],
+            activation: Activation::Tanh,
+            output_width: 5,
+            task: Task::MulticlassClassification,
+        });
+        let weights = MlpWeights::seeded(&spec, 3);
+        let mut engine = Engine::new(Device::flex());
+        engine.load(key(), spec, &weights).unwrap();
+        let out = engine.forward(&key(), vec![0.1; 6], 2).unwrap();
+        for row in out.values.chunks(5) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+        assert!(matches!(
+            engine.forward(&key(), vec![0.1; 5], 2),
+            Err(Error::Invalid(_))
+        ));
+        let other = VersionKey {
+            model: "m".into(),
+            version: 2,
+        };
+        assert!(matches!(
+            engine.forward(&other, vec![0.1; 3], 1),
+            Err(Error::NotLoaded(_))
+        ));
+    }
+
+    #[test]
+    fn weights_read_back_from_the_device_unchanged() {
+        let (spec, weights) = hand_model();
+        let mut engine = Engine::new(Device::flex());
+        engine.load(key(), spec, &weights).unwrap();
+        assert_eq!(engine.weights(&key()).unwrap(), weights);
+    }
+}

@@ -1,0 +1,50 @@
+//! The worker's one error type, and its mapping to gRPC status codes.
+
+use kiln_registry::records::VersionKey;
+
+/// What can go wrong on a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request broke a rule; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    /// The version is not loaded here.
+    #[error("model version {0} is not loaded on this worker")]
+    NotLoaded(VersionKey),
+    /// The version's queue is full.
+    #[error("the batcher queue is full ({0} requests); retry later")]
+    QueueFull(u32),
+    /// The deadline passed before compute.
+    #[error("the deadline passed before the request reached the device")]
+    DeadlineExceeded,
+    /// The device failed.
+    #[error("device error: {0}")]
+    Device(String),
+    /// The engine thread is gone (the worker is shutting down).
+    #[error("the worker is shutting down")]
+    EngineStopped,
+    /// Cluster state or artifacts failed.
+    #[error(transparent)]
+    Registry(#[from] kiln_registry::Error),
+}
+
+/// The worker's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        use tonic::Status;
+        let message = e.to_string();
+        match e {
+            Error::Invalid(_) => Status::invalid_argument(message),
+            Error::NotLoaded(_) => Status::unavailable(message),
+            Error::QueueFull(_) => Status::resource_exhausted(message),
+            Error::DeadlineExceeded => Status::deadline_exceeded(message),
+            Error::Device(_) => Status::internal("the device failed to run the model"),
+            Error::EngineStopped => Status::unavailable(message),
+            Error::Registry(kiln_registry::Error::NotFound { .. }) => Status::not_found(message),
+            Error::Registry(kiln_registry::Error::Invalid(_)) => Status::invalid_argument(message),
+            Error::Registry(_) => Status::unavailable(message),
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! A Kiln worker: runs Burn models on one device.
+//!
+//! - [`device`]: run-time device choice (`--device auto|cpu|wgpu[:N|:cpu]`);
+//! - [`model`]: the MLP family as a Burn module;
+//! - [`engine`]: the one thread per device that owns the models and runs all compute;
+//! - [`batcher`]: the dynamic batcher per loaded version;
+//! - [`node`]: registration in the cluster state, following placements, and the
+//!   `kiln.internal.v1.Worker` gRPC service ([`serve`]).
+
+#![forbid(unsafe_code)]
+
+pub mod batcher;
+pub mod device;
+pub mod engine;
+mod error;
+pub mod model;
+pub mod node;
+
+pub use device::{DeviceChoice, SelectedDevice, select_device};
+pub use engine::{Engine, EngineHandle};
+pub use error::{Error, Result};
+pub use node::{WorkerConfig, WorkerDeps, serve};

@@ -1,0 +1,98 @@
+//! The MLP family as a Burn module, built from a spec and a set of weights.
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::activation;
+use burn::tensor::{Device, Tensor, TensorData};
+use kiln_registry::MlpWeights;
+use kiln_registry::spec::{Activation, ModelSpec, Task};
+use kiln_registry::weights::LayerWeights;
+
+/// A multilayer perceptron: dense layers with an activation between them and a head that
+/// fits the task (sigmoid, softmax or identity).
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// Dense layers, input side first.
+    layers: Vec<Linear>,
+    /// Activation between hidden layers.
+    #[module(skip)]
+    activation: Activation,
+    /// What the outputs mean; picks the head.
+    #[module(skip)]
+    task: Task,
+}
+
+impl Mlp {
+    /// Build the module on `device` from checked weights (see [`MlpWeights::from_safetensors`]).
+    pub fn from_weights(spec: &ModelSpec, weights: &MlpWeights, device: &Device) -> Self {
+        let ModelSpec::Mlp(mlp) = spec;
+        let layers = weights
+            .layers
+            .iter()
+            .map(|layer| Linear {
+                weight: Param::from_tensor(Tensor::<2>::from_data(
+                    TensorData::new(layer.weight.clone(), [layer.inputs, layer.outputs]),
+                    device,
+                )),
+                bias: Some(Param::from_tensor(Tensor::<1>::from_data(
+                    TensorData::new(layer.bias.clone(), [layer.outputs]),
+                    device,
+                ))),
+            })
+            .collect();
+        Self {
+            layers,
+            activation: mlp.activation,
+            task: mlp.task,
+        }
+    }
+
+    /// Run the network on `[batch, input_width]` features.
+    pub fn forward(&self, mut x: Tensor<2>) -> Tensor<2> {
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x);
+            if i < last {
+                x = match self.activation {
+                    Activation::Relu => activation::relu(x),
+                    Activation::Tanh => activation::tanh(x),
+                    Activation::Sigmoid => activation::sigmoid(x),
+                    Activation::Gelu => activation::gelu(x),
+                };
+            }
+        }
+        match self.task {
+            Task::BinaryClassification => activation::sigmoid(x),
+            Task::MulticlassClassification => activation::softmax(x, 1),
+            Task::Regression => x,
+        }
+    }
+
+    /// Read the weights back from the device.
+    pub fn to_weights(&self) -> MlpWeights {
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                let weight = layer.weight.val();
+                let [inputs, outputs] = weight.dims();
+                LayerWeights {
+                    inputs,
+                    outputs,
+                    weight: weight.into_data().try_into_vec::<f32>().unwrap_or_default(),
+                    bias: layer
+                        .bias
+                        .as_ref()
+                        .map(|b| {
+                            b.val()
+                                .into_data()
+                                .try_into_vec::<f32>()
+                                .unwrap_or_default()
+                        })
+                        .unwrap_or_else(|| vec![0.0; outputs]),
+                }
+            })
+            .collect();
+        MlpWeights { layers }
+    }
+}

@@ -1,0 +1,445 @@
+//! A worker in the cluster: it registers itself under a lease, follows the placement the
+//! scheduler writes for it (loading and unloading versions), reports what it holds, and
+//! serves `kiln.internal.v1.Worker`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kiln_proto::kiln::internal::v1 as pb;
+use kiln_proto::kiln::internal::v1::worker_server::{Worker, WorkerServer};
+use kiln_registry::records::{
+    BatchingSettings, LoadState, LoadedRecord, SCHEMA, VersionKey, WorkerRecord, keys, now_unix_ms,
+};
+use kiln_registry::{ArtifactStore, LeaseId, MlpWeights, Registry};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+
+use crate::batcher::Batcher;
+use crate::device::{DeviceChoice, select_device};
+use crate::engine::EngineHandle;
+use crate::{Error, Result};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Unique id in the cluster.
+    pub id: String,
+    /// Device to compute on.
+    pub device: DeviceChoice,
+    /// Address others reach this worker at; defaults to the listener's address.
+    pub advertise: Option<String>,
+    /// Lifetime of the worker's registration without keep-alive.
+    pub lease_ttl: Duration,
+}
+
+/// What a worker needs from the rest of the cluster.
+#[derive(Clone)]
+pub struct WorkerDeps {
+    /// Cluster state.
+    pub registry: Registry,
+    /// Where weights are.
+    pub artifacts: ArtifactStore,
+}
+
+struct Served {
+    batcher: Batcher,
+    input_width: usize,
+}
+
+struct State {
+    id: String,
+    address: String,
+    backend: &'static str,
+    adapter: String,
+    started_unix_ms: u64,
+    engine: EngineHandle,
+    deps: WorkerDeps,
+    served: RwLock<HashMap<VersionKey, Served>>,
+    /// What the worker reports in its record.
+    loaded: Mutex<BTreeMap<VersionKey, LoadedRecord>>,
+    lease: Mutex<Option<LeaseId>>,
+    /// Poked whenever `loaded` changes, so the record is rewritten.
+    report: Notify,
+}
+
+/// Run a worker on `listener` until `shutdown` resolves, then drain: deregister (revoke the
+/// lease), finish in-flight calls, stop.
+pub async fn serve(
+    config: WorkerConfig,
+    listener: TcpListener,
+    deps: WorkerDeps,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let choice = config.device.clone();
+    let selected = tokio::task::spawn_blocking(move || select_device(&choice))
+        .await
+        .map_err(|e| Error::Device(e.to_string()))?
+        .map_err(|e| Error::Device(format!("cannot open device {}: {e}", config.device)))?;
+    tracing::info!(worker = %config.id, backend = selected.backend, adapter = %selected.adapter, "device ready");
+    let engine = EngineHandle::spawn(selected.device, &config.id)
+        .map_err(|e| Error::Device(format!("cannot start the engine thread: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::Invalid(format!("listener: {e}")))?;
+    let state = Arc::new(State {
+        id: config.id.clone(),
+        address: config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| local.to_string()),
+        backend: selected.backend,
+        adapter: selected.adapter,
+        started_unix_ms: now_unix_ms(),
+        engine,
+        deps,
+        served: RwLock::new(HashMap::new()),
+        loaded: Mutex::new(BTreeMap::new()),
+        lease: Mutex::new(None),
+        report: Notify::new(),
+    });
+
+    register(&state, config.lease_ttl).await?;
+    let background = [
+        tokio::spawn(keep_registered(state.clone(), config.lease_ttl)),
+        tokio::spawn(follow_placement(state.clone())),
+    ];
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<WorkerServer<WorkerService>>()
+        .await;
+    let service = WorkerServer::new(WorkerService {
+        state: state.clone(),
+    })
+    .max_decoding_message_size(256 * 1024 * 1024)
+    .max_encoding_message_size(256 * 1024 * 1024);
+    let stop_state = state.clone();
+    let on_shutdown = async move {
+        shutdown.await;
+        health_reporter
+            .set_not_serving::<WorkerServer<WorkerService>>()
+            .await;
+        // Leave the routing table first, so no new work arrives while draining.
+        deregister(&stop_state).await;
+    };
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            on_shutdown,
+        )
+        .await;
+    for task in background {
+        task.abort();
+    }
+    deregister(&state).await;
+    result.map_err(|e| Error::Device(format!("worker server: {e}")))
+}
+
+// === registration ===
+
+fn record(state: &State) -> WorkerRecord {
+    WorkerRecord {
+        schema: SCHEMA,
+        id: state.id.clone(),
+        address: state.address.clone(),
+        backend: state.backend.to_owned(),
+        adapter: state.adapter.clone(),
+        loaded: lock(&state.loaded).values().cloned().collect(),
+        started_unix_ms: state.started_unix_ms,
+    }
+}
+
+async fn register(state: &State, ttl: Duration) -> Result<()> {
+    let lease = state.deps.registry.grant_lease(ttl).await?;
+    *lock(&state.lease) = Some(lease);
+    state
+        .deps
+        .registry
+        .put_worker(&record(state), lease)
+        .await?;
+    Ok(())
+}
+
+async fn deregister(state: &State) {
+    let lease = lock(&state.lease).take();
+    if let Some(lease) = lease
+        && let Err(e) = state.deps.registry.store().revoke_lease(lease).await
+    {
+        tracing::warn!(error = %e, "could not revoke the worker's lease");
+    }
+}
+
+/// Keep the lease alive and the record current; a lease that was lost (e.g. the process
+/// stalled past its TTL) is replaced by a fresh registration.
+async fn keep_registered(state: Arc<State>, ttl: Duration) {
+    let period = ttl / 3;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = state.report.notified() => {}
+        }
+        let lease = *lock(&state.lease);
+        let Some(lease) = lease else { return };
+        let alive = state.deps.registry.store().keep_alive(lease).await.is_ok();
+        let result = if alive {
+            state.deps.registry.put_worker(&record(&state), lease).await
+        } else {
+            tracing::warn!(worker = %state.id, "lease lost; registering again");
+            register(&state, ttl).await.map_err(|e| match e {
+                Error::Registry(e) => e,
+                other => kiln_registry::Error::Storage(other.to_string()),
+            })
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not refresh the worker record");
+        }
+    }
+}
+
+// === placement ===
+
+async fn follow_placement(state: Arc<State>) {
+    let registry = state.deps.registry.clone();
+    let key = format!("{}{}", registry.prefix(), keys::placement(&state.id));
+    loop {
+        let revision = match registry.store().list(&key).await {
+            Ok(listing) => listing.revision,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        match registry.placement(&state.id).await {
+            Ok(placement) => {
+                let desired: BTreeSet<VersionKey> = placement.versions.into_iter().collect();
+                reconcile(&state, &desired).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read placement"),
+        }
+        let Ok(mut changes) = registry.store().watch(&key, revision + 1).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        // Any change (or a broken watch) sends us round the loop to re-read and reconcile.
+        let _ = changes.next().await;
+    }
+}
+
+async fn reconcile(state: &Arc<State>, desired: &BTreeSet<VersionKey>) {
+    let held: Vec<VersionKey> = lock(&state.loaded).keys().cloned().collect();
+    for key in held.iter().filter(|k| !desired.contains(*k)) {
+        unload_version(state, key).await;
+    }
+    for key in desired {
+        let ready_or_failed = lock(&state.loaded).contains_key(key);
+        if !ready_or_failed {
+            let _ = load_version(state, key, None).await;
+        }
+    }
+}
+
+fn set_loaded(state: &State, key: &VersionKey, load: LoadState, reason: String) {
+    lock(&state.loaded).insert(
+        key.clone(),
+        LoadedRecord {
+            key: key.clone(),
+            state: load,
+            reason,
+        },
+    );
+    state.report.notify_one();
+}
+
+async fn load_version(
+    state: &Arc<State>,
+    key: &VersionKey,
+    batching: Option<BatchingSettings>,
+) -> Result<()> {
+    set_loaded(state, key, LoadState::Loading, String::new());
+    let started = Instant::now();
+    match fetch_and_build(state, key, batching).await {
+        Ok(()) => {
+            tracing::info!(version = %key, elapsed_ms = started.elapsed().as_millis() as u64, "model loaded");
+            set_loaded(state, key, LoadState::Ready, String::new());
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(version = %key, error = %e, "model failed to load");
+            set_loaded(state, key, LoadState::Failed, e.to_string());
+            Err(e)
+        }
+    }
+}
+
+async fn fetch_and_build(
+    state: &Arc<State>,
+    key: &VersionKey,
+    batching: Option<BatchingSettings>,
+) -> Result<()> {
+    let registry = &state.deps.registry;
+    let view = registry.view().await?;
+    let (entry, version) = view.resolve(&key.model, &key.version.to_string())?;
+    let spec = entry.record.spec.clone();
+    let bytes = state.deps.artifacts.get(&version.artifact).await?;
+    let weights = {
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || MlpWeights::from_safetensors(&spec, &bytes))
+            .await
+            .map_err(|e| Error::Device(e.to_string()))??
+    };
+    let batching = batching.unwrap_or_else(|| view.deployment(&key.model).batching);
+    state
+        .engine
+        .load(key.clone(), spec.clone(), weights)
+        .await?;
+    let batcher = Batcher::spawn(key.clone(), batching, state.engine.clone());
+    state
+        .served
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            key.clone(),
+            Served {
+                batcher,
+                input_width: spec.input_width(),
+            },
+        );
+    Ok(())
+}
+
+async fn unload_version(state: &Arc<State>, key: &VersionKey) {
+    state
+        .served
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(key);
+    let _ = state.engine.unload(key.clone()).await;
+    lock(&state.loaded).remove(key);
+    state.report.notify_one();
+    tracing::info!(version = %key, "model unloaded");
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// === impl Worker ===
+
+struct WorkerService {
+    state: Arc<State>,
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn infer(
+        &self,
+        request: Request<pb::InferRequest>,
+    ) -> Result<Response<pb::InferResponse>, Status> {
+        let deadline =
+            kiln_proto::deadline::from_metadata(request.metadata()).map(|d| Instant::now() + d);
+        let req = request.into_inner();
+        let key = VersionKey {
+            model: req.model,
+            version: req.version,
+        };
+        let (batcher, width) = {
+            let served = self.state.served.read().unwrap_or_else(|p| p.into_inner());
+            let s = served
+                .get(&key)
+                .ok_or_else(|| Error::NotLoaded(key.clone()))?;
+            (s.batcher.clone(), s.input_width)
+        };
+        let rows = req.rows as usize;
+        let expected = rows.checked_mul(width).and_then(|n| n.checked_mul(4));
+        if expected != Some(req.features.len()) {
+            return Err(Error::Invalid(format!(
+                "features: {} bytes do not make {rows} rows of {width} FP32 values",
+                req.features.len()
+            ))
+            .into());
+        }
+        let reply = batcher.infer(req.features, rows, deadline).await?;
+        Ok(Response::new(pb::InferResponse {
+            rows: req.rows,
+            cols: reply.cols as u32,
+            outputs: reply.outputs,
+            queue_ns: reply.queue.as_nanos() as u64,
+            compute_ns: reply.compute.as_nanos() as u64,
+            batch_rows: reply.batch_rows as u32,
+        }))
+    }
+
+    async fn load(
+        &self,
+        request: Request<pb::LoadRequest>,
+    ) -> Result<Response<pb::LoadResponse>, Status> {
+        let req = request.into_inner();
+        let key = VersionKey {
+            model: req.model,
+            version: req.version,
+        };
+        let batching = req.batching.map(|b| BatchingSettings {
+            max_batch_size: b.max_batch_size,
+            max_queue_delay_us: b.max_queue_delay_us,
+            max_queue_size: b.max_queue_size,
+        });
+        if let Some(b) = &batching {
+            if !(1..=65_536).contains(&b.max_batch_size) {
+                return Err(Status::invalid_argument(
+                    "batching.max_batch_size must be between 1 and 65536",
+                ));
+            }
+            if !(1..=1_000_000).contains(&b.max_queue_size) {
+                return Err(Status::invalid_argument(
+                    "batching.max_queue_size must be between 1 and 1000000",
+                ));
+            }
+        }
+        load_version(&self.state, &key, batching).await?;
+        Ok(Response::new(pb::LoadResponse {}))
+    }
+
+    async fn unload(
+        &self,
+        request: Request<pb::UnloadRequest>,
+    ) -> Result<Response<pb::UnloadResponse>, Status> {
+        let req = request.into_inner();
+        let key = VersionKey {
+            model: req.model,
+            version: req.version,
+        };
+        unload_version(&self.state, &key).await;
+        Ok(Response::new(pb::UnloadResponse {}))
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::WorkerStatus>, Status> {
+        let served = self.state.served.read().unwrap_or_else(|p| p.into_inner());
+        let loaded = lock(&self.state.loaded)
+            .values()
+            .map(|l| pb::LoadedVersion {
+                model: l.key.model.clone(),
+                version: l.key.version,
+                state: format!("{:?}", l.state).to_uppercase(),
+                reason: l.reason.clone(),
+                queue_depth: served
+                    .get(&l.key)
+                    .map_or(0, |s| s.batcher.queue_depth() as u32),
+            })
+            .collect();
+        Ok(Response::new(pb::WorkerStatus {
+            id: self.state.id.clone(),
+            backend: self.state.backend.to_owned(),
+            adapter: self.state.adapter.clone(),
+            loaded,
+        }))
+    }
+}

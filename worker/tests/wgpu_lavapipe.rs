@@ -1,0 +1,61 @@
+//! The wgpu code path without a GPU: Mesa's lavapipe gives wgpu a CPU-type Vulkan adapter.
+//! The same model on wgpu and on the CPU backend must agree within 1e-5.
+
+use burn::tensor::Device;
+use kiln_registry::MlpWeights;
+use kiln_registry::records::VersionKey;
+use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Task};
+use kiln_worker::{DeviceChoice, Engine, select_device};
+
+#[test]
+fn wgpu_through_lavapipe_agrees_with_the_cpu_backend() {
+    let selected = select_device(&DeviceChoice::WgpuSoftware).unwrap_or_else(|e| {
+        panic!(
+            "no software Vulkan adapter ({e}); install mesa-vulkan-drivers (scripts/test.sh does)"
+        )
+    });
+    assert_eq!(selected.backend, "wgpu");
+    assert!(!selected.adapter.is_empty());
+
+    let key = VersionKey {
+        model: "m".into(),
+        version: 1,
+    };
+    for (task, activation) in [
+        (Task::BinaryClassification, Activation::Relu),
+        (Task::MulticlassClassification, Activation::Tanh),
+        (Task::Regression, Activation::Gelu),
+    ] {
+        let spec = ModelSpec::Mlp(MlpSpec {
+            input_width: 10,
+            hidden: vec![32, 16],
+            activation,
+            output_width: 4,
+            task,
+        });
+        let weights = MlpWeights::seeded(&spec, 11);
+        let rows = 64;
+        let features: Vec<f32> = (0..rows * 10)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+
+        let mut cpu = Engine::new(Device::flex());
+        cpu.load(key.clone(), spec.clone(), &weights).unwrap();
+        let mut gpu = Engine::new(selected.device.clone());
+        gpu.load(key.clone(), spec.clone(), &weights).unwrap();
+
+        let a = cpu.forward(&key, features.clone(), rows).unwrap();
+        let b = gpu.forward(&key, features, rows).unwrap();
+        assert_eq!(a.values.len(), rows * 4);
+        let worst = a
+            .values
+            .iter()
+            .zip(&b.values)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst <= 1e-5,
+            "{task:?}/{activation:?}: wgpu and cpu differ by {worst}"
+        );
+    }
+}
