@@ -54,13 +54,9 @@ pub struct Embedded {
     others: Vec<JoinHandle<()>>,
 }
 
-fn stopped(
-    mut rx: watch::Receiver<bool>,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    async move {
-        // A dropped sender also means stop.
-        let _ = rx.wait_for(|stop| *stop).await;
-    }
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    // A dropped sender also means stop.
+    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 /// The demo model's spec: 10 FP32 inputs, one hidden layer of 16 (ReLU), one sigmoid output.

@@ -18,8 +18,15 @@ use kiln_worker::DeviceChoice;
     about = "Kiln: a gRPC model-serving and training cluster on Burn"
 )]
 struct Cli {
-    /// Log filter (e.g. `info`, `kiln=debug`).
-    #[arg(long, env = "KILN_LOG", default_value = "info", global = true)]
+    /// Log filter (e.g. `info`, `kiln_worker=debug`). wgpu's own adapter probing is
+    /// silenced by default: on machines without some graphics API it logs errors that
+    /// mean nothing for Kiln.
+    #[arg(
+        long,
+        env = "KILN_LOG",
+        default_value = "info,wgpu_hal=off,wgpu_core=warn,naga=warn",
+        global = true
+    )]
     log: String,
     #[command(subcommand)]
     command: Command,
@@ -213,6 +220,7 @@ async fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result: anyhow::Result<()> = async {
         match cli.command {

@@ -2,6 +2,8 @@
 //! weights are served exactly, aliases resolve, errors carry the right codes, and state
 //! survives a restart.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 use std::path::Path;
 use std::time::Duration;
 

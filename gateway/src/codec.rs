@@ -461,7 +461,7 @@ pub fn encode_output(
 
 /// Build an input tensor (used by the CLI and tests).
 pub fn fp32_input(name: &str, rows: usize, values: Vec<f32>) -> InferInputTensor {
-    let cols = if rows == 0 { 0 } else { values.len() / rows };
+    let cols = values.len().checked_div(rows).unwrap_or(0);
     InferInputTensor {
         name: name.to_owned(),
         datatype: "FP32".into(),

@@ -1,7 +1,7 @@
 //! Kiln's gateway: the public gRPC face of the cluster.
 //!
 //! - [`oip`]: `inference.GRPCInferenceService` (Open Inference Protocol + Triton extensions);
-//! - [`models`]: `kiln.v1.Models`;
+//! - [`models`]: the `kiln.v1.Models` service;
 //! - [`codec`]: OIP tensor decoding and encoding, with every validation rule;
 //! - [`router`]: replica choice, deadlines and the one retry;
 //! - [`convert`]: wire types to domain types; [`stats`]: ModelStatistics.
