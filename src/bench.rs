@@ -85,7 +85,7 @@ async fn prepare(dir: &std::path::Path, batches: &[usize]) -> anyhow::Result<()>
         model_name(true, 0),
         BatchingSettings {
             max_batch_size: max_batch * 2,
-            max_queue_delay_us: 200,
+            max_queue_delay_us: 0,
             max_queue_size: 4096,
         },
     )];

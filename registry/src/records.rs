@@ -179,7 +179,7 @@ impl Default for BatchingSettings {
     fn default() -> Self {
         Self {
             max_batch_size: 64,
-            max_queue_delay_us: 500,
+            max_queue_delay_us: 0,
             max_queue_size: 1024,
         }
     }

@@ -1,7 +1,12 @@
 //! The dynamic batcher of one loaded version: callers enqueue rows; one task gathers them
-//! into batches of at most `max_batch_size` rows, waiting at most `max_queue_delay` for
-//! company, drops callers whose deadline passed or who went away, and hands each batch to
-//! the engine as one forward pass. The queue is bounded: full means RESOURCE_EXHAUSTED.
+//! into batches of at most `max_batch_size` rows, drops callers whose deadline passed or
+//! who went away, and hands each batch to the engine as one forward pass. The queue is
+//! bounded: full means RESOURCE_EXHAUSTED.
+//!
+//! A batch is everything queued when the previous one finishes (up to `max_batch_size`
+//! rows): an idle model answers a lone request at once, and under load batches grow by
+//! themselves while the device works. `max_queue_delay` > 0 additionally holds a batch
+//! open that long for company (tokio's timer resolution, 1 ms, applies).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -131,7 +136,7 @@ async fn run(
                 None => return,
             },
         };
-        let mut batch = vec![first];
+        let mut batch: Vec<Pending> = vec![first];
         let mut rows = batch[0].rows;
         let close_at = tokio::time::Instant::from_std(batch[0].enqueued + delay);
         while rows < max_rows {
@@ -159,15 +164,14 @@ async fn run(
             batch.push(p);
         }
 
+        // Callers whose deadline passed, or who left, are dropped before compute.
         let now = Instant::now();
-        batch.retain(|p| {
-            if p.abandoned(now) {
-                // The deadline passed (or the caller left) before compute: drop it unrun.
-                false
-            } else {
-                true
-            }
-        });
+        let (live, abandoned): (Vec<Pending>, Vec<Pending>) =
+            batch.into_iter().partition(|p| !p.abandoned(now));
+        for p in abandoned {
+            let _ = p.reply.send(Err(Error::DeadlineExceeded));
+        }
+        let batch = live;
         if batch.is_empty() {
             continue;
         }
@@ -220,5 +224,156 @@ fn deliver(
                 let _ = p.reply.send(Err(Error::Device(message.clone())));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Command, EngineHandle};
+
+    fn key() -> VersionKey {
+        VersionKey {
+            model: "m".into(),
+            version: 1,
+        }
+    }
+
+    fn rows(n: usize) -> Bytes {
+        Bytes::from(vec![0u8; n * 2 * 4])
+    }
+
+    /// A batcher whose engine is the test: forward passes arrive on the returned channel
+    /// and wait there until the test answers them.
+    fn batcher(max_batch_size: u32, max_queue_size: u32) -> (Batcher, mpsc::Receiver<Command>) {
+        let (engine, commands) = EngineHandle::detached();
+        let settings = BatchingSettings {
+            max_batch_size,
+            max_queue_delay_us: 0,
+            max_queue_size,
+        };
+        (Batcher::spawn(key(), settings, engine), commands)
+    }
+
+    /// Answer one forward pass: one output per row, its first feature + 1.
+    async fn answer(commands: &mut mpsc::Receiver<Command>) -> usize {
+        match commands.recv().await {
+            Some(Command::Forward {
+                features,
+                rows,
+                reply,
+                ..
+            }) => {
+                let values = features.chunks(2).map(|r| r[0] + 1.0).collect();
+                let _ = reply.send(Ok(ForwardOutput {
+                    values,
+                    cols: 1,
+                    compute: Duration::from_micros(5),
+                }));
+                rows
+            }
+            _ => panic!("expected a forward pass"),
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_requests_ride_one_batch_and_get_their_own_rows() {
+        let (batcher, mut commands) = batcher(16, 64);
+        // The first request occupies the engine; the next three queue behind it.
+        let first = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.infer(rows(1), 1, None).await }
+        });
+        tokio::task::yield_now().await;
+        let mut waiting = Vec::new();
+        for i in 0..3u8 {
+            let b = batcher.clone();
+            let mut features = vec![0u8; 2 * 4];
+            features[..4].copy_from_slice(&(f32::from(i) * 10.0).to_le_bytes());
+            waiting.push(tokio::spawn(async move {
+                b.infer(Bytes::from(features), 1, None).await
+            }));
+        }
+        while batcher.queue_depth() < 3 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(answer(&mut commands).await, 1);
+        first.await.unwrap().unwrap();
+        // Everything that queued meanwhile goes to the device as one batch of 3 rows.
+        assert_eq!(answer(&mut commands).await, 3);
+        for (i, task) in waiting.into_iter().enumerate() {
+            let reply = task.await.unwrap().unwrap();
+            assert_eq!(reply.batch_rows, 3);
+            let out = f32::from_le_bytes(reply.outputs[..4].try_into().unwrap());
+            assert_eq!(
+                out,
+                i as f32 * 10.0 + 1.0,
+                "caller {i} got someone else's row"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_answers_resource_exhausted_at_once() {
+        let (batcher, mut commands) = batcher(1, 2);
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            let b = batcher.clone();
+            tasks.push(tokio::spawn(async move { b.infer(rows(1), 1, None).await }));
+            tokio::task::yield_now().await;
+        }
+        // One at the engine, two queued: the queue (size 2) is full.
+        while batcher.queue_depth() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let refused = batcher.infer(rows(1), 1, None).await.unwrap_err();
+        assert!(matches!(refused, Error::QueueFull(2)), "{refused:?}");
+        assert_eq!(
+            tonic::Status::from(refused).code(),
+            tonic::Code::ResourceExhausted
+        );
+        for _ in 0..3 {
+            answer(&mut commands).await;
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn expired_requests_are_dropped_before_compute() {
+        let (batcher, mut commands) = batcher(8, 8);
+        let busy = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.infer(rows(1), 1, None).await }
+        });
+        tokio::task::yield_now().await;
+        let late = tokio::spawn({
+            let b = batcher.clone();
+            let deadline = Instant::now() + Duration::from_millis(20);
+            async move { b.infer(rows(2), 2, Some(deadline)).await }
+        });
+        let on_time = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.infer(rows(1), 1, None).await }
+        });
+        while batcher.queue_depth() < 2 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        answer(&mut commands).await;
+        busy.await.unwrap().unwrap();
+        // The next pass holds only the caller still in time: 1 row, not 3.
+        assert_eq!(answer(&mut commands).await, 1);
+        on_time.await.unwrap().unwrap();
+        let err = late.await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::DeadlineExceeded), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn batches_never_exceed_max_batch_size() {
+        let (batcher, _commands) = batcher(4, 8);
+        let err = batcher.infer(rows(5), 5, None).await.unwrap_err();
+        assert!(matches!(err, Error::Invalid(_)), "{err:?}");
     }
 }

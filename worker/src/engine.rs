@@ -116,7 +116,7 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T> {
     })
 }
 
-enum Command {
+pub(crate) enum Command {
     Load {
         key: VersionKey,
         spec: ModelSpec,
@@ -178,6 +178,14 @@ impl EngineHandle {
                 }
             })?;
         Ok(Self { tx })
+    }
+
+    /// A handle whose commands go to the returned receiver instead of a device thread, so
+    /// batcher tests can hold and answer forward passes themselves.
+    #[cfg(test)]
+    pub(crate) fn detached() -> (Self, mpsc::Receiver<Command>) {
+        let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
+        (Self { tx }, rx)
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
