@@ -33,6 +33,8 @@ pub struct BenchConfig {
     pub duration: Duration,
     /// The worker's device.
     pub device: DeviceChoice,
+    /// Hidden layer widths of the benchmarked MLP (10 inputs, 1 sigmoid output).
+    pub hidden: Vec<u32>,
 }
 
 /// One measured cell.
@@ -56,10 +58,10 @@ pub struct Cell {
     pub errors: u64,
 }
 
-fn bench_spec() -> ModelSpec {
+fn bench_spec(hidden: &[u32]) -> ModelSpec {
     ModelSpec::Mlp(MlpSpec {
         input_width: 10,
-        hidden: vec![64],
+        hidden: hidden.to_vec(),
         activation: Activation::Relu,
         output_width: 1,
         task: Task::BinaryClassification,
@@ -75,11 +77,11 @@ fn model_name(batching: bool, batch: usize) -> String {
     }
 }
 
-async fn prepare(dir: &std::path::Path, batches: &[usize]) -> anyhow::Result<()> {
+async fn prepare(dir: &std::path::Path, batches: &[usize], hidden: &[u32]) -> anyhow::Result<()> {
     let store: Arc<dyn KvStore> = Arc::new(FileStore::open(&dir.join("state.redb"))?);
     let artifacts = ArtifactStore::open(&dir.join("artifacts").to_string_lossy())?;
     let registry = Registry::new(store, PREFIX);
-    let spec = bench_spec();
+    let spec = bench_spec(hidden);
     let max_batch = batches.iter().copied().max().unwrap_or(1).max(64) as u32;
     let mut models = vec![(
         model_name(true, 0),
@@ -189,7 +191,7 @@ where
 /// Run the benchmark and return every cell.
 pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<Cell>> {
     let dir = tempfile::tempdir()?;
-    prepare(dir.path(), &config.batch).await?;
+    prepare(dir.path(), &config.batch, &config.hidden).await?;
     let cluster = embedded::start(UpConfig {
         grpc_addr: "127.0.0.1:0".parse()?,
         workers: 1,

@@ -55,6 +55,9 @@ enum Command {
         /// The worker's device.
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
+        /// Hidden layer widths of the benchmarked MLP (10 inputs, 1 output), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "64")]
+        hidden: Vec<u32>,
         /// Also write the Markdown table to this file.
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
@@ -225,7 +228,7 @@ async fn main() -> std::process::ExitCode {
     let result: anyhow::Result<()> = async {
         match cli.command {
             Command::Up(args) => up(args).await,
-            Command::Bench { concurrency, batch, seconds, device, output } => {
+            Command::Bench { concurrency, batch, seconds, device, hidden, output } => {
                 if concurrency.iter().chain(&batch).any(|n| *n == 0 || *n > 4096) || seconds == 0 {
                     anyhow::bail!("--concurrency and --batch take numbers from 1 to 4096, --seconds at least 1");
                 }
@@ -234,6 +237,7 @@ async fn main() -> std::process::ExitCode {
                     batch,
                     duration: Duration::from_secs(seconds),
                     device,
+                    hidden,
                 })
                 .await?;
                 let table = kiln::bench::table(&cells);

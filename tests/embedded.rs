@@ -269,3 +269,30 @@ async fn models_survive_a_restart_on_the_same_data_directory() {
     assert_eq!(v.version.unwrap().version, 2);
     cluster.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_resource_exhausted_naming_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.gateway.max_message_bytes = 1024 * 1024;
+    let cluster = embedded::start(cfg).await.unwrap();
+    let (mut oip, _) = clients(cluster.addr).await;
+    wait_ready(&mut oip, embedded::DEMO_MODEL, "").await;
+    // 40,000 rows of 10 FP32 values: 1.6 MB, over the 1 MiB limit.
+    let err = infer(
+        &mut oip,
+        embedded::DEMO_MODEL,
+        "",
+        vec![vec![0.5; 10]; 40_000],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("1048576"), "{}", err.message());
+    // A request under the limit still works on the same connection.
+    let ok = infer(&mut oip, embedded::DEMO_MODEL, "", vec![vec![0.5; 10]])
+        .await
+        .unwrap();
+    assert_eq!(ok.len(), 1);
+    cluster.stop().await.unwrap();
+}

@@ -73,6 +73,32 @@ pub(crate) struct Shared {
     ready: AtomicBool,
 }
 
+/// Rewrite tonic's "decoded message length too large" (OUT_OF_RANGE, answered before any
+/// handler runs) into RESOURCE_EXHAUSTED with a message that names the limit and its flag.
+fn oversized_is_resource_exhausted<B>(
+    mut response: http::Response<B>,
+    limit: usize,
+) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"11");
+    let too_large = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
+    if out_of_range && too_large {
+        let message = format!(
+            "request message larger than the gateway's limit of {limit} bytes (--max-message-mib)"
+        );
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        if let Ok(value) = http::HeaderValue::from_str(&message) {
+            headers.insert("grpc-message", value);
+        }
+    }
+    response
+}
+
 /// Serve the public services on `listener` until `shutdown` resolves, then drain in-flight
 /// calls and return.
 pub async fn serve(
@@ -116,15 +142,17 @@ pub async fn serve(
             .set_not_serving::<GrpcInferenceServiceServer<oip::InferenceService>>()
             .await;
     };
+    let limit = config.max_message_bytes;
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+        // tonic refuses an oversized request with OUT_OF_RANGE; the protocol (and Triton)
+        // answer RESOURCE_EXHAUSTED, naming the limit.
+        .layer(tower::util::MapResponseLayer::new(move |response| {
+            oversized_is_resource_exhausted(response, limit)
+        }))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(inference)
         .add_service(models)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            on_shutdown,
-        )
+        .serve_with_incoming_shutdown(kiln_proto::net::incoming(listener), on_shutdown)
         .await
 }

@@ -127,15 +127,9 @@ pub async fn serve(
         deregister(&stop_state).await;
     };
     let result = tonic::transport::Server::builder()
-        // Small request/response pairs: without this, Nagle's algorithm and delayed ACKs
-        // add tens of milliseconds to some calls.
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(service)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            on_shutdown,
-        )
+        .serve_with_incoming_shutdown(kiln_proto::net::incoming(listener), on_shutdown)
         .await;
     for task in background {
         task.abort();
