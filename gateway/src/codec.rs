@@ -11,6 +11,7 @@ use bytes::Bytes;
 use kiln_proto::inference::model_infer_request::InferInputTensor;
 use kiln_proto::inference::model_infer_response::InferOutputTensor;
 use kiln_proto::inference::{InferTensorContents, ModelInferRequest, ModelInferResponse};
+use kiln_registry::weights::f32_from_le;
 
 /// Why a request's tensors were refused. Always `INVALID_ARGUMENT`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -449,10 +450,7 @@ pub fn encode_output(
         response.raw_output_contents.push(outputs);
     } else {
         tensor.contents = Some(InferTensorContents {
-            fp32_contents: outputs
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
+            fp32_contents: f32_from_le(&outputs).collect(),
             ..Default::default()
         });
     }
@@ -511,10 +509,7 @@ mod tests {
     }
 
     fn floats(f: &Features) -> Vec<f32> {
-        f.bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
+        f32_from_le(&f.bytes).collect()
     }
 
     #[test]

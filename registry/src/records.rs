@@ -202,6 +202,19 @@ pub struct DeploymentRecord {
     pub batching: BatchingSettings,
 }
 
+impl DeploymentRecord {
+    /// The deployment of a model nobody configured: every worker, loaded, default batching.
+    pub fn default_for(model: &str) -> Self {
+        Self {
+            schema: SCHEMA,
+            model: model.to_owned(),
+            replicas: None,
+            loaded: true,
+            batching: BatchingSettings::default(),
+        }
+    }
+}
+
 /// Key construction and parsing. All keys are relative to the store's prefix.
 pub mod keys {
     /// Prefix of worker records.

@@ -224,13 +224,7 @@ impl Registry {
             .read(&keys::deployment(model))
             .await?
             .map(|(r, _)| r)
-            .unwrap_or_else(|| DeploymentRecord {
-                schema: SCHEMA,
-                model: model.to_owned(),
-                replicas: None,
-                loaded: true,
-                batching: Default::default(),
-            }))
+            .unwrap_or_else(|| DeploymentRecord::default_for(model)))
     }
 
     /// Write a model's deployment.

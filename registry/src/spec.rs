@@ -9,8 +9,9 @@ use crate::{Error, Result};
 pub const MAX_WIDTH: u32 = 65_536;
 /// Most hidden layers in one MLP.
 pub const MAX_HIDDEN_LAYERS: usize = 16;
-/// Most parameters in one model (keeps a bad spec from exhausting a worker's memory).
-pub const MAX_PARAMETERS: u64 = 256 * 1024 * 1024;
+/// Most parameters in one model: 16 Mi FP32 values, 64 MiB of weights (the default
+/// message limit), so a spec cannot make a gateway or worker allocate without bound.
+pub const MAX_PARAMETERS: u64 = 16 * 1024 * 1024;
 
 /// What a model's outputs mean; it fixes the last layer's activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

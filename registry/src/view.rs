@@ -144,13 +144,7 @@ impl ClusterView {
         self.deployments
             .get(model)
             .cloned()
-            .unwrap_or(DeploymentRecord {
-                schema: crate::records::SCHEMA,
-                model: model.to_owned(),
-                replicas: None,
-                loaded: true,
-                batching: Default::default(),
-            })
+            .unwrap_or_else(|| DeploymentRecord::default_for(model))
     }
 }
 

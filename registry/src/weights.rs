@@ -148,17 +148,20 @@ fn read_f32(file: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f
             view.shape()
         )));
     }
-    let values: Vec<f32> = view
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let values: Vec<f32> = f32_from_le(view.data()).collect();
     if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
         return Err(Error::Invalid(format!(
             "weights: tensor {name} holds a non-finite value at element {pos}"
         )));
     }
     Ok(values)
+}
+
+/// FP32 values from little-endian bytes (a trailing partial value is ignored).
+pub fn f32_from_le(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
 /// Little-endian bytes of FP32 values.

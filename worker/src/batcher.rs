@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kiln_registry::records::{BatchingSettings, VersionKey};
+use kiln_registry::weights::f32_from_le;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{EngineHandle, ForwardOutput};
@@ -178,11 +179,7 @@ async fn run(
         let rows: usize = batch.iter().map(|p| p.rows).sum();
         let mut features = Vec::with_capacity(batch.iter().map(|p| p.features.len() / 4).sum());
         for p in &batch {
-            features.extend(
-                p.features
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            );
+            features.extend(f32_from_le(&p.features));
         }
         let started = Instant::now();
         // While the engine works on this batch, new requests pile up in the queue and form

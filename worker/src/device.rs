@@ -129,11 +129,10 @@ fn open_wgpu(
 fn probe<T>(f: impl FnOnce() -> Result<T, String> + std::panic::UnwindSafe) -> Result<T, String> {
     match std::panic::catch_unwind(f) {
         Ok(result) => result,
-        Err(panic) => Err(panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-            .unwrap_or_else(|| "the device could not be opened".to_owned())),
+        Err(panic) => Err(format!(
+            "the device could not be opened: {}",
+            crate::engine::panic_message(panic.as_ref())
+        )),
     }
 }
 

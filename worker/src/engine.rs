@@ -106,14 +106,19 @@ impl Engine {
 /// bad call cannot take the engine thread down.
 fn guarded<T>(f: impl FnOnce() -> T) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
-        let message = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-            .unwrap_or_else(|| "unknown panic".into());
+        let message = panic_message(panic.as_ref());
         tracing::error!(%message, "device computation failed");
         Error::Device("the device failed to run the computation".into())
     })
+}
+
+/// The text a panic carried, if it carried text.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 pub(crate) enum Command {
