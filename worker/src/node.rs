@@ -23,6 +23,10 @@ use crate::device::{DeviceChoice, select_device};
 use crate::engine::EngineHandle;
 use crate::{Error, Result};
 
+/// How often a worker retries versions that failed to load (e.g. an artifact store that was
+/// briefly unreachable), when nothing else wakes it.
+const RETRY_FAILED_LOADS: Duration = Duration::from_secs(10);
+
 /// How a worker runs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -223,8 +227,9 @@ async fn follow_placement(state: Arc<State>) {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        // Any change (or a broken watch) sends us round the loop to re-read and reconcile.
-        let _ = changes.next().await;
+        // Any change (or a broken watch) sends us round the loop to re-read and reconcile;
+        // so does a quiet spell, which retries versions that failed to load.
+        let _ = tokio::time::timeout(RETRY_FAILED_LOADS, changes.next()).await;
     }
 }
 
@@ -234,8 +239,10 @@ async fn reconcile(state: &Arc<State>, desired: &BTreeSet<VersionKey>) {
         unload_version(state, key).await;
     }
     for key in desired {
-        let ready_or_failed = lock(&state.loaded).contains_key(key);
-        if !ready_or_failed {
+        let held = lock(&state.loaded)
+            .get(key)
+            .is_some_and(|l| l.state != LoadState::Failed);
+        if !held {
             let _ = load_version(state, key, None).await;
         }
     }
