@@ -40,7 +40,7 @@ pub struct BenchConfig {
 /// One measured cell.
 #[derive(Debug, Clone)]
 pub struct Cell {
-    /// `gateway` or `worker`.
+    /// `gateway`, `worker`, or `rpc floor` (an empty worker call).
     pub path: &'static str,
     /// Batching on or off.
     pub batching: bool,
@@ -298,6 +298,28 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<Cell>> {
             }
         }
     }
+    // The floor: a bare loopback gRPC round trip (Worker/Status: no model, no compute),
+    // which is what the gateway hop adds at the least.
+    for &concurrency in &config.concurrency {
+        let client = worker.clone();
+        let (rps, p50, p99, errors) = run_cell(concurrency, config.duration, move || {
+            let mut client = client.clone();
+            async move { client.status(internal::StatusRequest {}).await.is_ok() }
+        })
+        .await;
+        let cell = Cell {
+            path: "rpc floor",
+            batching: false,
+            concurrency,
+            batch: 0,
+            rps,
+            p50,
+            p99,
+            errors,
+        };
+        eprintln!("{}", row(&cell));
+        cells.push(cell);
+    }
     cluster.stop().await?;
     Ok(cells)
 }
@@ -311,7 +333,11 @@ pub fn row(c: &Cell) -> String {
     format!(
         "| {} | {} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} | {} |",
         c.path,
-        if c.batching { "on" } else { "off" },
+        match (c.path, c.batching) {
+            ("rpc floor", _) => "-",
+            (_, true) => "on",
+            (_, false) => "off",
+        },
         c.concurrency,
         c.batch,
         c.rps,
