@@ -207,7 +207,7 @@ pub fn decode_input(
                 data.len(),
                 input.shape,
                 input.datatype,
-                elements * size
+                elements.saturating_mul(size)
             ));
         }
         raw_to_f32(name, dtype, data)?
