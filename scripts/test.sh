@@ -19,4 +19,10 @@ if [ ! -x "$KILN_VENV/bin/pytest" ]; then
 fi
 "$KILN_VENV/bin/pip" install -q --disable-pip-version-check \
     'tritonclient[grpc]==2.73.0' 'numpy<3' 'safetensors>=0.4' 'pytest>=8'
-KILN_BIN="$CARGO_TARGET_DIR/debug/kiln" "$KILN_VENV/bin/pytest" -q tests/python
+# Once on the CPU backend, once on wgpu through Mesa's lavapipe (a software Vulkan
+# device), so the whole served path runs on both.
+for device in cpu wgpu:cpu; do
+    echo "-- workers on --device $device"
+    KILN_TEST_DEVICE="$device" KILN_BIN="$CARGO_TARGET_DIR/debug/kiln" \
+        "$KILN_VENV/bin/pytest" -q tests/python
+done
