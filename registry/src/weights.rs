@@ -30,17 +30,34 @@ pub struct MlpWeights {
     pub layers: Vec<LayerWeights>,
 }
 
-/// A small, fast, seedable generator (SplitMix64); the same seed gives the same weights on
-/// every machine and device, which Burn's device-side RNG does not promise.
-struct SplitMix64(u64);
+/// A small, fast, seedable generator (SplitMix64); the same seed gives the same weights
+/// (and the same shuffles) on every machine and device, which Burn's device-side RNG does
+/// not promise.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// Shuffle a slice in place (Fisher–Yates).
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            // Multiply-shift keeps this unbiased enough for shuffling and free of division.
+            let j = (((self.next_u64() >> 32) * (i as u64 + 1)) >> 32) as usize;
+            items.swap(i, j);
+        }
     }
 
     /// Uniform in [-1, 1).
@@ -53,7 +70,7 @@ impl SplitMix64 {
 impl MlpWeights {
     /// Glorot-uniform weights and zero biases, from a seed.
     pub fn seeded(spec: &ModelSpec, seed: u64) -> Self {
-        let mut rng = SplitMix64(seed);
+        let mut rng = SplitMix64::new(seed);
         let layers = spec
             .layer_shapes()
             .into_iter()
@@ -211,6 +228,26 @@ mod tests {
         assert_ne!(a, MlpWeights::seeded(&spec(), 43));
         let limit = (6.0f32 / 8.0).sqrt();
         assert!(a.layers[0].weight.iter().all(|w| w.abs() <= limit));
+    }
+
+    #[test]
+    fn shuffles_are_seeded_permutations() {
+        let shuffled = |seed| {
+            let mut v: Vec<u32> = (0..100).collect();
+            SplitMix64::new(seed).shuffle(&mut v);
+            v
+        };
+        let a = shuffled(9);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            (0..100).collect::<Vec<_>>(),
+            "nothing lost or repeated"
+        );
+        assert_ne!(a, sorted, "the order changed");
+        assert_eq!(a, shuffled(9));
+        assert_ne!(a, shuffled(10));
     }
 
     #[test]

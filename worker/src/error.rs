@@ -23,6 +23,12 @@ pub enum Error {
     /// The engine thread is gone (the worker is shutting down).
     #[error("the worker is shutting down")]
     EngineStopped,
+    /// A training job was cancelled.
+    #[error("the training job was cancelled")]
+    Cancelled,
+    /// A training job failed; the message says why.
+    #[error("training failed: {0}")]
+    TrainingFailed(String),
     /// Cluster state or artifacts failed.
     #[error(transparent)]
     Registry(#[from] kiln_registry::Error),
@@ -42,6 +48,8 @@ impl From<Error> for tonic::Status {
             Error::DeadlineExceeded => Status::deadline_exceeded(message),
             Error::Device(_) => Status::internal("the device failed to run the model"),
             Error::EngineStopped => Status::unavailable(message),
+            Error::Cancelled => Status::cancelled(message),
+            Error::TrainingFailed(_) => Status::failed_precondition(message),
             Error::Registry(kiln_registry::Error::NotFound { .. }) => Status::not_found(message),
             Error::Registry(kiln_registry::Error::Invalid(_)) => Status::invalid_argument(message),
             Error::Registry(_) => Status::unavailable(message),

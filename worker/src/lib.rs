@@ -4,6 +4,8 @@
 //! - [`model`]: the MLP family as a Burn module;
 //! - [`engine`]: the one thread per device that owns the models and runs all compute;
 //! - [`batcher`]: the dynamic batcher per loaded version;
+//! - [`training`]: mini-batch training of an MLP (autodiff, SGD/Adam, validation, early
+//!   stopping);
 //! - [`node`]: registration in the cluster state, following placements, and the
 //!   `kiln.internal.v1.Worker` gRPC service ([`serve`]).
 
@@ -15,6 +17,7 @@ pub mod engine;
 mod error;
 pub mod model;
 pub mod node;
+pub mod training;
 
 pub use device::{DeviceChoice, SelectedDevice, select_device};
 pub use engine::{Engine, EngineHandle};

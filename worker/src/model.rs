@@ -48,7 +48,13 @@ impl Mlp {
     }
 
     /// Run the network on `[batch, input_width]` features.
-    pub fn forward(&self, mut x: Tensor<2>) -> Tensor<2> {
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.head(self.logits(x))
+    }
+
+    /// The last layer's output before the head: what the losses take, for numerical
+    /// stability (log-sum-exp forms instead of the log of a sigmoid or softmax).
+    pub fn logits(&self, mut x: Tensor<2>) -> Tensor<2> {
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(x);
@@ -61,10 +67,15 @@ impl Mlp {
                 };
             }
         }
+        x
+    }
+
+    /// The head that fits the task: sigmoid, softmax over each row, or identity.
+    pub fn head(&self, logits: Tensor<2>) -> Tensor<2> {
         match self.task {
-            Task::BinaryClassification => activation::sigmoid(x),
-            Task::MulticlassClassification => activation::softmax(x, 1),
-            Task::Regression => x,
+            Task::BinaryClassification => activation::sigmoid(logits),
+            Task::MulticlassClassification => activation::softmax(logits, 1),
+            Task::Regression => logits,
         }
     }
 

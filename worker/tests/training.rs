@@ -1,0 +1,508 @@
+//! Training, checked against independent computations and on data with known answers.
+
+use std::sync::atomic::AtomicBool;
+
+use burn::tensor::Device;
+use kiln_registry::MlpWeights;
+use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Task};
+use kiln_registry::weights::{LayerWeights, SplitMix64};
+use kiln_worker::Error;
+use kiln_worker::training::{
+    Dataset, EarlyStopping, Loss, Optimizer, StopMetric, TrainingConfig, TrainingLimits, train,
+    validate,
+};
+
+fn spec(input: u32, hidden: Vec<u32>, output: u32, task: Task) -> ModelSpec {
+    ModelSpec::Mlp(MlpSpec {
+        input_width: input,
+        hidden,
+        activation: Activation::Relu,
+        output_width: output,
+        task,
+    })
+}
+
+fn adam(lr: f64) -> Optimizer {
+    Optimizer::Adam {
+        learning_rate: lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        epsilon: 1e-7,
+        weight_decay: 0.0,
+    }
+}
+
+fn config(epochs: u32, batch_size: u32, loss: Loss, optimizer: Optimizer) -> TrainingConfig {
+    TrainingConfig {
+        epochs,
+        batch_size,
+        seed: 1,
+        shuffle: true,
+        loss,
+        optimizer,
+        validation_fraction: 0.2,
+        standardize: false,
+        early_stopping: None,
+    }
+}
+
+fn never() -> AtomicBool {
+    AtomicBool::new(false)
+}
+
+/// Uniform features in [0, 1) from a seed.
+fn uniform(rows: usize, width: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed);
+    (0..rows * width)
+        .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+        .collect()
+}
+
+/// Logistic regression 3 → 1 with fixed weights and four rows: small enough to take the
+/// gradient by hand. For the mean binary cross-entropy, dL/dz = (σ(z) − y) / n.
+fn logistic_case() -> (ModelSpec, MlpWeights, Dataset) {
+    let spec = spec(3, vec![], 1, Task::BinaryClassification);
+    let weights = MlpWeights {
+        layers: vec![LayerWeights {
+            inputs: 3,
+            outputs: 1,
+            weight: vec![0.2, -0.4, 0.1],
+            bias: vec![0.05],
+        }],
+    };
+    let data = Dataset {
+        features: vec![
+            1.0, 2.0, 0.5, -1.0, 0.3, 2.0, 0.7, -0.2, -1.5, 0.0, 1.0, 1.0,
+        ],
+        labels: vec![1.0, 0.0, 1.0, 0.0],
+        rows: 4,
+    };
+    (spec, weights, data)
+}
+
+/// (weights, bias) gradient of the mean BCE, computed in f64 without Kiln or Burn.
+fn bce_gradient(w: &[f64], b: f64, data: &Dataset) -> (Vec<f64>, f64) {
+    let n = data.rows as f64;
+    let mut gw = vec![0.0; w.len()];
+    let mut gb = 0.0;
+    for r in 0..data.rows {
+        let x = &data.features[r * 3..r * 3 + 3];
+        let z: f64 = x.iter().zip(w).map(|(x, w)| f64::from(*x) * w).sum::<f64>() + b;
+        let err = 1.0 / (1.0 + (-z).exp()) - f64::from(data.labels[r]);
+        for (g, x) in gw.iter_mut().zip(x) {
+            *g += err * f64::from(*x) / n;
+        }
+        gb += err / n;
+    }
+    (gw, gb)
+}
+
+fn whole_batch(epochs: u32, optimizer: Optimizer) -> TrainingConfig {
+    TrainingConfig {
+        shuffle: false,
+        validation_fraction: 0.0,
+        ..config(epochs, 4, Loss::BinaryCrossEntropy, optimizer)
+    }
+}
+
+fn assert_close(got: &[f32], want: &[f64], what: &str) {
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (f64::from(*g) - w).abs() < 1e-5,
+            "{what}: got {got:?}, want {want:?}"
+        );
+    }
+}
+
+#[test]
+fn one_adam_step_matches_the_textbook_update() {
+    let (spec, init, data) = logistic_case();
+    let (lr, b1, b2, eps) = (0.01, 0.9, 0.999, 1e-7);
+    let out = train(
+        &spec,
+        &init,
+        &data,
+        &whole_batch(1, adam(lr)),
+        &Device::flex(),
+        &never(),
+        |_| {},
+    )
+    .unwrap();
+    let w0: Vec<f64> = init.layers[0]
+        .weight
+        .iter()
+        .map(|v| f64::from(*v))
+        .collect();
+    let (gw, gb) = bce_gradient(&w0, 0.05, &data);
+    // t = 1: m = (1−β1)g, v = (1−β2)g², m̂ = m/(1−β1), v̂ = v/(1−β2), θ −= lr·m̂/(√v̂ + ε).
+    let step = |g: f64| {
+        let (m, v) = ((1.0 - b1) * g, (1.0 - b2) * g * g);
+        lr * (m / (1.0 - b1)) / ((v / (1.0 - b2)).sqrt() + eps)
+    };
+    let want_w: Vec<f64> = w0.iter().zip(&gw).map(|(w, g)| w - step(*g)).collect();
+    assert_close(&out.weights.layers[0].weight, &want_w, "adam weights");
+    assert_close(&out.weights.layers[0].bias, &[0.05 - step(gb)], "adam bias");
+}
+
+#[test]
+fn two_sgd_momentum_steps_match_the_textbook_update() {
+    let (spec, init, data) = logistic_case();
+    let (lr, mu) = (0.1, 0.9);
+    let optimizer = Optimizer::Sgd {
+        learning_rate: lr,
+        momentum: mu,
+        weight_decay: 0.0,
+    };
+    let out = train(
+        &spec,
+        &init,
+        &data,
+        &whole_batch(2, optimizer),
+        &Device::flex(),
+        &never(),
+        |_| {},
+    )
+    .unwrap();
+    // v1 = g1; θ1 = θ0 − lr·v1; v2 = μ·v1 + g2; θ2 = θ1 − lr·v2.
+    let mut w: Vec<f64> = init.layers[0]
+        .weight
+        .iter()
+        .map(|v| f64::from(*v))
+        .collect();
+    let mut b = 0.05;
+    let (mut vw, mut vb) = (vec![0.0; 3], 0.0);
+    for step in 0..2 {
+        let (gw, gb) = bce_gradient(&w, b, &data);
+        for i in 0..3 {
+            vw[i] = if step == 0 { gw[i] } else { mu * vw[i] + gw[i] };
+            w[i] -= lr * vw[i];
+        }
+        vb = if step == 0 { gb } else { mu * vb + gb };
+        b -= lr * vb;
+    }
+    assert_close(&out.weights.layers[0].weight, &w, "sgd weights");
+    assert_close(&out.weights.layers[0].bias, &[b], "sgd bias");
+}
+
+#[test]
+fn binary_classifier_learns_sum_above_five() {
+    let rows = 1000;
+    let features = uniform(rows, 10, 7);
+    let labels = features
+        .chunks(10)
+        .map(|r| {
+            if r.iter().sum::<f32>() > 5.0 {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let data = Dataset {
+        features,
+        labels,
+        rows,
+    };
+    let spec = spec(10, vec![16], 1, Task::BinaryClassification);
+    let mut epochs = Vec::new();
+    let out = train(
+        &spec,
+        &MlpWeights::seeded(&spec, 3),
+        &data,
+        &TrainingConfig {
+            standardize: true,
+            ..config(40, 32, Loss::BinaryCrossEntropy, adam(0.01))
+        },
+        &Device::flex(),
+        &never(),
+        |r| epochs.push(r.epoch),
+    )
+    .unwrap();
+    assert_eq!(
+        epochs,
+        (1..=40).collect::<Vec<_>>(),
+        "one report per epoch, in order"
+    );
+    let last = out.history.last().unwrap();
+    let accuracy = last.validation_accuracy.unwrap();
+    assert!(accuracy >= 0.95, "validation accuracy {accuracy}");
+    assert!(
+        last.train_loss < out.history[0].train_loss / 2.0,
+        "loss fell: {:?}",
+        out.history
+    );
+    let stats = out.standardization.unwrap();
+    assert!(
+        stats.mean.iter().all(|m| (m - 0.5).abs() < 0.05),
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn multiclass_classifier_learns_the_largest_of_three() {
+    let rows = 900;
+    let features = uniform(rows, 3, 11);
+    let labels = features
+        .chunks(3)
+        .map(|r| {
+            let (i, _) = r
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap();
+            i as f32
+        })
+        .collect();
+    let data = Dataset {
+        features,
+        labels,
+        rows,
+    };
+    let spec = spec(3, vec![32], 3, Task::MulticlassClassification);
+    let out = train(
+        &spec,
+        &MlpWeights::seeded(&spec, 5),
+        &data,
+        &config(60, 32, Loss::CrossEntropy, adam(0.01)),
+        &Device::flex(),
+        &never(),
+        |_| {},
+    )
+    .unwrap();
+    let accuracy = out.history.last().unwrap().validation_accuracy.unwrap();
+    assert!(accuracy >= 0.9, "validation accuracy {accuracy}");
+}
+
+#[test]
+fn regression_learns_a_linear_function() {
+    let rows = 500;
+    let features = uniform(rows, 2, 13);
+    let labels = features
+        .chunks(2)
+        .map(|r| 2.0 * r[0] - r[1] + 0.5)
+        .collect();
+    let data = Dataset {
+        features,
+        labels,
+        rows,
+    };
+    let spec = spec(2, vec![], 1, Task::Regression);
+    let out = train(
+        &spec,
+        &MlpWeights::seeded(&spec, 1),
+        &data,
+        &config(100, 16, Loss::MeanSquaredError, adam(0.05)),
+        &Device::flex(),
+        &never(),
+        |_| {},
+    )
+    .unwrap();
+    let mse = out.history.last().unwrap().validation_loss.unwrap();
+    assert!(mse < 1e-3, "validation MSE {mse}");
+    assert_close(&out.weights.layers[0].weight, &[2.0, -1.0], "learned slope");
+}
+
+#[test]
+fn the_same_seed_gives_the_same_weights_bit_for_bit() {
+    let (spec, init, data) = logistic_case();
+    let cfg = TrainingConfig {
+        validation_fraction: 0.25,
+        ..config(5, 2, Loss::BinaryCrossEntropy, adam(0.05))
+    };
+    let run = || {
+        train(&spec, &init, &data, &cfg, &Device::flex(), &never(), |_| {})
+            .unwrap()
+            .weights
+    };
+    let (a, b) = (run(), run());
+    let bits = |w: &MlpWeights| {
+        w.layers[0]
+            .weight
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(&a), bits(&b));
+    let other = TrainingConfig {
+        seed: 2,
+        ..cfg.clone()
+    };
+    let c = train(
+        &spec,
+        &init,
+        &data,
+        &other,
+        &Device::flex(),
+        &never(),
+        |_| {},
+    )
+    .unwrap()
+    .weights;
+    assert_ne!(bits(&a), bits(&c), "another seed shuffles differently");
+}
+
+#[test]
+fn early_stopping_ends_the_run_and_keeps_the_best_epoch() {
+    let rows = 200;
+    let features = uniform(rows, 4, 17);
+    let labels = features
+        .chunks(4)
+        .map(|r| if r[0] > 0.5 { 1.0 } else { 0.0 })
+        .collect();
+    let data = Dataset {
+        features,
+        labels,
+        rows,
+    };
+    let spec = spec(4, vec![8], 1, Task::BinaryClassification);
+    let cfg = TrainingConfig {
+        early_stopping: Some(EarlyStopping {
+            metric: StopMetric::ValidationLoss,
+            patience: 2,
+        }),
+        // A learning rate this high overshoots soon, so the validation loss stops improving.
+        ..config(200, 8, Loss::BinaryCrossEntropy, adam(0.5))
+    };
+    let out = train(
+        &spec,
+        &MlpWeights::seeded(&spec, 2),
+        &data,
+        &cfg,
+        &Device::flex(),
+        &never(),
+        |_| {},
+    )
+    .unwrap();
+    assert!(out.stopped_early, "ran all {} epochs", out.history.len());
+    assert!(out.history.len() < 200);
+    let best = out
+        .history
+        .iter()
+        .map(|r| r.validation_loss.unwrap())
+        .fold(f64::INFINITY, f64::min);
+    let last = out.history.last().unwrap().validation_loss.unwrap();
+    assert!(best < last, "the run stopped after the best epoch");
+}
+
+#[test]
+fn cancelling_stops_before_the_next_batch() {
+    let (spec, init, data) = logistic_case();
+    let cancel = AtomicBool::new(true);
+    let err = train(
+        &spec,
+        &init,
+        &data,
+        &whole_batch(10, adam(0.01)),
+        &Device::flex(),
+        &cancel,
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Cancelled), "{err:?}");
+}
+
+#[test]
+fn a_loss_that_diverges_fails_the_job_with_the_reason() {
+    let rows = 64;
+    let features: Vec<f32> = (0..rows).map(|i| i as f32 * 1e3).collect();
+    let labels = features.iter().map(|x| x * 1e3).collect();
+    let data = Dataset {
+        features,
+        labels,
+        rows,
+    };
+    let spec = spec(1, vec![], 1, Task::Regression);
+    let sgd = Optimizer::Sgd {
+        learning_rate: 10.0,
+        momentum: 0.0,
+        weight_decay: 0.0,
+    };
+    let err = train(
+        &spec,
+        &MlpWeights::seeded(&spec, 1),
+        &data,
+        &config(50, 8, Loss::MeanSquaredError, sgd),
+        &Device::flex(),
+        &never(),
+        |_| {},
+    )
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, Error::TrainingFailed(_)), "{err:?}");
+    assert!(message.contains("loss became"), "{message}");
+}
+
+#[test]
+fn bad_jobs_are_refused_naming_the_field() {
+    let (spec, _, data) = logistic_case();
+    let limits = TrainingLimits::default();
+    let ok = whole_batch(1, adam(0.01));
+    let mut cases: Vec<(TrainingConfig, Dataset, &str)> = vec![
+        (
+            TrainingConfig {
+                batch_size: 0,
+                ..ok.clone()
+            },
+            data.clone(),
+            "batch_size",
+        ),
+        (
+            TrainingConfig {
+                epochs: 0,
+                ..ok.clone()
+            },
+            data.clone(),
+            "epochs",
+        ),
+        (
+            TrainingConfig {
+                epochs: 20_000,
+                ..ok.clone()
+            },
+            data.clone(),
+            "epochs",
+        ),
+        (whole_batch(1, adam(0.0)), data.clone(), "learning_rate"),
+        (
+            whole_batch(1, adam(f64::NAN)),
+            data.clone(),
+            "learning_rate",
+        ),
+        (
+            TrainingConfig {
+                loss: Loss::CrossEntropy,
+                ..ok.clone()
+            },
+            data.clone(),
+            "loss",
+        ),
+        (
+            TrainingConfig {
+                validation_fraction: 0.95,
+                ..ok.clone()
+            },
+            data.clone(),
+            "validation_fraction",
+        ),
+    ];
+    let mut bad_label = data.clone();
+    bad_label.labels[2] = 2.0;
+    cases.push((ok.clone(), bad_label, "labels: row 2"));
+    let mut short = data.clone();
+    short.features.pop();
+    cases.push((ok.clone(), short, "input width"));
+    let empty = Dataset {
+        features: vec![],
+        labels: vec![],
+        rows: 0,
+    };
+    cases.push((ok.clone(), empty, "empty"));
+    let mut nan = data.clone();
+    nan.features[4] = f32::NAN;
+    cases.push((ok.clone(), nan, "row 1 column 1"));
+    for (cfg, data, needle) in cases {
+        let err = validate(&spec, &data, &cfg, &limits).unwrap_err();
+        assert!(matches!(err, Error::Invalid(_)), "{needle}: {err:?}");
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+    }
+}
