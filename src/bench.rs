@@ -16,7 +16,9 @@ use kiln_proto::kiln::internal::v1 as internal;
 use kiln_proto::kiln::internal::v1::worker_client::WorkerClient;
 use kiln_registry::records::{BatchingSettings, DeploymentRecord, SCHEMA};
 use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
-use kiln_registry::{ArtifactStore, FileStore, KvStore, MlpWeights, NewModel, Registry};
+use kiln_registry::{
+    ArtifactStore, FileStore, KvStore, MlpWeights, NewModel, NewVersion, Registry,
+};
 use kiln_worker::DeviceChoice;
 use tonic::transport::Channel;
 
@@ -122,7 +124,7 @@ async fn prepare(dir: &std::path::Path, batches: &[usize], hidden: &[u32]) -> an
         let bytes = MlpWeights::seeded(&spec, 1).to_safetensors(&spec)?;
         let artifact = artifacts.put(Bytes::from(bytes)).await?;
         registry
-            .register_version(&name, artifact, "seed:1".into())
+            .register_version(&name, NewVersion::new(artifact, "seed:1"))
             .await?;
     }
     Ok(())

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use kiln_gateway::{GatewayConfig, GatewayDeps};
 use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
 use kiln_registry::{
-    ArtifactStore, FileStore, KvStore, MlpWeights, NewModel, Registry, WatchedView,
+    ArtifactStore, FileStore, KvStore, MlpWeights, NewModel, NewVersion, Registry, WatchedView,
 };
 use kiln_worker::{DeviceChoice, WorkerConfig, WorkerDeps};
 use tokio::net::TcpListener;
@@ -83,7 +83,10 @@ async fn create_demo_model(registry: &Registry, artifacts: &ArtifactStore) -> an
     let bytes = MlpWeights::seeded(&spec, DEMO_SEED).to_safetensors(&spec)?;
     let artifact = artifacts.put(Bytes::from(bytes)).await?;
     registry
-        .register_version(DEMO_MODEL, artifact, format!("seed:{DEMO_SEED}"))
+        .register_version(
+            DEMO_MODEL,
+            NewVersion::new(artifact, format!("seed:{DEMO_SEED}")),
+        )
         .await?;
     Ok(())
 }

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use kiln_proto::kiln::v1 as pb;
 use kiln_proto::kiln::v1::models_server::Models;
 use kiln_registry::spec::validate_name;
-use kiln_registry::{ClusterView, MlpWeights, NewModel};
+use kiln_registry::{ClusterView, MlpWeights, NewModel, NewVersion};
 use tonic::{Request, Response, Status};
 
 use crate::convert::{
@@ -81,7 +81,7 @@ impl ModelsService {
         let artifact = shared.artifacts.put(Bytes::from(artifact_bytes)).await?;
         let version = shared
             .registry
-            .register_version(&req.name, artifact, source)
+            .register_version(&req.name, NewVersion::new(artifact, source))
             .await?;
         Ok(version_to_proto(&version, &spec, &signature, "LOADING"))
     }

@@ -27,6 +27,6 @@ pub use error::{Error, Result};
 pub use file::FileStore;
 pub use kv::{KvStore, LeaseId};
 pub use memory::MemoryStore;
-pub use registry::{NewModel, Registry};
+pub use registry::{NewModel, NewVersion, Registry};
 pub use view::{ClusterView, WatchedView};
 pub use weights::MlpWeights;

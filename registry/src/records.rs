@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{ModelSpec, Signature};
+use crate::spec::{ModelSpec, Signature, Standardization};
 
 /// Schema number written into every record.
 pub const SCHEMA: u32 = 1;
@@ -75,6 +75,9 @@ pub struct VersionRecord {
     /// Metrics recorded with the version (e.g. by training).
     #[serde(default)]
     pub metrics: BTreeMap<String, f64>,
+    /// Feature standardisation applied before the network at inference (set by training).
+    #[serde(default)]
+    pub preprocessing: Option<Standardization>,
 }
 
 impl VersionRecord {

@@ -29,6 +29,31 @@ pub struct Registry {
     prefix: String,
 }
 
+/// What `register_version` records besides the number it allocates.
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    /// The weights.
+    pub artifact: ArtifactRef,
+    /// How they were made: `seed:<n>`, `import` or `job:<id>`.
+    pub source: String,
+    /// Metrics to record (e.g. final training and validation accuracy).
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// Standardisation to apply at inference.
+    pub preprocessing: Option<crate::spec::Standardization>,
+}
+
+impl NewVersion {
+    /// A version with weights and a source, no metrics and no preprocessing.
+    pub fn new(artifact: ArtifactRef, source: impl Into<String>) -> Self {
+        Self {
+            artifact,
+            source: source.into(),
+            metrics: Default::default(),
+            preprocessing: None,
+        }
+    }
+}
+
 /// What `create_model` needs.
 #[derive(Debug, Clone)]
 pub struct NewModel {
@@ -150,12 +175,10 @@ impl Registry {
 
     /// Allocate the next version number of `model` by compare-and-swap (unique and never
     /// reused under any concurrency) and record the version.
-    pub async fn register_version(
-        &self,
-        model: &str,
-        artifact: ArtifactRef,
-        source: String,
-    ) -> Result<VersionRecord> {
+    pub async fn register_version(&self, model: &str, new: NewVersion) -> Result<VersionRecord> {
+        if let Some(p) = &new.preprocessing {
+            p.validate(self.get_model(model).await?.spec.input_width())?;
+        }
         let key = keys::model(model);
         for _ in 0..CAS_ATTEMPTS {
             let Some((mut record, revision)) = self.read::<ModelRecord>(&key).await? else {
@@ -176,10 +199,11 @@ impl Registry {
                 schema: SCHEMA,
                 model: model.to_owned(),
                 version: record.last_version,
-                artifact,
-                source,
+                artifact: new.artifact.clone(),
+                source: new.source.clone(),
                 created_unix_ms: now_unix_ms(),
-                metrics: Default::default(),
+                metrics: new.metrics.clone(),
+                preprocessing: new.preprocessing.clone(),
             };
             self.write(&keys::version(model, version.version), &version, None)
                 .await?;
@@ -330,9 +354,10 @@ mod tests {
         let tasks: Vec<_> = (0..16)
             .map(|_| {
                 let r = registry.clone();
-                tokio::spawn(
-                    async move { r.register_version("m", artifact(), "import".into()).await },
-                )
+                tokio::spawn(async move {
+                    r.register_version("m", NewVersion::new(artifact(), "import"))
+                        .await
+                })
             })
             .collect();
         let mut versions = Vec::new();
@@ -356,7 +381,7 @@ mod tests {
             "no version 1 yet"
         );
         registry
-            .register_version("m", artifact(), "import".into())
+            .register_version("m", NewVersion::new(artifact(), "import"))
             .await
             .unwrap();
         assert!(registry.set_alias("m", "42", 1).await.is_err());

@@ -128,6 +128,49 @@ impl ModelSpec {
     }
 }
 
+/// Mean and standard deviation per feature, computed on the training split; inference
+/// applies `(x - mean) / std` before the network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Standardization {
+    /// Mean of each feature.
+    pub mean: Vec<f32>,
+    /// Standard deviation of each feature (1 where it was 0).
+    pub std: Vec<f32>,
+}
+
+impl Standardization {
+    /// Check it fits `width` features: one finite mean and one finite, positive standard
+    /// deviation per feature.
+    pub fn validate(&self, width: usize) -> Result<()> {
+        if self.mean.len() != width || self.std.len() != width {
+            return Err(Error::Invalid(format!(
+                "preprocessing has {} means and {} standard deviations for {width} features",
+                self.mean.len(),
+                self.std.len()
+            )));
+        }
+        if self.mean.iter().any(|m| !m.is_finite())
+            || self.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+        {
+            return Err(Error::Invalid(
+                "preprocessing: means must be finite and standard deviations finite and above 0"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Apply to row-major features in place.
+    pub fn apply(&self, features: &mut [f32]) {
+        let width = self.mean.len();
+        for row in features.chunks_mut(width) {
+            for ((x, m), s) in row.iter_mut().zip(&self.mean).zip(&self.std) {
+                *x = (*x - m) / s;
+            }
+        }
+    }
+}
+
 /// The tensor names a model is served under.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Signature {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln_registry::MlpWeights;
 use kiln_registry::records::VersionKey;
-use kiln_registry::spec::ModelSpec;
+use kiln_registry::spec::{ModelSpec, Standardization};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::Mlp;
@@ -21,6 +21,8 @@ const ENGINE_QUEUE: usize = 8;
 struct LoadedModel {
     mlp: Mlp,
     spec: ModelSpec,
+    /// Applied to the features before the network (a trained version's standardisation).
+    preprocessing: Option<Standardization>,
 }
 
 /// What the engine holds and computes: the models loaded on one device.
@@ -50,9 +52,25 @@ impl Engine {
     }
 
     /// Build `weights` into a module on the device; replaces any earlier copy of `key`.
-    pub fn load(&mut self, key: VersionKey, spec: ModelSpec, weights: &MlpWeights) -> Result<()> {
+    pub fn load(
+        &mut self,
+        key: VersionKey,
+        spec: ModelSpec,
+        weights: &MlpWeights,
+        preprocessing: Option<Standardization>,
+    ) -> Result<()> {
+        if let Some(p) = &preprocessing {
+            p.validate(spec.input_width())?;
+        }
         let mlp = guarded(|| Mlp::from_weights(&spec, weights, &self.device))?;
-        self.models.insert(key, LoadedModel { mlp, spec });
+        self.models.insert(
+            key,
+            LoadedModel {
+                mlp,
+                spec,
+                preprocessing,
+            },
+        );
         Ok(())
     }
 
@@ -65,7 +83,7 @@ impl Engine {
     pub fn forward(
         &self,
         key: &VersionKey,
-        features: Vec<f32>,
+        mut features: Vec<f32>,
         rows: usize,
     ) -> Result<ForwardOutput> {
         let model = self
@@ -80,6 +98,9 @@ impl Engine {
             )));
         }
         let start = Instant::now();
+        if let Some(p) = &model.preprocessing {
+            p.apply(&mut features);
+        }
         let values = guarded(|| {
             let x = Tensor::<2>::from_data(TensorData::new(features, [rows, width]), &self.device);
             model.mlp.forward(x).into_data().try_into_vec::<f32>()
@@ -126,6 +147,7 @@ pub(crate) enum Command {
         key: VersionKey,
         spec: ModelSpec,
         weights: MlpWeights,
+        preprocessing: Option<Standardization>,
         reply: oneshot::Sender<Result<()>>,
     },
     Unload {
@@ -161,9 +183,10 @@ impl EngineHandle {
                             key,
                             spec,
                             weights,
+                            preprocessing,
                             reply,
                         } => {
-                            let _ = reply.send(engine.load(key, spec, &weights));
+                            let _ = reply.send(engine.load(key, spec, &weights, preprocessing));
                         }
                         Command::Unload { key, reply } => {
                             let _ = reply.send(engine.unload(&key));
@@ -203,11 +226,18 @@ impl EngineHandle {
     }
 
     /// Load a model version.
-    pub async fn load(&self, key: VersionKey, spec: ModelSpec, weights: MlpWeights) -> Result<()> {
+    pub async fn load(
+        &self,
+        key: VersionKey,
+        spec: ModelSpec,
+        weights: MlpWeights,
+        preprocessing: Option<Standardization>,
+    ) -> Result<()> {
         self.call(|reply| Command::Load {
             key,
             spec,
             weights,
+            preprocessing,
             reply,
         })
         .await?
@@ -287,7 +317,7 @@ mod tests {
     fn forward_matches_a_hand_computation() {
         let (spec, weights) = hand_model();
         let mut engine = Engine::new(Device::flex());
-        engine.load(key(), spec, &weights).unwrap();
+        engine.load(key(), spec, &weights, None).unwrap();
         // Row 1: x = (1, 2): h = (relu(-0.5), relu(7)) = (0, 7); y = sigmoid(-3.4).
         // Row 2: x = (3, -1): h = (relu(4.5), relu(2)) = (4.5, 2); y = sigmoid(1.125 - 1 + 0.1).
         let out = engine
@@ -311,7 +341,7 @@ mod tests {
         });
         let weights = MlpWeights::seeded(&spec, 3);
         let mut engine = Engine::new(Device::flex());
-        engine.load(key(), spec, &weights).unwrap();
+        engine.load(key(), spec, &weights, None).unwrap();
         let out = engine.forward(&key(), vec![0.1; 6], 2).unwrap();
         for row in out.values.chunks(5) {
             assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
@@ -331,10 +361,34 @@ mod tests {
     }
 
     #[test]
+    fn a_versions_standardisation_is_applied_before_the_network() {
+        let (spec, weights) = hand_model();
+        let mut engine = Engine::new(Device::flex());
+        let scale = Standardization {
+            mean: vec![1.0, -1.0],
+            std: vec![2.0, 0.5],
+        };
+        engine.load(key(), spec, &weights, Some(scale)).unwrap();
+        // Raw (3, 0) becomes ((3 - 1) / 2, (0 + 1) / 0.5) = (1, 2): row 1 of the hand case.
+        let out = engine.forward(&key(), vec![3.0, 0.0], 1).unwrap();
+        assert!(
+            (out.values[0] - sigmoid(-3.4)).abs() < 1e-6,
+            "{:?}",
+            out.values
+        );
+        let bad = Standardization {
+            mean: vec![0.0],
+            std: vec![1.0],
+        };
+        let (spec, weights) = hand_model();
+        assert!(engine.load(key(), spec, &weights, Some(bad)).is_err());
+    }
+
+    #[test]
     fn weights_read_back_from_the_device_unchanged() {
         let (spec, weights) = hand_model();
         let mut engine = Engine::new(Device::flex());
-        engine.load(key(), spec, &weights).unwrap();
+        engine.load(key(), spec, &weights, None).unwrap();
         assert_eq!(engine.weights(&key()).unwrap(), weights);
     }
 }

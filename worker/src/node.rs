@@ -300,7 +300,12 @@ async fn fetch_and_build(
     let batching = batching.unwrap_or_else(|| view.deployment(&key.model).batching);
     state
         .engine
-        .load(key.clone(), spec.clone(), weights)
+        .load(
+            key.clone(),
+            spec.clone(),
+            weights,
+            version.preprocessing.clone(),
+        )
         .await?;
     let batcher = Batcher::spawn(key.clone(), batching, state.engine.clone());
     state

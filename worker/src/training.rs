@@ -14,7 +14,7 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData, activation};
 use kiln_registry::MlpWeights;
-use kiln_registry::spec::{ModelSpec, Task};
+use kiln_registry::spec::{ModelSpec, Standardization, Task};
 use kiln_registry::weights::SplitMix64;
 use serde::{Deserialize, Serialize};
 
@@ -182,28 +182,6 @@ pub struct Dataset {
     pub labels: Vec<f32>,
     /// Number of rows.
     pub rows: usize,
-}
-
-/// Mean and standard deviation per feature, computed on the training split; inference
-/// applies `(x - mean) / std` before the network.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Standardization {
-    /// Mean of each feature.
-    pub mean: Vec<f32>,
-    /// Standard deviation of each feature (1 where it was 0).
-    pub std: Vec<f32>,
-}
-
-impl Standardization {
-    /// Apply to row-major features in place.
-    pub fn apply(&self, features: &mut [f32]) {
-        let width = self.mean.len();
-        for row in features.chunks_mut(width) {
-            for ((x, m), s) in row.iter_mut().zip(&self.mean).zip(&self.std) {
-                *x = (*x - m) / s;
-            }
-        }
-    }
 }
 
 /// What one epoch measured.

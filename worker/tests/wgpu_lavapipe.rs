@@ -40,9 +40,9 @@ fn wgpu_through_lavapipe_agrees_with_the_cpu_backend() {
             .collect();
 
         let mut cpu = Engine::new(Device::flex());
-        cpu.load(key.clone(), spec.clone(), &weights).unwrap();
+        cpu.load(key.clone(), spec.clone(), &weights, None).unwrap();
         let mut gpu = Engine::new(selected.device.clone());
-        gpu.load(key.clone(), spec.clone(), &weights).unwrap();
+        gpu.load(key.clone(), spec.clone(), &weights, None).unwrap();
 
         let a = cpu.forward(&key, features.clone(), rows).unwrap();
         let b = gpu.forward(&key, features, rows).unwrap();
