@@ -9,9 +9,13 @@ use burn::tensor::{Device, Tensor, TensorData};
 use kiln_registry::MlpWeights;
 use kiln_registry::records::VersionKey;
 use kiln_registry::spec::{ModelSpec, Standardization};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::Mlp;
+use crate::training::{EpochReport, Step, TrainingOutcome, TrainingRun};
 use crate::{Error, Result};
 
 /// Commands waiting for the engine beyond this make senders wait (backpressure): while the
@@ -160,6 +164,65 @@ pub(crate) enum Command {
         rows: usize,
         reply: oneshot::Sender<Result<ForwardOutput>>,
     },
+    Train {
+        run: Box<TrainingRun>,
+        cancel: Arc<AtomicBool>,
+        events: mpsc::UnboundedSender<TrainingEvent>,
+    },
+}
+
+/// What a training run on the engine reports.
+#[derive(Debug)]
+pub enum TrainingEvent {
+    /// An epoch ended.
+    Epoch(EpochReport),
+    /// The run finished.
+    Finished(Box<TrainingOutcome>),
+    /// The run stopped: failed, or cancelled ([`Error::Cancelled`]).
+    Stopped(Error),
+}
+
+/// A training run in progress on the engine thread.
+struct ActiveRun {
+    run: Box<TrainingRun>,
+    cancel: Arc<AtomicBool>,
+    events: mpsc::UnboundedSender<TrainingEvent>,
+    /// The last epoch ran: the outcome is due.
+    done: bool,
+}
+
+impl ActiveRun {
+    /// Hand over the outcome of a run that reached its end.
+    fn finish(self) {
+        if self.done {
+            let outcome = self.run.finish();
+            let _ = self.events.send(TrainingEvent::Finished(Box::new(outcome)));
+        }
+    }
+
+    /// Train one batch and report; returns false when the run is over.
+    fn advance(&mut self) -> bool {
+        if self.cancel.load(Ordering::Relaxed) || self.events.is_closed() {
+            let _ = self.events.send(TrainingEvent::Stopped(Error::Cancelled));
+            return false;
+        }
+        match guarded(|| self.run.step()).and_then(|r| r) {
+            Ok(Step::Batch) => true,
+            Ok(Step::Epoch(report)) => {
+                let _ = self.events.send(TrainingEvent::Epoch(report));
+                true
+            }
+            Ok(Step::Done(report)) => {
+                let _ = self.events.send(TrainingEvent::Epoch(report));
+                self.done = true;
+                false
+            }
+            Err(e) => {
+                let _ = self.events.send(TrainingEvent::Stopped(e));
+                false
+            }
+        }
+    }
 }
 
 /// A cheap, cloneable handle to an engine thread.
@@ -176,7 +239,33 @@ impl EngineHandle {
             .name(format!("kiln-engine-{name}"))
             .spawn(move || {
                 let mut engine = Engine::new(device);
-                while let Some(command) = rx.blocking_recv() {
+                let mut runs: Vec<ActiveRun> = Vec::new();
+                let mut next_run = 0usize;
+                loop {
+                    // Commands (inference, loads) go first; training advances one batch at
+                    // a time in between, round-robin over the runs, so a long job never
+                    // keeps other models from answering.
+                    let command = if runs.is_empty() {
+                        match rx.blocking_recv() {
+                            Some(c) => c,
+                            None => return,
+                        }
+                    } else {
+                        match rx.try_recv() {
+                            Ok(c) => c,
+                            Err(mpsc::error::TryRecvError::Disconnected) => return,
+                            Err(mpsc::error::TryRecvError::Empty) => {
+                                next_run %= runs.len();
+                                if runs[next_run].advance() {
+                                    next_run += 1;
+                                } else {
+                                    let finished = runs.swap_remove(next_run);
+                                    finished.finish();
+                                }
+                                continue;
+                            }
+                        }
+                    };
                     // A caller that went away no longer wants the answer: ignore send errors.
                     match command {
                         Command::Load {
@@ -202,6 +291,16 @@ impl EngineHandle {
                             }
                             let _ = reply.send(engine.forward(&key, features, rows));
                         }
+                        Command::Train {
+                            run,
+                            cancel,
+                            events,
+                        } => runs.push(ActiveRun {
+                            run,
+                            cancel,
+                            events,
+                            done: false,
+                        }),
                     }
                 }
             })?;
@@ -246,6 +345,25 @@ impl EngineHandle {
     /// Unload a model version.
     pub async fn unload(&self, key: VersionKey) -> Result<bool> {
         self.call(|reply| Command::Unload { key, reply }).await
+    }
+
+    /// Start a training run on the engine; its events arrive on the returned receiver.
+    /// Setting `cancel`, or dropping the receiver, stops it before its next batch.
+    pub async fn train(
+        &self,
+        run: TrainingRun,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<mpsc::UnboundedReceiver<TrainingEvent>> {
+        let (events, rx) = mpsc::unbounded_channel();
+        self.tx
+            .send(Command::Train {
+                run: Box::new(run),
+                cancel,
+                events,
+            })
+            .await
+            .map_err(|_| Error::EngineStopped)?;
+        Ok(rx)
     }
 
     /// Run a forward pass.
@@ -382,6 +500,112 @@ mod tests {
         };
         let (spec, weights) = hand_model();
         assert!(engine.load(key(), spec, &weights, Some(bad)).is_err());
+    }
+
+    #[tokio::test]
+    async fn inference_answers_while_a_training_run_is_on_the_engine() {
+        use crate::training::{Dataset, Loss, Optimizer, TrainingConfig};
+        let engine = EngineHandle::spawn(Device::flex(), "test").unwrap();
+        let (spec, weights) = hand_model();
+        engine.load(key(), spec, weights, None).await.unwrap();
+
+        let train_spec = ModelSpec::Mlp(MlpSpec {
+            input_width: 2,
+            hidden: vec![8],
+            activation: Activation::Relu,
+            output_width: 1,
+            task: Task::BinaryClassification,
+        });
+        let rows = 2000;
+        let features: Vec<f32> = (0..rows * 2).map(|i| (i % 17) as f32 / 17.0).collect();
+        let labels = features.chunks(2).map(|r| f32::from(r[0] > r[1])).collect();
+        let config = TrainingConfig {
+            epochs: 10_000,
+            batch_size: 10,
+            seed: 1,
+            shuffle: true,
+            loss: Loss::BinaryCrossEntropy,
+            optimizer: Optimizer::Sgd {
+                learning_rate: 0.01,
+                momentum: 0.0,
+                weight_decay: 0.0,
+            },
+            validation_fraction: 0.0,
+            standardize: false,
+            early_stopping: None,
+        };
+        let run = TrainingRun::new(
+            &train_spec,
+            &MlpWeights::seeded(&train_spec, 1),
+            &Dataset {
+                features,
+                labels,
+                rows,
+            },
+            &config,
+            &Device::flex(),
+        )
+        .unwrap();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut events = engine.train(run, cancel.clone()).await.unwrap();
+        // The run has 10,000 epochs of 200 batches ahead of it; inference still answers.
+        for _ in 0..20 {
+            let out = engine.forward(key(), vec![1.0, 2.0], 1).await.unwrap();
+            assert!((out.values[0] - sigmoid(-3.4)).abs() < 1e-6);
+        }
+        let first = events.recv().await.unwrap();
+        assert!(
+            matches!(first, TrainingEvent::Epoch(ref r) if r.epoch == 1),
+            "{first:?}"
+        );
+        cancel.store(true, Ordering::Relaxed);
+        loop {
+            match events.recv().await.unwrap() {
+                TrainingEvent::Epoch(_) => continue,
+                TrainingEvent::Stopped(Error::Cancelled) => break,
+                other => panic!("expected the run to stop cancelled, got {other:?}"),
+            }
+        }
+
+        // A short run reports every epoch, then its outcome.
+        let rows = 40;
+        let features: Vec<f32> = (0..rows * 2).map(|i| (i % 7) as f32).collect();
+        let labels = features.chunks(2).map(|r| f32::from(r[0] > r[1])).collect();
+        let short = TrainingConfig {
+            epochs: 2,
+            ..config
+        };
+        let run = TrainingRun::new(
+            &train_spec,
+            &MlpWeights::seeded(&train_spec, 1),
+            &Dataset {
+                features,
+                labels,
+                rows,
+            },
+            &short,
+            &Device::flex(),
+        )
+        .unwrap();
+        let mut events = engine
+            .train(run, Arc::new(AtomicBool::new(false)))
+            .await
+            .unwrap();
+        let mut epochs = Vec::new();
+        let outcome = loop {
+            match events.recv().await.unwrap() {
+                TrainingEvent::Epoch(r) => epochs.push(r.epoch),
+                TrainingEvent::Finished(outcome) => break outcome,
+                TrainingEvent::Stopped(e) => panic!("stopped: {e}"),
+            }
+        };
+        assert_eq!(epochs, vec![1, 2]);
+        assert_eq!(outcome.history.len(), 2);
+        assert_ne!(
+            outcome.weights,
+            MlpWeights::seeded(&train_spec, 1),
+            "the weights moved"
+        );
     }
 
     #[test]

@@ -500,8 +500,284 @@ fn evaluate(
     Ok((total / n, accuracy))
 }
 
-/// Train `init` on `data`. `cancel` is checked before every batch; `on_epoch` sees each
-/// epoch's report as soon as it is known.
+/// What one call of [`TrainingRun::step`] did.
+#[derive(Debug)]
+pub enum Step {
+    /// One batch was trained; the epoch goes on.
+    Batch,
+    /// An epoch ended; more follow.
+    Epoch(EpochReport),
+    /// The last epoch ended (all epochs run, or early stopping).
+    Done(EpochReport),
+}
+
+/// A training run that advances one batch at a time, so that the engine thread can serve
+/// inference between batches.
+pub struct TrainingRun {
+    spec: ModelSpec,
+    task: Task,
+    width: usize,
+    outputs: usize,
+    label_width: usize,
+    config: TrainingConfig,
+    /// Features already standardised, when asked for.
+    data: Dataset,
+    standardization: Option<Standardization>,
+    /// The plain device (validation runs without autodiff).
+    device: Device,
+    train_device: Device,
+    /// Taken out during a step (the optimizer consumes and returns it).
+    model: Option<Mlp>,
+    optimizer: ModuleOptimizer,
+    rng: SplitMix64,
+    train_rows: Vec<usize>,
+    validation: Vec<usize>,
+    epoch: u32,
+    /// Next batch of the current epoch.
+    cursor: usize,
+    loss_sum: f64,
+    right: usize,
+    started: Instant,
+    epoch_started: Instant,
+    history: Vec<EpochReport>,
+    best: Option<(f64, MlpWeights)>,
+    since_best: u32,
+    stopped_early: bool,
+}
+
+impl TrainingRun {
+    /// Prepare a run: validate, split, standardise, build the model on the device.
+    pub fn new(
+        spec: &ModelSpec,
+        init: &MlpWeights,
+        data: &Dataset,
+        config: &TrainingConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        validate(
+            spec,
+            data,
+            config,
+            &TrainingLimits {
+                max_epochs: u32::MAX,
+                max_rows: usize::MAX,
+            },
+        )?;
+        let ModelSpec::Mlp(mlp) = spec;
+        let (width, outputs) = (spec.input_width(), spec.output_width());
+        let label_width = if mlp.task == Task::MulticlassClassification {
+            1
+        } else {
+            outputs
+        };
+
+        // The split: a seeded permutation, the last rows of which are held out.
+        let mut rng = SplitMix64::new(config.seed);
+        let mut order: Vec<usize> = (0..data.rows).collect();
+        rng.shuffle(&mut order);
+        let validation_rows = (data.rows as f64 * config.validation_fraction).round() as usize;
+        let validation: Vec<usize> = order.split_off(data.rows - validation_rows);
+        let mut train_rows = order;
+        train_rows.sort_unstable();
+
+        // Standardisation from the training split only, applied to a copy of the features.
+        let mut data = data.clone();
+        let standardization = config.standardize.then(|| {
+            let stats = standardization_of(&data, &train_rows, width);
+            stats.apply(&mut data.features);
+            stats
+        });
+        let train_device = device.clone().autodiff();
+        let model = Mlp::from_weights(spec, init, &train_device);
+        let now = Instant::now();
+        Ok(Self {
+            spec: spec.clone(),
+            task: mlp.task,
+            width,
+            outputs,
+            label_width,
+            config: config.clone(),
+            data,
+            standardization,
+            device: device.clone(),
+            train_device,
+            model: Some(model),
+            optimizer: config.optimizer.build(),
+            rng,
+            train_rows,
+            validation,
+            epoch: 0,
+            cursor: 0,
+            loss_sum: 0.0,
+            right: 0,
+            started: now,
+            epoch_started: now,
+            history: Vec::new(),
+            best: None,
+            since_best: 0,
+            stopped_early: false,
+        })
+    }
+
+    /// Train one batch; at an epoch's end, also validate and report.
+    pub fn step(&mut self) -> Result<Step> {
+        let batch_size = self.config.batch_size as usize;
+        if self.cursor == 0 {
+            self.epoch += 1;
+            if self.config.shuffle {
+                self.rng.shuffle(&mut self.train_rows);
+            }
+            self.epoch_started = Instant::now();
+            self.loss_sum = 0.0;
+            self.right = 0;
+        }
+        let end = (self.cursor + batch_size).min(self.train_rows.len());
+        let b = gather(
+            &self.data,
+            &self.train_rows[self.cursor..end],
+            self.width,
+            self.label_width,
+        );
+        let batch_number = self.cursor / batch_size + 1;
+        self.cursor = end;
+        let model = self
+            .model
+            .take()
+            .ok_or_else(|| Error::TrainingFailed("the run already failed".into()))?;
+        let x = Tensor::<2>::from_data(
+            TensorData::new(b.x, [b.rows, self.width]),
+            &self.train_device,
+        );
+        let logits = model.logits(x);
+        let loss = batch_loss(
+            &model,
+            self.config.loss,
+            logits.clone(),
+            &b.y,
+            b.rows,
+            &self.train_device,
+        );
+        let value = loss.clone().into_scalar::<f32>();
+        if !value.is_finite() {
+            return Err(Error::TrainingFailed(format!(
+                "the loss became {value} at epoch {}, batch {batch_number}; try a lower learning rate or standardised features",
+                self.epoch
+            )));
+        }
+        self.loss_sum += f64::from(value) * b.rows as f64;
+        self.right += correct(self.task, &read(logits.detach())?, &b.y, self.outputs).unwrap_or(0);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        self.model = Some(
+            self.optimizer
+                .step(self.config.optimizer.learning_rate(), model, grads),
+        );
+        if self.cursor < self.train_rows.len() {
+            return Ok(Step::Batch);
+        }
+        self.cursor = 0;
+        self.end_epoch()
+    }
+
+    fn end_epoch(&mut self) -> Result<Step> {
+        let n = self.train_rows.len() as f64;
+        let weights = self.weights();
+        let (validation_loss, validation_accuracy) = if self.validation.is_empty() {
+            (None, None)
+        } else {
+            let (l, a) = evaluate(
+                &self.spec,
+                &weights,
+                &self.data,
+                &self.validation,
+                self.config.loss,
+                &self.device,
+            )?;
+            (Some(l), a)
+        };
+        let report = EpochReport {
+            epoch: self.epoch,
+            train_loss: self.loss_sum / n,
+            train_accuracy: (self.task != Task::Regression).then(|| self.right as f64 / n),
+            validation_loss,
+            validation_accuracy,
+            samples_per_second: n / self.epoch_started.elapsed().as_secs_f64().max(1e-9),
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+        };
+        self.history.push(report.clone());
+        let mut done = self.epoch >= self.config.epochs;
+        if let Some(stop) = self.config.early_stopping {
+            // Lower is better for both once accuracy is negated.
+            let score = match stop.metric {
+                StopMetric::ValidationLoss => validation_loss.unwrap_or(f64::INFINITY),
+                StopMetric::ValidationAccuracy => -validation_accuracy.unwrap_or(0.0),
+            };
+            if self.best.as_ref().is_none_or(|(b, _)| score < *b) {
+                self.best = Some((score, weights));
+                self.since_best = 0;
+            } else {
+                self.since_best += 1;
+                if self.since_best >= stop.patience && !done {
+                    self.stopped_early = true;
+                    done = true;
+                }
+            }
+        }
+        Ok(if done {
+            Step::Done(report)
+        } else {
+            Step::Epoch(report)
+        })
+    }
+
+    /// The current weights, read back from the device.
+    pub fn weights(&self) -> MlpWeights {
+        self.model
+            .as_ref()
+            .map(Mlp::to_weights)
+            .unwrap_or(MlpWeights { layers: vec![] })
+    }
+
+    /// The result, once [`step`](Self::step) returned [`Step::Done`].
+    pub fn finish(self) -> TrainingOutcome {
+        let weights = match &self.best {
+            Some((_, w)) => w.clone(),
+            None => self.weights(),
+        };
+        TrainingOutcome {
+            weights,
+            standardization: self.standardization,
+            history: self.history,
+            stopped_early: self.stopped_early,
+        }
+    }
+}
+
+fn standardization_of(data: &Dataset, rows: &[usize], width: usize) -> Standardization {
+    let n = rows.len() as f64;
+    let mut mean = vec![0.0f64; width];
+    let mut var = vec![0.0f64; width];
+    for &r in rows {
+        for (c, m) in mean.iter_mut().enumerate() {
+            *m += f64::from(data.features[r * width + c]) / n;
+        }
+    }
+    for &r in rows {
+        for (c, v) in var.iter_mut().enumerate() {
+            let d = f64::from(data.features[r * width + c]) - mean[c];
+            *v += d * d / n;
+        }
+    }
+    Standardization {
+        mean: mean.iter().map(|m| *m as f32).collect(),
+        std: var
+            .iter()
+            .map(|v| if *v > 0.0 { v.sqrt() as f32 } else { 1.0 })
+            .collect(),
+    }
+}
+
+/// Train `init` on `data` to the end, on the calling thread. `cancel` is checked before
+/// every batch; `on_epoch` sees each epoch's report as soon as it is known.
 pub fn train(
     spec: &ModelSpec,
     init: &MlpWeights,
@@ -511,149 +787,18 @@ pub fn train(
     cancel: &AtomicBool,
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<TrainingOutcome> {
-    validate(
-        spec,
-        data,
-        config,
-        &TrainingLimits {
-            max_epochs: u32::MAX,
-            max_rows: usize::MAX,
-        },
-    )?;
-    let ModelSpec::Mlp(mlp) = spec;
-    let (width, outputs) = (spec.input_width(), spec.output_width());
-    let label_width = if mlp.task == Task::MulticlassClassification {
-        1
-    } else {
-        outputs
-    };
-
-    // The split: a seeded permutation, the last rows of which are held out.
-    let mut rng = SplitMix64::new(config.seed);
-    let mut order: Vec<usize> = (0..data.rows).collect();
-    rng.shuffle(&mut order);
-    let validation_rows = (data.rows as f64 * config.validation_fraction).round() as usize;
-    let validation: Vec<usize> = order.split_off(data.rows - validation_rows);
-    let mut train_rows = order;
-    train_rows.sort_unstable();
-
-    // Standardisation from the training split only, applied to a copy of the features.
-    let mut data = data.clone();
-    let standardization = config.standardize.then(|| {
-        let n = train_rows.len() as f64;
-        let mut mean = vec![0.0f64; width];
-        let mut var = vec![0.0f64; width];
-        for &r in &train_rows {
-            for (c, m) in mean.iter_mut().enumerate() {
-                *m += f64::from(data.features[r * width + c]) / n;
-            }
+    let mut run = TrainingRun::new(spec, init, data, config, device)?;
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
         }
-        for &r in &train_rows {
-            for (c, v) in var.iter_mut().enumerate() {
-                let d = f64::from(data.features[r * width + c]) - mean[c];
-                *v += d * d / n;
-            }
-        }
-        let stats = Standardization {
-            mean: mean.iter().map(|m| *m as f32).collect(),
-            std: var
-                .iter()
-                .map(|v| if *v > 0.0 { v.sqrt() as f32 } else { 1.0 })
-                .collect(),
-        };
-        stats.apply(&mut data.features);
-        stats
-    });
-
-    let train_device = device.clone().autodiff();
-    let mut model = Mlp::from_weights(spec, init, &train_device);
-    let mut optimizer = config.optimizer.build();
-    let lr = config.optimizer.learning_rate();
-    let started = Instant::now();
-    let mut history = Vec::new();
-    let mut best: Option<(f64, MlpWeights)> = None;
-    let mut since_best = 0u32;
-    let mut stopped_early = false;
-
-    for epoch in 1..=config.epochs {
-        if config.shuffle {
-            rng.shuffle(&mut train_rows);
-        }
-        let epoch_started = Instant::now();
-        let (mut loss_sum, mut right) = (0.0f64, 0usize);
-        for (step, chunk) in train_rows.chunks(config.batch_size as usize).enumerate() {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
-            let b = gather(&data, chunk, width, label_width);
-            let x = Tensor::<2>::from_data(TensorData::new(b.x, [b.rows, width]), &train_device);
-            let logits = model.logits(x);
-            let loss = batch_loss(
-                &model,
-                config.loss,
-                logits.clone(),
-                &b.y,
-                b.rows,
-                &train_device,
-            );
-            let value = loss.clone().into_scalar::<f32>();
-            if !value.is_finite() {
-                return Err(Error::TrainingFailed(format!(
-                    "the loss became {value} at epoch {epoch}, batch {}; try a lower learning rate or standardised features",
-                    step + 1
-                )));
-            }
-            loss_sum += f64::from(value) * b.rows as f64;
-            right += correct(mlp.task, &read(logits.detach())?, &b.y, outputs).unwrap_or(0);
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optimizer.step(lr, model, grads);
-        }
-        let n = train_rows.len() as f64;
-        let weights = model.to_weights();
-        let (validation_loss, validation_accuracy) = if validation.is_empty() {
-            (None, None)
-        } else {
-            let (l, a) = evaluate(spec, &weights, &data, &validation, config.loss, device)?;
-            (Some(l), a)
-        };
-        let report = EpochReport {
-            epoch,
-            train_loss: loss_sum / n,
-            train_accuracy: (mlp.task != Task::Regression).then(|| right as f64 / n),
-            validation_loss,
-            validation_accuracy,
-            samples_per_second: n / epoch_started.elapsed().as_secs_f64().max(1e-9),
-            elapsed_ms: started.elapsed().as_millis() as u64,
-        };
-        on_epoch(&report);
-        history.push(report);
-
-        if let Some(stop) = config.early_stopping {
-            // Lower is better for both once accuracy is negated.
-            let score = match stop.metric {
-                StopMetric::ValidationLoss => validation_loss.unwrap_or(f64::INFINITY),
-                StopMetric::ValidationAccuracy => -validation_accuracy.unwrap_or(0.0),
-            };
-            if best.as_ref().is_none_or(|(b, _)| score < *b) {
-                best = Some((score, weights));
-                since_best = 0;
-            } else {
-                since_best += 1;
-                if since_best >= stop.patience {
-                    stopped_early = epoch < config.epochs;
-                    break;
-                }
+        match run.step()? {
+            Step::Batch => {}
+            Step::Epoch(report) => on_epoch(&report),
+            Step::Done(report) => {
+                on_epoch(&report);
+                return Ok(run.finish());
             }
         }
     }
-    let weights = match best {
-        Some((_, w)) => w,
-        None => model.to_weights(),
-    };
-    Ok(TrainingOutcome {
-        weights,
-        standardization,
-        history,
-        stopped_early,
-    })
 }
