@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "inference/grpc_service.proto",
         "inference/model_config.proto",
         "kiln/v1/models.proto",
+        "kiln/v1/training.proto",
         "kiln/internal/v1/worker.proto",
     ];
     for proto in protos {

@@ -4,6 +4,7 @@
 //!   compare-and-swap, watch;
 //! - [`memory`] and [`file`]: its in-memory and embedded persistent (redb) implementations;
 //! - [`spec`]: what a model is (architecture and signature);
+//! - [`training`]: what a training job asks for and what it measured;
 //! - [`records`]: the JSON records and the key layout;
 //! - [`registry`]: typed operations over a store ([`Registry`]);
 //! - [`view`]: a parsed snapshot ([`ClusterView`]) kept current by a watch ([`WatchedView`]);
@@ -19,6 +20,7 @@ pub mod memory;
 pub mod records;
 pub mod registry;
 pub mod spec;
+pub mod training;
 pub mod view;
 pub mod weights;
 

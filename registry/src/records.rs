@@ -253,6 +253,16 @@ pub mod keys {
     pub fn deployment(name: &str) -> String {
         format!("{DEPLOYMENTS}{name}")
     }
+    /// Prefix of training jobs.
+    pub const JOBS: &str = "jobs/";
+    /// `jobs/<id>`.
+    pub fn job(id: &str) -> String {
+        format!("{JOBS}{id}")
+    }
+    /// `jobs/by-key/<idempotency key>` → job id.
+    pub fn job_by_key(key: &str) -> String {
+        format!("{JOBS}by-key/{key}")
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.

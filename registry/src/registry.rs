@@ -13,6 +13,7 @@ use crate::records::{
     VersionRecord, WorkerRecord, keys, now_unix_ms,
 };
 use crate::spec::{ModelSpec, Signature, validate_name};
+use crate::training::JobRecord;
 use crate::view::ClusterView;
 use crate::{Error, Result};
 
@@ -256,6 +257,77 @@ impl Registry {
         self.write(&keys::deployment(&record.model), record, None)
             .await
             .map(|_| ())
+    }
+
+    // --- training jobs ---
+
+    /// Record a new job. With an idempotency key already used, nothing is written and the
+    /// existing job is returned with `false`.
+    pub async fn create_job(&self, job: &JobRecord) -> Result<(JobRecord, bool)> {
+        if let Some(key) = &job.idempotency_key {
+            if key.is_empty() || key.len() > 128 || key.contains('/') {
+                return Err(Error::Invalid(
+                    "idempotency_key must be 1 to 128 characters without '/'".into(),
+                ));
+            }
+            let full = self.full(&keys::job_by_key(key));
+            let claimed = self
+                .store
+                .compare_and_put(&full, Expect::Absent, Bytes::from(job.id.clone()), None)
+                .await?;
+            if let Err(Some(existing)) = claimed {
+                let id = String::from_utf8_lossy(&existing.value).into_owned();
+                // The first submitter may not have written its job yet: wait briefly.
+                for _ in 0..50 {
+                    if let Some((record, _)) = self.read::<JobRecord>(&keys::job(&id)).await? {
+                        return Ok((record, false));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                return Err(Error::NotFound {
+                    what: format!("job {id} of idempotency key {key:?}"),
+                });
+            }
+        }
+        self.put_job(job).await?;
+        Ok((job.clone(), true))
+    }
+
+    /// Write a job's record.
+    pub async fn put_job(&self, job: &JobRecord) -> Result<()> {
+        self.write(&keys::job(&job.id), job, None).await.map(|_| ())
+    }
+
+    /// Read a job.
+    pub async fn get_job(&self, id: &str) -> Result<JobRecord> {
+        if id.is_empty() || id.contains('/') {
+            return Err(Error::Invalid(format!("job id {id:?} is not valid")));
+        }
+        self.read(&keys::job(id))
+            .await?
+            .map(|(r, _)| r)
+            .ok_or_else(|| Error::NotFound {
+                what: format!("job {id:?}"),
+            })
+    }
+
+    /// Every job, newest first.
+    pub async fn list_jobs(&self) -> Result<Vec<JobRecord>> {
+        let prefix = self.full(keys::JOBS);
+        let listing = self.store.list(&prefix).await?;
+        let mut jobs = Vec::new();
+        for kv in listing.items {
+            if kv.key[prefix.len()..].contains('/') {
+                continue; // by-key index entries
+            }
+            jobs.push(decode::<JobRecord>(&kv.key, &kv.value)?);
+        }
+        jobs.sort_by(|a, b| {
+            b.created_unix_ms
+                .cmp(&a.created_unix_ms)
+                .then(b.id.cmp(&a.id))
+        });
+        Ok(jobs)
     }
 
     // --- workers and placements ---

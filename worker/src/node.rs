@@ -20,8 +20,11 @@ use tonic::{Request, Response, Status};
 
 use crate::batcher::Batcher;
 use crate::device::{DeviceChoice, select_device};
-use crate::engine::EngineHandle;
+use crate::engine::{EngineHandle, TrainingEvent};
+use crate::training::{self, Dataset, EpochReport, TrainingConfig, TrainingLimits, TrainingRun};
 use crate::{Error, Result};
+use kiln_registry::spec::ModelSpec;
+use kiln_registry::training::decode_dataset;
 
 /// How often a worker retries versions that failed to load (e.g. an artifact store that was
 /// briefly unreachable), when nothing else wakes it.
@@ -61,6 +64,8 @@ struct State {
     adapter: String,
     started_unix_ms: u64,
     engine: EngineHandle,
+    /// The engine's device, for building training runs.
+    device: burn::tensor::Device,
     deps: WorkerDeps,
     served: RwLock<HashMap<VersionKey, Served>>,
     /// What the worker reports in its record.
@@ -84,7 +89,7 @@ pub async fn serve(
         .map_err(|e| Error::Device(e.to_string()))?
         .map_err(|e| Error::Device(format!("cannot open device {}: {e}", config.device)))?;
     tracing::info!(worker = %config.id, backend = selected.backend, adapter = %selected.adapter, "device ready");
-    let engine = EngineHandle::spawn(selected.device, &config.id)
+    let engine = EngineHandle::spawn(selected.device.clone(), &config.id)
         .map_err(|e| Error::Device(format!("cannot start the engine thread: {e}")))?;
     let local = listener
         .local_addr()
@@ -99,6 +104,7 @@ pub async fn serve(
         adapter: selected.adapter,
         started_unix_ms: now_unix_ms(),
         engine,
+        device: selected.device,
         deps,
         served: RwLock::new(HashMap::new()),
         loaded: Mutex::new(BTreeMap::new()),
@@ -338,6 +344,111 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+// === training ===
+
+/// Sets the run's cancel flag when the caller's stream goes away.
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// An epoch report on the wire.
+pub fn epoch_to_proto(r: &EpochReport) -> kiln_proto::kiln::v1::EpochMetrics {
+    kiln_proto::kiln::v1::EpochMetrics {
+        epoch: r.epoch,
+        train_loss: r.train_loss,
+        train_accuracy: r.train_accuracy,
+        validation_loss: r.validation_loss,
+        validation_accuracy: r.validation_accuracy,
+        samples_per_second: r.samples_per_second,
+        elapsed_ms: r.elapsed_ms,
+    }
+}
+
+fn invalid_json(field: &str, e: serde_json::Error) -> Status {
+    Status::invalid_argument(format!("{field}: {e}"))
+}
+
+type TrainStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::TrainProgress, Status>> + Send>>;
+
+async fn start_training(state: &Arc<State>, req: pb::TrainRequest) -> Result<TrainStream, Status> {
+    let spec: ModelSpec =
+        serde_json::from_slice(&req.spec_json).map_err(|e| invalid_json("spec_json", e))?;
+    spec.validate().map_err(Error::from)?;
+    let config: TrainingConfig =
+        serde_json::from_slice(&req.config_json).map_err(|e| invalid_json("config_json", e))?;
+    let init = MlpWeights::from_safetensors(&spec, &req.init_weights).map_err(Error::from)?;
+    let (features, labels, rows) = decode_dataset(&req.dataset).map_err(Error::from)?;
+    let data = Dataset {
+        features,
+        labels,
+        rows,
+    };
+    training::validate(&spec, &data, &config, &TrainingLimits::default())?;
+    let device = state.device.clone();
+    // Building the run puts the model on the device: not on tokio's threads.
+    let run_spec = spec.clone();
+    let run = tokio::task::spawn_blocking(move || {
+        TrainingRun::new(&run_spec, &init, &data, &config, &device)
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))??;
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let events = state.engine.train(run, cancel.clone()).await?;
+    tracing::info!(job = %req.job_id, "training started");
+    let stream = futures::stream::unfold(
+        (events, CancelOnDrop(cancel), spec, false),
+        |(mut events, guard, spec, finished)| async move {
+            if finished {
+                return None;
+            }
+            let item = match events.recv().await? {
+                TrainingEvent::Epoch(report) => (
+                    Ok(pb::TrainProgress {
+                        progress: Some(pb::train_progress::Progress::Epoch(epoch_to_proto(
+                            &report,
+                        ))),
+                    }),
+                    false,
+                ),
+                TrainingEvent::Finished(outcome) => {
+                    let weights = match outcome.weights.to_safetensors(&spec) {
+                        Ok(bytes) => bytes,
+                        Err(e) => {
+                            return Some((
+                                Err(Status::internal(e.to_string())),
+                                (events, guard, spec, true),
+                            ));
+                        }
+                    };
+                    let preprocessing_json = outcome
+                        .standardization
+                        .as_ref()
+                        .and_then(|p| serde_json::to_vec(p).ok())
+                        .unwrap_or_default();
+                    (
+                        Ok(pb::TrainProgress {
+                            progress: Some(pb::train_progress::Progress::Result(pb::TrainResult {
+                                weights: weights.into(),
+                                preprocessing_json: preprocessing_json.into(),
+                                stopped_early: outcome.stopped_early,
+                            })),
+                        }),
+                        true,
+                    )
+                }
+                TrainingEvent::Stopped(e) => (Err(Status::from(e)), true),
+            };
+            Some((item.0, (events, guard, spec, item.1)))
+        },
+    );
+    Ok(Box::pin(stream))
+}
+
 // === impl Worker ===
 
 struct WorkerService {
@@ -425,6 +536,16 @@ impl Worker for WorkerService {
         };
         unload_version(&self.state, &key).await;
         Ok(Response::new(pb::UnloadResponse {}))
+    }
+
+    type TrainStream = TrainStream;
+
+    async fn train(
+        &self,
+        request: Request<pb::TrainRequest>,
+    ) -> Result<Response<Self::TrainStream>, Status> {
+        let stream = start_training(&self.state, request.into_inner()).await?;
+        Ok(Response::new(stream))
     }
 
     async fn status(

@@ -15,160 +15,42 @@ use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData, activation};
 use kiln_registry::MlpWeights;
 use kiln_registry::spec::{ModelSpec, Standardization, Task};
+pub use kiln_registry::training::{
+    EarlyStopping, EpochReport, Loss, Optimizer, StopMetric, TrainingConfig, TrainingLimits,
+};
 use kiln_registry::weights::SplitMix64;
-use serde::{Deserialize, Serialize};
 
 use crate::model::Mlp;
 use crate::{Error, Result};
 
-/// The loss minimised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Loss {
-    /// Binary cross-entropy on sigmoid outputs (labels 0 or 1 per output).
-    BinaryCrossEntropy,
-    /// Cross-entropy on softmax outputs (one label column: the class index).
-    CrossEntropy,
-    /// Mean squared error of the outputs.
-    MeanSquaredError,
-}
-
-impl Loss {
-    /// The loss that fits a task.
-    pub fn for_task(task: Task) -> Self {
-        match task {
-            Task::BinaryClassification => Loss::BinaryCrossEntropy,
-            Task::MulticlassClassification => Loss::CrossEntropy,
-            Task::Regression => Loss::MeanSquaredError,
-        }
-    }
-}
-
-/// The optimizer and its settings.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Optimizer {
-    /// Stochastic gradient descent: `v = momentum·v + g + weight_decay·w; w -= lr·v`.
-    Sgd {
-        /// Learning rate.
-        learning_rate: f64,
-        /// Momentum (0: plain SGD).
-        momentum: f64,
-        /// L2 penalty added to the gradient.
-        weight_decay: f64,
-    },
-    /// Adam, with bias correction; weight decay is an L2 penalty added to the gradient.
-    Adam {
-        /// Learning rate.
-        learning_rate: f64,
-        /// Decay of the first moment.
-        beta1: f64,
-        /// Decay of the second moment.
-        beta2: f64,
-        /// Added to the denominator.
-        epsilon: f64,
-        /// L2 penalty added to the gradient.
-        weight_decay: f64,
-    },
-}
-
-impl Optimizer {
-    fn learning_rate(&self) -> f64 {
-        match self {
-            Optimizer::Sgd { learning_rate, .. } | Optimizer::Adam { learning_rate, .. } => {
-                *learning_rate
-            }
-        }
-    }
-
-    fn build(&self) -> ModuleOptimizer {
-        let decay = |w: f64| (w > 0.0).then(|| WeightDecayConfig::new(w as f32));
-        match *self {
-            Optimizer::Sgd {
-                momentum,
-                weight_decay,
-                ..
-            } => SgdConfig::new()
-                .with_momentum((momentum > 0.0).then(|| {
-                    MomentumConfig::new()
-                        .with_momentum(momentum)
-                        .with_dampening(0.0)
-                }))
-                .with_weight_decay(decay(weight_decay))
-                .init(),
-            Optimizer::Adam {
-                beta1,
-                beta2,
-                epsilon,
-                weight_decay,
-                ..
-            } => AdamConfig::new()
-                .with_beta_1(beta1 as f32)
-                .with_beta_2(beta2 as f32)
-                .with_epsilon(epsilon as f32)
-                .with_weight_decay(decay(weight_decay))
-                .init(),
-        }
-    }
-}
-
-/// What early stopping watches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StopMetric {
-    /// Validation loss (lower is better).
-    ValidationLoss,
-    /// Validation accuracy (higher is better).
-    ValidationAccuracy,
-}
-
-/// Stop when the metric has not improved for `patience` epochs; the best weights are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EarlyStopping {
-    /// The metric.
-    pub metric: StopMetric,
-    /// Epochs without improvement before stopping (at least 1).
-    pub patience: u32,
-}
-
-/// How to train.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainingConfig {
-    /// Passes over the training split.
-    pub epochs: u32,
-    /// Rows per gradient step.
-    pub batch_size: u32,
-    /// Seed of the split and of the shuffles.
-    pub seed: u64,
-    /// Shuffle the training rows every epoch.
-    pub shuffle: bool,
-    /// The loss.
-    pub loss: Loss,
-    /// The optimizer.
-    pub optimizer: Optimizer,
-    /// Fraction of rows held out for validation, in [0, 0.9].
-    pub validation_fraction: f64,
-    /// Standardise features with the training split's mean and standard deviation.
-    pub standardize: bool,
-    /// Early stopping, if any (needs a validation split).
-    pub early_stopping: Option<EarlyStopping>,
-}
-
-/// Limits on what one job may ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TrainingLimits {
-    /// Most epochs.
-    pub max_epochs: u32,
-    /// Most rows.
-    pub max_rows: usize,
-}
-
-impl Default for TrainingLimits {
-    fn default() -> Self {
-        Self {
-            max_epochs: 10_000,
-            max_rows: 10_000_000,
-        }
+/// Burn's optimizer for the settings.
+fn build_optimizer(optimizer: &Optimizer) -> ModuleOptimizer {
+    let decay = |w: f64| (w > 0.0).then(|| WeightDecayConfig::new(w as f32));
+    match *optimizer {
+        Optimizer::Sgd {
+            momentum,
+            weight_decay,
+            ..
+        } => SgdConfig::new()
+            .with_momentum((momentum > 0.0).then(|| {
+                MomentumConfig::new()
+                    .with_momentum(momentum)
+                    .with_dampening(0.0)
+            }))
+            .with_weight_decay(decay(weight_decay))
+            .init(),
+        Optimizer::Adam {
+            beta1,
+            beta2,
+            epsilon,
+            weight_decay,
+            ..
+        } => AdamConfig::new()
+            .with_beta_1(beta1 as f32)
+            .with_beta_2(beta2 as f32)
+            .with_epsilon(epsilon as f32)
+            .with_weight_decay(decay(weight_decay))
+            .init(),
     }
 }
 
@@ -182,25 +64,6 @@ pub struct Dataset {
     pub labels: Vec<f32>,
     /// Number of rows.
     pub rows: usize,
-}
-
-/// What one epoch measured.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochReport {
-    /// Epoch number, from 1.
-    pub epoch: u32,
-    /// Mean loss over the epoch's batches (weighted by rows).
-    pub train_loss: f64,
-    /// Accuracy over the epoch's batches (classification only).
-    pub train_accuracy: Option<f64>,
-    /// Loss on the validation split after the epoch.
-    pub validation_loss: Option<f64>,
-    /// Accuracy on the validation split after the epoch (classification only).
-    pub validation_accuracy: Option<f64>,
-    /// Training rows per second during the epoch.
-    pub samples_per_second: f64,
-    /// Time since training began.
-    pub elapsed_ms: u64,
 }
 
 /// The result of a finished run.
@@ -602,7 +465,7 @@ impl TrainingRun {
             device: device.clone(),
             train_device,
             model: Some(model),
-            optimizer: config.optimizer.build(),
+            optimizer: build_optimizer(&config.optimizer),
             rng,
             train_rows,
             validation,
