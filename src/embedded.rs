@@ -144,13 +144,45 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
             kiln_scheduler::run_placement_controller(registry, view, shutdown).await;
         }));
     }
+    // The scheduler's training coordinator, served on loopback like a separate process.
+    let coordinator = kiln_scheduler::training::TrainingCoordinator::start(
+        registry.clone(),
+        artifacts.clone(),
+        view.clone(),
+        kiln_registry::training::TrainingLimits::default(),
+    )
+    .await?;
+    let scheduler_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let scheduler_addr = scheduler_listener.local_addr()?;
+    {
+        let shutdown = stopped(stop_rx.clone());
+        others.push(tokio::spawn(async move {
+            let service = coordinator.service();
+            let on_shutdown = async move {
+                shutdown.await;
+                coordinator.cancel_all();
+            };
+            let served = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    kiln_proto::net::incoming(scheduler_listener),
+                    on_shutdown,
+                )
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "scheduler stopped");
+            }
+        }));
+    }
+    let mut gateway_config = config.gateway.clone();
+    gateway_config.scheduler_addr = Some(scheduler_addr.to_string());
     let deps = GatewayDeps {
         registry: registry.clone(),
         view,
         artifacts,
     };
     let gateway = tokio::spawn(kiln_gateway::serve(
-        config.gateway.clone(),
+        gateway_config,
         gateway_listener,
         deps,
         stopped(stop_rx),

@@ -2,6 +2,7 @@
 //!
 //! - [`oip`]: `inference.GRPCInferenceService` (Open Inference Protocol + Triton extensions);
 //! - [`models`]: the `kiln.v1.Models` service;
+//! - [`training`]: `kiln.v1.Training`, forwarded to the scheduler;
 //! - [`codec`]: OIP tensor decoding and encoding, with every validation rule;
 //! - [`router`]: replica choice, deadlines and the one retry;
 //! - [`convert`]: wire types to domain types; [`stats`]: ModelStatistics.
@@ -11,12 +12,14 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
-pub mod convert;
 mod error;
+/// Wire ↔ domain conversions (they live in the scheduler crate, which both sides use).
+pub use kiln_scheduler::convert;
 pub mod models;
 pub mod oip;
 pub mod router;
 pub mod stats;
+pub mod training;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -39,6 +42,8 @@ pub struct GatewayConfig {
     pub default_timeout: Duration,
     /// How long RepositoryModelLoad/Unload wait for the workers.
     pub load_timeout: Duration,
+    /// The scheduler's address, for `kiln.v1.Training` (None: training is not served).
+    pub scheduler_addr: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -47,6 +52,7 @@ impl Default for GatewayConfig {
             max_message_bytes: 64 * 1024 * 1024,
             default_timeout: Duration::from_secs(30),
             load_timeout: Duration::from_secs(60),
+            scheduler_addr: None,
         }
     }
 }
@@ -135,6 +141,17 @@ pub async fn serve(
     })
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
+    let training = config.scheduler_addr.as_deref().and_then(|addr| {
+        match training::TrainingProxy::new(addr, config.max_message_bytes) {
+            Ok(proxy) => Some(kiln_proto::kiln::v1::training_server::TrainingServer::new(
+                proxy,
+            )),
+            Err(e) => {
+                tracing::error!(error = %e, "kiln.v1.Training is not served");
+                None
+            }
+        }
+    });
     let on_shutdown = async move {
         shutdown.await;
         shared.ready.store(false, Ordering::Relaxed);
@@ -153,6 +170,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(inference)
         .add_service(models)
+        .add_optional_service(training)
         .serve_with_incoming_shutdown(kiln_proto::net::incoming(listener), on_shutdown)
         .await
 }

@@ -388,7 +388,7 @@ async fn start_training(state: &Arc<State>, req: pb::TrainRequest) -> Result<Tra
         labels,
         rows,
     };
-    training::validate(&spec, &data, &config, &TrainingLimits::default())?;
+    training::validate(&spec, &data, &config, &TrainingLimits::default()).map_err(Error::from)?;
     let device = state.device.clone();
     // Building the run puts the model on the device: not on tokio's threads.
     let run_spec = spec.clone();

@@ -16,7 +16,8 @@ use burn::tensor::{Device, Tensor, TensorData, activation};
 use kiln_registry::MlpWeights;
 use kiln_registry::spec::{ModelSpec, Standardization, Task};
 pub use kiln_registry::training::{
-    EarlyStopping, EpochReport, Loss, Optimizer, StopMetric, TrainingConfig, TrainingLimits,
+    Dataset, EarlyStopping, EpochReport, Loss, Optimizer, StopMetric, TrainingConfig,
+    TrainingLimits, validate,
 };
 use kiln_registry::weights::SplitMix64;
 
@@ -54,18 +55,6 @@ fn build_optimizer(optimizer: &Optimizer) -> ModuleOptimizer {
     }
 }
 
-/// Rows of features and labels.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Dataset {
-    /// Row-major features, `rows × input_width`.
-    pub features: Vec<f32>,
-    /// Row-major labels: `rows × output_width` for binary classification and regression,
-    /// `rows × 1` class indices for multiclass classification.
-    pub labels: Vec<f32>,
-    /// Number of rows.
-    pub rows: usize,
-}
-
 /// The result of a finished run.
 #[derive(Debug, Clone)]
 pub struct TrainingOutcome {
@@ -77,168 +66,6 @@ pub struct TrainingOutcome {
     pub history: Vec<EpochReport>,
     /// Whether early stopping ended the run before `epochs`.
     pub stopped_early: bool,
-}
-
-fn invalid<T>(message: String) -> Result<T> {
-    Err(Error::Invalid(message))
-}
-
-/// Check a job against the spec, the data and the limits; the error names the field.
-pub fn validate(
-    spec: &ModelSpec,
-    data: &Dataset,
-    config: &TrainingConfig,
-    limits: &TrainingLimits,
-) -> Result<()> {
-    let ModelSpec::Mlp(mlp) = spec;
-    let (width, outputs) = (spec.input_width(), spec.output_width());
-    if config.epochs == 0 || config.epochs > limits.max_epochs {
-        return invalid(format!(
-            "epochs must be between 1 and {}, got {}",
-            limits.max_epochs, config.epochs
-        ));
-    }
-    if config.batch_size == 0 {
-        return invalid("batch_size must be at least 1".into());
-    }
-    let lr = config.optimizer.learning_rate();
-    if !(lr.is_finite() && lr > 0.0) {
-        return invalid(format!(
-            "optimizer.learning_rate must be finite and above 0, got {lr}"
-        ));
-    }
-    if let Optimizer::Adam {
-        beta1,
-        beta2,
-        epsilon,
-        weight_decay,
-        ..
-    } = config.optimizer
-    {
-        for (field, v) in [("optimizer.beta1", beta1), ("optimizer.beta2", beta2)] {
-            if !(0.0..1.0).contains(&v) {
-                return invalid(format!("{field} must be in [0, 1), got {v}"));
-            }
-        }
-        if !(epsilon.is_finite() && epsilon > 0.0) {
-            return invalid(format!(
-                "optimizer.epsilon must be finite and above 0, got {epsilon}"
-            ));
-        }
-        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
-            return invalid(format!(
-                "optimizer.weight_decay must be finite and at least 0, got {weight_decay}"
-            ));
-        }
-    }
-    if let Optimizer::Sgd {
-        momentum,
-        weight_decay,
-        ..
-    } = config.optimizer
-    {
-        if !(0.0..1.0).contains(&momentum) {
-            return invalid(format!(
-                "optimizer.momentum must be in [0, 1), got {momentum}"
-            ));
-        }
-        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
-            return invalid(format!(
-                "optimizer.weight_decay must be finite and at least 0, got {weight_decay}"
-            ));
-        }
-    }
-    if !(0.0..=0.9).contains(&config.validation_fraction) {
-        return invalid(format!(
-            "validation_fraction must be between 0 and 0.9, got {}",
-            config.validation_fraction
-        ));
-    }
-    if let Some(stop) = config.early_stopping {
-        if stop.patience == 0 {
-            return invalid("early_stopping.patience must be at least 1".into());
-        }
-        if config.validation_fraction == 0.0 {
-            return invalid(
-                "early_stopping needs a validation split (validation_fraction > 0)".into(),
-            );
-        }
-    }
-    let expected_loss_task = match config.loss {
-        Loss::BinaryCrossEntropy => Some(Task::BinaryClassification),
-        Loss::CrossEntropy => Some(Task::MulticlassClassification),
-        Loss::MeanSquaredError => None,
-    };
-    if let Some(task) = expected_loss_task
-        && task != mlp.task
-    {
-        return invalid(format!(
-            "loss {:?} does not fit the model's task {:?}",
-            config.loss, mlp.task
-        ));
-    }
-    if data.rows == 0 {
-        return invalid("the dataset is empty".into());
-    }
-    if data.rows > limits.max_rows {
-        return invalid(format!(
-            "the dataset has {} rows; at most {} are allowed",
-            data.rows, limits.max_rows
-        ));
-    }
-    if data.features.len() != data.rows * width {
-        return invalid(format!(
-            "features: {} values do not make {} rows of the model's input width {width}",
-            data.features.len(),
-            data.rows
-        ));
-    }
-    if let Some(i) = data.features.iter().position(|v| !v.is_finite()) {
-        return invalid(format!(
-            "features: row {} column {} is not a finite number",
-            i / width,
-            i % width
-        ));
-    }
-    let label_width = if mlp.task == Task::MulticlassClassification {
-        1
-    } else {
-        outputs
-    };
-    if data.labels.len() != data.rows * label_width {
-        return invalid(format!(
-            "labels: {} values do not make {} rows of {label_width}",
-            data.labels.len(),
-            data.rows
-        ));
-    }
-    for (i, y) in data.labels.iter().enumerate() {
-        let row = i / label_width;
-        let ok = match mlp.task {
-            Task::BinaryClassification => *y == 0.0 || *y == 1.0,
-            Task::MulticlassClassification => {
-                y.fract() == 0.0 && *y >= 0.0 && (*y as usize) < outputs
-            }
-            Task::Regression => y.is_finite(),
-        };
-        if !ok {
-            let rule = match mlp.task {
-                Task::BinaryClassification => "0 or 1".to_owned(),
-                Task::MulticlassClassification => {
-                    format!("a class index from 0 to {}", outputs - 1)
-                }
-                Task::Regression => "a finite number".to_owned(),
-            };
-            return invalid(format!(
-                "labels: row {row} holds {y}; labels must be {rule}"
-            ));
-        }
-    }
-    let validation_rows = (data.rows as f64 * config.validation_fraction).round() as usize;
-    if data.rows - validation_rows == 0 {
-        return invalid("the validation split leaves no training rows".into());
-    }
-    Ok(())
 }
 
 /// Rows gathered into one batch.

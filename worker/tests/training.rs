@@ -502,7 +502,10 @@ fn bad_jobs_are_refused_naming_the_field() {
     cases.push((ok.clone(), nan, "row 1 column 1"));
     for (cfg, data, needle) in cases {
         let err = validate(&spec, &data, &cfg, &limits).unwrap_err();
-        assert!(matches!(err, Error::Invalid(_)), "{needle}: {err:?}");
+        assert!(
+            matches!(err, kiln_registry::Error::Invalid(_)),
+            "{needle}: {err:?}"
+        );
         assert!(err.to_string().contains(needle), "{needle}: {err}");
     }
 }

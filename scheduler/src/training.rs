@@ -1,0 +1,745 @@
+//! The training coordinator: `kiln.v1.Training`. It records every job in the cluster
+//! state, runs it on a worker (`kiln.internal.v1.Worker/Train`), keeps the record current
+//! epoch by epoch, fans events out to watchers, and on success stores the weights and
+//! registers the new version — served at once, since the placement controller picks it up.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use kiln_proto::kiln::internal::v1 as internal;
+use kiln_proto::kiln::internal::v1::worker_client::WorkerClient;
+use kiln_proto::kiln::v1 as pb;
+use kiln_proto::kiln::v1::training_server::Training;
+use kiln_registry::records::{SCHEMA, now_unix_ms};
+use kiln_registry::spec::{ModelSpec, Signature, Standardization, validate_name};
+use kiln_registry::training::{
+    Dataset, EarlyStopping, EpochReport, JobRecord, JobState, Loss, NewModelSpec, Optimizer,
+    StopMetric, TrainingConfig, TrainingLimits, encode_dataset, validate,
+};
+use kiln_registry::weights::SplitMix64;
+use kiln_registry::{ArtifactStore, MlpWeights, NewModel, NewVersion, Registry, WatchedView};
+use tokio::sync::{broadcast, watch};
+use tonic::{Request, Response, Status};
+
+use crate::convert::{signature_from_proto, spec_from_proto, version_to_proto};
+
+/// Events a watcher may be behind before it is cut off (it can watch again).
+const WATCH_BUFFER: usize = 1024;
+
+/// A job this coordinator is running.
+struct Running {
+    events: broadcast::Sender<pb::TrainingEvent>,
+    cancel: watch::Sender<bool>,
+}
+
+/// Runs training jobs.
+pub struct TrainingCoordinator {
+    registry: Registry,
+    artifacts: ArtifactStore,
+    view: WatchedView,
+    limits: TrainingLimits,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+fn status(e: kiln_registry::Error) -> Status {
+    use kiln_registry::Error as E;
+    match e {
+        E::Invalid(m) => Status::invalid_argument(m),
+        E::NotFound { .. } => Status::not_found(e.to_string()),
+        E::AlreadyExists { .. } => Status::already_exists(e.to_string()),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+fn job_state(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+/// An epoch report from the wire.
+pub fn epoch_from_proto(m: &pb::EpochMetrics) -> EpochReport {
+    EpochReport {
+        epoch: m.epoch,
+        train_loss: m.train_loss,
+        train_accuracy: m.train_accuracy,
+        validation_loss: m.validation_loss,
+        validation_accuracy: m.validation_accuracy,
+        samples_per_second: m.samples_per_second,
+        elapsed_ms: m.elapsed_ms,
+    }
+}
+
+fn epoch_to_proto(r: &EpochReport) -> pb::EpochMetrics {
+    pb::EpochMetrics {
+        epoch: r.epoch,
+        train_loss: r.train_loss,
+        train_accuracy: r.train_accuracy,
+        validation_loss: r.validation_loss,
+        validation_accuracy: r.validation_accuracy,
+        samples_per_second: r.samples_per_second,
+        elapsed_ms: r.elapsed_ms,
+    }
+}
+
+/// A job record on the wire.
+pub fn job_to_proto(job: &JobRecord) -> pb::TrainingJob {
+    pb::TrainingJob {
+        id: job.id.clone(),
+        state: job_state(job.state) as i32,
+        model_name: job.model_name.clone(),
+        epochs: job.config.epochs,
+        history: job.history.iter().map(epoch_to_proto).collect(),
+        result_version: job.result_version.unwrap_or(0),
+        reason: job.reason.clone(),
+        worker: job.worker.clone(),
+        created_unix_ms: job.created_unix_ms,
+        finished_unix_ms: job.finished_unix_ms,
+        stopped_early: job.stopped_early,
+    }
+}
+
+fn event(state: JobState, e: pb::training_event::Event) -> pb::TrainingEvent {
+    pb::TrainingEvent {
+        state: job_state(state) as i32,
+        event: Some(e),
+    }
+}
+
+/// The events that tell a job's story so far (what a late watcher gets first).
+fn history_events(job: &JobRecord) -> Vec<pb::TrainingEvent> {
+    use pb::training_event::Event;
+    let mut events = vec![event(JobState::Queued, Event::Queued(job.id.clone()))];
+    if !job.worker.is_empty() {
+        events.push(event(JobState::Running, Event::Started(job.worker.clone())));
+    }
+    for r in &job.history {
+        events.push(event(JobState::Running, Event::Epoch(epoch_to_proto(r))));
+    }
+    match job.state {
+        JobState::Failed => events.push(event(job.state, Event::Failed(job.reason.clone()))),
+        JobState::Cancelled => events.push(event(job.state, Event::Cancelled(job.reason.clone()))),
+        _ => {}
+    }
+    events
+}
+
+/// A job spec from the wire, checked: the job record (without id and data) and its rows.
+struct Submission {
+    model_name: String,
+    new_model: Option<NewModelSpec>,
+    continue_from: Option<String>,
+    config: TrainingConfig,
+    alias: Option<String>,
+    data: Dataset,
+}
+
+impl TrainingCoordinator {
+    /// A coordinator over the cluster state. Jobs that were queued or running when the
+    /// last coordinator stopped are marked failed (resuming them is cluster mode's work).
+    pub async fn start(
+        registry: Registry,
+        artifacts: ArtifactStore,
+        view: WatchedView,
+        limits: TrainingLimits,
+    ) -> kiln_registry::Result<Arc<Self>> {
+        for mut job in registry.list_jobs().await? {
+            if !job.state.is_final() {
+                job.state = JobState::Failed;
+                job.reason = "the scheduler restarted while the job ran".into();
+                job.finished_unix_ms = now_unix_ms();
+                registry.put_job(&job).await?;
+            }
+        }
+        Ok(Arc::new(Self {
+            registry,
+            artifacts,
+            view,
+            limits,
+            running: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Cancel every running job (the scheduler is stopping); they register nothing.
+    pub fn cancel_all(&self) {
+        for r in self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            let _ = r.cancel.send(true);
+        }
+    }
+
+    /// The gRPC service.
+    pub fn service(self: &Arc<Self>) -> pb::training_server::TrainingServer<TrainingService> {
+        pb::training_server::TrainingServer::new(TrainingService {
+            coordinator: self.clone(),
+        })
+        .max_decoding_message_size(256 * 1024 * 1024)
+    }
+
+    fn check(&self, spec: pb::TrainingJobSpec) -> Result<(Submission, ModelSpec), Status> {
+        validate_name("spec.model_name", &spec.model_name).map_err(status)?;
+        let view = self.view.current();
+        let existing = view.models.get(&spec.model_name);
+        let (model_spec, new_model, continue_from) = if !spec.continue_from.is_empty() {
+            let (name, selector) = spec
+                .continue_from
+                .split_once(':')
+                .unwrap_or((&spec.continue_from, ""));
+            let (entry, _) = view.resolve(name, selector).map_err(status)?;
+            (
+                entry.record.spec.clone(),
+                None,
+                Some(spec.continue_from.clone()),
+            )
+        } else if spec.spec.is_some() {
+            let model_spec = spec_from_proto(spec.spec.as_ref()).map_err(status)?;
+            let signature: Signature =
+                signature_from_proto(spec.signature.as_ref()).map_err(status)?;
+            (
+                model_spec.clone(),
+                Some(NewModelSpec {
+                    spec: model_spec,
+                    signature,
+                }),
+                None,
+            )
+        } else if let Some(entry) = existing {
+            // A model that exists: a fresh start from new weights with its architecture.
+            (entry.record.spec.clone(), None, None)
+        } else {
+            return Err(Status::invalid_argument(
+                "spec.spec is missing: give the architecture of a new model, or spec.continue_from",
+            ));
+        };
+        if let (Some(new), Some(entry)) = (&new_model, existing)
+            && (entry.record.spec != new.spec || entry.record.signature != new.signature)
+        {
+            return Err(Status::already_exists(format!(
+                "model {:?} exists with a different architecture; choose another model_name",
+                spec.model_name
+            )));
+        }
+        let ModelSpec::Mlp(mlp) = &model_spec;
+        let loss = match pb::LossKind::try_from(spec.loss) {
+            Ok(pb::LossKind::Unspecified) => Loss::for_task(mlp.task),
+            Ok(pb::LossKind::BinaryCrossEntropy) => Loss::BinaryCrossEntropy,
+            Ok(pb::LossKind::CrossEntropy) => Loss::CrossEntropy,
+            Ok(pb::LossKind::MeanSquaredError) => Loss::MeanSquaredError,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "spec.loss {} is not a known loss",
+                    spec.loss
+                )));
+            }
+        };
+        let or = |v: f64, default: f64| if v == 0.0 { default } else { v };
+        let optimizer = match spec.optimizer {
+            Some(pb::training_job_spec::Optimizer::Sgd(s)) => Optimizer::Sgd {
+                learning_rate: s.learning_rate,
+                momentum: s.momentum,
+                weight_decay: s.weight_decay,
+            },
+            Some(pb::training_job_spec::Optimizer::Adam(a)) => Optimizer::Adam {
+                learning_rate: a.learning_rate,
+                beta1: or(a.beta1, 0.9),
+                beta2: or(a.beta2, 0.999),
+                epsilon: or(a.epsilon, 1e-7),
+                weight_decay: a.weight_decay,
+            },
+            None => Optimizer::Adam {
+                learning_rate: 0.001,
+                beta1: 0.9,
+                beta2: 0.999,
+                epsilon: 1e-7,
+                weight_decay: 0.0,
+            },
+        };
+        let early_stopping = match spec.early_stopping {
+            None => None,
+            Some(e) => Some(EarlyStopping {
+                metric: match e.metric.as_str() {
+                    "" | "val_loss" => StopMetric::ValidationLoss,
+                    "val_accuracy" => StopMetric::ValidationAccuracy,
+                    other => {
+                        return Err(Status::invalid_argument(format!(
+                            "spec.early_stopping.metric must be val_loss or val_accuracy, got {other:?}"
+                        )));
+                    }
+                },
+                patience: e.patience,
+            }),
+        };
+        let config = TrainingConfig {
+            epochs: spec.epochs,
+            batch_size: spec.batch_size,
+            seed: spec.seed,
+            shuffle: !spec.no_shuffle,
+            loss,
+            optimizer,
+            validation_fraction: spec.validation_fraction,
+            standardize: spec.standardize,
+            early_stopping,
+        };
+        let inline = spec
+            .data
+            .ok_or_else(|| Status::invalid_argument("spec.data is missing"))?;
+        let data = Dataset {
+            features: inline.features,
+            labels: inline.labels,
+            rows: inline.rows as usize,
+        };
+        validate(&model_spec, &data, &config, &self.limits).map_err(status)?;
+        if !spec.alias.is_empty() {
+            validate_name("spec.alias", &spec.alias).map_err(status)?;
+        }
+        Ok((
+            Submission {
+                model_name: spec.model_name,
+                new_model,
+                continue_from,
+                config,
+                alias: (!spec.alias.is_empty()).then_some(spec.alias),
+                data,
+            },
+            model_spec,
+        ))
+    }
+
+    async fn submit(
+        self: &Arc<Self>,
+        req: pb::SubmitTrainingJobRequest,
+    ) -> Result<pb::TrainingJob, Status> {
+        let spec = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec is missing"))?;
+        let (submission, model_spec) = self.check(spec)?;
+        let bytes = encode_dataset(
+            &submission.data.features,
+            &submission.data.labels,
+            submission.data.rows,
+        )
+        .map_err(status)?;
+        let data = self
+            .artifacts
+            .put(Bytes::from(bytes))
+            .await
+            .map_err(status)?;
+        let created = now_unix_ms();
+        let mut rng = SplitMix64::new(created ^ std::process::id() as u64 ^ (data.size << 17));
+        let id = format!("job-{created:x}-{:06x}", rng.next_u64() & 0xff_ffff);
+        let job = JobRecord {
+            schema: SCHEMA,
+            id,
+            state: JobState::Queued,
+            model_name: submission.model_name,
+            new_model: submission.new_model,
+            continue_from: submission.continue_from,
+            config: submission.config,
+            data,
+            rows: submission.data.rows as u64,
+            alias: submission.alias,
+            idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
+            history: Vec::new(),
+            result_version: None,
+            reason: String::new(),
+            worker: String::new(),
+            created_unix_ms: created,
+            finished_unix_ms: 0,
+            stopped_early: false,
+        };
+        let (job, created) = self.registry.create_job(&job).await.map_err(status)?;
+        if created {
+            let (events, _) = broadcast::channel(WATCH_BUFFER);
+            let (cancel, cancelled) = watch::channel(false);
+            self.running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(job.id.clone(), Running { events, cancel });
+            let me = self.clone();
+            let record = job.clone();
+            tokio::spawn(async move { me.run(record, model_spec, cancelled).await });
+        }
+        Ok(job_to_proto(&job))
+    }
+
+    fn publish(&self, id: &str, e: pb::TrainingEvent) {
+        if let Some(r) = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
+            let _ = r.events.send(e);
+        }
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        mut job: JobRecord,
+        spec: ModelSpec,
+        mut cancelled: watch::Receiver<bool>,
+    ) {
+        use pb::training_event::Event;
+        let outcome = tokio::select! {
+            result = self.execute(&mut job, &spec) => result,
+            _ = cancelled.wait_for(|c| *c) => Err(Status::cancelled("cancelled by request")),
+        };
+        job.finished_unix_ms = now_unix_ms();
+        let final_event = match outcome {
+            Ok(version) => {
+                job.state = JobState::Succeeded;
+                job.result_version = Some(version.version);
+                event(job.state, Event::Completed(version))
+            }
+            Err(s) if s.code() == tonic::Code::Cancelled => {
+                job.state = JobState::Cancelled;
+                job.reason = "cancelled by request".into();
+                event(job.state, Event::Cancelled(job.reason.clone()))
+            }
+            Err(s) => {
+                job.state = JobState::Failed;
+                job.reason = s.message().to_owned();
+                event(job.state, Event::Failed(job.reason.clone()))
+            }
+        };
+        if let Err(e) = self.registry.put_job(&job).await {
+            tracing::error!(job = %job.id, error = %e, "cannot record the job's end");
+        }
+        tracing::info!(job = %job.id, state = ?job.state, "training job ended");
+        self.publish(&job.id, final_event);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job.id);
+    }
+
+    /// Train on a worker and register the result; the returned version is served.
+    async fn execute(
+        &self,
+        job: &mut JobRecord,
+        spec: &ModelSpec,
+    ) -> Result<pb::ModelVersion, Status> {
+        use pb::training_event::Event;
+        let view = self.view.current();
+        // The worker running the fewest jobs right now (all equal: the first by id).
+        let busy: HashMap<String, usize> = self
+            .registry
+            .list_jobs()
+            .await
+            .map_err(status)?
+            .into_iter()
+            .filter(|j| j.state == JobState::Running)
+            .fold(HashMap::new(), |mut m, j| {
+                *m.entry(j.worker).or_default() += 1;
+                m
+            });
+        let worker = view
+            .workers
+            .values()
+            .min_by_key(|w| (busy.get(&w.id).copied().unwrap_or(0), w.id.clone()))
+            .ok_or_else(|| Status::unavailable("no worker is available to train"))?
+            .clone();
+        let init = match &job.continue_from {
+            Some(reference) => {
+                let (name, selector) = reference.split_once(':').unwrap_or((reference, ""));
+                let (_, version) = view.resolve(name, selector).map_err(status)?;
+                self.artifacts
+                    .get(&version.artifact)
+                    .await
+                    .map_err(status)?
+            }
+            None => Bytes::from(
+                MlpWeights::seeded(spec, job.config.seed)
+                    .to_safetensors(spec)
+                    .map_err(status)?,
+            ),
+        };
+        let dataset = self.artifacts.get(&job.data).await.map_err(status)?;
+        let request = internal::TrainRequest {
+            job_id: job.id.clone(),
+            spec_json: Bytes::from(
+                serde_json::to_vec(spec).map_err(|e| Status::internal(e.to_string()))?,
+            ),
+            init_weights: init,
+            config_json: Bytes::from(
+                serde_json::to_vec(&job.config).map_err(|e| Status::internal(e.to_string()))?,
+            ),
+            dataset,
+        };
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", worker.address))
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("worker {} unreachable: {e}", worker.id)))?;
+        let mut client = WorkerClient::new(channel)
+            .max_decoding_message_size(256 * 1024 * 1024)
+            .max_encoding_message_size(256 * 1024 * 1024);
+        let mut stream = client.train(request).await?.into_inner();
+        job.state = JobState::Running;
+        job.worker = worker.id.clone();
+        self.registry.put_job(job).await.map_err(status)?;
+        self.publish(
+            &job.id,
+            event(JobState::Running, Event::Started(worker.id.clone())),
+        );
+
+        let result = loop {
+            let message = stream
+                .message()
+                .await?
+                .ok_or_else(|| Status::unavailable("the worker ended the run without a result"))?;
+            match message.progress {
+                Some(internal::train_progress::Progress::Epoch(m)) => {
+                    job.history.push(epoch_from_proto(&m));
+                    self.registry.put_job(job).await.map_err(status)?;
+                    self.publish(&job.id, event(JobState::Running, Event::Epoch(m)));
+                }
+                Some(internal::train_progress::Progress::Result(r)) => break r,
+                None => {}
+            }
+        };
+        job.stopped_early = result.stopped_early;
+        let preprocessing: Option<Standardization> = if result.preprocessing_json.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::from_slice(&result.preprocessing_json)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+            )
+        };
+        // Check the weights before they are stored: the worker's answer is input too.
+        MlpWeights::from_safetensors(spec, &result.weights).map_err(status)?;
+        let artifact = self.artifacts.put(result.weights).await.map_err(status)?;
+        if let Some(new) = &job.new_model {
+            let created = self
+                .registry
+                .create_model(NewModel {
+                    name: job.model_name.clone(),
+                    spec: new.spec.clone(),
+                    signature: new.signature.clone(),
+                    description: format!("trained by {}", job.id),
+                })
+                .await;
+            match created {
+                Ok(_) | Err(kiln_registry::Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(status(e)),
+            }
+        }
+        let mut metrics = std::collections::BTreeMap::new();
+        if let Some(last) = job.history.last() {
+            metrics.insert("train_loss".to_owned(), last.train_loss);
+            let optional = [
+                ("train_accuracy", last.train_accuracy),
+                ("validation_loss", last.validation_loss),
+                ("validation_accuracy", last.validation_accuracy),
+            ];
+            for (name, value) in optional {
+                if let Some(v) = value {
+                    metrics.insert(name.to_owned(), v);
+                }
+            }
+        }
+        let version = self
+            .registry
+            .register_version(
+                &job.model_name,
+                NewVersion {
+                    artifact,
+                    source: format!("job:{}", job.id),
+                    metrics,
+                    preprocessing,
+                },
+            )
+            .await
+            .map_err(status)?;
+        if let Some(alias) = &job.alias {
+            self.registry
+                .set_alias(&job.model_name, alias, version.version)
+                .await
+                .map_err(status)?;
+        }
+        let model = self
+            .registry
+            .get_model(&job.model_name)
+            .await
+            .map_err(status)?;
+        Ok(version_to_proto(
+            &version,
+            &model.spec,
+            &model.signature,
+            "LOADING",
+        ))
+    }
+}
+
+/// `kiln.v1.Training` over a coordinator.
+pub struct TrainingService {
+    coordinator: Arc<TrainingCoordinator>,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::TrainingEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Training for TrainingService {
+    async fn submit_training_job(
+        &self,
+        request: Request<pb::SubmitTrainingJobRequest>,
+    ) -> Result<Response<pb::TrainingJob>, Status> {
+        Ok(Response::new(
+            self.coordinator.submit(request.into_inner()).await?,
+        ))
+    }
+
+    type WatchTrainingJobStream = EventStream;
+
+    async fn watch_training_job(
+        &self,
+        request: Request<pb::WatchTrainingJobRequest>,
+    ) -> Result<Response<Self::WatchTrainingJobStream>, Status> {
+        let id = request.into_inner().id;
+        let c = &self.coordinator;
+        // Subscribe before reading the record, so nothing falls between history and live.
+        let live = c
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map(|r| r.events.subscribe());
+        let job = c.registry.get_job(&id).await.map_err(status)?;
+        let history = history_events(&job);
+        let seen_epochs = job.history.len() as u32;
+        let seen_start = !job.worker.is_empty();
+        let completed = match (job.state, job.result_version) {
+            (JobState::Succeeded, Some(v)) => {
+                let view = c.registry.view().await.map_err(status)?;
+                let (entry, version) = view
+                    .resolve(&job.model_name, &v.to_string())
+                    .map_err(status)?;
+                Some(event(
+                    JobState::Succeeded,
+                    pb::training_event::Event::Completed(version_to_proto(
+                        version,
+                        &entry.record.spec,
+                        &entry.record.signature,
+                        "READY",
+                    )),
+                ))
+            }
+            _ => None,
+        };
+        let head = futures::stream::iter(history.into_iter().chain(completed).map(Ok));
+        let tail = match (job.state.is_final(), live) {
+            (false, Some(rx)) => tokio_stream::wrappers::BroadcastStream::new(rx)
+                .filter_map(move |e| async move {
+                    use pb::training_event::Event;
+                    match e {
+                        // Already sent as history.
+                        Ok(pb::TrainingEvent {
+                            event: Some(Event::Epoch(ref m)),
+                            ..
+                        }) if m.epoch <= seen_epochs => None,
+                        Ok(pb::TrainingEvent {
+                            event: Some(Event::Started(_)),
+                            ..
+                        }) if seen_start => None,
+                        Ok(e) => Some(Ok(e)),
+                        Err(_) => Some(Err(Status::data_loss(
+                            "the watcher fell behind; watch again",
+                        ))),
+                    }
+                })
+                // Up to and including the event that ends the job.
+                .scan(false, |ended, e| {
+                    if *ended {
+                        return futures::future::ready(None);
+                    }
+                    *ended = match &e {
+                        Ok(ev) => matches!(
+                            pb::JobState::try_from(ev.state),
+                            Ok(pb::JobState::Succeeded
+                                | pb::JobState::Failed
+                                | pb::JobState::Cancelled)
+                        ),
+                        Err(_) => true,
+                    };
+                    futures::future::ready(Some(e))
+                })
+                .boxed(),
+            _ => futures::stream::empty().boxed(),
+        };
+        Ok(Response::new(Box::pin(head.chain(tail))))
+    }
+
+    async fn get_training_job(
+        &self,
+        request: Request<pb::GetTrainingJobRequest>,
+    ) -> Result<Response<pb::TrainingJob>, Status> {
+        let job = self
+            .coordinator
+            .registry
+            .get_job(&request.into_inner().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(job_to_proto(&job)))
+    }
+
+    async fn list_training_jobs(
+        &self,
+        _: Request<pb::ListTrainingJobsRequest>,
+    ) -> Result<Response<pb::ListTrainingJobsResponse>, Status> {
+        let jobs = self
+            .coordinator
+            .registry
+            .list_jobs()
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListTrainingJobsResponse {
+            jobs: jobs.iter().map(job_to_proto).collect(),
+        }))
+    }
+
+    async fn cancel_training_job(
+        &self,
+        request: Request<pb::CancelTrainingJobRequest>,
+    ) -> Result<Response<pb::TrainingJob>, Status> {
+        let id = request.into_inner().id;
+        let c = &self.coordinator;
+        let job = c.registry.get_job(&id).await.map_err(status)?;
+        if job.state.is_final() {
+            return Ok(Response::new(job_to_proto(&job)));
+        }
+        let cancel = c
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map(|r| r.cancel.clone());
+        if let Some(cancel) = cancel {
+            let _ = cancel.send(true);
+        }
+        // The run records the end; wait briefly so the answer shows it.
+        for _ in 0..100 {
+            let job = c.registry.get_job(&id).await.map_err(status)?;
+            if job.state.is_final() {
+                return Ok(Response::new(job_to_proto(&job)));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Response::new(job_to_proto(
+            &c.registry.get_job(&id).await.map_err(status)?,
+        )))
+    }
+}
