@@ -62,6 +62,40 @@ enum Command {
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
     },
+    /// Train a model from a job file (JSON), with a live progress bar per epoch.
+    Train {
+        /// The job file (see docs/training.md).
+        file: PathBuf,
+        /// Override the epochs.
+        #[arg(long)]
+        epochs: Option<u32>,
+        /// Override the batch size.
+        #[arg(long)]
+        batch_size: Option<u32>,
+        /// Override the learning rate.
+        #[arg(long)]
+        learning_rate: Option<f64>,
+        /// Override the model name.
+        #[arg(long)]
+        model: Option<String>,
+        /// Override the seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Idempotency key: resubmitting with the same key returns the same job.
+        #[arg(long)]
+        key: Option<String>,
+        /// Submit and print the job id without following it.
+        #[arg(long)]
+        detach: bool,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
+    /// Training jobs.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
     /// Run one inference: JSON rows in, JSON out.
     Infer {
         /// `NAME` or `NAME:VERSION` (a number or an alias).
@@ -98,6 +132,40 @@ struct UpArgs {
     /// Write the gateway's bound address to this file once it listens (for scripts).
     #[arg(long, env = "KILN_ADDR_FILE")]
     addr_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
+    /// Show a job and its epochs.
+    Show {
+        /// Job id.
+        id: String,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
+    /// Follow a job to its end.
+    Watch {
+        /// Job id.
+        id: String,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// Job id.
+        id: String,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -245,6 +313,21 @@ async fn main() -> std::process::ExitCode {
                 if let Some(path) = output {
                     std::fs::write(&path, &table).with_context(|| format!("cannot write {}", path.display()))?;
                 }
+                Ok(())
+            }
+            Command::Train { file, epochs, batch_size, learning_rate, model, seed, key, detach, addr } => {
+                let overrides = kiln::train::Overrides { epochs, batch_size, learning_rate, model_name: model, seed };
+                println!("{}", kiln::train::train(&addr, &file, &overrides, key, detach).await?);
+                Ok(())
+            }
+            Command::Jobs { command } => {
+                let out = match command {
+                    JobsCommand::List { addr } => kiln::train::list(&addr).await?,
+                    JobsCommand::Show { id, addr } => kiln::train::show(&addr, &id).await?,
+                    JobsCommand::Watch { id, addr } => kiln::train::watch_job(&addr, &id).await?,
+                    JobsCommand::Cancel { id, addr } => kiln::train::cancel(&addr, &id).await?,
+                };
+                println!("{}", out.trim_end());
                 Ok(())
             }
             Command::Infer { model, input, addr } => {

@@ -1,0 +1,522 @@
+//! `kiln train FILE` and `kiln jobs …`: training jobs from the command line, with a live
+//! progress bar per epoch.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_gateway::convert::{signature_to_proto, spec_to_proto};
+use kiln_proto::kiln::v1 as pb;
+use kiln_proto::kiln::v1::training_client::TrainingClient;
+use kiln_proto::kiln::v1::training_event::Event;
+use kiln_registry::spec::{ModelSpec, Signature};
+use serde::Deserialize;
+use tonic::transport::Channel;
+
+/// Where a job's rows come from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum DataSource {
+    /// A CSV file with a header row; `label` names the label column, every other column
+    /// is a feature (paths are relative to the job file).
+    Csv {
+        /// The file.
+        path: PathBuf,
+        /// The label column's name.
+        label: String,
+    },
+    /// Rows given in the job file.
+    Inline {
+        /// Feature rows.
+        features: Vec<Vec<f32>>,
+        /// One label per row (or a row of labels for several outputs).
+        labels: Vec<serde_json::Value>,
+    },
+}
+
+/// Optimizer settings in a job file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum OptimizerFile {
+    /// SGD.
+    Sgd {
+        /// Learning rate.
+        learning_rate: f64,
+        /// Momentum.
+        #[serde(default)]
+        momentum: f64,
+        /// L2 penalty.
+        #[serde(default)]
+        weight_decay: f64,
+    },
+    /// Adam.
+    Adam {
+        /// Learning rate.
+        learning_rate: f64,
+        /// β1 (default 0.9).
+        #[serde(default)]
+        beta1: f64,
+        /// β2 (default 0.999).
+        #[serde(default)]
+        beta2: f64,
+        /// ε (default 1e-7).
+        #[serde(default)]
+        epsilon: f64,
+        /// L2 penalty.
+        #[serde(default)]
+        weight_decay: f64,
+    },
+}
+
+/// Early stopping in a job file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStoppingFile {
+    /// `val_loss` or `val_accuracy`.
+    #[serde(default)]
+    pub metric: String,
+    /// Epochs without improvement.
+    pub patience: u32,
+}
+
+/// A job file for `kiln train` (JSON). Every field is documented in docs/training.md.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    /// Model the result is registered under.
+    pub model_name: String,
+    /// Architecture of a new model.
+    #[serde(default)]
+    pub spec: Option<ModelSpec>,
+    /// Tensor names of a new model.
+    #[serde(default)]
+    pub signature: Option<Signature>,
+    /// Start from `name:version` instead.
+    #[serde(default)]
+    pub continue_from: Option<String>,
+    /// The rows.
+    pub data: DataSource,
+    /// Standardise features.
+    #[serde(default)]
+    pub standardize: bool,
+    /// `binary_cross_entropy`, `cross_entropy` or `mean_squared_error` (default: fits the task).
+    #[serde(default)]
+    pub loss: Option<String>,
+    /// The optimizer (default Adam, learning rate 0.001).
+    #[serde(default)]
+    pub optimizer: Option<OptimizerFile>,
+    /// Epochs.
+    pub epochs: u32,
+    /// Rows per step.
+    pub batch_size: u32,
+    /// Keep the row order.
+    #[serde(default)]
+    pub no_shuffle: bool,
+    /// Seed of the initial weights, the split and the shuffles.
+    #[serde(default)]
+    pub seed: u64,
+    /// Fraction held out for validation.
+    #[serde(default)]
+    pub validation_fraction: f64,
+    /// Early stopping.
+    #[serde(default)]
+    pub early_stopping: Option<EarlyStoppingFile>,
+    /// Alias to set on success.
+    #[serde(default)]
+    pub alias: Option<String>,
+}
+
+/// Flags that override the job file.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    /// `--epochs`.
+    pub epochs: Option<u32>,
+    /// `--batch-size`.
+    pub batch_size: Option<u32>,
+    /// `--learning-rate`.
+    pub learning_rate: Option<f64>,
+    /// `--model`.
+    pub model_name: Option<String>,
+    /// `--seed`.
+    pub seed: Option<u64>,
+}
+
+/// Read a CSV file of numbers with a header row into (features, labels, rows); errors name
+/// the row (1 = the first data row) and the column.
+pub fn read_csv(path: &Path, label: &str) -> anyhow::Result<(Vec<f32>, Vec<f32>, u32)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines
+        .next()
+        .with_context(|| format!("{} is empty", path.display()))?
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let label_at = header.iter().position(|h| *h == label).with_context(|| {
+        format!(
+            "{}: no column named {label:?} (columns: {})",
+            path.display(),
+            header.join(", ")
+        )
+    })?;
+    let (mut features, mut labels, mut rows) = (Vec::new(), Vec::new(), 0u32);
+    for (i, line) in lines.enumerate() {
+        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        if cells.len() != header.len() {
+            bail!(
+                "{}: row {} has {} cells; the header has {}",
+                path.display(),
+                i + 1,
+                cells.len(),
+                header.len()
+            );
+        }
+        for (c, cell) in cells.iter().enumerate() {
+            let v: f32 = cell
+                .parse()
+                .ok()
+                .filter(|v: &f32| v.is_finite())
+                .with_context(|| {
+                    format!(
+                        "{}: row {}, column {:?}: {cell:?} is not a number",
+                        path.display(),
+                        i + 1,
+                        header[c]
+                    )
+                })?;
+            if c == label_at {
+                labels.push(v)
+            } else {
+                features.push(v)
+            }
+        }
+        rows += 1;
+    }
+    if rows == 0 {
+        bail!("{} has a header but no rows", path.display());
+    }
+    Ok((features, labels, rows))
+}
+
+/// Build the wire spec of a job file.
+pub fn job_spec(file: JobFile, base: &Path, o: &Overrides) -> anyhow::Result<pb::TrainingJobSpec> {
+    let (features, labels, rows) =
+        match file.data {
+            DataSource::Csv { path, label } => read_csv(&base.join(path), &label)?,
+            DataSource::Inline { features, labels } => {
+                let rows = features.len() as u32;
+                let mut flat_labels = Vec::new();
+                for (i, l) in labels.iter().enumerate() {
+                    match l {
+                        serde_json::Value::Array(values) => {
+                            for v in values {
+                                flat_labels.push(v.as_f64().with_context(|| {
+                                    format!("data.labels[{i}] holds a non-number")
+                                })? as f32);
+                            }
+                        }
+                        v => flat_labels.push(
+                            v.as_f64()
+                                .with_context(|| format!("data.labels[{i}] is not a number"))?
+                                as f32,
+                        ),
+                    }
+                }
+                (features.into_iter().flatten().collect(), flat_labels, rows)
+            }
+        };
+    let loss = match file.loss.as_deref() {
+        None | Some("") => pb::LossKind::Unspecified,
+        Some("binary_cross_entropy") => pb::LossKind::BinaryCrossEntropy,
+        Some("cross_entropy") => pb::LossKind::CrossEntropy,
+        Some("mean_squared_error") => pb::LossKind::MeanSquaredError,
+        Some(other) => {
+            bail!("loss {other:?} is not binary_cross_entropy, cross_entropy or mean_squared_error")
+        }
+    };
+    let mut optimizer = file.optimizer.map(|o| match o {
+        OptimizerFile::Sgd {
+            learning_rate,
+            momentum,
+            weight_decay,
+        } => pb::training_job_spec::Optimizer::Sgd(pb::Sgd {
+            learning_rate,
+            momentum,
+            weight_decay,
+        }),
+        OptimizerFile::Adam {
+            learning_rate,
+            beta1,
+            beta2,
+            epsilon,
+            weight_decay,
+        } => pb::training_job_spec::Optimizer::Adam(pb::Adam {
+            learning_rate,
+            beta1,
+            beta2,
+            epsilon,
+            weight_decay,
+        }),
+    });
+    if let Some(lr) = o.learning_rate {
+        optimizer = Some(match optimizer {
+            Some(pb::training_job_spec::Optimizer::Sgd(s)) => {
+                pb::training_job_spec::Optimizer::Sgd(pb::Sgd {
+                    learning_rate: lr,
+                    ..s
+                })
+            }
+            Some(pb::training_job_spec::Optimizer::Adam(a)) => {
+                pb::training_job_spec::Optimizer::Adam(pb::Adam {
+                    learning_rate: lr,
+                    ..a
+                })
+            }
+            None => pb::training_job_spec::Optimizer::Adam(pb::Adam {
+                learning_rate: lr,
+                ..Default::default()
+            }),
+        });
+    }
+    Ok(pb::TrainingJobSpec {
+        model_name: o.model_name.clone().unwrap_or(file.model_name),
+        spec: file.spec.as_ref().map(spec_to_proto),
+        signature: file.signature.as_ref().map(signature_to_proto),
+        continue_from: file.continue_from.unwrap_or_default(),
+        seed: o.seed.unwrap_or(file.seed),
+        data: Some(pb::InlineData {
+            features,
+            labels,
+            rows,
+        }),
+        standardize: file.standardize,
+        loss: loss as i32,
+        optimizer,
+        epochs: o.epochs.unwrap_or(file.epochs),
+        batch_size: o.batch_size.unwrap_or(file.batch_size),
+        no_shuffle: file.no_shuffle,
+        validation_fraction: file.validation_fraction,
+        early_stopping: file.early_stopping.map(|e| pb::EarlyStopping {
+            metric: e.metric,
+            patience: e.patience,
+        }),
+        alias: file.alias.unwrap_or_default(),
+    })
+}
+
+async fn client(addr: &str) -> anyhow::Result<TrainingClient<Channel>> {
+    let url = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = Channel::from_shared(url)
+        .with_context(|| format!("bad address {addr}"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach Kiln at {addr}; is `kiln up` running?"))?;
+    Ok(TrainingClient::new(channel).max_encoding_message_size(256 * 1024 * 1024))
+}
+
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+}
+
+fn metrics_line(m: &pb::EpochMetrics) -> String {
+    let mut s = format!("loss {:.4}", m.train_loss);
+    if let Some(a) = m.train_accuracy {
+        s.push_str(&format!(" acc {a:.4}"));
+    }
+    if let Some(l) = m.validation_loss {
+        s.push_str(&format!(" val_loss {l:.4}"));
+    }
+    if let Some(a) = m.validation_accuracy {
+        s.push_str(&format!(" val_acc {a:.4}"));
+    }
+    s.push_str(&format!(" {:.0} samples/s", m.samples_per_second));
+    s
+}
+
+/// Follow a job with a progress bar until it ends; returns its final event.
+pub async fn watch(addr: &str, id: &str, epochs: u32) -> anyhow::Result<pb::TrainingEvent> {
+    let mut client = client(addr).await?;
+    let mut events = client
+        .watch_training_job(pb::WatchTrainingJobRequest { id: id.into() })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let bar = ProgressBar::new(u64::from(epochs));
+    bar.set_style(
+        ProgressStyle::with_template("epoch {pos:>4}/{len} [{bar:30}] {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    while let Some(e) = events.message().await.map_err(status)? {
+        match &e.event {
+            Some(Event::Queued(_)) => bar.set_message("queued"),
+            Some(Event::Started(worker)) => bar.set_message(format!("started on {worker}")),
+            Some(Event::Epoch(m)) => {
+                bar.set_position(u64::from(m.epoch));
+                bar.set_message(metrics_line(m));
+                if !bar.is_hidden() {
+                    continue;
+                }
+                // Not a terminal: one line per epoch instead of a bar.
+                println!("epoch {:>4}/{epochs} {}", m.epoch, metrics_line(m));
+            }
+            Some(Event::Completed(_) | Event::Failed(_) | Event::Cancelled(_)) => {
+                bar.finish();
+                return Ok(e);
+            }
+            None => {}
+        }
+    }
+    bar.abandon();
+    bail!("the job's event stream ended before the job did")
+}
+
+fn describe_end(e: &pb::TrainingEvent) -> anyhow::Result<String> {
+    match &e.event {
+        Some(Event::Completed(v)) => Ok(format!(
+            "completed: {} version {} (sha256 {})",
+            v.model, v.version, v.sha256
+        )),
+        Some(Event::Failed(reason)) => bail!("the job failed: {reason}"),
+        Some(Event::Cancelled(reason)) => bail!("the job was cancelled: {reason}"),
+        _ => bail!("the job ended without a result"),
+    }
+}
+
+/// `kiln train FILE`: submit, then follow it to the end.
+pub async fn train(
+    addr: &str,
+    path: &Path,
+    overrides: &Overrides,
+    key: Option<String>,
+    detach: bool,
+) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file: JobFile = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid job file", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let spec = job_spec(file, base, overrides)?;
+    let epochs = spec.epochs;
+    let job = client(addr)
+        .await?
+        .submit_training_job(pb::SubmitTrainingJobRequest {
+            spec: Some(spec),
+            idempotency_key: key.unwrap_or_default(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    println!("submitted job {}", job.id);
+    if detach {
+        return Ok(job.id);
+    }
+    let end = watch(addr, &job.id, epochs).await?;
+    describe_end(&end)
+}
+
+/// `kiln jobs watch ID`.
+pub async fn watch_job(addr: &str, id: &str) -> anyhow::Result<String> {
+    let job = client(addr)
+        .await?
+        .get_training_job(pb::GetTrainingJobRequest { id: id.into() })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let end = watch(addr, id, job.epochs).await?;
+    describe_end(&end)
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::JobState::try_from(state) {
+        Ok(pb::JobState::Queued) => "QUEUED",
+        Ok(pb::JobState::Running) => "RUNNING",
+        Ok(pb::JobState::Succeeded) => "SUCCEEDED",
+        Ok(pb::JobState::Failed) => "FAILED",
+        Ok(pb::JobState::Cancelled) => "CANCELLED",
+        _ => "UNKNOWN",
+    }
+}
+
+/// `kiln jobs list`.
+pub async fn list(addr: &str) -> anyhow::Result<String> {
+    let jobs = client(addr)
+        .await?
+        .list_training_jobs(pb::ListTrainingJobsRequest {})
+        .await
+        .map_err(status)?
+        .into_inner()
+        .jobs;
+    let mut out = format!(
+        "{:<26} {:<10} {:<20} {:>11} {:>8}\n",
+        "JOB", "STATE", "MODEL", "EPOCHS", "VERSION"
+    );
+    for j in jobs {
+        let version = if j.result_version > 0 {
+            j.result_version.to_string()
+        } else {
+            "-".into()
+        };
+        out.push_str(&format!(
+            "{:<26} {:<10} {:<20} {:>11} {:>8}\n",
+            j.id,
+            state_name(j.state),
+            j.model_name,
+            format!("{}/{}", j.history.len(), j.epochs),
+            version
+        ));
+    }
+    Ok(out)
+}
+
+/// `kiln jobs show ID`: the job and its epochs.
+pub async fn show(addr: &str, id: &str) -> anyhow::Result<String> {
+    let j = client(addr)
+        .await?
+        .get_training_job(pb::GetTrainingJobRequest { id: id.into() })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut out = format!(
+        "job {}\n  state: {}\n  model: {}\n  worker: {}\n  epochs: {}/{}{}\n",
+        j.id,
+        state_name(j.state),
+        j.model_name,
+        if j.worker.is_empty() { "-" } else { &j.worker },
+        j.history.len(),
+        j.epochs,
+        if j.stopped_early {
+            " (stopped early)"
+        } else {
+            ""
+        }
+    );
+    if j.result_version > 0 {
+        out.push_str(&format!("  version: {}\n", j.result_version));
+    }
+    if !j.reason.is_empty() {
+        out.push_str(&format!("  reason: {}\n", j.reason));
+    }
+    for m in &j.history {
+        out.push_str(&format!("  epoch {:>4} {}\n", m.epoch, metrics_line(m)));
+    }
+    Ok(out)
+}
+
+/// `kiln jobs cancel ID`.
+pub async fn cancel(addr: &str, id: &str) -> anyhow::Result<String> {
+    let j = client(addr)
+        .await?
+        .cancel_training_job(pb::CancelTrainingJobRequest { id: id.into() })
+        .await
+        .map_err(status)?
+        .into_inner();
+    Ok(format!("job {} is {}", j.id, state_name(j.state)))
+}
