@@ -146,6 +146,9 @@ enum JobsCommand {
     Show {
         /// Job id.
         id: String,
+        /// Print JSON (full precision) instead of a table.
+        #[arg(long)]
+        json: bool,
         /// Gateway address.
         #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
         addr: String,
@@ -323,7 +326,7 @@ async fn main() -> std::process::ExitCode {
             Command::Jobs { command } => {
                 let out = match command {
                     JobsCommand::List { addr } => kiln::train::list(&addr).await?,
-                    JobsCommand::Show { id, addr } => kiln::train::show(&addr, &id).await?,
+                    JobsCommand::Show { id, json, addr } => kiln::train::show(&addr, &id, json).await?,
                     JobsCommand::Watch { id, addr } => kiln::train::watch_job(&addr, &id).await?,
                     JobsCommand::Cancel { id, addr } => kiln::train::cancel(&addr, &id).await?,
                 };

@@ -476,14 +476,43 @@ pub async fn list(addr: &str) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// `kiln jobs show ID`: the job and its epochs.
-pub async fn show(addr: &str, id: &str) -> anyhow::Result<String> {
+/// `kiln jobs show ID [--json]`: the job and its epochs.
+pub async fn show(addr: &str, id: &str, json: bool) -> anyhow::Result<String> {
     let j = client(addr)
         .await?
         .get_training_job(pb::GetTrainingJobRequest { id: id.into() })
         .await
         .map_err(status)?
         .into_inner();
+    if json {
+        let history: Vec<serde_json::Value> = j
+            .history
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "epoch": m.epoch,
+                    "train_loss": m.train_loss,
+                    "train_accuracy": m.train_accuracy,
+                    "validation_loss": m.validation_loss,
+                    "validation_accuracy": m.validation_accuracy,
+                    "samples_per_second": m.samples_per_second,
+                    "elapsed_ms": m.elapsed_ms,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "id": j.id,
+            "state": state_name(j.state),
+            "model_name": j.model_name,
+            "worker": j.worker,
+            "epochs": j.epochs,
+            "result_version": j.result_version,
+            "reason": j.reason,
+            "stopped_early": j.stopped_early,
+            "history": history,
+        });
+        return Ok(serde_json::to_string_pretty(&out)?);
+    }
     let mut out = format!(
         "job {}\n  state: {}\n  model: {}\n  worker: {}\n  epochs: {}/{}{}\n",
         j.id,
@@ -519,4 +548,43 @@ pub async fn cancel(addr: &str, id: &str) -> anyhow::Result<String> {
         .map_err(status)?
         .into_inner();
     Ok(format!("job {} is {}", j.id, state_name(j.state)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn csv(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.csv");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn csv_rows_split_into_features_and_the_named_label() {
+        let (_d, path) = csv("a,y,b\n1,0,2\n3,1,4.5\n");
+        let (features, labels, rows) = read_csv(&path, "y").unwrap();
+        assert_eq!(
+            (features, labels, rows),
+            (vec![1.0, 2.0, 3.0, 4.5], vec![0.0, 1.0], 2)
+        );
+    }
+
+    #[test]
+    fn bad_csv_cells_name_the_row_and_column() {
+        let cases = [
+            ("a,y\n1,0\nx,1\n", "y", "row 2, column \"a\""),
+            ("a,y\n1,0\n2,nan\n", "y", "row 2, column \"y\""),
+            ("a,y\n1,0,3\n", "y", "row 1 has 3 cells"),
+            ("a,y\n1,0\n", "label", "no column named \"label\""),
+            ("a,y\n", "y", "no rows"),
+            ("", "y", "empty"),
+        ];
+        for (text, label, needle) in cases {
+            let (_d, path) = csv(text);
+            let err = read_csv(&path, label).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
 }
