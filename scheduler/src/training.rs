@@ -27,6 +27,9 @@ use tonic::{Request, Response, Status};
 
 use crate::convert::{signature_from_proto, spec_from_proto, version_to_proto};
 
+/// How long a queued job waits for a worker to register before it fails.
+const WORKER_WAIT: Duration = Duration::from_secs(60);
+
 /// Events a watcher may be behind before it is cut off (it can watch again).
 const WATCH_BUFFER: usize = 1024;
 
@@ -432,7 +435,14 @@ impl TrainingCoordinator {
         spec: &ModelSpec,
     ) -> Result<pb::ModelVersion, Status> {
         use pb::training_event::Event;
-        let view = self.view.current();
+        // A job stays queued until a worker is there (e.g. right after start-up), bounded.
+        let view = self
+            .view
+            .wait_for(WORKER_WAIT, |v| !v.workers.is_empty())
+            .await
+            .ok_or_else(|| {
+                Status::unavailable(format!("no worker registered within {WORKER_WAIT:?}"))
+            })?;
         // The worker running the fewest jobs right now (all equal: the first by id).
         let busy: HashMap<String, usize> = self
             .registry
