@@ -350,3 +350,52 @@ async fn bad_jobs_are_invalid_argument_naming_the_field() {
     }
     cluster.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_jobs_at_once_both_complete_while_another_model_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, channel) = start(dir.path()).await;
+    let mut training = TrainingClient::new(channel.clone());
+    let mut oip = GrpcInferenceServiceClient::new(channel);
+    let mut ids = Vec::new();
+    for (i, name) in ["first", "second"].into_iter().enumerate() {
+        let (features, labels) = sum_above_five(400, 20 + i as u64);
+        let job = training
+            .submit_training_job(pb::SubmitTrainingJobRequest {
+                spec: Some(job(name, 10, 16, features, labels)),
+                idempotency_key: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(job.id);
+    }
+    // Inference on the demo model goes on meanwhile.
+    for _ in 0..20 {
+        let answer = oip
+            .model_infer(ModelInferRequest {
+                model_name: embedded::DEMO_MODEL.into(),
+                inputs: vec![fp32_input("input", 1, vec![0.25; 10])],
+                ..Default::default()
+            })
+            .await;
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+    for id in &ids {
+        let mut events = training
+            .watch_training_job(pb::WatchTrainingJobRequest { id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut completed = false;
+        while let Some(e) = events.message().await.unwrap() {
+            match e.event.unwrap() {
+                Event::Completed(_) => completed = true,
+                Event::Failed(reason) => panic!("{id} failed: {reason}"),
+                _ => {}
+            }
+        }
+        assert!(completed, "{id} did not complete");
+    }
+    cluster.stop().await.unwrap();
+}
