@@ -91,6 +91,11 @@ enum Command {
         #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
         addr: String,
     },
+    /// Uploaded datasets.
+    Datasets {
+        #[command(subcommand)]
+        command: DatasetsCommand,
+    },
     /// Training jobs.
     Jobs {
         #[command(subcommand)]
@@ -132,6 +137,38 @@ struct UpArgs {
     /// Write the gateway's bound address to this file once it listens (for scripts).
     #[arg(long, env = "KILN_ADDR_FILE")]
     addr_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum DatasetsCommand {
+    /// Upload a CSV file (header row; numbers only).
+    Upload {
+        /// The file.
+        file: PathBuf,
+        /// The label column.
+        #[arg(long)]
+        label: String,
+        /// A name (default: the file's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
+    /// List datasets.
+    List {
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
+    /// Delete a dataset.
+    Delete {
+        /// Dataset id.
+        id: String,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -321,6 +358,17 @@ async fn main() -> std::process::ExitCode {
             Command::Train { file, epochs, batch_size, learning_rate, model, seed, key, detach, addr } => {
                 let overrides = kiln::train::Overrides { epochs, batch_size, learning_rate, model_name: model, seed };
                 println!("{}", kiln::train::train(&addr, &file, &overrides, key, detach).await?);
+                Ok(())
+            }
+            Command::Datasets { command } => {
+                let out = match command {
+                    DatasetsCommand::Upload { file, label, name, addr } => {
+                        kiln::train::upload(&addr, &file, &label, name).await?
+                    }
+                    DatasetsCommand::List { addr } => kiln::train::datasets(&addr).await?,
+                    DatasetsCommand::Delete { id, addr } => kiln::train::delete_dataset(&addr, &id).await?,
+                };
+                println!("{}", out.trim_end());
                 Ok(())
             }
             Command::Jobs { command } => {

@@ -26,6 +26,11 @@ pub enum DataSource {
         /// The label column's name.
         label: String,
     },
+    /// A dataset uploaded with `kiln datasets upload`.
+    Dataset {
+        /// Its id.
+        id: String,
+    },
     /// Rows given in the job file.
     Inline {
         /// Feature rows.
@@ -147,64 +152,28 @@ pub struct Overrides {
 pub fn read_csv(path: &Path, label: &str) -> anyhow::Result<(Vec<f32>, Vec<f32>, u32)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines
-        .next()
-        .with_context(|| format!("{} is empty", path.display()))?
-        .split(',')
-        .map(str::trim)
-        .collect();
-    let label_at = header.iter().position(|h| *h == label).with_context(|| {
-        format!(
-            "{}: no column named {label:?} (columns: {})",
-            path.display(),
-            header.join(", ")
-        )
-    })?;
-    let (mut features, mut labels, mut rows) = (Vec::new(), Vec::new(), 0u32);
-    for (i, line) in lines.enumerate() {
-        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-        if cells.len() != header.len() {
-            bail!(
-                "{}: row {} has {} cells; the header has {}",
-                path.display(),
-                i + 1,
-                cells.len(),
-                header.len()
-            );
-        }
-        for (c, cell) in cells.iter().enumerate() {
-            let v: f32 = cell
-                .parse()
-                .ok()
-                .filter(|v: &f32| v.is_finite())
-                .with_context(|| {
-                    format!(
-                        "{}: row {}, column {:?}: {cell:?} is not a number",
-                        path.display(),
-                        i + 1,
-                        header[c]
-                    )
-                })?;
-            if c == label_at {
-                labels.push(v)
-            } else {
-                features.push(v)
-            }
-        }
-        rows += 1;
-    }
-    if rows == 0 {
-        bail!("{} has a header but no rows", path.display());
-    }
-    Ok((features, labels, rows))
+    let parsed = kiln_registry::training::parse_csv(&text, label)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok((parsed.features, parsed.labels, parsed.rows as u32))
 }
 
 /// Build the wire spec of a job file.
 pub fn job_spec(file: JobFile, base: &Path, o: &Overrides) -> anyhow::Result<pb::TrainingJobSpec> {
-    let (features, labels, rows) =
+    let mut dataset_id = String::new();
+    let data =
         match file.data {
-            DataSource::Csv { path, label } => read_csv(&base.join(path), &label)?,
+            DataSource::Csv { path, label } => {
+                let (features, labels, rows) = read_csv(&base.join(path), &label)?;
+                Some(pb::InlineData {
+                    features,
+                    labels,
+                    rows,
+                })
+            }
+            DataSource::Dataset { id } => {
+                dataset_id = id;
+                None
+            }
             DataSource::Inline { features, labels } => {
                 let rows = features.len() as u32;
                 let mut flat_labels = Vec::new();
@@ -224,7 +193,11 @@ pub fn job_spec(file: JobFile, base: &Path, o: &Overrides) -> anyhow::Result<pb:
                         ),
                     }
                 }
-                (features.into_iter().flatten().collect(), flat_labels, rows)
+                Some(pb::InlineData {
+                    features: features.into_iter().flatten().collect(),
+                    labels: flat_labels,
+                    rows,
+                })
             }
         };
     let loss = match file.loss.as_deref() {
@@ -286,11 +259,8 @@ pub fn job_spec(file: JobFile, base: &Path, o: &Overrides) -> anyhow::Result<pb:
         signature: file.signature.as_ref().map(signature_to_proto),
         continue_from: file.continue_from.unwrap_or_default(),
         seed: o.seed.unwrap_or(file.seed),
-        data: Some(pb::InlineData {
-            features,
-            labels,
-            rows,
-        }),
+        data,
+        dataset_id,
         standardize: file.standardize,
         loss: loss as i32,
         optimizer,
@@ -420,6 +390,90 @@ pub async fn train(
     }
     let end = watch(addr, &job.id, epochs).await?;
     describe_end(&end)
+}
+
+/// `kiln datasets upload FILE --label COLUMN`: stream a CSV file in 64 KiB chunks.
+pub async fn upload(
+    addr: &str,
+    path: &Path,
+    label: &str,
+    name: Option<String>,
+) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let name = name.unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| {
+                s.to_string_lossy()
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || "_.-".contains(*c))
+                    .collect()
+            })
+            .filter(|s: &String| !s.is_empty())
+            .unwrap_or_else(|| "dataset".into())
+    });
+    let header = pb::UploadDatasetChunk {
+        part: Some(pb::upload_dataset_chunk::Part::Header(pb::DatasetHeader {
+            name,
+            label_column: label.into(),
+            size_bytes: bytes.len() as u64,
+        })),
+    };
+    let chunks: Vec<pb::UploadDatasetChunk> = std::iter::once(header)
+        .chain(bytes.chunks(64 * 1024).map(|c| pb::UploadDatasetChunk {
+            part: Some(pb::upload_dataset_chunk::Part::Data(c.to_vec())),
+        }))
+        .collect();
+    let d = client(addr)
+        .await?
+        .upload_dataset(futures::stream::iter(chunks))
+        .await
+        .map_err(status)?
+        .into_inner();
+    Ok(format!(
+        "dataset {} ({}): {} rows, features {}, label {}, sha256 {}",
+        d.id,
+        d.name,
+        d.rows,
+        d.feature_columns.join(","),
+        d.label_column,
+        d.sha256
+    ))
+}
+
+/// `kiln datasets list`.
+pub async fn datasets(addr: &str) -> anyhow::Result<String> {
+    let list = client(addr)
+        .await?
+        .list_datasets(pb::ListDatasetsRequest {})
+        .await
+        .map_err(status)?
+        .into_inner()
+        .datasets;
+    let mut out = format!(
+        "{:<20} {:<20} {:>8} {:>8} {:<14}\n",
+        "DATASET", "NAME", "ROWS", "COLUMNS", "SHA256"
+    );
+    for d in list {
+        out.push_str(&format!(
+            "{:<20} {:<20} {:>8} {:>8} {:<14}\n",
+            d.id,
+            d.name,
+            d.rows,
+            d.feature_columns.len(),
+            d.sha256.get(..12).unwrap_or(&d.sha256)
+        ));
+    }
+    Ok(out)
+}
+
+/// `kiln datasets delete ID`.
+pub async fn delete_dataset(addr: &str, id: &str) -> anyhow::Result<String> {
+    client(addr)
+        .await?
+        .delete_dataset(pb::DeleteDatasetRequest { id: id.into() })
+        .await
+        .map_err(status)?;
+    Ok(format!("deleted dataset {id}"))
 }
 
 /// `kiln jobs watch ID`.

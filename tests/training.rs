@@ -399,3 +399,108 @@ async fn two_jobs_at_once_both_complete_while_another_model_serves() {
     }
     cluster.stop().await.unwrap();
 }
+
+fn chunks(header: pb::DatasetHeader, bytes: &[u8]) -> Vec<pb::UploadDatasetChunk> {
+    std::iter::once(pb::UploadDatasetChunk {
+        part: Some(pb::upload_dataset_chunk::Part::Header(header)),
+    })
+    .chain(bytes.chunks(64 * 1024).map(|c| pb::UploadDatasetChunk {
+        part: Some(pb::upload_dataset_chunk::Part::Data(c.to_vec())),
+    }))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploaded_datasets_keep_their_sha256_and_train_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, channel) = start(dir.path()).await;
+    let mut training = TrainingClient::new(channel);
+
+    // A CSV file of about 1 MB.
+    let (features, labels) = sum_above_five(11_000, 31);
+    let mut csv = String::from("x0,x1,x2,x3,x4,x5,x6,x7,x8,x9,y\n");
+    for (row, label) in features.chunks(10).zip(&labels) {
+        let cells: Vec<String> = row.iter().map(|v| format!("{v:.6}")).collect();
+        csv.push_str(&format!("{},{label}\n", cells.join(",")));
+    }
+    let bytes = csv.into_bytes();
+    assert!(bytes.len() > 1_000_000, "{}", bytes.len());
+    let header = pb::DatasetHeader {
+        name: "sum5".into(),
+        label_column: "y".into(),
+        size_bytes: bytes.len() as u64,
+    };
+    let info = training
+        .upload_dataset(futures::stream::iter(chunks(header.clone(), &bytes)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.sha256, kiln_registry::sha256_hex(&bytes));
+    assert_eq!(info.rows, 11_000);
+    assert_eq!(info.feature_columns.len(), 10);
+
+    // An upload that stops short keeps nothing.
+    let short = training
+        .upload_dataset(futures::stream::iter(chunks(
+            pb::DatasetHeader {
+                name: "short".into(),
+                ..header
+            },
+            &bytes[..bytes.len() / 2],
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(short.code(), tonic::Code::InvalidArgument, "{short:?}");
+    let listed = training
+        .list_datasets(pb::ListDatasetsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .datasets;
+    assert_eq!(
+        listed.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+        vec!["sum5"]
+    );
+
+    // A job trains on it by id.
+    let mut spec = job("from-dataset", 3, 64, vec![], vec![]);
+    spec.data = None;
+    spec.dataset_id = info.id.clone();
+    let submitted = training
+        .submit_training_job(pb::SubmitTrainingJobRequest {
+            spec: Some(spec),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = training
+        .watch_training_job(pb::WatchTrainingJobRequest { id: submitted.id })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut completed = false;
+    while let Some(e) = events.message().await.unwrap() {
+        match e.event.unwrap() {
+            Event::Completed(_) => completed = true,
+            Event::Failed(reason) => panic!("failed: {reason}"),
+            _ => {}
+        }
+    }
+    assert!(completed);
+
+    training
+        .delete_dataset(pb::DeleteDatasetRequest { id: info.id })
+        .await
+        .unwrap();
+    assert!(
+        training
+            .list_datasets(pb::ListDatasetsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .datasets
+            .is_empty()
+    );
+    cluster.stop().await.unwrap();
+}

@@ -84,6 +84,38 @@ impl Training for TrainingProxy {
             .await
     }
 
+    async fn upload_dataset(
+        &self,
+        request: Request<tonic::Streaming<pb::UploadDatasetChunk>>,
+    ) -> Result<Response<pb::DatasetInfo>, Status> {
+        let timeout = kiln_proto::deadline::from_metadata(request.metadata());
+        // A broken client stream ends the forwarded one early; the scheduler then sees
+        // fewer bytes than the header announced and keeps nothing.
+        let chunks = request
+            .into_inner()
+            .take_while(|c| futures::future::ready(c.is_ok()))
+            .filter_map(|c| futures::future::ready(c.ok()));
+        let mut forwarded = Request::new(chunks);
+        if let Some(t) = timeout {
+            forwarded.set_timeout(t);
+        }
+        self.client.clone().upload_dataset(forwarded).await
+    }
+
+    async fn list_datasets(
+        &self,
+        request: Request<pb::ListDatasetsRequest>,
+    ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        self.client.clone().list_datasets(forward(request)).await
+    }
+
+    async fn delete_dataset(
+        &self,
+        request: Request<pb::DeleteDatasetRequest>,
+    ) -> Result<Response<pb::DeleteDatasetResponse>, Status> {
+        self.client.clone().delete_dataset(forward(request)).await
+    }
+
     async fn cancel_training_job(
         &self,
         request: Request<pb::CancelTrainingJobRequest>,

@@ -253,6 +253,12 @@ pub mod keys {
     pub fn deployment(name: &str) -> String {
         format!("{DEPLOYMENTS}{name}")
     }
+    /// Prefix of uploaded datasets.
+    pub const DATASETS: &str = "datasets/";
+    /// `datasets/<id>`.
+    pub fn dataset(id: &str) -> String {
+        format!("{DATASETS}{id}")
+    }
     /// Prefix of training jobs.
     pub const JOBS: &str = "jobs/";
     /// `jobs/<id>`.

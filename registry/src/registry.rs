@@ -13,7 +13,7 @@ use crate::records::{
     VersionRecord, WorkerRecord, keys, now_unix_ms,
 };
 use crate::spec::{ModelSpec, Signature, validate_name};
-use crate::training::JobRecord;
+use crate::training::{DatasetRecord, JobRecord};
 use crate::view::ClusterView;
 use crate::{Error, Result};
 
@@ -328,6 +328,53 @@ impl Registry {
                 .then(b.id.cmp(&a.id))
         });
         Ok(jobs)
+    }
+
+    // --- datasets ---
+
+    /// Record an uploaded dataset.
+    pub async fn put_dataset(&self, dataset: &DatasetRecord) -> Result<()> {
+        self.write(&keys::dataset(&dataset.id), dataset, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Read a dataset's record.
+    pub async fn get_dataset(&self, id: &str) -> Result<DatasetRecord> {
+        if id.is_empty() || id.contains('/') {
+            return Err(Error::Invalid(format!("dataset id {id:?} is not valid")));
+        }
+        self.read(&keys::dataset(id))
+            .await?
+            .map(|(r, _)| r)
+            .ok_or_else(|| Error::NotFound {
+                what: format!("dataset {id:?}"),
+            })
+    }
+
+    /// Every dataset, newest first.
+    pub async fn list_datasets(&self) -> Result<Vec<DatasetRecord>> {
+        let listing = self.store.list(&self.full(keys::DATASETS)).await?;
+        let mut out = listing
+            .items
+            .iter()
+            .map(|kv| decode::<DatasetRecord>(&kv.key, &kv.value))
+            .collect::<Result<Vec<_>>>()?;
+        out.sort_by(|a, b| {
+            b.created_unix_ms
+                .cmp(&a.created_unix_ms)
+                .then(b.id.cmp(&a.id))
+        });
+        Ok(out)
+    }
+
+    /// Delete a dataset's record (its artifact may be shared and stays).
+    pub async fn delete_dataset(&self, id: &str) -> Result<()> {
+        self.get_dataset(id).await?;
+        self.store
+            .delete(&self.full(&keys::dataset(id)))
+            .await
+            .map(|_| ())
     }
 
     // --- workers and placements ---

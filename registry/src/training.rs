@@ -438,3 +438,104 @@ pub fn decode_dataset(bytes: &[u8]) -> crate::Result<(Vec<f32>, Vec<f32>, usize)
     let (labels, _) = read("labels")?;
     Ok((features, labels, rows))
 }
+
+/// A CSV file of numbers parsed for training.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedCsv {
+    /// Row-major features (every column but the label).
+    pub features: Vec<f32>,
+    /// The label column.
+    pub labels: Vec<f32>,
+    /// Rows.
+    pub rows: usize,
+    /// Feature column names, in order.
+    pub feature_columns: Vec<String>,
+}
+
+/// Parse a CSV file with a header row: `label` names the label column, every other column
+/// is a feature. Errors name the row (1 = the first data row) and the column.
+pub fn parse_csv(text: &str, label: &str) -> Result<ParsedCsv> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or_else(|| Error::Invalid("the CSV file is empty".into()))?
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let label_at = header.iter().position(|h| *h == label).ok_or_else(|| {
+        Error::Invalid(format!(
+            "the CSV file has no column named {label:?} (columns: {})",
+            header.join(", ")
+        ))
+    })?;
+    let (mut features, mut labels, mut rows) = (Vec::new(), Vec::new(), 0usize);
+    for (i, line) in lines.enumerate() {
+        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        if cells.len() != header.len() {
+            return Err(Error::Invalid(format!(
+                "CSV row {} has {} cells; the header has {}",
+                i + 1,
+                cells.len(),
+                header.len()
+            )));
+        }
+        for (c, cell) in cells.iter().enumerate() {
+            let value = cell
+                .parse::<f32>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "CSV row {}, column {:?}: {cell:?} is not a number",
+                        i + 1,
+                        header[c]
+                    ))
+                })?;
+            if c == label_at {
+                labels.push(value);
+            } else {
+                features.push(value);
+            }
+        }
+        rows += 1;
+    }
+    if rows == 0 {
+        return Err(Error::Invalid(
+            "the CSV file has a header but no rows".into(),
+        ));
+    }
+    Ok(ParsedCsv {
+        features,
+        labels,
+        rows,
+        feature_columns: header
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != label_at)
+            .map(|(_, h)| (*h).to_owned())
+            .collect(),
+    })
+}
+
+/// `datasets/<id>`: an uploaded dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetRecord {
+    /// Record schema.
+    pub schema: u32,
+    /// Dataset id.
+    pub id: String,
+    /// Name given at upload.
+    pub name: String,
+    /// sha256 of the uploaded file.
+    pub sha256: String,
+    /// Rows.
+    pub rows: u64,
+    /// Feature columns.
+    pub feature_columns: Vec<String>,
+    /// Label column.
+    pub label_column: String,
+    /// The rows, as [`encode_dataset`]'s safetensors file.
+    pub artifact: crate::records::ArtifactRef,
+    /// Upload time.
+    pub created_unix_ms: u64,
+}

@@ -17,8 +17,9 @@ use kiln_proto::kiln::v1::training_server::Training;
 use kiln_registry::records::{SCHEMA, now_unix_ms};
 use kiln_registry::spec::{ModelSpec, Signature, Standardization, validate_name};
 use kiln_registry::training::{
-    Dataset, EarlyStopping, EpochReport, JobRecord, JobState, Loss, NewModelSpec, Optimizer,
-    StopMetric, TrainingConfig, TrainingLimits, encode_dataset, validate,
+    Dataset, DatasetRecord, EarlyStopping, EpochReport, JobRecord, JobState, Loss, NewModelSpec,
+    Optimizer, StopMetric, TrainingConfig, TrainingLimits, decode_dataset, encode_dataset,
+    parse_csv, validate,
 };
 use kiln_registry::weights::SplitMix64;
 use kiln_registry::{ArtifactStore, MlpWeights, NewModel, NewVersion, Registry, WatchedView};
@@ -26,6 +27,9 @@ use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
 
 use crate::convert::{signature_from_proto, spec_from_proto, version_to_proto};
+
+/// Largest dataset file accepted by UploadDataset.
+const MAX_UPLOAD_BYTES: u64 = 512 * 1024 * 1024;
 
 /// How long a queued job waits for a worker to register before it fails.
 const WORKER_WAIT: Duration = Duration::from_secs(60);
@@ -191,7 +195,11 @@ impl TrainingCoordinator {
         .max_decoding_message_size(256 * 1024 * 1024)
     }
 
-    fn check(&self, spec: pb::TrainingJobSpec) -> Result<(Submission, ModelSpec), Status> {
+    fn check(
+        &self,
+        spec: pb::TrainingJobSpec,
+        uploaded: Option<Dataset>,
+    ) -> Result<(Submission, ModelSpec), Status> {
         validate_name("spec.model_name", &spec.model_name).map_err(status)?;
         let view = self.view.current();
         let existing = view.models.get(&spec.model_name);
@@ -295,13 +303,23 @@ impl TrainingCoordinator {
             standardize: spec.standardize,
             early_stopping,
         };
-        let inline = spec
-            .data
-            .ok_or_else(|| Status::invalid_argument("spec.data is missing"))?;
-        let data = Dataset {
-            features: inline.features,
-            labels: inline.labels,
-            rows: inline.rows as usize,
+        let data = match (spec.data, uploaded) {
+            (Some(_), Some(_)) => {
+                return Err(Status::invalid_argument(
+                    "spec.data and spec.dataset_id are both set; give one",
+                ));
+            }
+            (Some(inline), None) => Dataset {
+                features: inline.features,
+                labels: inline.labels,
+                rows: inline.rows as usize,
+            },
+            (None, Some(uploaded)) => uploaded,
+            (None, None) => {
+                return Err(Status::invalid_argument(
+                    "spec.data is missing: give rows inline or an uploaded spec.dataset_id",
+                ));
+            }
         };
         validate(&model_spec, &data, &config, &self.limits).map_err(status)?;
         if !spec.alias.is_empty() {
@@ -327,7 +345,23 @@ impl TrainingCoordinator {
         let spec = req
             .spec
             .ok_or_else(|| Status::invalid_argument("spec is missing"))?;
-        let (submission, model_spec) = self.check(spec)?;
+        let uploaded = if spec.dataset_id.is_empty() {
+            None
+        } else {
+            let record = self
+                .registry
+                .get_dataset(&spec.dataset_id)
+                .await
+                .map_err(status)?;
+            let bytes = self.artifacts.get(&record.artifact).await.map_err(status)?;
+            let (features, labels, rows) = decode_dataset(&bytes).map_err(status)?;
+            Some(Dataset {
+                features,
+                labels,
+                rows,
+            })
+        };
+        let (submission, model_spec) = self.check(spec, uploaded)?;
         let bytes = encode_dataset(
             &submission.data.features,
             &submission.data.labels,
@@ -595,6 +629,18 @@ impl TrainingCoordinator {
     }
 }
 
+fn dataset_to_proto(d: &DatasetRecord) -> pb::DatasetInfo {
+    pb::DatasetInfo {
+        id: d.id.clone(),
+        name: d.name.clone(),
+        sha256: d.sha256.clone(),
+        rows: d.rows,
+        feature_columns: d.feature_columns.clone(),
+        label_column: d.label_column.clone(),
+        created_unix_ms: d.created_unix_ms,
+    }
+}
+
 /// `kiln.v1.Training` over a coordinator.
 pub struct TrainingService {
     coordinator: Arc<TrainingCoordinator>,
@@ -719,6 +765,103 @@ impl Training for TrainingService {
         Ok(Response::new(pb::ListTrainingJobsResponse {
             jobs: jobs.iter().map(job_to_proto).collect(),
         }))
+    }
+
+    async fn upload_dataset(
+        &self,
+        request: Request<tonic::Streaming<pb::UploadDatasetChunk>>,
+    ) -> Result<Response<pb::DatasetInfo>, Status> {
+        use pb::upload_dataset_chunk::Part;
+        let mut chunks = request.into_inner();
+        let header = match chunks.message().await? {
+            Some(pb::UploadDatasetChunk {
+                part: Some(Part::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be the header",
+                ));
+            }
+        };
+        validate_name("header.name", &header.name).map_err(status)?;
+        if header.size_bytes == 0 || header.size_bytes > MAX_UPLOAD_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "header.size_bytes must be between 1 and {MAX_UPLOAD_BYTES}, got {}",
+                header.size_bytes
+            )));
+        }
+        // Everything stays in memory until the last byte: a broken upload leaves nothing.
+        let mut file = Vec::with_capacity(header.size_bytes as usize);
+        while let Some(chunk) = chunks.message().await? {
+            match chunk.part {
+                Some(Part::Data(bytes)) => {
+                    if file.len() as u64 + bytes.len() as u64 > header.size_bytes {
+                        return Err(Status::invalid_argument(format!(
+                            "more bytes arrived than header.size_bytes ({})",
+                            header.size_bytes
+                        )));
+                    }
+                    file.extend_from_slice(&bytes);
+                }
+                _ => return Err(Status::invalid_argument("only data may follow the header")),
+            }
+        }
+        if file.len() as u64 != header.size_bytes {
+            return Err(Status::invalid_argument(format!(
+                "the upload ended after {} of header.size_bytes = {} bytes; nothing was kept",
+                file.len(),
+                header.size_bytes
+            )));
+        }
+        let sha256 = kiln_registry::sha256_hex(&file);
+        let text = std::str::from_utf8(&file)
+            .map_err(|_| Status::invalid_argument("the dataset is not UTF-8 text (CSV)"))?;
+        let parsed = parse_csv(text, &header.label_column).map_err(status)?;
+        let bytes =
+            encode_dataset(&parsed.features, &parsed.labels, parsed.rows).map_err(status)?;
+        let c = &self.coordinator;
+        let artifact = c.artifacts.put(Bytes::from(bytes)).await.map_err(status)?;
+        let created = now_unix_ms();
+        let record = DatasetRecord {
+            schema: SCHEMA,
+            id: format!("ds-{}", &sha256[..16]),
+            name: header.name,
+            sha256,
+            rows: parsed.rows as u64,
+            feature_columns: parsed.feature_columns,
+            label_column: header.label_column,
+            artifact,
+            created_unix_ms: created,
+        };
+        c.registry.put_dataset(&record).await.map_err(status)?;
+        Ok(Response::new(dataset_to_proto(&record)))
+    }
+
+    async fn list_datasets(
+        &self,
+        _: Request<pb::ListDatasetsRequest>,
+    ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        let datasets = self
+            .coordinator
+            .registry
+            .list_datasets()
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListDatasetsResponse {
+            datasets: datasets.iter().map(dataset_to_proto).collect(),
+        }))
+    }
+
+    async fn delete_dataset(
+        &self,
+        request: Request<pb::DeleteDatasetRequest>,
+    ) -> Result<Response<pb::DeleteDatasetResponse>, Status> {
+        self.coordinator
+            .registry
+            .delete_dataset(&request.into_inner().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteDatasetResponse {}))
     }
 
     async fn cancel_training_job(
