@@ -50,6 +50,8 @@ pub struct TrainingCoordinator {
     view: WatchedView,
     limits: TrainingLimits,
     running: Mutex<HashMap<String, Running>>,
+    /// Set by `cancel_all`: jobs cancelled now were stopped by a shutdown, not a user.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 fn status(e: kiln_registry::Error) -> Status {
@@ -172,11 +174,14 @@ impl TrainingCoordinator {
             view,
             limits,
             running: Mutex::new(HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
     /// Cancel every running job (the scheduler is stopping); they register nothing.
     pub fn cancel_all(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         for r in self
             .running
             .lock()
@@ -442,7 +447,11 @@ impl TrainingCoordinator {
             }
             Err(s) if s.code() == tonic::Code::Cancelled => {
                 job.state = JobState::Cancelled;
-                job.reason = "cancelled by request".into();
+                job.reason = if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                    "the scheduler shut down while the job ran".into()
+                } else {
+                    "cancelled by request".into()
+                };
                 event(job.state, Event::Cancelled(job.reason.clone()))
             }
             Err(s) => {
