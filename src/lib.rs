@@ -6,4 +6,28 @@
 pub mod bench;
 pub mod client;
 pub mod embedded;
+pub mod plot;
 pub mod train;
+
+/// Write a line to standard output. A closed pipe (`kiln … | head -1`) ends the process
+/// quietly with success instead of a panic.
+pub fn say_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{args}")
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
+}
+
+/// `println!` for the CLI, through [`say_line`].
+#[macro_export]
+macro_rules! say {
+    () => {
+        $crate::say_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::say_line(format_args!($($arg)*))
+    };
+}

@@ -198,6 +198,17 @@ enum JobsCommand {
         #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
         addr: String,
     },
+    /// Draw a job's loss and accuracy curves into a PNG file.
+    Plot {
+        /// Job id.
+        id: String,
+        /// Output file.
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
     /// Cancel a job.
     Cancel {
         /// Job id.
@@ -299,27 +310,27 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         std::fs::write(path, addr.to_string())
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    println!("Kiln is up: gRPC (Open Inference Protocol, kiln.v1) on {addr}");
-    println!("  data directory: {}", args.data_dir.display());
-    println!("  workers: {}", args.workers);
-    println!();
-    println!("Try it from Python (pip install 'tritonclient[grpc]' numpy):");
-    println!();
-    println!("  import numpy as np, tritonclient.grpc as grpcclient");
-    println!("  c = grpcclient.InferenceServerClient(\"{addr}\")");
-    println!("  x = grpcclient.InferInput(\"input\", [1, 10], \"FP32\")");
-    println!("  x.set_data_from_numpy(np.ones((1, 10), dtype=np.float32))");
-    println!(
+    kiln::say!("Kiln is up: gRPC (Open Inference Protocol, kiln.v1) on {addr}");
+    kiln::say!("  data directory: {}", args.data_dir.display());
+    kiln::say!("  workers: {}", args.workers);
+    kiln::say!();
+    kiln::say!("Try it from Python (pip install 'tritonclient[grpc]' numpy):");
+    kiln::say!();
+    kiln::say!("  import numpy as np, tritonclient.grpc as grpcclient");
+    kiln::say!("  c = grpcclient.InferenceServerClient(\"{addr}\")");
+    kiln::say!("  x = grpcclient.InferInput(\"input\", [1, 10], \"FP32\")");
+    kiln::say!("  x.set_data_from_numpy(np.ones((1, 10), dtype=np.float32))");
+    kiln::say!(
         "  print(c.infer(\"{}\", [x]).as_numpy(\"output\"))",
         embedded::DEMO_MODEL
     );
-    println!();
-    println!(
+    kiln::say!();
+    kiln::say!(
         "or: kiln infer {} --addr {addr} --input '[1,2,3,4,5,6,7,8,9,10]'",
         embedded::DEMO_MODEL
     );
     shutdown_signal().await;
-    println!("Shutting down…");
+    kiln::say!("Shutting down…");
     cluster.stop().await
 }
 
@@ -349,7 +360,7 @@ async fn main() -> std::process::ExitCode {
                 })
                 .await?;
                 let table = kiln::bench::table(&cells);
-                print!("{table}");
+                kiln::say!("{}", table.trim_end());
                 if let Some(path) = output {
                     std::fs::write(&path, &table).with_context(|| format!("cannot write {}", path.display()))?;
                 }
@@ -357,7 +368,7 @@ async fn main() -> std::process::ExitCode {
             }
             Command::Train { file, epochs, batch_size, learning_rate, model, seed, key, detach, addr } => {
                 let overrides = kiln::train::Overrides { epochs, batch_size, learning_rate, model_name: model, seed };
-                println!("{}", kiln::train::train(&addr, &file, &overrides, key, detach).await?);
+                kiln::say!("{}", kiln::train::train(&addr, &file, &overrides, key, detach).await?);
                 Ok(())
             }
             Command::Datasets { command } => {
@@ -368,7 +379,7 @@ async fn main() -> std::process::ExitCode {
                     DatasetsCommand::List { addr } => kiln::train::datasets(&addr).await?,
                     DatasetsCommand::Delete { id, addr } => kiln::train::delete_dataset(&addr, &id).await?,
                 };
-                println!("{}", out.trim_end());
+                kiln::say!("{}", out.trim_end());
                 Ok(())
             }
             Command::Jobs { command } => {
@@ -377,33 +388,34 @@ async fn main() -> std::process::ExitCode {
                     JobsCommand::Show { id, json, addr } => kiln::train::show(&addr, &id, json).await?,
                     JobsCommand::Watch { id, addr } => kiln::train::watch_job(&addr, &id).await?,
                     JobsCommand::Cancel { id, addr } => kiln::train::cancel(&addr, &id).await?,
+                    JobsCommand::Plot { id, output, addr } => kiln::train::plot(&addr, &id, &output).await?,
                 };
-                println!("{}", out.trim_end());
+                kiln::say!("{}", out.trim_end());
                 Ok(())
             }
             Command::Infer { model, input, addr } => {
                 let out = client::infer(&addr, &model, &input).await?;
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                kiln::say!("{}", serde_json::to_string_pretty(&out)?);
                 Ok(())
             }
             Command::Models { command } => match command {
                 ModelsCommand::List { addr } => {
-                    print!("{}", client::models_list(&addr).await?);
+                    kiln::say!("{}", client::models_list(&addr).await?.trim_end());
                     Ok(())
                 }
                 ModelsCommand::Create { spec, weights, seed, addr } => {
                     let v = client::models_create(&addr, &spec, weights.as_deref(), seed).await?;
-                    println!("created {} version {} (sha256 {})", v.model, v.version, v.sha256);
+                    kiln::say!("created {} version {} (sha256 {})", v.model, v.version, v.sha256);
                     Ok(())
                 }
                 ModelsCommand::Export { model, output, addr } => {
                     let v = client::models_export(&addr, &model, &output).await?;
-                    println!("wrote {} version {} to {} ({} bytes, sha256 {})", v.model, v.version, output.display(), v.size_bytes, v.sha256);
+                    kiln::say!("wrote {} version {} to {} ({} bytes, sha256 {})", v.model, v.version, output.display(), v.size_bytes, v.sha256);
                     Ok(())
                 }
                 ModelsCommand::Alias { model, alias, version, addr } => {
                     let a = client::models_alias(&addr, &model, &alias, version).await?;
-                    println!("{}:{} -> version {}", a.model, a.alias, a.version);
+                    kiln::say!("{}:{} -> version {}", a.model, a.alias, a.version);
                     Ok(())
                 }
             },

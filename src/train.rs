@@ -335,7 +335,7 @@ pub async fn watch(addr: &str, id: &str, epochs: u32) -> anyhow::Result<pb::Trai
                     continue;
                 }
                 // Not a terminal: one line per epoch instead of a bar.
-                println!("epoch {:>4}/{epochs} {}", m.epoch, metrics_line(m));
+                crate::say!("epoch {:>4}/{epochs} {}", m.epoch, metrics_line(m));
             }
             Some(Event::Completed(_) | Event::Failed(_) | Event::Cancelled(_)) => {
                 bar.finish();
@@ -384,7 +384,7 @@ pub async fn train(
         .await
         .map_err(status)?
         .into_inner();
-    println!("submitted job {}", job.id);
+    crate::say!("submitted job {}", job.id);
     if detach {
         return Ok(job.id);
     }
@@ -474,6 +474,26 @@ pub async fn delete_dataset(addr: &str, id: &str) -> anyhow::Result<String> {
         .await
         .map_err(status)?;
     Ok(format!("deleted dataset {id}"))
+}
+
+/// `kiln jobs plot ID -o FILE`: the loss and accuracy curves as a PNG.
+pub async fn plot(addr: &str, id: &str, out: &Path) -> anyhow::Result<String> {
+    let j = client(addr)
+        .await?
+        .get_training_job(pb::GetTrainingJobRequest { id: id.into() })
+        .await
+        .map_err(status)?
+        .into_inner();
+    if j.history.is_empty() {
+        bail!("job {id} has no finished epoch to plot yet");
+    }
+    let png = crate::plot::curves(&j.history).png();
+    std::fs::write(out, png).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(format!(
+        "wrote {} epochs of job {id} to {}",
+        j.history.len(),
+        out.display()
+    ))
 }
 
 /// `kiln jobs watch ID`.
