@@ -130,6 +130,9 @@ pub struct JobFile {
     /// Alias to set on success.
     #[serde(default)]
     pub alias: Option<String>,
+    /// Store a checkpoint every this many epochs (0: none).
+    #[serde(default)]
+    pub checkpoint_every: u32,
 }
 
 /// Flags that override the job file.
@@ -261,6 +264,7 @@ pub fn job_spec(file: JobFile, base: &Path, o: &Overrides) -> anyhow::Result<pb:
         seed: o.seed.unwrap_or(file.seed),
         data,
         dataset_id,
+        checkpoint_every: file.checkpoint_every,
         standardize: file.standardize,
         loss: loss as i32,
         optimizer,

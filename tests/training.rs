@@ -97,6 +97,7 @@ async fn a_job_trains_reports_every_epoch_and_its_version_serves_at_once() {
     let (features, labels) = sum_above_five(1000, 7);
     let mut spec = job("sum5", 20, 32, features.clone(), labels.clone());
     spec.alias = "staging".into();
+    spec.checkpoint_every = 5;
     let submitted = training
         .submit_training_job(pb::SubmitTrainingJobRequest {
             spec: Some(spec.clone()),
@@ -162,6 +163,8 @@ async fn a_job_trains_reports_every_epoch_and_its_version_serves_at_once() {
         .jobs;
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].state, pb::JobState::Succeeded as i32);
+    // Checkpoints after epochs 5, 10 and 15 (the 20th is the result): the last one is kept.
+    assert_eq!(jobs[0].checkpoint_epoch, 15);
 
     // Served through the inference protocol with raw features: the server standardises.
     // (The new version may still be loading for a moment.)

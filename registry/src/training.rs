@@ -108,6 +108,9 @@ pub struct TrainingConfig {
     pub standardize: bool,
     /// Early stopping, if any (needs a validation split).
     pub early_stopping: Option<EarlyStopping>,
+    /// Take a checkpoint every this many epochs (0: never).
+    #[serde(default)]
+    pub checkpoint_every: u32,
 }
 
 /// Limits on what one job may ask for.
@@ -396,6 +399,20 @@ pub struct JobRecord {
     pub finished_unix_ms: u64,
     /// Whether early stopping ended it early.
     pub stopped_early: bool,
+    /// The last checkpoint stored, if any.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointRecord>,
+}
+
+/// A checkpoint of a job in the artifact store: where a resumed run starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// The epoch it was taken after.
+    pub epoch: u32,
+    /// Weights (safetensors).
+    pub weights: crate::records::ArtifactRef,
+    /// Burn's optimizer record.
+    pub optimizer_state: crate::records::ArtifactRef,
 }
 
 /// Encode training rows as a safetensors file: `features` `[rows, width]` and `labels`

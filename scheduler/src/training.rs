@@ -17,9 +17,9 @@ use kiln_proto::kiln::v1::training_server::Training;
 use kiln_registry::records::{SCHEMA, now_unix_ms};
 use kiln_registry::spec::{ModelSpec, Signature, Standardization, validate_name};
 use kiln_registry::training::{
-    Dataset, DatasetRecord, EarlyStopping, EpochReport, JobRecord, JobState, Loss, NewModelSpec,
-    Optimizer, StopMetric, TrainingConfig, TrainingLimits, decode_dataset, encode_dataset,
-    parse_csv, validate,
+    CheckpointRecord, Dataset, DatasetRecord, EarlyStopping, EpochReport, JobRecord, JobState,
+    Loss, NewModelSpec, Optimizer, StopMetric, TrainingConfig, TrainingLimits, decode_dataset,
+    encode_dataset, parse_csv, validate,
 };
 use kiln_registry::weights::SplitMix64;
 use kiln_registry::{ArtifactStore, MlpWeights, NewModel, NewVersion, Registry, WatchedView};
@@ -113,6 +113,7 @@ pub fn job_to_proto(job: &JobRecord) -> pb::TrainingJob {
         created_unix_ms: job.created_unix_ms,
         finished_unix_ms: job.finished_unix_ms,
         stopped_early: job.stopped_early,
+        checkpoint_epoch: job.checkpoint.as_ref().map_or(0, |c| c.epoch),
     }
 }
 
@@ -307,6 +308,7 @@ impl TrainingCoordinator {
             validation_fraction: spec.validation_fraction,
             standardize: spec.standardize,
             early_stopping,
+            checkpoint_every: spec.checkpoint_every,
         };
         let data = match (spec.data, uploaded) {
             (Some(_), Some(_)) => {
@@ -400,6 +402,7 @@ impl TrainingCoordinator {
             created_unix_ms: created,
             finished_unix_ms: 0,
             stopped_early: false,
+            checkpoint: None,
         };
         let (job, created) = self.registry.create_job(&job).await.map_err(status)?;
         if created {
@@ -559,6 +562,21 @@ impl TrainingCoordinator {
                     job.history.push(epoch_from_proto(&m));
                     self.registry.put_job(job).await.map_err(status)?;
                     self.publish(&job.id, event(JobState::Running, Event::Epoch(m)));
+                }
+                Some(internal::train_progress::Progress::Checkpoint(c)) => {
+                    MlpWeights::from_safetensors(spec, &c.weights).map_err(status)?;
+                    let weights = self.artifacts.put(c.weights).await.map_err(status)?;
+                    let optimizer_state = self
+                        .artifacts
+                        .put(c.optimizer_state)
+                        .await
+                        .map_err(status)?;
+                    job.checkpoint = Some(CheckpointRecord {
+                        epoch: c.epoch,
+                        weights,
+                        optimizer_state,
+                    });
+                    self.registry.put_job(job).await.map_err(status)?;
                 }
                 Some(internal::train_progress::Progress::Result(r)) => break r,
                 None => {}

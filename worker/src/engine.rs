@@ -176,6 +176,8 @@ pub(crate) enum Command {
 pub enum TrainingEvent {
     /// An epoch ended.
     Epoch(EpochReport),
+    /// A checkpoint: the epoch, the weights and Burn's optimizer record.
+    Checkpoint(u32, MlpWeights, Vec<u8>),
     /// The run finished.
     Finished(Box<TrainingOutcome>),
     /// The run stopped: failed, or cancelled ([`Error::Cancelled`]).
@@ -210,6 +212,19 @@ impl ActiveRun {
             Ok(Step::Batch) => true,
             Ok(Step::Epoch(report)) => {
                 let _ = self.events.send(TrainingEvent::Epoch(report));
+                if self.run.checkpoint_due() {
+                    match guarded(|| self.run.checkpoint()).and_then(|r| r) {
+                        Ok((epoch, weights, state)) => {
+                            let _ = self
+                                .events
+                                .send(TrainingEvent::Checkpoint(epoch, weights, state));
+                        }
+                        Err(e) => {
+                            let _ = self.events.send(TrainingEvent::Stopped(e));
+                            return false;
+                        }
+                    }
+                }
                 true
             }
             Ok(Step::Done(report)) => {
@@ -533,6 +548,7 @@ mod tests {
             validation_fraction: 0.0,
             standardize: false,
             early_stopping: None,
+            checkpoint_every: 0,
         };
         let run = TrainingRun::new(
             &train_spec,
@@ -573,6 +589,7 @@ mod tests {
         let labels = features.chunks(2).map(|r| f32::from(r[0] > r[1])).collect();
         let short = TrainingConfig {
             epochs: 2,
+            checkpoint_every: 1,
             ..config
         };
         let run = TrainingRun::new(
@@ -592,14 +609,22 @@ mod tests {
             .await
             .unwrap();
         let mut epochs = Vec::new();
+        let mut checkpoints = Vec::new();
         let outcome = loop {
             match events.recv().await.unwrap() {
                 TrainingEvent::Epoch(r) => epochs.push(r.epoch),
+                TrainingEvent::Checkpoint(epoch, weights, state) => {
+                    assert!(!state.is_empty(), "the optimizer state is recorded");
+                    assert_eq!(weights.layers.len(), 2);
+                    checkpoints.push(epoch);
+                }
                 TrainingEvent::Finished(outcome) => break outcome,
                 TrainingEvent::Stopped(e) => panic!("stopped: {e}"),
             }
         };
         assert_eq!(epochs, vec![1, 2]);
+        // Every epoch but the last, whose weights are the result itself.
+        assert_eq!(checkpoints, vec![1]);
         assert_eq!(outcome.history.len(), 2);
         assert_ne!(
             outcome.weights,

@@ -441,6 +441,23 @@ async fn start_training(state: &Arc<State>, req: pb::TrainRequest) -> Result<Tra
                         true,
                     )
                 }
+                TrainingEvent::Checkpoint(epoch, weights, state) => {
+                    match weights.to_safetensors(&spec) {
+                        Ok(bytes) => (
+                            Ok(pb::TrainProgress {
+                                progress: Some(pb::train_progress::Progress::Checkpoint(
+                                    pb::TrainCheckpoint {
+                                        epoch,
+                                        weights: bytes.into(),
+                                        optimizer_state: state.into(),
+                                    },
+                                )),
+                            }),
+                            false,
+                        ),
+                        Err(e) => (Err(Status::internal(e.to_string())), true),
+                    }
+                }
                 TrainingEvent::Stopped(e) => (Err(Status::from(e)), true),
             };
             Some((item.0, (events, guard, spec, item.1)))

@@ -201,6 +201,16 @@ pub enum Step {
     Done(EpochReport),
 }
 
+impl Step {
+    /// The epoch that ended, if this step ended one.
+    pub fn report(&self) -> Option<&EpochReport> {
+        match self {
+            Step::Batch => None,
+            Step::Epoch(r) | Step::Done(r) => Some(r),
+        }
+    }
+}
+
 /// A training run that advances one batch at a time, so that the engine thread can serve
 /// inference between batches.
 pub struct TrainingRun {
@@ -417,6 +427,20 @@ impl TrainingRun {
         } else {
             Step::Epoch(report)
         })
+    }
+
+    /// Whether a checkpoint is due after the epoch that just ended.
+    pub fn checkpoint_due(&self) -> bool {
+        let every = self.config.checkpoint_every;
+        every > 0 && self.cursor == 0 && self.epoch > 0 && self.epoch.is_multiple_of(every)
+    }
+
+    /// The run's state to resume from: the epoch, the weights and Burn's optimizer record.
+    pub fn checkpoint(&self) -> Result<(u32, MlpWeights, Vec<u8>)> {
+        let state = self.optimizer.into_bytes().map_err(|e| {
+            Error::TrainingFailed(format!("cannot record the optimizer state: {e:?}"))
+        })?;
+        Ok((self.epoch, self.weights(), state.to_vec()))
     }
 
     /// The current weights, read back from the device.

@@ -43,6 +43,7 @@ fn config(epochs: u32, batch_size: u32, loss: Loss, optimizer: Optimizer) -> Tra
         validation_fraction: 0.2,
         standardize: false,
         early_stopping: None,
+        checkpoint_every: 0,
     }
 }
 
