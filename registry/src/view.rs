@@ -267,6 +267,10 @@ async fn follow(
                     Ok(Some(Ok(event))) => event,
                 };
                 revision = event.revision();
+                // Jobs and datasets change every epoch and are not part of the view.
+                if !in_view(&prefix, event.key()) {
+                    continue;
+                }
                 match event {
                     WatchEvent::Put(kv) => {
                         items.insert(kv.key.clone(), kv);
@@ -296,6 +300,20 @@ async fn follow(
             }
         }
     }
+}
+
+/// Whether a key is one the view is built from.
+fn in_view(prefix: &str, key: &str) -> bool {
+    key.strip_prefix(prefix).is_some_and(|k| {
+        [
+            keys::MODELS,
+            keys::WORKERS,
+            keys::PLACEMENTS,
+            keys::DEPLOYMENTS,
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+    })
 }
 
 fn publish(
