@@ -41,6 +41,8 @@ const WATCH_BUFFER: usize = 1024;
 struct Running {
     events: broadcast::Sender<pb::TrainingEvent>,
     cancel: watch::Sender<bool>,
+    /// The worker it runs on, once started (for choosing the least busy worker).
+    worker: Option<String>,
 }
 
 /// Runs training jobs.
@@ -411,7 +413,14 @@ impl TrainingCoordinator {
             self.running
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(job.id.clone(), Running { events, cancel });
+                .insert(
+                    job.id.clone(),
+                    Running {
+                        events,
+                        cancel,
+                        worker: None,
+                    },
+                );
             let me = self.clone();
             let record = job.clone();
             tokio::spawn(async move { me.run(record, model_spec, cancelled).await });
@@ -490,15 +499,15 @@ impl TrainingCoordinator {
                 Status::unavailable(format!("no worker registered within {WORKER_WAIT:?}"))
             })?;
         // The worker running the fewest jobs right now (all equal: the first by id).
+        // Jobs per worker, from the jobs this coordinator runs (no store read per job).
         let busy: HashMap<String, usize> = self
-            .registry
-            .list_jobs()
-            .await
-            .map_err(status)?
-            .into_iter()
-            .filter(|j| j.state == JobState::Running)
-            .fold(HashMap::new(), |mut m, j| {
-                *m.entry(j.worker).or_default() += 1;
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|r| r.worker.clone())
+            .fold(HashMap::new(), |mut m, w| {
+                *m.entry(w).or_default() += 1;
                 m
             });
         let worker = view
@@ -546,6 +555,14 @@ impl TrainingCoordinator {
         let mut stream = client.train(request).await?.into_inner();
         job.state = JobState::Running;
         job.worker = worker.id.clone();
+        if let Some(r) = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&job.id)
+        {
+            r.worker = Some(worker.id.clone());
+        }
         self.registry.put_job(job).await.map_err(status)?;
         self.publish(
             &job.id,
