@@ -201,6 +201,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<Cell>> {
         device: config.device.clone(),
         gateway: GatewayConfig::default(),
         lease_ttl: Duration::from_secs(10),
+        training_limits: Default::default(),
     })
     .await?;
     let channel = Channel::from_shared(format!("http://{}", cluster.addr))?

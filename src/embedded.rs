@@ -40,6 +40,8 @@ pub struct UpConfig {
     pub gateway: GatewayConfig,
     /// Lease TTL of the workers' registrations.
     pub lease_ttl: Duration,
+    /// Caps on what one training job or upload may ask for.
+    pub training_limits: kiln_registry::training::TrainingLimits,
 }
 
 /// A running embedded cluster.
@@ -149,7 +151,7 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
         registry.clone(),
         artifacts.clone(),
         view.clone(),
-        kiln_registry::training::TrainingLimits::default(),
+        config.training_limits,
     )
     .await?;
     let scheduler_listener = TcpListener::bind("127.0.0.1:0").await?;

@@ -137,17 +137,29 @@ struct UpArgs {
     /// Write the gateway's bound address to this file once it listens (for scripts).
     #[arg(long, env = "KILN_ADDR_FILE")]
     addr_file: Option<PathBuf>,
+    /// Most epochs one training job may ask for.
+    #[arg(long, env = "KILN_MAX_EPOCHS", default_value_t = 1_000)]
+    max_epochs: u32,
+    /// Most rows in a job's training, validation or test data, or in an uploaded dataset.
+    #[arg(long, env = "KILN_MAX_ROWS", default_value_t = 10_000_000)]
+    max_rows: usize,
+    /// Largest dataset upload, in MiB.
+    #[arg(long, env = "KILN_MAX_UPLOAD_MIB", default_value_t = 512)]
+    max_upload_mib: u64,
 }
 
 #[derive(Subcommand)]
 enum DatasetsCommand {
-    /// Upload a CSV file (header row; numbers only).
+    /// Upload a CSV file (header row; numbers only), or NumPy features and labels files.
     Upload {
-        /// The file.
+        /// The CSV file, or the features `.npy` file.
         file: PathBuf,
-        /// The label column.
+        /// The CSV file's label column (for NumPy files: a name for the labels).
         #[arg(long)]
-        label: String,
+        label: Option<String>,
+        /// The labels `.npy` file, when FILE is a features `.npy` file.
+        #[arg(long)]
+        labels: Option<PathBuf>,
         /// A name (default: the file's name).
         #[arg(long)]
         name: Option<String>,
@@ -292,6 +304,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     if args.max_message_mib == 0 || args.max_message_mib > 2047 {
         anyhow::bail!("--max-message-mib must be between 1 and 2047");
     }
+    if args.max_epochs == 0 || args.max_rows == 0 || args.max_upload_mib == 0 {
+        anyhow::bail!("--max-epochs, --max-rows and --max-upload-mib must be at least 1");
+    }
     let config = UpConfig {
         grpc_addr: args.grpc_addr,
         workers: args.workers,
@@ -303,6 +318,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             ..GatewayConfig::default()
         },
         lease_ttl: Duration::from_secs(10),
+        training_limits: kiln_registry::training::TrainingLimits {
+            max_epochs: args.max_epochs,
+            max_rows: args.max_rows,
+            max_upload_bytes: args.max_upload_mib * 1024 * 1024,
+        },
     };
     let cluster = embedded::start(config).await?;
     let addr = cluster.addr;
@@ -373,8 +393,15 @@ async fn main() -> std::process::ExitCode {
             }
             Command::Datasets { command } => {
                 let out = match command {
-                    DatasetsCommand::Upload { file, label, name, addr } => {
-                        kiln::train::upload(&addr, &file, &label, name).await?
+                    DatasetsCommand::Upload {
+                        file,
+                        label,
+                        labels,
+                        name,
+                        addr,
+                    } => {
+                        kiln::train::upload(&addr, &file, label.as_deref(), labels.as_deref(), name)
+                            .await?
                     }
                     DatasetsCommand::List { addr } => kiln::train::datasets(&addr).await?,
                     DatasetsCommand::Delete { id, addr } => kiln::train::delete_dataset(&addr, &id).await?,

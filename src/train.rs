@@ -26,6 +26,14 @@ pub enum DataSource {
         /// The label column's name.
         label: String,
     },
+    /// Two NumPy `.npy` files: features (rows × columns) and labels (paths are relative to
+    /// the job file).
+    Npy {
+        /// The features file.
+        features: PathBuf,
+        /// The labels file.
+        labels: PathBuf,
+    },
     /// A dataset uploaded with `kiln datasets upload`.
     Dataset {
         /// Its id.
@@ -85,7 +93,7 @@ pub struct EarlyStoppingFile {
     pub patience: u32,
 }
 
-/// A job file for `kiln train` (JSON). Every field is documented in docs/training.md.
+/// A job file for `kiln train` (YAML or JSON). Every field is documented in docs/training.md.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobFile {
@@ -133,6 +141,12 @@ pub struct JobFile {
     /// Store a checkpoint every this many epochs (0: none).
     #[serde(default)]
     pub checkpoint_every: u32,
+    /// Rows to validate on instead of a split.
+    #[serde(default)]
+    pub validation_data: Option<DataSource>,
+    /// Rows the result is measured on once, at the end.
+    #[serde(default)]
+    pub test_data: Option<DataSource>,
 }
 
 /// Flags that override the job file.
@@ -160,49 +174,73 @@ pub fn read_csv(path: &Path, label: &str) -> anyhow::Result<(Vec<f32>, Vec<f32>,
     Ok((parsed.features, parsed.labels, parsed.rows as u32))
 }
 
+/// Read a pair of `.npy` files into (features, labels, rows).
+pub fn read_npy(features: &Path, labels: &Path) -> anyhow::Result<(Vec<f32>, Vec<f32>, u32)> {
+    let x =
+        std::fs::read(features).with_context(|| format!("cannot read {}", features.display()))?;
+    let y = std::fs::read(labels).with_context(|| format!("cannot read {}", labels.display()))?;
+    let parsed = kiln_registry::training::parse_npy(&x, &y)
+        .map_err(|e| anyhow::anyhow!("{} / {}: {e}", features.display(), labels.display()))?;
+    Ok((parsed.features, parsed.labels, parsed.rows as u32))
+}
+
+/// Rows from a job file's data source: inline rows for the request, or a dataset id.
+fn rows_of(
+    source: DataSource,
+    base: &Path,
+    field: &str,
+) -> anyhow::Result<(Option<pb::InlineData>, String)> {
+    let inline = |(features, labels, rows)| {
+        Ok((
+            Some(pb::InlineData {
+                features,
+                labels,
+                rows,
+            }),
+            String::new(),
+        ))
+    };
+    match source {
+        DataSource::Csv { path, label } => inline(read_csv(&base.join(path), &label)?),
+        DataSource::Npy { features, labels } => {
+            inline(read_npy(&base.join(features), &base.join(labels))?)
+        }
+        DataSource::Dataset { id } => Ok((None, id)),
+        DataSource::Inline { features, labels } => {
+            let rows = features.len() as u32;
+            let mut flat_labels = Vec::new();
+            for (i, l) in labels.iter().enumerate() {
+                match l {
+                    serde_json::Value::Array(values) => {
+                        for v in values {
+                            flat_labels.push(v.as_f64().with_context(|| {
+                                format!("{field}.labels[{i}] holds a non-number")
+                            })? as f32);
+                        }
+                    }
+                    v => flat_labels.push(
+                        v.as_f64()
+                            .with_context(|| format!("{field}.labels[{i}] is not a number"))?
+                            as f32,
+                    ),
+                }
+            }
+            inline((features.into_iter().flatten().collect(), flat_labels, rows))
+        }
+    }
+}
+
 /// Build the wire spec of a job file.
 pub fn job_spec(file: JobFile, base: &Path, o: &Overrides) -> anyhow::Result<pb::TrainingJobSpec> {
-    let mut dataset_id = String::new();
-    let data =
-        match file.data {
-            DataSource::Csv { path, label } => {
-                let (features, labels, rows) = read_csv(&base.join(path), &label)?;
-                Some(pb::InlineData {
-                    features,
-                    labels,
-                    rows,
-                })
-            }
-            DataSource::Dataset { id } => {
-                dataset_id = id;
-                None
-            }
-            DataSource::Inline { features, labels } => {
-                let rows = features.len() as u32;
-                let mut flat_labels = Vec::new();
-                for (i, l) in labels.iter().enumerate() {
-                    match l {
-                        serde_json::Value::Array(values) => {
-                            for v in values {
-                                flat_labels.push(v.as_f64().with_context(|| {
-                                    format!("data.labels[{i}] holds a non-number")
-                                })? as f32);
-                            }
-                        }
-                        v => flat_labels.push(
-                            v.as_f64()
-                                .with_context(|| format!("data.labels[{i}] is not a number"))?
-                                as f32,
-                        ),
-                    }
-                }
-                Some(pb::InlineData {
-                    features: features.into_iter().flatten().collect(),
-                    labels: flat_labels,
-                    rows,
-                })
-            }
-        };
+    let (data, dataset_id) = rows_of(file.data, base, "data")?;
+    let (validation_data, validation_dataset_id) = match file.validation_data {
+        Some(source) => rows_of(source, base, "validation_data")?,
+        None => (None, String::new()),
+    };
+    let (test_data, test_dataset_id) = match file.test_data {
+        Some(source) => rows_of(source, base, "test_data")?,
+        None => (None, String::new()),
+    };
     let loss = match file.loss.as_deref() {
         None | Some("") => pb::LossKind::Unspecified,
         Some("binary_cross_entropy") => pb::LossKind::BinaryCrossEntropy,
@@ -277,7 +315,31 @@ pub fn job_spec(file: JobFile, base: &Path, o: &Overrides) -> anyhow::Result<pb:
             patience: e.patience,
         }),
         alias: file.alias.unwrap_or_default(),
+        validation_data,
+        validation_dataset_id,
+        test_data,
+        test_dataset_id,
     })
+}
+
+/// Read a job file: YAML when its name ends in `.yaml` or `.yml`, JSON otherwise.
+pub fn read_job_file(path: &Path) -> anyhow::Result<JobFile> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let yaml = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+    if yaml {
+        // YAML is another spelling of the same document: read it as a tree, then as a job
+        // (so `spec: {mlp: …}` maps work as in JSON, without YAML's `!tags`).
+        let tree: serde_json::Value = serde_yaml::from_str(&text)
+            .with_context(|| format!("{} is not valid YAML", path.display()))?;
+        serde_json::from_value(tree)
+            .with_context(|| format!("{} is not a valid job file", path.display()))
+    } else {
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid job file", path.display()))
+    }
 }
 
 async fn client(addr: &str) -> anyhow::Result<TrainingClient<Channel>> {
@@ -372,10 +434,7 @@ pub async fn train(
     key: Option<String>,
     detach: bool,
 ) -> anyhow::Result<String> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let file: JobFile = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a valid job file", path.display()))?;
+    let file = read_job_file(path)?;
     let base = path.parent().unwrap_or(Path::new("."));
     let spec = job_spec(file, base, overrides)?;
     let epochs = spec.epochs;
@@ -396,14 +455,39 @@ pub async fn train(
     describe_end(&end)
 }
 
-/// `kiln datasets upload FILE --label COLUMN`: stream a CSV file in 64 KiB chunks.
+/// `kiln datasets upload FILE --label COLUMN` (CSV) or `kiln datasets upload X.npy --labels
+/// Y.npy`: stream the file(s) in 64 KiB chunks.
 pub async fn upload(
     addr: &str,
     path: &Path,
-    label: &str,
+    label: Option<&str>,
+    labels_file: Option<&Path>,
     name: Option<String>,
 ) -> anyhow::Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut bytes =
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let npy = kiln_registry::npy::is_npy(&bytes);
+    let (format, labels_size) = match (npy, labels_file) {
+        (true, Some(labels_path)) => {
+            let labels = std::fs::read(labels_path)
+                .with_context(|| format!("cannot read {}", labels_path.display()))?;
+            let size = labels.len() as u64;
+            bytes.extend_from_slice(&labels);
+            (pb::DatasetFormat::Npy, size)
+        }
+        (true, None) => bail!(
+            "{} is a NumPy file: name the labels file with --labels LABELS.npy",
+            path.display()
+        ),
+        (false, Some(_)) => bail!(
+            "--labels is for NumPy .npy uploads; {} is not one (a CSV file names its label column with --label)",
+            path.display()
+        ),
+        (false, None) if label.is_none() => {
+            bail!("name the CSV file's label column with --label COLUMN")
+        }
+        (false, None) => (pb::DatasetFormat::Csv, 0),
+    };
     let name = name.unwrap_or_else(|| {
         path.file_stem()
             .map(|s| {
@@ -418,8 +502,10 @@ pub async fn upload(
     let header = pb::UploadDatasetChunk {
         part: Some(pb::upload_dataset_chunk::Part::Header(pb::DatasetHeader {
             name,
-            label_column: label.into(),
-            size_bytes: bytes.len() as u64,
+            label_column: label.unwrap_or_default().into(),
+            size_bytes: bytes.len() as u64 - labels_size,
+            format: format as i32,
+            labels_size_bytes: labels_size,
         })),
     };
     let chunks: Vec<pb::UploadDatasetChunk> = std::iter::once(header)
@@ -434,13 +520,18 @@ pub async fn upload(
         .map_err(status)?
         .into_inner();
     Ok(format!(
-        "dataset {} ({}): {} rows, features {}, label {}, sha256 {}",
+        "dataset {} ({}): {} rows, features {}, label {}, sha256 {}{}",
         d.id,
         d.name,
         d.rows,
         d.feature_columns.join(","),
         d.label_column,
-        d.sha256
+        d.sha256,
+        if d.labels_sha256.is_empty() {
+            String::new()
+        } else {
+            format!(", labels sha256 {}", d.labels_sha256)
+        }
     ))
 }
 
@@ -587,6 +678,12 @@ pub async fn show(addr: &str, id: &str, json: bool) -> anyhow::Result<String> {
             "result_version": j.result_version,
             "reason": j.reason,
             "stopped_early": j.stopped_early,
+            "best_epoch": j.best_epoch,
+            "test": j.test.map(|t| serde_json::json!({
+                "loss": t.loss,
+                "accuracy": t.accuracy,
+                "rows": t.rows,
+            })),
             "history": history,
         });
         return Ok(serde_json::to_string_pretty(&out)?);
@@ -610,6 +707,16 @@ pub async fn show(addr: &str, id: &str, json: bool) -> anyhow::Result<String> {
     }
     if !j.reason.is_empty() {
         out.push_str(&format!("  reason: {}\n", j.reason));
+    }
+    if j.best_epoch > 0 && j.best_epoch as usize != j.history.len() {
+        out.push_str(&format!("  weights from epoch: {}\n", j.best_epoch));
+    }
+    if let Some(t) = &j.test {
+        out.push_str(&format!("  test: loss {:.4}", t.loss));
+        if let Some(a) = t.accuracy {
+            out.push_str(&format!(" acc {a:.4}"));
+        }
+        out.push_str(&format!(" ({} rows)\n", t.rows));
     }
     for m in &j.history {
         out.push_str(&format!("  epoch {:>4} {}\n", m.epoch, metrics_line(m)));
@@ -664,5 +771,86 @@ mod tests {
             let err = read_csv(&path, label).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    /// A `.npy` file as NumPy lays it out (version 1, header padded to 64 bytes).
+    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let mut header =
+            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn yaml_job_files_name_every_source_of_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("train.csv"), "a,b,y\n1,2,0\n3,4,1\n").unwrap();
+        let x: Vec<u8> = [0.5f32, 1.5, 2.5, 3.5]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        std::fs::write(dir.path().join("x.npy"), npy("<f4", "(2, 2)", &x)).unwrap();
+        std::fs::write(dir.path().join("y.npy"), npy("|u1", "(2,)", &[1, 0])).unwrap();
+        let path = dir.path().join("job.yaml");
+        std::fs::write(
+            &path,
+            "model_name: tiny
+spec:
+  mlp:
+    input_width: 2
+    hidden: [4]
+    activation: relu
+    output_width: 1
+    task: binary_classification
+data:
+  csv: {path: train.csv, label: y}
+validation_data:
+  npy: {features: x.npy, labels: y.npy}
+test_data:
+  dataset: {id: ds-0123}
+optimizer:
+  sgd: {learning_rate: 0.1, momentum: 0.9}
+epochs: 5
+batch_size: 2
+",
+        )
+        .unwrap();
+        let file = read_job_file(&path).unwrap();
+        let spec = job_spec(
+            file,
+            dir.path(),
+            &Overrides {
+                epochs: Some(7),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        let data = spec.data.unwrap();
+        assert_eq!(
+            (data.features, data.labels),
+            (vec![1.0, 2.0, 3.0, 4.0], vec![0.0, 1.0])
+        );
+        let validation = spec.validation_data.unwrap();
+        assert_eq!(validation.features, vec![0.5, 1.5, 2.5, 3.5]);
+        assert_eq!((validation.labels, validation.rows), (vec![1.0, 0.0], 2));
+        assert_eq!(spec.test_dataset_id, "ds-0123");
+        assert!(spec.test_data.is_none());
+        assert_eq!(spec.epochs, 7, "the flag overrides the file");
+        assert!(matches!(
+            spec.optimizer,
+            Some(pb::training_job_spec::Optimizer::Sgd(pb::Sgd { momentum, .. })) if momentum == 0.9
+        ));
+
+        // A field the job file does not know is an error that names it.
+        std::fs::write(&path, "model_name: m\nepochs: 1\nbatch_size: 1\nepoch: 3\n").unwrap();
+        let err = format!("{:#}", read_job_file(&path).unwrap_err());
+        assert!(err.contains("unknown field `epoch`"), "{err}");
     }
 }

@@ -28,6 +28,7 @@ fn config(dir: &Path) -> UpConfig {
         device: DeviceChoice::Cpu,
         gateway: GatewayConfig::default(),
         lease_ttl: Duration::from_secs(10),
+        training_limits: Default::default(),
     }
 }
 

@@ -26,6 +26,12 @@ async fn start(dir: &std::path::Path) -> (embedded::Embedded, Channel) {
         device: DeviceChoice::Cpu,
         gateway: GatewayConfig::default(),
         lease_ttl: Duration::from_secs(10),
+        // Caps below the defaults, to see that the server's settings are the ones applied.
+        training_limits: kiln_registry::training::TrainingLimits {
+            max_epochs: 500,
+            max_rows: 50_000,
+            max_upload_bytes: 4 * 1024 * 1024,
+        },
     })
     .await
     .unwrap();
@@ -98,6 +104,12 @@ async fn a_job_trains_reports_every_epoch_and_its_version_serves_at_once() {
     let mut spec = job("sum5", 20, 32, features.clone(), labels.clone());
     spec.alias = "staging".into();
     spec.checkpoint_every = 5;
+    let (test_features, test_labels) = sum_above_five(300, 8);
+    spec.test_data = Some(pb::InlineData {
+        features: test_features.clone(),
+        labels: test_labels.clone(),
+        rows: 300,
+    });
     let submitted = training
         .submit_training_job(pb::SubmitTrainingJobRequest {
             spec: Some(spec.clone()),
@@ -144,6 +156,13 @@ async fn a_job_trains_reports_every_epoch_and_its_version_serves_at_once() {
     let version = version.unwrap();
     assert_eq!((version.model.as_str(), version.version), ("sum5", 1));
     assert_eq!(version.source, format!("job:{}", submitted.id));
+    // The version carries the metrics of its epoch and of the test rows.
+    assert_eq!(
+        version.metrics.get("validation_accuracy"),
+        Some(&last_accuracy)
+    );
+    let test_accuracy = *version.metrics.get("test_accuracy").unwrap();
+    assert!(test_accuracy >= 0.9, "test accuracy {test_accuracy}");
 
     // The same idempotency key gives the same job, not a second one.
     let again = training
@@ -165,6 +184,9 @@ async fn a_job_trains_reports_every_epoch_and_its_version_serves_at_once() {
     assert_eq!(jobs[0].state, pb::JobState::Succeeded as i32);
     // Checkpoints after epochs 5, 10 and 15 (the 20th is the result): the last one is kept.
     assert_eq!(jobs[0].checkpoint_epoch, 15);
+    let test = jobs[0].test.unwrap();
+    assert_eq!((test.rows, test.accuracy), (300, Some(test_accuracy)));
+    assert_eq!(jobs[0].best_epoch, 20);
 
     // Served through the inference protocol with raw features: the server standardises.
     // (The new version may still be loading for a moment.)
@@ -208,6 +230,30 @@ async fn a_job_trains_reports_every_epoch_and_its_version_serves_at_once() {
         (accuracy - last_accuracy).abs() < 0.05,
         "served accuracy {accuracy} vs reported validation accuracy {last_accuracy}"
     );
+    // The test rows served give the test accuracy the job reported.
+    let mut predictions = Vec::new();
+    for chunk in test_features.chunks(50 * 10) {
+        let served = oip
+            .model_infer(ModelInferRequest {
+                model_name: "sum5".into(),
+                model_version: "staging".into(),
+                inputs: vec![fp32_input("input", chunk.len() / 10, chunk.to_vec())],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        predictions.extend(served.outputs[0].contents.clone().unwrap().fp32_contents);
+    }
+    let right = predictions
+        .iter()
+        .zip(&test_labels)
+        .filter(|(p, y)| (**p > 0.5) == (**y == 1.0))
+        .count();
+    assert!(
+        (right as f64 / 300.0 - test_accuracy).abs() <= 1.0 / 300.0,
+        "served {right}/300 vs reported test accuracy {test_accuracy}"
+    );
     cluster.stop().await.unwrap();
 }
 
@@ -222,7 +268,7 @@ async fn cancel_stops_a_running_job_while_other_models_serve() {
     let (features, labels) = sum_above_five(1000, 9);
     let job = training
         .submit_training_job(pb::SubmitTrainingJobRequest {
-            spec: Some(job("slow", 1000, 1, features, labels)),
+            spec: Some(job("slow", 500, 1, features, labels)),
             idempotency_key: String::new(),
         })
         .await
@@ -307,11 +353,24 @@ async fn bad_jobs_are_invalid_argument_naming_the_field() {
     ));
     cases.push((
         pb::TrainingJobSpec {
-            epochs: 100_000,
+            epochs: 501,
             ..job("m", 1, 4, features.clone(), labels.clone())
         },
-        "epochs",
+        "epochs must be between 1 and 500",
     ));
+    let (many_x, many_y) = sum_above_five(50_001, 2);
+    cases.push((job("m", 1, 4, many_x, many_y), "at most 50000"));
+    let mut both = job("m", 1, 4, features.clone(), labels.clone());
+    both.validation_data = both.data.clone();
+    cases.push((both, "validation_fraction and validation_data"));
+    let mut bad_test = job("m", 1, 4, features.clone(), labels.clone());
+    bad_test.test_data = bad_test.data.clone();
+    bad_test.test_data.as_mut().unwrap().labels[5] = 2.0;
+    cases.push((bad_test, "test_data.labels: row 5"));
+    let mut two_sources = job("m", 1, 4, features.clone(), labels.clone());
+    two_sources.test_data = two_sources.data.clone();
+    two_sources.test_dataset_id = "ds-x".into();
+    cases.push((two_sources, "spec.test_data and spec.test_dataset_id"));
     let mut lr = job("m", 1, 4, features.clone(), labels.clone());
     lr.optimizer = Some(pb::training_job_spec::Optimizer::Sgd(pb::Sgd {
         learning_rate: -1.0,
@@ -403,6 +462,24 @@ async fn two_jobs_at_once_both_complete_while_another_model_serves() {
     cluster.stop().await.unwrap();
 }
 
+fn f32_le(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// A NumPy version-1 `.npy` file, laid out as the format's specification describes.
+fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
 fn chunks(header: pb::DatasetHeader, bytes: &[u8]) -> Vec<pb::UploadDatasetChunk> {
     std::iter::once(pb::UploadDatasetChunk {
         part: Some(pb::upload_dataset_chunk::Part::Header(header)),
@@ -432,6 +509,7 @@ async fn uploaded_datasets_keep_their_sha256_and_train_jobs() {
         name: "sum5".into(),
         label_column: "y".into(),
         size_bytes: bytes.len() as u64,
+        ..Default::default()
     };
     let info = training
         .upload_dataset(futures::stream::iter(chunks(header.clone(), &bytes)))
@@ -447,13 +525,27 @@ async fn uploaded_datasets_keep_their_sha256_and_train_jobs() {
         .upload_dataset(futures::stream::iter(chunks(
             pb::DatasetHeader {
                 name: "short".into(),
-                ..header
+                ..header.clone()
             },
             &bytes[..bytes.len() / 2],
         )))
         .await
         .unwrap_err();
     assert_eq!(short.code(), tonic::Code::InvalidArgument, "{short:?}");
+    // Nor does one over the server's upload limit (4 MiB here), refused from its header.
+    let big = training
+        .upload_dataset(futures::stream::iter(chunks(
+            pb::DatasetHeader {
+                name: "big".into(),
+                size_bytes: 5 << 20,
+                ..header.clone()
+            },
+            &[],
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(big.code(), tonic::Code::InvalidArgument, "{big:?}");
+    assert!(big.message().contains("upload limit"), "{}", big.message());
     let listed = training
         .list_datasets(pb::ListDatasetsRequest {})
         .await
@@ -465,10 +557,70 @@ async fn uploaded_datasets_keep_their_sha256_and_train_jobs() {
         vec!["sum5"]
     );
 
-    // A job trains on it by id.
+    // NumPy files: float32 features in C order, int64 labels.
+    let (npy_x, npy_y) = sum_above_five(500, 32);
+    let features_file = npy("<f4", "(500, 10)", &f32_le(&npy_x));
+    let labels_file = npy(
+        "<i8",
+        "(500,)",
+        &npy_y
+            .iter()
+            .flat_map(|y| (*y as i64).to_le_bytes())
+            .collect::<Vec<u8>>(),
+    );
+    let both: Vec<u8> = [features_file.clone(), labels_file.clone()].concat();
+    let held_out = training
+        .upload_dataset(futures::stream::iter(chunks(
+            pb::DatasetHeader {
+                name: "held-out".into(),
+                label_column: String::new(),
+                size_bytes: features_file.len() as u64,
+                format: pb::DatasetFormat::Npy as i32,
+                labels_size_bytes: labels_file.len() as u64,
+            },
+            &both,
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held_out.rows, 500);
+    assert_eq!(held_out.feature_columns[9], "x9");
+    assert_eq!(held_out.label_column, "label");
+    assert_eq!(held_out.sha256, kiln_registry::sha256_hex(&features_file));
+    assert_eq!(
+        held_out.labels_sha256,
+        kiln_registry::sha256_hex(&labels_file)
+    );
+    // Labels that do not match the features' rows are refused, naming both files.
+    let three_labels = npy("<i8", "(3,)", &[0u8; 24]);
+    let mismatched = training
+        .upload_dataset(futures::stream::iter(chunks(
+            pb::DatasetHeader {
+                name: "mismatched".into(),
+                label_column: String::new(),
+                size_bytes: features_file.len() as u64,
+                format: pb::DatasetFormat::Npy as i32,
+                labels_size_bytes: three_labels.len() as u64,
+            },
+            &[features_file.clone(), three_labels].concat(),
+        )))
+        .await
+        .unwrap_err();
+    assert!(
+        mismatched
+            .message()
+            .contains("labels.npy has 3 rows; features.npy has 500"),
+        "{}",
+        mismatched.message()
+    );
+
+    // A job trains on the CSV dataset by id, validates and tests on the NumPy one.
     let mut spec = job("from-dataset", 3, 64, vec![], vec![]);
     spec.data = None;
     spec.dataset_id = info.id.clone();
+    spec.validation_fraction = 0.0;
+    spec.validation_dataset_id = held_out.id.clone();
+    spec.test_dataset_id = held_out.id.clone();
     let submitted = training
         .submit_training_job(pb::SubmitTrainingJobRequest {
             spec: Some(spec),
@@ -478,7 +630,9 @@ async fn uploaded_datasets_keep_their_sha256_and_train_jobs() {
         .unwrap()
         .into_inner();
     let mut events = training
-        .watch_training_job(pb::WatchTrainingJobRequest { id: submitted.id })
+        .watch_training_job(pb::WatchTrainingJobRequest {
+            id: submitted.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -491,11 +645,25 @@ async fn uploaded_datasets_keep_their_sha256_and_train_jobs() {
         }
     }
     assert!(completed);
-
-    training
-        .delete_dataset(pb::DeleteDatasetRequest { id: info.id })
+    let finished = training
+        .get_training_job(pb::GetTrainingJobRequest { id: submitted.id })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    let last = finished.history.last().unwrap();
+    let test = finished.test.unwrap();
+    assert_eq!(test.rows, 500);
+    assert_eq!(
+        last.validation_accuracy, test.accuracy,
+        "same rows, same weights"
+    );
+
+    for id in [info.id, held_out.id] {
+        training
+            .delete_dataset(pb::DeleteDatasetRequest { id })
+            .await
+            .unwrap();
+    }
     assert!(
         training
             .list_datasets(pb::ListDatasetsRequest {})

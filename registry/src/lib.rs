@@ -17,6 +17,7 @@ mod error;
 pub mod file;
 pub mod kv;
 pub mod memory;
+pub mod npy;
 pub mod records;
 pub mod registry;
 pub mod spec;

@@ -118,8 +118,10 @@ pub struct TrainingConfig {
 pub struct TrainingLimits {
     /// Most epochs.
     pub max_epochs: u32,
-    /// Most rows.
+    /// Most rows (training, validation and test data each).
     pub max_rows: usize,
+    /// Largest dataset upload, in bytes.
+    pub max_upload_bytes: u64,
 }
 
 impl Default for TrainingLimits {
@@ -128,6 +130,7 @@ impl Default for TrainingLimits {
             // Every epoch's report is kept in the job's record, which stays under 256 KiB.
             max_epochs: 1_000,
             max_rows: 10_000_000,
+            max_upload_bytes: 512 * 1024 * 1024,
         }
     }
 }
@@ -167,15 +170,36 @@ fn invalid<T>(message: String) -> Result<T> {
     Err(Error::Invalid(message))
 }
 
+/// The rows of a job: what it trains on, and optionally separate validation and test rows.
+#[derive(Debug, Clone, Copy)]
+pub struct JobData<'a> {
+    /// Training rows (a validation split may be taken from them).
+    pub train: &'a Dataset,
+    /// Rows validated on after every epoch instead of a split.
+    pub validation: Option<&'a Dataset>,
+    /// Rows the result is measured on once, at the end.
+    pub test: Option<&'a Dataset>,
+}
+
+impl<'a> JobData<'a> {
+    /// Training rows only.
+    pub fn train_only(train: &'a Dataset) -> Self {
+        Self {
+            train,
+            validation: None,
+            test: None,
+        }
+    }
+}
+
 /// Check a job against the spec, the data and the limits; the error names the field.
 pub fn validate(
     spec: &ModelSpec,
-    data: &Dataset,
+    data: &JobData<'_>,
     config: &TrainingConfig,
     limits: &TrainingLimits,
 ) -> Result<()> {
     let ModelSpec::Mlp(mlp) = spec;
-    let (width, outputs) = (spec.input_width(), spec.output_width());
     if config.epochs == 0 || config.epochs > limits.max_epochs {
         return invalid(format!(
             "epochs must be between 1 and {}, got {}",
@@ -209,11 +233,7 @@ pub fn validate(
                 "optimizer.epsilon must be finite and above 0, got {epsilon}"
             ));
         }
-        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
-            return invalid(format!(
-                "optimizer.weight_decay must be finite and at least 0, got {weight_decay}"
-            ));
-        }
+        check_weight_decay(weight_decay)?;
     }
     if let Optimizer::Sgd {
         momentum,
@@ -226,11 +246,7 @@ pub fn validate(
                 "optimizer.momentum must be in [0, 1), got {momentum}"
             ));
         }
-        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
-            return invalid(format!(
-                "optimizer.weight_decay must be finite and at least 0, got {weight_decay}"
-            ));
-        }
+        check_weight_decay(weight_decay)?;
     }
     if !(0.0..=0.9).contains(&config.validation_fraction) {
         return invalid(format!(
@@ -238,13 +254,19 @@ pub fn validate(
             config.validation_fraction
         ));
     }
+    if data.validation.is_some() && config.validation_fraction > 0.0 {
+        return invalid(
+            "validation_fraction and validation_data are both set; give one way to validate".into(),
+        );
+    }
     if let Some(stop) = config.early_stopping {
         if stop.patience == 0 {
             return invalid("early_stopping.patience must be at least 1".into());
         }
-        if config.validation_fraction == 0.0 {
+        if config.validation_fraction == 0.0 && data.validation.is_none() {
             return invalid(
-                "early_stopping needs a validation split (validation_fraction > 0)".into(),
+                "early_stopping needs validation rows (validation_fraction > 0 or validation_data)"
+                    .into(),
             );
         }
     }
@@ -261,37 +283,77 @@ pub fn validate(
             config.loss, mlp.task
         ));
     }
+    check_rows(spec, "data", data.train, limits)?;
+    if let Some(v) = data.validation {
+        check_rows(spec, "validation_data", v, limits)?;
+    }
+    if let Some(t) = data.test {
+        check_rows(spec, "test_data", t, limits)?;
+    }
+    let validation_rows = (data.train.rows as f64 * config.validation_fraction).round() as usize;
+    if data.train.rows - validation_rows == 0 {
+        return invalid("the validation split leaves no training rows".into());
+    }
+    Ok(())
+}
+
+fn check_weight_decay(weight_decay: f64) -> Result<()> {
+    if weight_decay.is_finite() && weight_decay >= 0.0 {
+        Ok(())
+    } else {
+        invalid(format!(
+            "optimizer.weight_decay must be finite and at least 0, got {weight_decay}"
+        ))
+    }
+}
+
+/// The label columns a task's rows carry: one class index for multiclass, else one per output.
+pub fn label_width(spec: &ModelSpec) -> usize {
+    let ModelSpec::Mlp(mlp) = spec;
+    if mlp.task == Task::MulticlassClassification {
+        1
+    } else {
+        spec.output_width()
+    }
+}
+
+/// Check one set of rows against the model: shape, finite features, labels that fit the
+/// task, the row limit. Errors start with `field` (`data`, `validation_data`, `test_data`).
+fn check_rows(
+    spec: &ModelSpec,
+    field: &str,
+    data: &Dataset,
+    limits: &TrainingLimits,
+) -> Result<()> {
+    let ModelSpec::Mlp(mlp) = spec;
+    let (width, outputs) = (spec.input_width(), spec.output_width());
     if data.rows == 0 {
-        return invalid("the dataset is empty".into());
+        return invalid(format!("{field}: the dataset is empty"));
     }
     if data.rows > limits.max_rows {
         return invalid(format!(
-            "the dataset has {} rows; at most {} are allowed",
+            "{field}: the dataset has {} rows; at most {} are allowed",
             data.rows, limits.max_rows
         ));
     }
     if data.features.len() != data.rows * width {
         return invalid(format!(
-            "features: {} values do not make {} rows of the model's input width {width}",
+            "{field}.features: {} values do not make {} rows of the model's input width {width}",
             data.features.len(),
             data.rows
         ));
     }
     if let Some(i) = data.features.iter().position(|v| !v.is_finite()) {
         return invalid(format!(
-            "features: row {} column {} is not a finite number",
+            "{field}.features: row {} column {} is not a finite number",
             i / width,
             i % width
         ));
     }
-    let label_width = if mlp.task == Task::MulticlassClassification {
-        1
-    } else {
-        outputs
-    };
+    let label_width = label_width(spec);
     if data.labels.len() != data.rows * label_width {
         return invalid(format!(
-            "labels: {} values do not make {} rows of {label_width}",
+            "{field}.labels: {} values do not make {} rows of {label_width}",
             data.labels.len(),
             data.rows
         ));
@@ -314,15 +376,22 @@ pub fn validate(
                 Task::Regression => "a finite number".to_owned(),
             };
             return invalid(format!(
-                "labels: row {row} holds {y}; labels must be {rule}"
+                "{field}.labels: row {row} holds {y}; labels must be {rule}"
             ));
         }
     }
-    let validation_rows = (data.rows as f64 * config.validation_fraction).round() as usize;
-    if data.rows - validation_rows == 0 {
-        return invalid("the validation split leaves no training rows".into());
-    }
     Ok(())
+}
+
+/// A model measured on a set of rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvaluationReport {
+    /// Mean loss.
+    pub loss: f64,
+    /// Accuracy (classification only).
+    pub accuracy: Option<f64>,
+    /// Rows measured.
+    pub rows: u64,
 }
 
 /// Where a job is.
@@ -402,6 +471,18 @@ pub struct JobRecord {
     /// The last checkpoint stored, if any.
     #[serde(default)]
     pub checkpoint: Option<CheckpointRecord>,
+    /// Validation rows given apart from `data` ([`encode_dataset`]'s format).
+    #[serde(default)]
+    pub validation_data: Option<crate::records::ArtifactRef>,
+    /// Test rows, measured once at the end.
+    #[serde(default)]
+    pub test_data: Option<crate::records::ArtifactRef>,
+    /// The result measured on the test rows.
+    #[serde(default)]
+    pub test: Option<EvaluationReport>,
+    /// The epoch whose weights were registered (0: not finished).
+    #[serde(default)]
+    pub best_epoch: u32,
 }
 
 /// A checkpoint of a job in the artifact store: where a resumed run starts.
@@ -456,12 +537,12 @@ pub fn decode_dataset(bytes: &[u8]) -> crate::Result<(Vec<f32>, Vec<f32>, usize)
     Ok((features, labels, rows))
 }
 
-/// A CSV file of numbers parsed for training.
+/// A file of rows (CSV, or a pair of `.npy` files) parsed for training.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ParsedCsv {
+pub struct ParsedRows {
     /// Row-major features (every column but the label).
     pub features: Vec<f32>,
-    /// The label column.
+    /// Row-major labels (one column from CSV; one or more from NPY).
     pub labels: Vec<f32>,
     /// Rows.
     pub rows: usize,
@@ -471,7 +552,7 @@ pub struct ParsedCsv {
 
 /// Parse a CSV file with a header row: `label` names the label column, every other column
 /// is a feature. Errors name the row (1 = the first data row) and the column.
-pub fn parse_csv(text: &str, label: &str) -> Result<ParsedCsv> {
+pub fn parse_csv(text: &str, label: &str) -> Result<ParsedRows> {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header: Vec<&str> = lines
         .next()
@@ -521,7 +602,7 @@ pub fn parse_csv(text: &str, label: &str) -> Result<ParsedCsv> {
             "the CSV file has a header but no rows".into(),
         ));
     }
-    Ok(ParsedCsv {
+    Ok(ParsedRows {
         features,
         labels,
         rows,
@@ -532,6 +613,50 @@ pub fn parse_csv(text: &str, label: &str) -> Result<ParsedCsv> {
             .map(|(_, h)| (*h).to_owned())
             .collect(),
     })
+}
+
+/// Parse a pair of `.npy` files: features (rows × columns, or one column) and labels (one
+/// per row, or rows × k). Features are named `x0`, `x1`, …; errors name the file, the row
+/// and the column.
+pub fn parse_npy(features: &[u8], labels: &[u8]) -> Result<ParsedRows> {
+    let x = crate::npy::parse("features.npy", features)?;
+    let y = crate::npy::parse("labels.npy", labels)?;
+    if x.rows() == 0 {
+        return Err(Error::Invalid("features.npy has no rows".into()));
+    }
+    if y.rows() != x.rows() {
+        return Err(Error::Invalid(format!(
+            "labels.npy has {} rows; features.npy has {}",
+            y.rows(),
+            x.rows()
+        )));
+    }
+    for (what, a) in [("features.npy", &x), ("labels.npy", &y)] {
+        if let Some(i) = a.values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "{what}: row {} column {} is not a finite number",
+                i / a.columns(),
+                i % a.columns()
+            )));
+        }
+    }
+    Ok(ParsedRows {
+        rows: x.rows(),
+        feature_columns: (0..x.columns()).map(|c| format!("x{c}")).collect(),
+        features: x.values,
+        labels: y.values,
+    })
+}
+
+/// The file format of an uploaded dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetFormat {
+    /// CSV with a header row.
+    #[default]
+    Csv,
+    /// A features `.npy` file and a labels `.npy` file.
+    Npy,
 }
 
 /// `datasets/<id>`: an uploaded dataset.
@@ -555,4 +680,10 @@ pub struct DatasetRecord {
     pub artifact: crate::records::ArtifactRef,
     /// Upload time.
     pub created_unix_ms: u64,
+    /// The format uploaded.
+    #[serde(default)]
+    pub format: DatasetFormat,
+    /// sha256 of the labels file (NPY uploads).
+    #[serde(default)]
+    pub labels_sha256: String,
 }

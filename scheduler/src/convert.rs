@@ -113,6 +113,7 @@ pub fn version_to_proto(
         signature: Some(signature_to_proto(signature)),
         source: v.source.clone(),
         state: state.to_owned(),
+        metrics: v.metrics.iter().map(|(k, m)| (k.clone(), *m)).collect(),
     }
 }
 

@@ -14,12 +14,12 @@ use kiln_proto::kiln::internal::v1 as internal;
 use kiln_proto::kiln::internal::v1::worker_client::WorkerClient;
 use kiln_proto::kiln::v1 as pb;
 use kiln_proto::kiln::v1::training_server::Training;
-use kiln_registry::records::{SCHEMA, now_unix_ms};
+use kiln_registry::records::{ArtifactRef, SCHEMA, now_unix_ms};
 use kiln_registry::spec::{ModelSpec, Signature, Standardization, validate_name};
 use kiln_registry::training::{
-    CheckpointRecord, Dataset, DatasetRecord, EarlyStopping, EpochReport, JobRecord, JobState,
-    Loss, NewModelSpec, Optimizer, StopMetric, TrainingConfig, TrainingLimits, decode_dataset,
-    encode_dataset, parse_csv, validate,
+    CheckpointRecord, Dataset, DatasetFormat, DatasetRecord, EarlyStopping, EpochReport,
+    EvaluationReport, JobData, JobRecord, JobState, Loss, NewModelSpec, Optimizer, StopMetric,
+    TrainingConfig, TrainingLimits, decode_dataset, encode_dataset, parse_csv, parse_npy, validate,
 };
 use kiln_registry::weights::SplitMix64;
 use kiln_registry::{ArtifactStore, MlpWeights, NewModel, NewVersion, Registry, WatchedView};
@@ -27,9 +27,6 @@ use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
 
 use crate::convert::{signature_from_proto, spec_from_proto, version_to_proto};
-
-/// Largest dataset file accepted by UploadDataset.
-const MAX_UPLOAD_BYTES: u64 = 512 * 1024 * 1024;
 
 /// How long a queued job waits for a worker to register before it fails.
 const WORKER_WAIT: Duration = Duration::from_secs(60);
@@ -116,6 +113,12 @@ pub fn job_to_proto(job: &JobRecord) -> pb::TrainingJob {
         finished_unix_ms: job.finished_unix_ms,
         stopped_early: job.stopped_early,
         checkpoint_epoch: job.checkpoint.as_ref().map_or(0, |c| c.epoch),
+        test: job.test.as_ref().map(|t| pb::EvaluationMetrics {
+            loss: t.loss,
+            accuracy: t.accuracy,
+            rows: t.rows,
+        }),
+        best_epoch: job.best_epoch,
     }
 }
 
@@ -152,6 +155,15 @@ struct Submission {
     config: TrainingConfig,
     alias: Option<String>,
     data: Dataset,
+    validation: Option<Dataset>,
+    test: Option<Dataset>,
+}
+
+/// The rows a job names: the training, validation and test rows, each inline or uploaded.
+struct Rows {
+    train: Dataset,
+    validation: Option<Dataset>,
+    test: Option<Dataset>,
 }
 
 impl TrainingCoordinator {
@@ -206,7 +218,7 @@ impl TrainingCoordinator {
     fn check(
         &self,
         spec: pb::TrainingJobSpec,
-        uploaded: Option<Dataset>,
+        rows: Rows,
     ) -> Result<(Submission, ModelSpec), Status> {
         validate_name("spec.model_name", &spec.model_name).map_err(status)?;
         let view = self.view.current();
@@ -312,25 +324,12 @@ impl TrainingCoordinator {
             early_stopping,
             checkpoint_every: spec.checkpoint_every,
         };
-        let data = match (spec.data, uploaded) {
-            (Some(_), Some(_)) => {
-                return Err(Status::invalid_argument(
-                    "spec.data and spec.dataset_id are both set; give one",
-                ));
-            }
-            (Some(inline), None) => Dataset {
-                features: inline.features,
-                labels: inline.labels,
-                rows: inline.rows as usize,
-            },
-            (None, Some(uploaded)) => uploaded,
-            (None, None) => {
-                return Err(Status::invalid_argument(
-                    "spec.data is missing: give rows inline or an uploaded spec.dataset_id",
-                ));
-            }
+        let job_data = JobData {
+            train: &rows.train,
+            validation: rows.validation.as_ref(),
+            test: rows.test.as_ref(),
         };
-        validate(&model_spec, &data, &config, &self.limits).map_err(status)?;
+        validate(&model_spec, &job_data, &config, &self.limits).map_err(status)?;
         if !spec.alias.is_empty() {
             validate_name("spec.alias", &spec.alias).map_err(status)?;
         }
@@ -341,7 +340,9 @@ impl TrainingCoordinator {
                 continue_from,
                 config,
                 alias: (!spec.alias.is_empty()).then_some(spec.alias),
-                data,
+                data: rows.train,
+                validation: rows.validation,
+                test: rows.test,
             },
             model_spec,
         ))
@@ -351,37 +352,44 @@ impl TrainingCoordinator {
         self: &Arc<Self>,
         req: pb::SubmitTrainingJobRequest,
     ) -> Result<pb::TrainingJob, Status> {
-        let spec = req
+        let mut spec = req
             .spec
             .ok_or_else(|| Status::invalid_argument("spec is missing"))?;
-        let uploaded = if spec.dataset_id.is_empty() {
-            None
-        } else {
-            let record = self
-                .registry
-                .get_dataset(&spec.dataset_id)
-                .await
-                .map_err(status)?;
-            let bytes = self.artifacts.get(&record.artifact).await.map_err(status)?;
-            let (features, labels, rows) = decode_dataset(&bytes).map_err(status)?;
-            Some(Dataset {
-                features,
-                labels,
-                rows,
-            })
+        let train = self
+            .rows("data", spec.data.take(), &spec.dataset_id)
+            .await?
+            .ok_or_else(|| {
+                Status::invalid_argument(
+                    "spec.data is missing: give rows inline or an uploaded spec.dataset_id",
+                )
+            })?;
+        let validation = self
+            .rows(
+                "validation_data",
+                spec.validation_data.take(),
+                &spec.validation_dataset_id,
+            )
+            .await?;
+        let test = self
+            .rows("test_data", spec.test_data.take(), &spec.test_dataset_id)
+            .await?;
+        let (submission, model_spec) = self.check(
+            spec,
+            Rows {
+                train,
+                validation,
+                test,
+            },
+        )?;
+        let data = self.store_rows(&submission.data).await?;
+        let validation_data = match &submission.validation {
+            Some(v) => Some(self.store_rows(v).await?),
+            None => None,
         };
-        let (submission, model_spec) = self.check(spec, uploaded)?;
-        let bytes = encode_dataset(
-            &submission.data.features,
-            &submission.data.labels,
-            submission.data.rows,
-        )
-        .map_err(status)?;
-        let data = self
-            .artifacts
-            .put(Bytes::from(bytes))
-            .await
-            .map_err(status)?;
+        let test_data = match &submission.test {
+            Some(t) => Some(self.store_rows(t).await?),
+            None => None,
+        };
         let created = now_unix_ms();
         let mut rng = SplitMix64::new(created ^ std::process::id() as u64 ^ (data.size << 17));
         let id = format!("job-{created:x}-{:06x}", rng.next_u64() & 0xff_ffff);
@@ -405,6 +413,10 @@ impl TrainingCoordinator {
             finished_unix_ms: 0,
             stopped_early: false,
             checkpoint: None,
+            validation_data,
+            test_data,
+            test: None,
+            best_epoch: 0,
         };
         let (job, created) = self.registry.create_job(&job).await.map_err(status)?;
         if created {
@@ -426,6 +438,55 @@ impl TrainingCoordinator {
             tokio::spawn(async move { me.run(record, model_spec, cancelled).await });
         }
         Ok(job_to_proto(&job))
+    }
+
+    /// One set of rows of a job: inline, or an uploaded dataset by id, or none.
+    async fn rows(
+        &self,
+        field: &str,
+        inline: Option<pb::InlineData>,
+        dataset_id: &str,
+    ) -> Result<Option<Dataset>, Status> {
+        let id_field = match field {
+            "data" => "dataset_id".to_owned(),
+            other => format!("{}_dataset_id", other.trim_end_matches("_data")),
+        };
+        match (inline, dataset_id.is_empty()) {
+            (Some(_), false) => Err(Status::invalid_argument(format!(
+                "spec.{field} and spec.{id_field} are both set; give one"
+            ))),
+            (Some(inline), true) => Ok(Some(Dataset {
+                features: inline.features,
+                labels: inline.labels,
+                rows: inline.rows as usize,
+            })),
+            (None, true) => Ok(None),
+            (None, false) => {
+                let record = self
+                    .registry
+                    .get_dataset(dataset_id)
+                    .await
+                    .map_err(|e| match e {
+                        kiln_registry::Error::NotFound { what } => {
+                            Status::not_found(format!("spec.{id_field}: {what} not found"))
+                        }
+                        e => status(e),
+                    })?;
+                let bytes = self.artifacts.get(&record.artifact).await.map_err(status)?;
+                let (features, labels, rows) = decode_dataset(&bytes).map_err(status)?;
+                Ok(Some(Dataset {
+                    features,
+                    labels,
+                    rows,
+                }))
+            }
+        }
+    }
+
+    /// Rows into the artifact store, in the format workers read.
+    async fn store_rows(&self, rows: &Dataset) -> Result<ArtifactRef, Status> {
+        let bytes = encode_dataset(&rows.features, &rows.labels, rows.rows).map_err(status)?;
+        self.artifacts.put(Bytes::from(bytes)).await.map_err(status)
     }
 
     fn publish(&self, id: &str, e: pb::TrainingEvent) {
@@ -532,6 +593,14 @@ impl TrainingCoordinator {
             ),
         };
         let dataset = self.artifacts.get(&job.data).await.map_err(status)?;
+        let validation_dataset = match &job.validation_data {
+            Some(a) => self.artifacts.get(a).await.map_err(status)?,
+            None => Bytes::new(),
+        };
+        let test_dataset = match &job.test_data {
+            Some(a) => self.artifacts.get(a).await.map_err(status)?,
+            None => Bytes::new(),
+        };
         let request = internal::TrainRequest {
             job_id: job.id.clone(),
             spec_json: Bytes::from(
@@ -542,6 +611,8 @@ impl TrainingCoordinator {
                 serde_json::to_vec(&job.config).map_err(|e| Status::internal(e.to_string()))?,
             ),
             dataset,
+            validation_dataset,
+            test_dataset,
         };
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", worker.address))
             .map_err(|e| Status::internal(e.to_string()))?
@@ -600,6 +671,12 @@ impl TrainingCoordinator {
             }
         };
         job.stopped_early = result.stopped_early;
+        job.best_epoch = result.best_epoch;
+        job.test = result.test.as_ref().map(|t| EvaluationReport {
+            loss: t.loss,
+            accuracy: t.accuracy,
+            rows: t.rows,
+        });
         let preprocessing: Option<Standardization> = if result.preprocessing_json.is_empty() {
             None
         } else {
@@ -626,8 +703,14 @@ impl TrainingCoordinator {
                 Err(e) => return Err(status(e)),
             }
         }
+        // The metrics of the epoch whose weights are registered, and the test metrics.
         let mut metrics = std::collections::BTreeMap::new();
-        if let Some(last) = job.history.last() {
+        let best = job
+            .history
+            .iter()
+            .find(|r| r.epoch == job.best_epoch)
+            .or(job.history.last());
+        if let Some(last) = best {
             metrics.insert("train_loss".to_owned(), last.train_loss);
             let optional = [
                 ("train_accuracy", last.train_accuracy),
@@ -638,6 +721,12 @@ impl TrainingCoordinator {
                 if let Some(v) = value {
                     metrics.insert(name.to_owned(), v);
                 }
+            }
+        }
+        if let Some(t) = &job.test {
+            metrics.insert("test_loss".to_owned(), t.loss);
+            if let Some(a) = t.accuracy {
+                metrics.insert("test_accuracy".to_owned(), a);
             }
         }
         let version = self
@@ -682,6 +771,11 @@ fn dataset_to_proto(d: &DatasetRecord) -> pb::DatasetInfo {
         feature_columns: d.feature_columns.clone(),
         label_column: d.label_column.clone(),
         created_unix_ms: d.created_unix_ms,
+        labels_sha256: d.labels_sha256.clone(),
+        format: match d.format {
+            DatasetFormat::Csv => pb::DatasetFormat::Csv,
+            DatasetFormat::Npy => pb::DatasetFormat::Npy,
+        } as i32,
     }
 }
 
@@ -828,21 +922,50 @@ impl Training for TrainingService {
             }
         };
         validate_name("header.name", &header.name).map_err(status)?;
-        if header.size_bytes == 0 || header.size_bytes > MAX_UPLOAD_BYTES {
+        let format = match pb::DatasetFormat::try_from(header.format) {
+            Ok(pb::DatasetFormat::Csv) => DatasetFormat::Csv,
+            Ok(pb::DatasetFormat::Npy) => DatasetFormat::Npy,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "header.format {} is not CSV (0) or NPY (1)",
+                    header.format
+                )));
+            }
+        };
+        let max = self.coordinator.limits.max_upload_bytes;
+        if header.size_bytes == 0 || header.size_bytes > max {
             return Err(Status::invalid_argument(format!(
-                "header.size_bytes must be between 1 and {MAX_UPLOAD_BYTES}, got {}",
+                "header.size_bytes must be between 1 and {max} (the server's upload limit), got {}",
                 header.size_bytes
             )));
         }
+        let labels_size = match format {
+            DatasetFormat::Csv if header.labels_size_bytes != 0 => {
+                return Err(Status::invalid_argument(
+                    "header.labels_size_bytes is for NPY uploads; a CSV file holds its labels",
+                ));
+            }
+            DatasetFormat::Csv => 0,
+            DatasetFormat::Npy => {
+                let left = max - header.size_bytes;
+                if header.labels_size_bytes == 0 || header.labels_size_bytes > left {
+                    return Err(Status::invalid_argument(format!(
+                        "header.labels_size_bytes must be between 1 and {left} (the server's upload limit less the features file), got {}",
+                        header.labels_size_bytes
+                    )));
+                }
+                header.labels_size_bytes
+            }
+        };
+        let total = header.size_bytes + labels_size;
         // Everything stays in memory until the last byte: a broken upload leaves nothing.
-        let mut file = Vec::with_capacity(header.size_bytes as usize);
+        let mut file = Vec::with_capacity(total as usize);
         while let Some(chunk) = chunks.message().await? {
             match chunk.part {
                 Some(Part::Data(bytes)) => {
-                    if file.len() as u64 + bytes.len() as u64 > header.size_bytes {
+                    if file.len() as u64 + bytes.len() as u64 > total {
                         return Err(Status::invalid_argument(format!(
-                            "more bytes arrived than header.size_bytes ({})",
-                            header.size_bytes
+                            "more bytes arrived than the header announced ({total})"
                         )));
                     }
                     file.extend_from_slice(&bytes);
@@ -850,17 +973,41 @@ impl Training for TrainingService {
                 _ => return Err(Status::invalid_argument("only data may follow the header")),
             }
         }
-        if file.len() as u64 != header.size_bytes {
+        if file.len() as u64 != total {
             return Err(Status::invalid_argument(format!(
-                "the upload ended after {} of header.size_bytes = {} bytes; nothing was kept",
+                "the upload ended after {} of the {total} bytes the header announced; nothing was kept",
                 file.len(),
-                header.size_bytes
             )));
         }
-        let sha256 = kiln_registry::sha256_hex(&file);
-        let text = std::str::from_utf8(&file)
-            .map_err(|_| Status::invalid_argument("the dataset is not UTF-8 text (CSV)"))?;
-        let parsed = parse_csv(text, &header.label_column).map_err(status)?;
+        let (features_file, labels_file) = file.split_at(header.size_bytes as usize);
+        let sha256 = kiln_registry::sha256_hex(features_file);
+        let (parsed, labels_sha256, label_column) = match format {
+            DatasetFormat::Csv => {
+                let text = std::str::from_utf8(features_file).map_err(|_| {
+                    Status::invalid_argument(
+                        "the dataset is not UTF-8 text (CSV); for NumPy files set header.format = NPY",
+                    )
+                })?;
+                let parsed = parse_csv(text, &header.label_column).map_err(status)?;
+                (parsed, String::new(), header.label_column)
+            }
+            DatasetFormat::Npy => {
+                let parsed = parse_npy(features_file, labels_file).map_err(status)?;
+                let label = if header.label_column.is_empty() {
+                    "label".to_owned()
+                } else {
+                    header.label_column
+                };
+                (parsed, kiln_registry::sha256_hex(labels_file), label)
+            }
+        };
+        let max_rows = self.coordinator.limits.max_rows;
+        if parsed.rows > max_rows {
+            return Err(Status::invalid_argument(format!(
+                "the dataset has {} rows; at most {max_rows} are allowed (the server's row limit)",
+                parsed.rows
+            )));
+        }
         let bytes =
             encode_dataset(&parsed.features, &parsed.labels, parsed.rows).map_err(status)?;
         let c = &self.coordinator;
@@ -868,14 +1015,17 @@ impl Training for TrainingService {
         let created = now_unix_ms();
         let record = DatasetRecord {
             schema: SCHEMA,
-            id: format!("ds-{}", &sha256[..16]),
+            // The id comes from every byte uploaded (for NPY, both files).
+            id: format!("ds-{}", &kiln_registry::sha256_hex(&file)[..16]),
             name: header.name,
             sha256,
             rows: parsed.rows as u64,
             feature_columns: parsed.feature_columns,
-            label_column: header.label_column,
+            label_column,
             artifact,
             created_unix_ms: created,
+            format,
+            labels_sha256,
         };
         c.registry.put_dataset(&record).await.map_err(status)?;
         Ok(Response::new(dataset_to_proto(&record)))

@@ -154,3 +154,49 @@ def test_a_trained_version_serves_through_tritonclient_at_its_reported_accuracy(
         predictions.append(client.infer("sum5", [inp], model_version="staging").as_numpy("output")[:, 0])
     accuracy = np.mean((np.concatenate(predictions) > 0.5) == (y == 1))
     assert abs(accuracy - reported) < 0.05, (accuracy, reported)
+
+
+def test_numpy_files_and_a_yaml_job_give_test_metrics_that_serving_reproduces(cluster, tmp_path):
+    rng = np.random.default_rng(11)
+    x = rng.random((1200, 10))  # float64, as NumPy makes it
+    y = (x.sum(axis=1) > 5).astype(np.int64)
+    # Files written by NumPy itself: float64 C-order features, int64 labels, and a
+    # Fortran-order float32 test set.
+    np.save(tmp_path / "x.npy", x[:1000])
+    np.save(tmp_path / "y.npy", y[:1000])
+    np.save(tmp_path / "x_test.npy", np.asfortranarray(x[1000:].astype(np.float32)))
+    np.save(tmp_path / "y_test.npy", y[1000:])
+    out = cluster.kiln("datasets", "upload", str(tmp_path / "x.npy"),
+                       "--labels", str(tmp_path / "y.npy"))
+    dataset_id = out.split()[1]
+    assert "1000 rows" in out and "x9" in out, out
+    (tmp_path / "job-npy.yaml").write_text(f"""
+model_name: sum5-npy
+spec:
+  mlp: {{input_width: 10, hidden: [16], output_width: 1, task: binary_classification}}
+data:
+  dataset: {{id: {dataset_id}}}
+test_data:
+  npy: {{features: x_test.npy, labels: y_test.npy}}
+standardize: true
+optimizer:
+  adam: {{learning_rate: 0.01}}
+epochs: 15
+batch_size: 32
+validation_fraction: 0.2
+seed: 5
+""")
+    out = cluster.kiln("train", str(tmp_path / "job-npy.yaml"))
+    assert "completed" in out, out
+    job = json.loads(cluster.kiln("jobs", "show", out.splitlines()[0].split()[-1], "--json"))
+    test = job["test"]
+    assert test["rows"] == 200 and test["accuracy"] >= 0.9, test
+    client = grpcclient.InferenceServerClient(cluster.addr)
+    wait_ready(client, "sum5-npy")
+    served = []
+    for chunk in np.array_split(x[1000:].astype(np.float32), 4):
+        inp = grpcclient.InferInput("input", list(chunk.shape), "FP32")
+        inp.set_data_from_numpy(chunk)
+        served.append(client.infer("sum5-npy", [inp]).as_numpy("output")[:, 0])
+    accuracy = np.mean((np.concatenate(served) > 0.5) == (y[1000:] == 1))
+    assert abs(accuracy - test["accuracy"]) <= 1 / 200 + 1e-9, (accuracy, test)

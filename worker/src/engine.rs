@@ -197,8 +197,12 @@ impl ActiveRun {
     /// Hand over the outcome of a run that reached its end.
     fn finish(self) {
         if self.done {
-            let outcome = self.run.finish();
-            let _ = self.events.send(TrainingEvent::Finished(Box::new(outcome)));
+            let run = self.run;
+            let event = match guarded(move || run.finish()).and_then(|r| r) {
+                Ok(outcome) => TrainingEvent::Finished(Box::new(outcome)),
+                Err(e) => TrainingEvent::Stopped(e),
+            };
+            let _ = self.events.send(event);
         }
     }
 
@@ -519,7 +523,7 @@ mod tests {
 
     #[tokio::test]
     async fn inference_answers_while_a_training_run_is_on_the_engine() {
-        use crate::training::{Dataset, Loss, Optimizer, TrainingConfig};
+        use crate::training::{Dataset, JobData, Loss, Optimizer, TrainingConfig};
         let engine = EngineHandle::spawn(Device::flex(), "test").unwrap();
         let (spec, weights) = hand_model();
         engine.load(key(), spec, weights, None).await.unwrap();
@@ -553,11 +557,11 @@ mod tests {
         let run = TrainingRun::new(
             &train_spec,
             &MlpWeights::seeded(&train_spec, 1),
-            &Dataset {
+            &JobData::train_only(&Dataset {
                 features,
                 labels,
                 rows,
-            },
+            }),
             &config,
             &Device::flex(),
         )
@@ -595,11 +599,11 @@ mod tests {
         let run = TrainingRun::new(
             &train_spec,
             &MlpWeights::seeded(&train_spec, 1),
-            &Dataset {
+            &JobData::train_only(&Dataset {
                 features,
                 labels,
                 rows,
-            },
+            }),
             &short,
             &Device::flex(),
         )

@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 use crate::batcher::Batcher;
 use crate::device::{DeviceChoice, select_device};
 use crate::engine::{EngineHandle, TrainingEvent};
-use crate::training::{self, Dataset, EpochReport, TrainingConfig, TrainingLimits, TrainingRun};
+use crate::training::{Dataset, EpochReport, JobData, TrainingConfig, TrainingRun};
 use crate::{Error, Result};
 use kiln_registry::spec::ModelSpec;
 use kiln_registry::training::decode_dataset;
@@ -382,18 +382,31 @@ async fn start_training(state: &Arc<State>, req: pb::TrainRequest) -> Result<Tra
     let config: TrainingConfig =
         serde_json::from_slice(&req.config_json).map_err(|e| invalid_json("config_json", e))?;
     let init = MlpWeights::from_safetensors(&spec, &req.init_weights).map_err(Error::from)?;
-    let (features, labels, rows) = decode_dataset(&req.dataset).map_err(Error::from)?;
-    let data = Dataset {
-        features,
-        labels,
-        rows,
+    let decode = |bytes: &[u8]| -> std::result::Result<Option<Dataset>, Status> {
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        let (features, labels, rows) = decode_dataset(bytes).map_err(Error::from)?;
+        Ok(Some(Dataset {
+            features,
+            labels,
+            rows,
+        }))
     };
-    training::validate(&spec, &data, &config, &TrainingLimits::default()).map_err(Error::from)?;
+    let data = decode(&req.dataset)?.ok_or_else(|| Status::invalid_argument("dataset is empty"))?;
+    let validation = decode(&req.validation_dataset)?;
+    let test = decode(&req.test_dataset)?;
+    // The run checks the rows and the config (the scheduler applied the caps already).
     let device = state.device.clone();
     // Building the run puts the model on the device: not on tokio's threads.
     let run_spec = spec.clone();
     let run = tokio::task::spawn_blocking(move || {
-        TrainingRun::new(&run_spec, &init, &data, &config, &device)
+        let rows = JobData {
+            train: &data,
+            validation: validation.as_ref(),
+            test: test.as_ref(),
+        };
+        TrainingRun::new(&run_spec, &init, &rows, &config, &device)
     })
     .await
     .map_err(|e| Status::internal(e.to_string()))??;
@@ -436,6 +449,14 @@ async fn start_training(state: &Arc<State>, req: pb::TrainRequest) -> Result<Tra
                                 weights: weights.into(),
                                 preprocessing_json: preprocessing_json.into(),
                                 stopped_early: outcome.stopped_early,
+                                test: outcome.test.as_ref().map(|t| {
+                                    kiln_proto::kiln::v1::EvaluationMetrics {
+                                        loss: t.loss,
+                                        accuracy: t.accuracy,
+                                        rows: t.rows,
+                                    }
+                                }),
+                                best_epoch: outcome.best_epoch,
                             })),
                         }),
                         true,

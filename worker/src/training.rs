@@ -16,8 +16,8 @@ use burn::tensor::{Device, Tensor, TensorData, activation};
 use kiln_registry::MlpWeights;
 use kiln_registry::spec::{ModelSpec, Standardization, Task};
 pub use kiln_registry::training::{
-    Dataset, EarlyStopping, EpochReport, Loss, Optimizer, StopMetric, TrainingConfig,
-    TrainingLimits, validate,
+    Dataset, EarlyStopping, EpochReport, EvaluationReport, JobData, Loss, Optimizer, StopMetric,
+    TrainingConfig, TrainingLimits, validate,
 };
 use kiln_registry::weights::SplitMix64;
 
@@ -66,6 +66,10 @@ pub struct TrainingOutcome {
     pub history: Vec<EpochReport>,
     /// Whether early stopping ended the run before `epochs`.
     pub stopped_early: bool,
+    /// The epoch the weights come from.
+    pub best_epoch: u32,
+    /// The weights measured on the test rows, when the job had some.
+    pub test: Option<EvaluationReport>,
 }
 
 /// Rows gathered into one batch.
@@ -240,9 +244,12 @@ pub struct TrainingRun {
     started: Instant,
     epoch_started: Instant,
     history: Vec<EpochReport>,
-    best: Option<(f64, MlpWeights)>,
+    /// Score, weights and epoch of the best epoch so far (early stopping).
+    best: Option<(f64, MlpWeights, u32)>,
     since_best: u32,
     stopped_early: bool,
+    /// Test rows, standardised like the training rows.
+    test: Option<Dataset>,
 }
 
 impl TrainingRun {
@@ -250,7 +257,7 @@ impl TrainingRun {
     pub fn new(
         spec: &ModelSpec,
         init: &MlpWeights,
-        data: &Dataset,
+        data: &JobData<'_>,
         config: &TrainingConfig,
         device: &Device,
     ) -> Result<Self> {
@@ -261,30 +268,39 @@ impl TrainingRun {
             &TrainingLimits {
                 max_epochs: u32::MAX,
                 max_rows: usize::MAX,
+                max_upload_bytes: u64::MAX,
             },
         )?;
         let ModelSpec::Mlp(mlp) = spec;
         let (width, outputs) = (spec.input_width(), spec.output_width());
-        let label_width = if mlp.task == Task::MulticlassClassification {
-            1
-        } else {
-            outputs
-        };
+        let label_width = kiln_registry::training::label_width(spec);
+        let train = data.train;
 
         // The split: a seeded permutation, the last rows of which are held out.
         let mut rng = SplitMix64::new(config.seed);
-        let mut order: Vec<usize> = (0..data.rows).collect();
+        let mut order: Vec<usize> = (0..train.rows).collect();
         rng.shuffle(&mut order);
-        let validation_rows = (data.rows as f64 * config.validation_fraction).round() as usize;
-        let validation: Vec<usize> = order.split_off(data.rows - validation_rows);
+        let validation_rows = (train.rows as f64 * config.validation_fraction).round() as usize;
+        let mut validation: Vec<usize> = order.split_off(train.rows - validation_rows);
         let mut train_rows = order;
         train_rows.sort_unstable();
 
-        // Standardisation from the training split only, applied to a copy of the features.
-        let mut data = data.clone();
+        // Separate validation rows go after the training rows, in one copy of the features.
+        let mut rows = train.clone();
+        if let Some(v) = data.validation {
+            validation = (rows.rows..rows.rows + v.rows).collect();
+            rows.features.extend_from_slice(&v.features);
+            rows.labels.extend_from_slice(&v.labels);
+            rows.rows += v.rows;
+        }
+        let mut test = data.test.cloned();
+        // Standardisation from the training rows only, applied to every copy.
         let standardization = config.standardize.then(|| {
-            let stats = standardization_of(&data, &train_rows, width);
-            stats.apply(&mut data.features);
+            let stats = standardization_of(&rows, &train_rows, width);
+            stats.apply(&mut rows.features);
+            if let Some(t) = &mut test {
+                stats.apply(&mut t.features);
+            }
             stats
         });
         let train_device = device.clone().autodiff();
@@ -297,7 +313,7 @@ impl TrainingRun {
             outputs,
             label_width,
             config: config.clone(),
-            data,
+            data: rows,
             standardization,
             device: device.clone(),
             train_device,
@@ -316,6 +332,7 @@ impl TrainingRun {
             best: None,
             since_best: 0,
             stopped_early: false,
+            test,
         })
     }
 
@@ -411,8 +428,8 @@ impl TrainingRun {
                 StopMetric::ValidationLoss => validation_loss.unwrap_or(f64::INFINITY),
                 StopMetric::ValidationAccuracy => -validation_accuracy.unwrap_or(0.0),
             };
-            if self.best.as_ref().is_none_or(|(b, _)| score < *b) {
-                self.best = Some((score, weights));
+            if self.best.as_ref().is_none_or(|(b, _, _)| score < *b) {
+                self.best = Some((score, weights, self.epoch));
                 self.since_best = 0;
             } else {
                 self.since_best += 1;
@@ -451,18 +468,40 @@ impl TrainingRun {
             .unwrap_or(MlpWeights { layers: vec![] })
     }
 
-    /// The result, once [`step`](Self::step) returned [`Step::Done`].
-    pub fn finish(self) -> TrainingOutcome {
-        let weights = match &self.best {
-            Some((_, w)) => w.clone(),
-            None => self.weights(),
+    /// The result, once [`step`](Self::step) returned [`Step::Done`]: the best weights,
+    /// measured on the test rows when there are some.
+    pub fn finish(self) -> Result<TrainingOutcome> {
+        let (weights, best_epoch) = match self.best {
+            Some((_, w, epoch)) => (w, epoch),
+            None => (self.weights(), self.epoch),
         };
-        TrainingOutcome {
+        let test = match &self.test {
+            None => None,
+            Some(t) => {
+                let all: Vec<usize> = (0..t.rows).collect();
+                let (loss, accuracy) = evaluate(
+                    &self.spec,
+                    &weights,
+                    t,
+                    &all,
+                    self.config.loss,
+                    &self.device,
+                )?;
+                Some(EvaluationReport {
+                    loss,
+                    accuracy,
+                    rows: t.rows as u64,
+                })
+            }
+        };
+        Ok(TrainingOutcome {
             weights,
             standardization: self.standardization,
             history: self.history,
             stopped_early: self.stopped_early,
-        }
+            best_epoch,
+            test,
+        })
     }
 }
 
@@ -495,7 +534,7 @@ fn standardization_of(data: &Dataset, rows: &[usize], width: usize) -> Standardi
 pub fn train(
     spec: &ModelSpec,
     init: &MlpWeights,
-    data: &Dataset,
+    data: &JobData<'_>,
     config: &TrainingConfig,
     device: &Device,
     cancel: &AtomicBool,
@@ -511,7 +550,7 @@ pub fn train(
             Step::Epoch(report) => on_epoch(&report),
             Step::Done(report) => {
                 on_epoch(&report);
-                return Ok(run.finish());
+                return run.finish();
             }
         }
     }

@@ -8,8 +8,8 @@ use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Task};
 use kiln_registry::weights::{LayerWeights, SplitMix64};
 use kiln_worker::Error;
 use kiln_worker::training::{
-    Dataset, EarlyStopping, Loss, Optimizer, StopMetric, TrainingConfig, TrainingLimits, train,
-    validate,
+    Dataset, EarlyStopping, JobData, Loss, Optimizer, StopMetric, TrainingConfig, TrainingLimits,
+    train, validate,
 };
 
 fn spec(input: u32, hidden: Vec<u32>, output: u32, task: Task) -> ModelSpec {
@@ -122,7 +122,7 @@ fn one_adam_step_matches_the_textbook_update() {
     let out = train(
         &spec,
         &init,
-        &data,
+        &JobData::train_only(&data),
         &whole_batch(1, adam(lr)),
         &Device::flex(),
         &never(),
@@ -157,7 +157,7 @@ fn two_sgd_momentum_steps_match_the_textbook_update() {
     let out = train(
         &spec,
         &init,
-        &data,
+        &JobData::train_only(&data),
         &whole_batch(2, optimizer),
         &Device::flex(),
         &never(),
@@ -209,7 +209,7 @@ fn binary_classifier_learns_sum_above_five() {
     let out = train(
         &spec,
         &MlpWeights::seeded(&spec, 3),
-        &data,
+        &JobData::train_only(&data),
         &TrainingConfig {
             standardize: true,
             ..config(40, 32, Loss::BinaryCrossEntropy, adam(0.01))
@@ -239,6 +239,80 @@ fn binary_classifier_learns_sum_above_five() {
     );
 }
 
+fn sum_above_five(rows: usize, seed: u64) -> Dataset {
+    let features = uniform(rows, 10, seed);
+    let labels = features
+        .chunks(10)
+        .map(|r| f32::from(r.iter().sum::<f32>() > 5.0))
+        .collect();
+    Dataset {
+        features,
+        labels,
+        rows,
+    }
+}
+
+#[test]
+fn separate_validation_and_test_rows_are_measured_with_the_training_statistics() {
+    let (train_rows, held_out) = (sum_above_five(800, 21), sum_above_five(200, 22));
+    let spec = spec(10, vec![16], 1, Task::BinaryClassification);
+    let out = train(
+        &spec,
+        &MlpWeights::seeded(&spec, 3),
+        &JobData {
+            train: &train_rows,
+            validation: Some(&held_out),
+            test: Some(&held_out),
+        },
+        &TrainingConfig {
+            standardize: true,
+            validation_fraction: 0.0,
+            ..config(15, 32, Loss::BinaryCrossEntropy, adam(0.01))
+        },
+        &Device::flex(),
+        &never(),
+        |_| {},
+    )
+    .unwrap();
+    // Every training row is trained on; the statistics come from them alone.
+    let stats = out.standardization.clone().unwrap();
+    for c in 0..10 {
+        let mean = train_rows.features[c..]
+            .iter()
+            .step_by(10)
+            .map(|v| f64::from(*v))
+            .sum::<f64>()
+            / 800.0;
+        assert!((f64::from(stats.mean[c]) - mean).abs() < 1e-5, "column {c}");
+    }
+    // The test rows are the validation rows: the same weights give the same numbers.
+    let (last, test) = (out.history.last().unwrap(), out.test.clone().unwrap());
+    assert_eq!(test.rows, 200);
+    assert!((last.validation_loss.unwrap() - test.loss).abs() < 1e-6);
+    assert_eq!(last.validation_accuracy, test.accuracy);
+    assert_eq!(out.best_epoch, 15);
+    // The test accuracy is that of the registered weights, computed here by hand.
+    let mut x = held_out.features.clone();
+    stats.apply(&mut x);
+    let (l1, l2) = (&out.weights.layers[0], &out.weights.layers[1]);
+    let right = x
+        .chunks(10)
+        .zip(&held_out.labels)
+        .filter(|(row, y)| {
+            let hidden: Vec<f32> = (0..16)
+                .map(|j| {
+                    let z: f32 = (0..10).map(|i| row[i] * l1.weight[i * 16 + j]).sum();
+                    (z + l1.bias[j]).max(0.0)
+                })
+                .collect();
+            let logit: f32 = (0..16).map(|j| hidden[j] * l2.weight[j]).sum::<f32>() + l2.bias[0];
+            (logit > 0.0) == (**y == 1.0)
+        })
+        .count();
+    assert_eq!(test.accuracy, Some(right as f64 / 200.0));
+    assert!(test.accuracy.unwrap() >= 0.9, "{test:?}");
+}
+
 #[test]
 fn multiclass_classifier_learns_the_largest_of_three() {
     let rows = 900;
@@ -263,7 +337,7 @@ fn multiclass_classifier_learns_the_largest_of_three() {
     let out = train(
         &spec,
         &MlpWeights::seeded(&spec, 5),
-        &data,
+        &JobData::train_only(&data),
         &config(60, 32, Loss::CrossEntropy, adam(0.01)),
         &Device::flex(),
         &never(),
@@ -291,7 +365,7 @@ fn regression_learns_a_linear_function() {
     let out = train(
         &spec,
         &MlpWeights::seeded(&spec, 1),
-        &data,
+        &JobData::train_only(&data),
         &config(100, 16, Loss::MeanSquaredError, adam(0.05)),
         &Device::flex(),
         &never(),
@@ -311,9 +385,17 @@ fn the_same_seed_gives_the_same_weights_bit_for_bit() {
         ..config(5, 2, Loss::BinaryCrossEntropy, adam(0.05))
     };
     let run = || {
-        train(&spec, &init, &data, &cfg, &Device::flex(), &never(), |_| {})
-            .unwrap()
-            .weights
+        train(
+            &spec,
+            &init,
+            &JobData::train_only(&data),
+            &cfg,
+            &Device::flex(),
+            &never(),
+            |_| {},
+        )
+        .unwrap()
+        .weights
     };
     let (a, b) = (run(), run());
     let bits = |w: &MlpWeights| {
@@ -331,7 +413,7 @@ fn the_same_seed_gives_the_same_weights_bit_for_bit() {
     let c = train(
         &spec,
         &init,
-        &data,
+        &JobData::train_only(&data),
         &other,
         &Device::flex(),
         &never(),
@@ -367,7 +449,7 @@ fn early_stopping_ends_the_run_and_keeps_the_best_epoch() {
     let out = train(
         &spec,
         &MlpWeights::seeded(&spec, 2),
-        &data,
+        &JobData::train_only(&data),
         &cfg,
         &Device::flex(),
         &never(),
@@ -392,7 +474,7 @@ fn cancelling_stops_before_the_next_batch() {
     let err = train(
         &spec,
         &init,
-        &data,
+        &JobData::train_only(&data),
         &whole_batch(10, adam(0.01)),
         &Device::flex(),
         &cancel,
@@ -421,7 +503,7 @@ fn a_loss_that_diverges_fails_the_job_with_the_reason() {
     let err = train(
         &spec,
         &MlpWeights::seeded(&spec, 1),
-        &data,
+        &JobData::train_only(&data),
         &config(50, 8, Loss::MeanSquaredError, sgd),
         &Device::flex(),
         &never(),
@@ -501,8 +583,42 @@ fn bad_jobs_are_refused_naming_the_field() {
     let mut nan = data.clone();
     nan.features[4] = f32::NAN;
     cases.push((ok.clone(), nan, "row 1 column 1"));
+    // Separate validation and test rows are checked like the training rows, by name.
+    let mut bad_test = data.clone();
+    bad_test.labels[1] = 3.0;
+    let err = validate(
+        &spec,
+        &JobData {
+            train: &data,
+            validation: None,
+            test: Some(&bad_test),
+        },
+        &ok,
+        &limits,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("test_data.labels: row 1"), "{err}");
+    let err = validate(
+        &spec,
+        &JobData {
+            train: &data,
+            validation: Some(&data),
+            test: None,
+        },
+        &TrainingConfig {
+            validation_fraction: 0.2,
+            ..ok.clone()
+        },
+        &limits,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("validation_fraction and validation_data"),
+        "{err}"
+    );
     for (cfg, data, needle) in cases {
-        let err = validate(&spec, &data, &cfg, &limits).unwrap_err();
+        let err = validate(&spec, &JobData::train_only(&data), &cfg, &limits).unwrap_err();
         assert!(
             matches!(err, kiln_registry::Error::Invalid(_)),
             "{needle}: {err:?}"
