@@ -358,7 +358,9 @@ async fn bad_jobs_are_invalid_argument_naming_the_field() {
         },
         "epochs must be between 1 and 500",
     ));
-    let (many_x, many_y) = sum_above_five(50_001, 2);
+    // 120,000 rows (4.8 MB, above tonic's default message size) pass the gateway and meet
+    // the server's row cap.
+    let (many_x, many_y) = sum_above_five(120_000, 2);
     cases.push((job("m", 1, 4, many_x, many_y), "at most 50000"));
     let mut both = job("m", 1, 4, features.clone(), labels.clone());
     both.validation_data = both.data.clone();

@@ -143,9 +143,12 @@ pub async fn serve(
     .max_encoding_message_size(config.max_message_bytes);
     let training = config.scheduler_addr.as_deref().and_then(|addr| {
         match training::TrainingProxy::new(addr, config.max_message_bytes) {
-            Ok(proxy) => Some(kiln_proto::kiln::v1::training_server::TrainingServer::new(
-                proxy,
-            )),
+            // Jobs carry their rows inline: the same limit as inference, not tonic's 4 MiB.
+            Ok(proxy) => Some(
+                kiln_proto::kiln::v1::training_server::TrainingServer::new(proxy)
+                    .max_decoding_message_size(config.max_message_bytes)
+                    .max_encoding_message_size(config.max_message_bytes),
+            ),
             Err(e) => {
                 tracing::error!(error = %e, "kiln.v1.Training is not served");
                 None
