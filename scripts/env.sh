@@ -24,7 +24,10 @@ kiln_apt_install() {
 kiln_system_deps() {
     # protoc compiles the .proto files; Mesa's lavapipe gives wgpu a Vulkan device on
     # machines without a GPU (used only when asked for: --device wgpu:cpu).
+    # etcd is cluster mode's state store; the tests start their own on loopback ports.
     local pkgs=(mesa-vulkan-drivers)
     command -v protoc >/dev/null 2>&1 || pkgs+=(protobuf-compiler)
+    command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)
+    command -v etcdctl >/dev/null 2>&1 || pkgs+=(etcd-client)
     kiln_apt_install "${pkgs[@]}"
 }

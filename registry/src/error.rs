@@ -53,6 +53,9 @@ pub enum Error {
         /// The decoder's complaint.
         reason: String,
     },
+    /// etcd failed or could not be reached.
+    #[error("etcd: {0}")]
+    Etcd(String),
     /// The embedded file store failed.
     #[error("embedded store: {0}")]
     Storage(String),

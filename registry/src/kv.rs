@@ -10,6 +10,21 @@ use futures::stream::BoxStream;
 
 use crate::Result;
 
+/// Largest value a key may hold: records stay small (weights and datasets go to the
+/// artifact store), well under etcd's 1.5 MiB request limit.
+pub const MAX_VALUE_BYTES: usize = 256 * 1024;
+
+/// Refuse a value over [`MAX_VALUE_BYTES`] before it is sent anywhere.
+pub fn check_value_size(key: &str, value: &[u8]) -> crate::Result<()> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(crate::Error::Invalid(format!(
+            "the record for {key} is {} bytes; records are limited to {MAX_VALUE_BYTES} bytes",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A lease id; keys bound to a lease vanish when it expires or is revoked.
 pub type LeaseId = i64;
 

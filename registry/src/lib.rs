@@ -14,6 +14,7 @@
 
 pub mod artifacts;
 mod error;
+pub mod etcd;
 pub mod file;
 pub mod kv;
 pub mod memory;
@@ -21,12 +22,14 @@ pub mod npy;
 pub mod records;
 pub mod registry;
 pub mod spec;
+pub mod testing;
 pub mod training;
 pub mod view;
 pub mod weights;
 
 pub use artifacts::{ArtifactStore, sha256_hex};
 pub use error::{Error, Result};
+pub use etcd::EtcdStore;
 pub use file::FileStore;
 pub use kv::{KvStore, LeaseId};
 pub use memory::MemoryStore;

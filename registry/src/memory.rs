@@ -181,6 +181,7 @@ impl Inner {
         value: Bytes,
         lease: Option<LeaseId>,
     ) -> Result<i64> {
+        crate::kv::check_value_size(key, &value)?;
         if let Some(id) = lease
             && !state.leases.contains_key(&id)
         {

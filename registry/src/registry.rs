@@ -18,7 +18,7 @@ use crate::view::ClusterView;
 use crate::{Error, Result};
 
 /// Largest record Kiln writes; etcd's request limit is 1.5 MiB and records stay small.
-pub const MAX_RECORD_BYTES: usize = 256 * 1024;
+pub const MAX_RECORD_BYTES: usize = crate::kv::MAX_VALUE_BYTES;
 /// Attempts of a compare-and-swap loop before giving up with `Contention`.
 const CAS_ATTEMPTS: usize = 64;
 
