@@ -111,6 +111,7 @@ async fn prepare(dir: &std::path::Path, batches: &[usize], hidden: &[u32]) -> an
                 replicas: None,
                 loaded: true,
                 batching,
+                device: Default::default(),
             })
             .await?;
         registry

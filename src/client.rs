@@ -166,6 +166,31 @@ pub async fn models_alias(
         .into_inner())
 }
 
+/// `kiln models deploy NAME --replicas N --device gpu|cpu|any`.
+pub async fn models_deploy(
+    addr: &str,
+    name: &str,
+    replicas: u32,
+    device: &str,
+) -> anyhow::Result<pb::Deployment> {
+    let device = match device {
+        "any" => pb::DeviceClass::Any,
+        "gpu" => pb::DeviceClass::Gpu,
+        "cpu" => pb::DeviceClass::Cpu,
+        other => anyhow::bail!("--device must be gpu, cpu or any, got {other:?}"),
+    };
+    let mut client = ModelsClient::new(channel(addr).await?);
+    Ok(client
+        .set_deployment(pb::SetDeploymentRequest {
+            name: name.into(),
+            replicas,
+            device: device as i32,
+        })
+        .await
+        .map_err(status)?
+        .into_inner())
+}
+
 /// `kiln infer NAME[:VERSION] --input JSON`: rows in (`[[…], […]]` or one row `[…]`),
 /// JSON out.
 pub async fn infer(addr: &str, reference: &str, input: &str) -> anyhow::Result<serde_json::Value> {

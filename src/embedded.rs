@@ -177,7 +177,7 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
         }));
     }
     let mut gateway_config = config.gateway.clone();
-    gateway_config.scheduler_addr = Some(scheduler_addr.to_string());
+    gateway_config.training = kiln_gateway::TrainingRoute::Scheduler(scheduler_addr.to_string());
     let deps = GatewayDeps {
         registry: registry.clone(),
         view,

@@ -36,6 +36,64 @@ struct Cli {
 enum Command {
     /// Run the whole cluster in one process: gateway, scheduler and workers.
     Up(UpArgs),
+    /// Cluster mode: run a scheduler (placement controller and training coordinator; one
+    /// of several leads through etcd).
+    Scheduler {
+        #[command(flatten)]
+        cluster: ClusterFlags,
+        /// Scheduler id (default: from the host name).
+        #[arg(long, env = "KILN_SCHEDULER_ID")]
+        id: Option<String>,
+        /// Where to serve gRPC (kiln.v1.Training, health, reflection).
+        #[arg(long, env = "KILN_SCHEDULER_ADDR", default_value = "127.0.0.1:8002")]
+        listen: SocketAddr,
+        /// Address gateways reach this scheduler at (default: the listen address).
+        #[arg(long, env = "KILN_ADVERTISE")]
+        advertise: Option<String>,
+        #[command(flatten)]
+        limits: LimitFlags,
+        /// Write the bound address to this file once listening (for scripts).
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
+    /// Cluster mode: run a worker (registers in etcd, loads what the scheduler places on it).
+    Worker {
+        #[command(flatten)]
+        cluster: ClusterFlags,
+        /// Worker id, unique in the cluster (default: from the host name).
+        #[arg(long, env = "KILN_WORKER_ID")]
+        id: Option<String>,
+        /// Where to serve gRPC (kiln.internal.v1.Worker, health, reflection).
+        #[arg(long, env = "KILN_WORKER_ADDR", default_value = "127.0.0.1:8101")]
+        listen: SocketAddr,
+        /// Address gateways and the scheduler reach this worker at (default: the listen
+        /// address; required when listening on 0.0.0.0).
+        #[arg(long, env = "KILN_ADVERTISE")]
+        advertise: Option<String>,
+        /// Device: auto, cpu, wgpu, wgpu:N, or wgpu:cpu.
+        #[arg(long, env = "KILN_DEVICE", default_value = "auto")]
+        device: DeviceChoice,
+        /// Write the bound address to this file once listening (for scripts).
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
+    /// Cluster mode: run a gateway (the public gRPC endpoint; routes straight to workers).
+    Gateway {
+        #[command(flatten)]
+        cluster: ClusterFlags,
+        /// Where to serve the public gRPC API.
+        #[arg(long, env = "KILN_GRPC_ADDR", default_value = "127.0.0.1:8001")]
+        listen: SocketAddr,
+        /// Largest gRPC message, in MiB.
+        #[arg(long, env = "KILN_MAX_MESSAGE_MIB", default_value_t = 64)]
+        max_message_mib: usize,
+        /// Deadline of requests that carry none, in milliseconds.
+        #[arg(long, env = "KILN_DEFAULT_TIMEOUT_MS", default_value_t = 30_000)]
+        default_timeout_ms: u64,
+        /// Write the bound address to this file once listening (for scripts).
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
     /// Manage models.
     Models {
         #[command(subcommand)]
@@ -114,6 +172,62 @@ enum Command {
     },
 }
 
+/// Where a cluster-mode process finds the cluster.
+#[derive(clap::Args)]
+struct ClusterFlags {
+    /// etcd endpoints, comma-separated (`http://host:2379`).
+    #[arg(long, env = "KILN_ETCD", value_delimiter = ',', required = true)]
+    etcd: Vec<String>,
+    /// Key prefix of Kiln's state in etcd.
+    #[arg(long, env = "KILN_PREFIX", default_value = "/kiln/v1/")]
+    prefix: String,
+    /// Artifact store: a directory every process shares (`file:///shared/kiln`).
+    #[arg(long, env = "KILN_ARTIFACTS")]
+    artifacts: String,
+    /// Lease TTL of worker registrations and of the scheduler's lead, in seconds: how
+    /// long a dead process keeps its place.
+    #[arg(long, env = "KILN_LEASE_TTL_SECS", default_value_t = 10)]
+    lease_ttl_secs: u64,
+}
+
+impl ClusterFlags {
+    fn config(self) -> kiln::cluster::ClusterConfig {
+        kiln::cluster::ClusterConfig {
+            etcd: self.etcd,
+            prefix: self.prefix,
+            artifacts: self.artifacts,
+            lease_ttl: Duration::from_secs(self.lease_ttl_secs),
+        }
+    }
+}
+
+/// Caps on training jobs.
+#[derive(clap::Args)]
+struct LimitFlags {
+    /// Most epochs one training job may ask for.
+    #[arg(long, env = "KILN_MAX_EPOCHS", default_value_t = 1_000)]
+    max_epochs: u32,
+    /// Most rows in a job's training, validation or test data, or in an uploaded dataset.
+    #[arg(long, env = "KILN_MAX_ROWS", default_value_t = 10_000_000)]
+    max_rows: usize,
+    /// Largest dataset upload, in MiB.
+    #[arg(long, env = "KILN_MAX_UPLOAD_MIB", default_value_t = 512)]
+    max_upload_mib: u64,
+}
+
+impl LimitFlags {
+    fn limits(&self) -> anyhow::Result<kiln_registry::training::TrainingLimits> {
+        if self.max_epochs == 0 || self.max_rows == 0 || self.max_upload_mib == 0 {
+            anyhow::bail!("--max-epochs, --max-rows and --max-upload-mib must be at least 1");
+        }
+        Ok(kiln_registry::training::TrainingLimits {
+            max_epochs: self.max_epochs,
+            max_rows: self.max_rows,
+            max_upload_bytes: self.max_upload_mib * 1024 * 1024,
+        })
+    }
+}
+
 #[derive(clap::Args)]
 struct UpArgs {
     /// Address of the gateway's gRPC server (port 0: any free port).
@@ -137,15 +251,8 @@ struct UpArgs {
     /// Write the gateway's bound address to this file once it listens (for scripts).
     #[arg(long, env = "KILN_ADDR_FILE")]
     addr_file: Option<PathBuf>,
-    /// Most epochs one training job may ask for.
-    #[arg(long, env = "KILN_MAX_EPOCHS", default_value_t = 1_000)]
-    max_epochs: u32,
-    /// Most rows in a job's training, validation or test data, or in an uploaded dataset.
-    #[arg(long, env = "KILN_MAX_ROWS", default_value_t = 10_000_000)]
-    max_rows: usize,
-    /// Largest dataset upload, in MiB.
-    #[arg(long, env = "KILN_MAX_UPLOAD_MIB", default_value_t = 512)]
-    max_upload_mib: u64,
+    #[command(flatten)]
+    limits: LimitFlags,
 }
 
 #[derive(Subcommand)]
@@ -265,6 +372,20 @@ enum ModelsCommand {
         #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
         addr: String,
     },
+    /// Say how a model is served: replicas of each version, on which kind of worker.
+    Deploy {
+        /// Model name.
+        model: String,
+        /// Replicas of each version (0: every eligible worker).
+        #[arg(long, default_value_t = 0)]
+        replicas: u32,
+        /// Which workers may hold it: gpu (wgpu backend), cpu, or any.
+        #[arg(long, default_value = "any")]
+        device: String,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
     /// Point an alias (e.g. production) at a version.
     Alias {
         /// Model name.
@@ -304,9 +425,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     if args.max_message_mib == 0 || args.max_message_mib > 2047 {
         anyhow::bail!("--max-message-mib must be between 1 and 2047");
     }
-    if args.max_epochs == 0 || args.max_rows == 0 || args.max_upload_mib == 0 {
-        anyhow::bail!("--max-epochs, --max-rows and --max-upload-mib must be at least 1");
-    }
+
     let config = UpConfig {
         grpc_addr: args.grpc_addr,
         workers: args.workers,
@@ -318,11 +437,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             ..GatewayConfig::default()
         },
         lease_ttl: Duration::from_secs(10),
-        training_limits: kiln_registry::training::TrainingLimits {
-            max_epochs: args.max_epochs,
-            max_rows: args.max_rows,
-            max_upload_bytes: args.max_upload_mib * 1024 * 1024,
-        },
+        training_limits: args.limits.limits()?,
     };
     let cluster = embedded::start(config).await?;
     let addr = cluster.addr;
@@ -367,6 +482,41 @@ async fn main() -> std::process::ExitCode {
     let result: anyhow::Result<()> = async {
         match cli.command {
             Command::Up(args) => up(args).await,
+            Command::Scheduler { cluster, id, listen, advertise, limits, addr_file } => {
+                let args = kiln::cluster::SchedulerArgs {
+                    id: id.unwrap_or_else(|| kiln::cluster::default_id("scheduler")),
+                    listen,
+                    advertise,
+                    limits: limits.limits()?,
+                    addr_file,
+                };
+                kiln::cluster::scheduler(cluster.config(), args, shutdown_signal()).await
+            }
+            Command::Worker { cluster, id, listen, advertise, device, addr_file } => {
+                let args = kiln::cluster::WorkerArgs {
+                    id: id.unwrap_or_else(|| kiln::cluster::default_id("worker")),
+                    listen,
+                    advertise,
+                    device,
+                    addr_file,
+                };
+                kiln::cluster::worker(cluster.config(), args, shutdown_signal()).await
+            }
+            Command::Gateway { cluster, listen, max_message_mib, default_timeout_ms, addr_file } => {
+                if max_message_mib == 0 || max_message_mib > 2047 {
+                    anyhow::bail!("--max-message-mib must be between 1 and 2047");
+                }
+                let args = kiln::cluster::GatewayArgs {
+                    listen,
+                    config: GatewayConfig {
+                        max_message_bytes: max_message_mib * 1024 * 1024,
+                        default_timeout: Duration::from_millis(default_timeout_ms.max(1)),
+                        ..GatewayConfig::default()
+                    },
+                    addr_file,
+                };
+                kiln::cluster::gateway(cluster.config(), args, shutdown_signal()).await
+            }
             Command::Bench { concurrency, batch, seconds, device, hidden, output } => {
                 if concurrency.iter().chain(&batch).any(|n| *n == 0 || *n > 4096) || seconds == 0 {
                     anyhow::bail!("--concurrency and --batch take numbers from 1 to 4096, --seconds at least 1");
@@ -438,6 +588,17 @@ async fn main() -> std::process::ExitCode {
                 ModelsCommand::Export { model, output, addr } => {
                     let v = client::models_export(&addr, &model, &output).await?;
                     kiln::say!("wrote {} version {} to {} ({} bytes, sha256 {})", v.model, v.version, output.display(), v.size_bytes, v.sha256);
+                    Ok(())
+                }
+                ModelsCommand::Deploy { model, replicas, device, addr } => {
+                    let d = client::models_deploy(&addr, &model, replicas, &device).await?;
+                    let replicas = if d.replicas == 0 { "every eligible worker".to_owned() } else { format!("{} replicas", d.replicas) };
+                    let class = match kiln_proto::kiln::v1::DeviceClass::try_from(d.device) {
+                        Ok(kiln_proto::kiln::v1::DeviceClass::Gpu) => "gpu",
+                        Ok(kiln_proto::kiln::v1::DeviceClass::Cpu) => "cpu",
+                        _ => "any",
+                    };
+                    kiln::say!("{}: {replicas} of each version, on {class} workers", d.model);
                     Ok(())
                 }
                 ModelsCommand::Alias { model, alias, version, addr } => {

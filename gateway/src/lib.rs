@@ -42,8 +42,19 @@ pub struct GatewayConfig {
     pub default_timeout: Duration,
     /// How long RepositoryModelLoad/Unload wait for the workers.
     pub load_timeout: Duration,
-    /// The scheduler's address, for `kiln.v1.Training` (None: training is not served).
-    pub scheduler_addr: Option<String>,
+    /// Where `kiln.v1.Training` calls go.
+    pub training: TrainingRoute,
+}
+
+/// Where the gateway sends `kiln.v1.Training` calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrainingRoute {
+    /// Training is not served.
+    Off,
+    /// A scheduler at a fixed `host:port` (the embedded cluster).
+    Scheduler(String),
+    /// The scheduler that leads, from `leader/scheduler` in the cluster state.
+    Leader,
 }
 
 impl Default for GatewayConfig {
@@ -52,7 +63,7 @@ impl Default for GatewayConfig {
             max_message_bytes: 64 * 1024 * 1024,
             default_timeout: Duration::from_secs(30),
             load_timeout: Duration::from_secs(60),
-            scheduler_addr: None,
+            training: TrainingRoute::Off,
         }
     }
 }
@@ -113,6 +124,7 @@ pub async fn serve(
     deps: GatewayDeps,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::result::Result<(), tonic::transport::Error> {
+    let training_view = deps.view.clone();
     let shared = Arc::new(Shared {
         router: router::Router::new(deps.view.clone(), config.max_message_bytes),
         registry: deps.registry,
@@ -141,19 +153,27 @@ pub async fn serve(
     })
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
-    let training = config.scheduler_addr.as_deref().and_then(|addr| {
-        match training::TrainingProxy::new(addr, config.max_message_bytes) {
-            // Jobs carry their rows inline: the same limit as inference, not tonic's 4 MiB.
-            Ok(proxy) => Some(
-                kiln_proto::kiln::v1::training_server::TrainingServer::new(proxy)
-                    .max_decoding_message_size(config.max_message_bytes)
-                    .max_encoding_message_size(config.max_message_bytes),
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "kiln.v1.Training is not served");
-                None
+    let proxy = match &config.training {
+        TrainingRoute::Off => None,
+        TrainingRoute::Scheduler(addr) => {
+            match training::TrainingProxy::new(addr, config.max_message_bytes) {
+                Ok(proxy) => Some(proxy),
+                Err(e) => {
+                    tracing::error!(error = %e, "kiln.v1.Training is not served");
+                    None
+                }
             }
         }
+        TrainingRoute::Leader => Some(training::TrainingProxy::to_leader(
+            training_view,
+            config.max_message_bytes,
+        )),
+    };
+    // Jobs carry their rows inline: the same limit as inference, not tonic's 4 MiB.
+    let training = proxy.map(|proxy| {
+        kiln_proto::kiln::v1::training_server::TrainingServer::new(proxy)
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes)
     });
     let on_shutdown = async move {
         shutdown.await;

@@ -195,4 +195,46 @@ impl Models for ModelsService {
             version: alias.version,
         }))
     }
+
+    async fn set_deployment(
+        &self,
+        request: Request<pb::SetDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        use kiln_registry::records::DeviceClass;
+        let req = request.into_inner();
+        validate_name("name", &req.name).map_err(Error::from)?;
+        if req.replicas > 1024 {
+            return Err(Status::invalid_argument(format!(
+                "replicas must be between 0 (every eligible worker) and 1024, got {}",
+                req.replicas
+            )));
+        }
+        let device = match pb::DeviceClass::try_from(req.device) {
+            Ok(pb::DeviceClass::Any) => DeviceClass::Any,
+            Ok(pb::DeviceClass::Gpu) => DeviceClass::Gpu,
+            Ok(pb::DeviceClass::Cpu) => DeviceClass::Cpu,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "device {} is not ANY (0), GPU (1) or CPU (2)",
+                    req.device
+                )));
+            }
+        };
+        let registry = &self.shared.registry;
+        // The model must exist; its deployment may not yet.
+        registry.get_model(&req.name).await.map_err(Error::from)?;
+        let mut deployment = registry.deployment(&req.name).await.map_err(Error::from)?;
+        deployment.replicas = (req.replicas > 0).then_some(req.replicas);
+        deployment.device = device;
+        registry
+            .set_deployment(&deployment)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::Deployment {
+            model: deployment.model,
+            replicas: deployment.replicas.unwrap_or(0),
+            device: req.device,
+            loaded: deployment.loaded,
+        }))
+    }
 }

@@ -7,24 +7,79 @@ use futures::{Stream, StreamExt};
 use kiln_proto::kiln::v1 as pb;
 use kiln_proto::kiln::v1::training_client::TrainingClient;
 use kiln_proto::kiln::v1::training_server::Training;
+use std::sync::Mutex;
+
+use kiln_registry::WatchedView;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
+/// Where training calls go.
+enum Target {
+    /// A fixed scheduler address (the embedded cluster).
+    Fixed(TrainingClient<Channel>),
+    /// Whichever scheduler leads, as the cluster state says (cluster mode).
+    Leader {
+        view: WatchedView,
+        /// The leader's address and a client for it, reused while it leads.
+        cached: Mutex<Option<(String, TrainingClient<Channel>)>>,
+    },
+}
+
 /// Forwards training calls to the scheduler.
 pub struct TrainingProxy {
-    client: TrainingClient<Channel>,
+    target: Target,
+    max_message_bytes: usize,
+}
+
+fn client_for(address: &str, max_message_bytes: usize) -> Result<TrainingClient<Channel>, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| format!("scheduler address {address}: {e}"))?;
+    Ok(TrainingClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes))
 }
 
 impl TrainingProxy {
     /// A proxy to the scheduler at `address` (`host:port`); connects on first use.
     pub fn new(address: &str, max_message_bytes: usize) -> Result<Self, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("scheduler address {address}: {e}"))?;
         Ok(Self {
-            client: TrainingClient::new(endpoint.connect_lazy())
-                .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes),
+            target: Target::Fixed(client_for(address, max_message_bytes)?),
+            max_message_bytes,
         })
+    }
+
+    /// A proxy to the leading scheduler named in `leader/scheduler`, followed as it changes.
+    pub fn to_leader(view: WatchedView, max_message_bytes: usize) -> Self {
+        Self {
+            target: Target::Leader {
+                view,
+                cached: Mutex::new(None),
+            },
+            max_message_bytes,
+        }
+    }
+
+    fn client(&self) -> Result<TrainingClient<Channel>, Status> {
+        match &self.target {
+            Target::Fixed(client) => Ok(client.clone()),
+            Target::Leader { view, cached } => {
+                let leader = view.current().leader.clone().ok_or_else(|| {
+                    Status::unavailable(
+                        "no scheduler leads the cluster right now; training calls cannot be served",
+                    )
+                })?;
+                let mut cached = cached.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((address, client)) = cached.as_ref()
+                    && *address == leader.address
+                {
+                    return Ok(client.clone());
+                }
+                let client = client_for(&leader.address, self.max_message_bytes)
+                    .map_err(Status::internal)?;
+                *cached = Some((leader.address, client.clone()));
+                Ok(client)
+            }
+        }
     }
 }
 
@@ -46,10 +101,7 @@ impl Training for TrainingProxy {
         &self,
         request: Request<pb::SubmitTrainingJobRequest>,
     ) -> Result<Response<pb::TrainingJob>, Status> {
-        self.client
-            .clone()
-            .submit_training_job(forward(request))
-            .await
+        self.client()?.submit_training_job(forward(request)).await
     }
 
     type WatchTrainingJobStream = EventStream;
@@ -59,8 +111,7 @@ impl Training for TrainingProxy {
         request: Request<pb::WatchTrainingJobRequest>,
     ) -> Result<Response<Self::WatchTrainingJobStream>, Status> {
         let stream = self
-            .client
-            .clone()
+            .client()?
             .watch_training_job(forward(request))
             .await?
             .into_inner();
@@ -71,17 +122,14 @@ impl Training for TrainingProxy {
         &self,
         request: Request<pb::GetTrainingJobRequest>,
     ) -> Result<Response<pb::TrainingJob>, Status> {
-        self.client.clone().get_training_job(forward(request)).await
+        self.client()?.get_training_job(forward(request)).await
     }
 
     async fn list_training_jobs(
         &self,
         request: Request<pb::ListTrainingJobsRequest>,
     ) -> Result<Response<pb::ListTrainingJobsResponse>, Status> {
-        self.client
-            .clone()
-            .list_training_jobs(forward(request))
-            .await
+        self.client()?.list_training_jobs(forward(request)).await
     }
 
     async fn upload_dataset(
@@ -99,30 +147,27 @@ impl Training for TrainingProxy {
         if let Some(t) = timeout {
             forwarded.set_timeout(t);
         }
-        self.client.clone().upload_dataset(forwarded).await
+        self.client()?.upload_dataset(forwarded).await
     }
 
     async fn list_datasets(
         &self,
         request: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
-        self.client.clone().list_datasets(forward(request)).await
+        self.client()?.list_datasets(forward(request)).await
     }
 
     async fn delete_dataset(
         &self,
         request: Request<pb::DeleteDatasetRequest>,
     ) -> Result<Response<pb::DeleteDatasetResponse>, Status> {
-        self.client.clone().delete_dataset(forward(request)).await
+        self.client()?.delete_dataset(forward(request)).await
     }
 
     async fn cancel_training_job(
         &self,
         request: Request<pb::CancelTrainingJobRequest>,
     ) -> Result<Response<pb::TrainingJob>, Status> {
-        self.client
-            .clone()
-            .cancel_training_job(forward(request))
-            .await
+        self.client()?.cancel_training_job(forward(request)).await
     }
 }

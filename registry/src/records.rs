@@ -203,6 +203,33 @@ pub struct DeploymentRecord {
     /// Batcher settings.
     #[serde(default)]
     pub batching: BatchingSettings,
+    /// Which workers may hold the model.
+    #[serde(default)]
+    pub device: DeviceClass,
+}
+
+/// Which workers may hold a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceClass {
+    /// Any worker.
+    #[default]
+    Any,
+    /// Workers on a GPU (the wgpu backend).
+    Gpu,
+    /// Workers on the CPU backend.
+    Cpu,
+}
+
+impl DeviceClass {
+    /// Whether a worker with this backend (`wgpu` or `cpu`) belongs to the class.
+    pub fn admits(self, backend: &str) -> bool {
+        match self {
+            DeviceClass::Any => true,
+            DeviceClass::Gpu => backend == "wgpu",
+            DeviceClass::Cpu => backend == "cpu",
+        }
+    }
 }
 
 impl DeploymentRecord {
@@ -214,8 +241,22 @@ impl DeploymentRecord {
             replicas: None,
             loaded: true,
             batching: BatchingSettings::default(),
+            device: DeviceClass::Any,
         }
     }
+}
+
+/// `leader/scheduler`: the scheduler that leads, bound to its lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderRecord {
+    /// Record schema.
+    pub schema: u32,
+    /// The scheduler's id.
+    pub id: String,
+    /// Where its gRPC services are reached (`host:port`).
+    pub address: String,
+    /// When it took the lead.
+    pub since_unix_ms: u64,
 }
 
 /// Key construction and parsing. All keys are relative to the store's prefix.
@@ -228,6 +269,8 @@ pub mod keys {
     pub const PLACEMENTS: &str = "placements/";
     /// Prefix of deployment records.
     pub const DEPLOYMENTS: &str = "deployments/";
+    /// The scheduler leader's key.
+    pub const LEADER: &str = "leader/scheduler";
 
     /// `models/<name>`.
     pub fn model(name: &str) -> String {

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::kv::{Expect, KvStore, LeaseId};
 use crate::records::{
-    AliasRecord, ArtifactRef, DeploymentRecord, ModelRecord, PlacementRecord, SCHEMA,
+    AliasRecord, ArtifactRef, DeploymentRecord, LeaderRecord, ModelRecord, PlacementRecord, SCHEMA,
     VersionRecord, WorkerRecord, keys, now_unix_ms,
 };
 use crate::spec::{ModelSpec, Signature, validate_name};
@@ -382,6 +382,31 @@ impl Registry {
     /// Grant the lease a worker's record is bound to.
     pub async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
         self.store.grant_lease(ttl).await
+    }
+
+    /// Try to become the scheduler leader: the record is written, bound to `lease`, only if
+    /// no leader holds the key. `Ok(None)`: this caller leads; `Ok(Some(other))`: another does.
+    pub async fn campaign(
+        &self,
+        record: &LeaderRecord,
+        lease: LeaseId,
+    ) -> Result<Option<LeaderRecord>> {
+        let value = self.encode(keys::LEADER, record)?;
+        match self
+            .store
+            .compare_and_put(&self.full(keys::LEADER), Expect::Absent, value, Some(lease))
+            .await?
+        {
+            Ok(_) => Ok(None),
+            Err(Some(current)) => Ok(Some(decode(&current.key, &current.value)?)),
+            // Gone between the check and the answer: try again later.
+            Err(None) => Ok(Some(record.clone())),
+        }
+    }
+
+    /// The leading scheduler, if any.
+    pub async fn leader(&self) -> Result<Option<LeaderRecord>> {
+        Ok(self.read(keys::LEADER).await?.map(|(r, _)| r))
     }
 
     /// Write a worker's record, bound to its lease.

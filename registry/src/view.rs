@@ -11,7 +11,8 @@ use tokio::sync::watch;
 
 use crate::kv::{KeyValue, KvStore, WatchEvent};
 use crate::records::{
-    AliasRecord, DeploymentRecord, ModelRecord, PlacementRecord, VersionRecord, WorkerRecord, keys,
+    AliasRecord, DeploymentRecord, LeaderRecord, ModelRecord, PlacementRecord, VersionRecord,
+    WorkerRecord, keys,
 };
 use crate::registry::decode;
 use crate::{Error, Result};
@@ -43,6 +44,8 @@ pub struct ClusterView {
     pub placements: BTreeMap<String, PlacementRecord>,
     /// Deployments by model name.
     pub deployments: BTreeMap<String, DeploymentRecord>,
+    /// The leading scheduler, when one leads.
+    pub leader: Option<LeaderRecord>,
 }
 
 impl ClusterView {
@@ -86,6 +89,8 @@ impl ClusterView {
             } else if key.starts_with(keys::DEPLOYMENTS) {
                 let record: DeploymentRecord = decode(&kv.key, &kv.value)?;
                 view.deployments.insert(record.model.clone(), record);
+            } else if key == keys::LEADER {
+                view.leader = Some(decode(&kv.key, &kv.value)?);
             }
         }
         for v in versions {
@@ -310,6 +315,7 @@ fn in_view(prefix: &str, key: &str) -> bool {
             keys::WORKERS,
             keys::PLACEMENTS,
             keys::DEPLOYMENTS,
+            keys::LEADER,
         ]
         .iter()
         .any(|p| k.starts_with(p))

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kiln_registry::records::{PlacementRecord, SCHEMA, VersionKey};
+use kiln_registry::records::{DeviceClass, PlacementRecord, SCHEMA, VersionKey};
 use kiln_registry::{ClusterView, Registry, WatchedView};
 
 use crate::plan::{Want, plan_placements};
@@ -17,10 +17,18 @@ pub fn desired_placements(view: &ClusterView) -> BTreeMap<String, BTreeSet<Versi
         if !deployment.loaded {
             continue;
         }
+        let eligible = (deployment.device != DeviceClass::Any).then(|| {
+            view.workers
+                .values()
+                .filter(|w| deployment.device.admits(&w.backend))
+                .map(|w| w.id.clone())
+                .collect()
+        });
         for version in entry.versions.values() {
             wants.push(Want {
                 key: version.key(),
                 replicas: deployment.replicas,
+                eligible: eligible.clone(),
             });
         }
     }

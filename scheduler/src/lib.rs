@@ -6,12 +6,14 @@
 //! - [`convert`]: `kiln.v1` wire messages to and from domain types;
 //! - [`training`]: the training coordinator (`kiln.v1.Training`);
 //! - [`controller`]: the placement controller, which turns the cluster state into
-//!   `placements/<worker>` records.
+//!   `placements/<worker>` records;
+//! - [`leader`]: leader election between schedulers through the cluster state.
 
 #![forbid(unsafe_code)]
 
 pub mod controller;
 pub mod convert;
+pub mod leader;
 pub mod plan;
 pub mod training;
 

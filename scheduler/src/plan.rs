@@ -7,8 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 pub struct Want<K> {
     /// The version.
     pub key: K,
-    /// Replicas wanted; None means every worker.
+    /// Replicas wanted; None means every eligible worker.
     pub replicas: Option<u32>,
+    /// The workers that may hold it; None: any.
+    pub eligible: Option<BTreeSet<String>>,
 }
 
 /// Decide which workers hold which versions.
@@ -26,17 +28,25 @@ pub fn plan_placements<K: Ord + Clone>(
         .map(|w| (w.clone(), BTreeSet::new()))
         .collect();
     for want in wants {
+        let eligible: Vec<&String> = workers
+            .iter()
+            .filter(|w| want.eligible.as_ref().is_none_or(|e| e.contains(*w)))
+            .collect();
         let n = want
             .replicas
-            .map_or(workers.len(), |r| (r as usize).min(workers.len()));
-        let mut holders: Vec<&String> = workers
+            .map_or(eligible.len(), |r| (r as usize).min(eligible.len()));
+        let mut holders: Vec<&String> = eligible
             .iter()
+            .copied()
             .filter(|w| current.get(*w).is_some_and(|held| held.contains(&want.key)))
             .take(n)
             .collect();
         if holders.len() < n {
-            let mut others: Vec<&String> =
-                workers.iter().filter(|w| !holders.contains(w)).collect();
+            let mut others: Vec<&String> = eligible
+                .iter()
+                .copied()
+                .filter(|w| !holders.contains(w))
+                .collect();
             others.sort_by_key(|w| (plan.get(*w).map_or(0, |s| s.len()), (*w).clone()));
             holders.extend(others.into_iter().take(n - holders.len()));
         }
@@ -84,10 +94,12 @@ mod tests {
                 Want {
                     key: "a",
                     replicas: None,
+                    eligible: None,
                 },
                 Want {
                     key: "b",
                     replicas: None,
+                    eligible: None,
                 },
             ],
             &BTreeMap::new(),
@@ -102,14 +114,17 @@ mod tests {
             Want {
                 key: "a",
                 replicas: Some(2),
+                eligible: None,
             },
             Want {
                 key: "b",
                 replicas: Some(2),
+                eligible: None,
             },
             Want {
                 key: "c",
                 replicas: Some(1),
+                eligible: None,
             },
         ];
         let plan = plan_placements(&workers(3), &wants, &BTreeMap::new());
@@ -125,11 +140,53 @@ mod tests {
             &[Want {
                 key: "a",
                 replicas: Some(1),
+                eligible: None,
             }],
             &current,
         );
         assert!(plan["w2"].contains("a"));
         assert!(plan["w0"].is_empty() && plan["w1"].is_empty());
+    }
+
+    #[test]
+    fn a_device_class_keeps_versions_on_its_workers() {
+        let gpu: BTreeSet<String> = ["w1".to_owned(), "w2".to_owned()].into();
+        let plan = plan_placements(
+            &workers(4),
+            &[
+                Want {
+                    key: "g",
+                    replicas: None,
+                    eligible: Some(gpu.clone()),
+                },
+                Want {
+                    key: "one",
+                    replicas: Some(1),
+                    eligible: Some(gpu),
+                },
+            ],
+            &BTreeMap::new(),
+        );
+        let holders = |k| {
+            plan.iter()
+                .filter(|(_, s)| s.contains(k))
+                .map(|(w, _)| w.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(holders(&"g"), vec!["w1", "w2"]);
+        assert_eq!(holders(&"one").len(), 1);
+        assert!(["w1", "w2"].contains(&holders(&"one")[0]));
+        // No eligible worker: nobody holds it (rather than the wrong kind of worker).
+        let none = plan_placements(
+            &workers(2),
+            &[Want {
+                key: "g",
+                replicas: Some(1),
+                eligible: Some(BTreeSet::new()),
+            }],
+            &BTreeMap::new(),
+        );
+        assert!(none.values().all(BTreeSet::is_empty));
     }
 
     #[test]
@@ -139,6 +196,7 @@ mod tests {
             &[Want {
                 key: 1,
                 replicas: Some(5),
+                eligible: None,
             }],
             &BTreeMap::new(),
         );
@@ -148,7 +206,8 @@ mod tests {
                 &[],
                 &[Want {
                     key: 1,
-                    replicas: None
+                    replicas: None,
+                    eligible: None,
                 }],
                 &BTreeMap::new()
             )

@@ -209,10 +209,7 @@ impl TrainingCoordinator {
 
     /// The gRPC service.
     pub fn service(self: &Arc<Self>) -> pb::training_server::TrainingServer<TrainingService> {
-        pb::training_server::TrainingServer::new(TrainingService {
-            coordinator: self.clone(),
-        })
-        .max_decoding_message_size(256 * 1024 * 1024)
+        TrainingService::standby(Arc::new(std::sync::RwLock::new(Some(self.clone()))))
     }
 
     fn check(
@@ -779,9 +776,33 @@ fn dataset_to_proto(d: &DatasetRecord) -> pb::DatasetInfo {
     }
 }
 
-/// `kiln.v1.Training` over a coordinator.
+/// Where a scheduler's coordinator goes once it leads; empty while it stands by.
+pub type CoordinatorSlot = Arc<std::sync::RwLock<Option<Arc<TrainingCoordinator>>>>;
+
+/// `kiln.v1.Training` over the coordinator of the leading scheduler.
 pub struct TrainingService {
-    coordinator: Arc<TrainingCoordinator>,
+    slot: CoordinatorSlot,
+}
+
+impl TrainingService {
+    /// The service of a scheduler that may not lead yet: until a coordinator is put in
+    /// `slot`, every call answers UNAVAILABLE.
+    pub fn standby(slot: CoordinatorSlot) -> pb::training_server::TrainingServer<Self> {
+        pb::training_server::TrainingServer::new(Self { slot })
+            .max_decoding_message_size(256 * 1024 * 1024)
+    }
+
+    fn coordinator(&self) -> Result<Arc<TrainingCoordinator>, Status> {
+        self.slot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                Status::unavailable(
+                    "this scheduler is standing by (it does not lead the cluster); call the leader",
+                )
+            })
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::TrainingEvent, Status>> + Send>>;
@@ -793,7 +814,7 @@ impl Training for TrainingService {
         request: Request<pb::SubmitTrainingJobRequest>,
     ) -> Result<Response<pb::TrainingJob>, Status> {
         Ok(Response::new(
-            self.coordinator.submit(request.into_inner()).await?,
+            self.coordinator()?.submit(request.into_inner()).await?,
         ))
     }
 
@@ -804,7 +825,7 @@ impl Training for TrainingService {
         request: Request<pb::WatchTrainingJobRequest>,
     ) -> Result<Response<Self::WatchTrainingJobStream>, Status> {
         let id = request.into_inner().id;
-        let c = &self.coordinator;
+        let c = &self.coordinator()?;
         // Subscribe before reading the record, so nothing falls between history and live.
         let live = c
             .running
@@ -882,7 +903,7 @@ impl Training for TrainingService {
         request: Request<pb::GetTrainingJobRequest>,
     ) -> Result<Response<pb::TrainingJob>, Status> {
         let job = self
-            .coordinator
+            .coordinator()?
             .registry
             .get_job(&request.into_inner().id)
             .await
@@ -895,7 +916,7 @@ impl Training for TrainingService {
         _: Request<pb::ListTrainingJobsRequest>,
     ) -> Result<Response<pb::ListTrainingJobsResponse>, Status> {
         let jobs = self
-            .coordinator
+            .coordinator()?
             .registry
             .list_jobs()
             .await
@@ -932,7 +953,7 @@ impl Training for TrainingService {
                 )));
             }
         };
-        let max = self.coordinator.limits.max_upload_bytes;
+        let max = self.coordinator()?.limits.max_upload_bytes;
         if header.size_bytes == 0 || header.size_bytes > max {
             return Err(Status::invalid_argument(format!(
                 "header.size_bytes must be between 1 and {max} (the server's upload limit), got {}",
@@ -1001,7 +1022,7 @@ impl Training for TrainingService {
                 (parsed, kiln_registry::sha256_hex(labels_file), label)
             }
         };
-        let max_rows = self.coordinator.limits.max_rows;
+        let max_rows = self.coordinator()?.limits.max_rows;
         if parsed.rows > max_rows {
             return Err(Status::invalid_argument(format!(
                 "the dataset has {} rows; at most {max_rows} are allowed (the server's row limit)",
@@ -1010,7 +1031,7 @@ impl Training for TrainingService {
         }
         let bytes =
             encode_dataset(&parsed.features, &parsed.labels, parsed.rows).map_err(status)?;
-        let c = &self.coordinator;
+        let c = &self.coordinator()?;
         let artifact = c.artifacts.put(Bytes::from(bytes)).await.map_err(status)?;
         let created = now_unix_ms();
         let record = DatasetRecord {
@@ -1036,7 +1057,7 @@ impl Training for TrainingService {
         _: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
         let datasets = self
-            .coordinator
+            .coordinator()?
             .registry
             .list_datasets()
             .await
@@ -1050,7 +1071,7 @@ impl Training for TrainingService {
         &self,
         request: Request<pb::DeleteDatasetRequest>,
     ) -> Result<Response<pb::DeleteDatasetResponse>, Status> {
-        self.coordinator
+        self.coordinator()?
             .registry
             .delete_dataset(&request.into_inner().id)
             .await
@@ -1063,7 +1084,7 @@ impl Training for TrainingService {
         request: Request<pb::CancelTrainingJobRequest>,
     ) -> Result<Response<pb::TrainingJob>, Status> {
         let id = request.into_inner().id;
-        let c = &self.coordinator;
+        let c = &self.coordinator()?;
         let job = c.registry.get_job(&id).await.map_err(status)?;
         if job.state.is_final() {
             return Ok(Response::new(job_to_proto(&job)));

@@ -71,6 +71,8 @@ struct State {
     /// What the worker reports in its record.
     loaded: Mutex<BTreeMap<VersionKey, LoadedRecord>>,
     lease: Mutex<Option<LeaseId>>,
+    /// Set when the worker shuts down: it must not register again.
+    stopping: std::sync::atomic::AtomicBool,
     /// Poked whenever `loaded` changes, so the record is rewritten.
     report: Notify,
 }
@@ -109,6 +111,7 @@ pub async fn serve(
         served: RwLock::new(HashMap::new()),
         loaded: Mutex::new(BTreeMap::new()),
         lease: Mutex::new(None),
+        stopping: std::sync::atomic::AtomicBool::new(false),
         report: Notify::new(),
     });
 
@@ -136,8 +139,13 @@ pub async fn serve(
         // Leave the routing table first, so no new work arrives while draining.
         deregister(&stop_state).await;
     };
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Invalid(format!("reflection: {e}")))?;
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
+        .add_service(reflection)
         .add_service(service)
         .serve_with_incoming_shutdown(kiln_proto::net::incoming(listener), on_shutdown)
         .await;
@@ -174,6 +182,9 @@ async fn register(state: &State, ttl: Duration) -> Result<()> {
 }
 
 async fn deregister(state: &State) {
+    state
+        .stopping
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let lease = lock(&state.lease).take();
     if let Some(lease) = lease
         && let Err(e) = state.deps.registry.store().revoke_lease(lease).await
@@ -191,13 +202,21 @@ async fn keep_registered(state: Arc<State>, ttl: Duration) {
             _ = tokio::time::sleep(period) => {}
             _ = state.report.notified() => {}
         }
+        if state.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let lease = *lock(&state.lease);
-        let Some(lease) = lease else { return };
-        let alive = state.deps.registry.store().keep_alive(lease).await.is_ok();
-        let result = if alive {
+        let alive = match lease {
+            Some(lease) => state.deps.registry.store().keep_alive(lease).await.is_ok(),
+            None => false,
+        };
+        let result = if let (true, Some(lease)) = (alive, lease) {
             state.deps.registry.put_worker(&record(&state), lease).await
         } else {
-            tracing::warn!(worker = %state.id, "lease lost; registering again");
+            if lease.is_some() {
+                tracing::warn!(worker = %state.id, "lease lost; taking no work until registered again");
+                *lock(&state.lease) = None;
+            }
             register(&state, ttl).await.map_err(|e| match e {
                 Error::Registry(e) => e,
                 other => kiln_registry::Error::Storage(other.to_string()),
@@ -501,6 +520,14 @@ impl Worker for WorkerService {
     ) -> Result<Response<pb::InferResponse>, Status> {
         let deadline =
             kiln_proto::deadline::from_metadata(request.metadata()).map(|d| Instant::now() + d);
+        // A worker whose registration lapsed is not in the routing table: it takes no work
+        // until it has registered again.
+        if lock(&self.state.lease).is_none() {
+            return Err(Status::unavailable(format!(
+                "worker {} is not registered in the cluster right now",
+                self.state.id
+            )));
+        }
         let req = request.into_inner();
         let key = VersionKey {
             model: req.model,

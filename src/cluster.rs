@@ -1,0 +1,278 @@
+//! Cluster mode: `kiln scheduler`, `kiln worker` and `kiln gateway` as separate processes
+//! that meet in etcd. Each serves health and reflection, and shuts down gracefully:
+//! readiness off, lease revoked, in-flight work drained, bounded wait.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use kiln_gateway::{GatewayConfig, GatewayDeps, TrainingRoute};
+use kiln_registry::training::TrainingLimits;
+use kiln_registry::{ArtifactStore, EtcdStore, KvStore, Registry, WatchedView};
+use kiln_scheduler::training::{CoordinatorSlot, TrainingCoordinator, TrainingService};
+use kiln_worker::{DeviceChoice, WorkerConfig, WorkerDeps};
+use tokio::net::TcpListener;
+
+/// How long a process waits for its in-flight work after a shutdown signal.
+const DRAIN: Duration = Duration::from_secs(30);
+
+/// Where the cluster state and the artifacts are, common to every process.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// etcd endpoints.
+    pub etcd: Vec<String>,
+    /// Key prefix of the cluster state.
+    pub prefix: String,
+    /// Artifact store URL (`file:///shared/dir`).
+    pub artifacts: String,
+    /// Lease TTL of registrations and of the scheduler's leadership.
+    pub lease_ttl: Duration,
+}
+
+/// What a process needs from the cluster: the store, the registry, the artifacts.
+struct Connected {
+    store: Arc<dyn KvStore>,
+    registry: Registry,
+    artifacts: ArtifactStore,
+}
+
+async fn connect(config: &ClusterConfig) -> anyhow::Result<Connected> {
+    if !config.prefix.starts_with('/') || !config.prefix.ends_with('/') {
+        anyhow::bail!(
+            "--prefix must start and end with '/', got {:?}",
+            config.prefix
+        );
+    }
+    if config.lease_ttl < Duration::from_secs(2) {
+        anyhow::bail!("--lease-ttl-secs must be at least 2 (etcd's shortest lease)");
+    }
+    let store: Arc<dyn KvStore> = Arc::new(
+        EtcdStore::connect(&config.etcd, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("cannot reach etcd at {}", config.etcd.join(",")))?,
+    );
+    let artifacts = ArtifactStore::open(&config.artifacts)
+        .with_context(|| format!("cannot open the artifact store {}", config.artifacts))?;
+    Ok(Connected {
+        registry: Registry::new(store.clone(), config.prefix.clone()),
+        store,
+        artifacts,
+    })
+}
+
+async fn bind(listen: SocketAddr, addr_file: Option<&PathBuf>) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    if let Some(path) = addr_file {
+        std::fs::write(path, listener.local_addr()?.to_string())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(listener)
+}
+
+/// The address others reach a process at: `--advertise`, else the bound address when it
+/// is a specific one.
+fn advertised(advertise: Option<String>, bound: SocketAddr, flag: &str) -> anyhow::Result<String> {
+    match advertise {
+        Some(a) => Ok(a),
+        None if bound.ip().is_unspecified() => anyhow::bail!(
+            "listening on {bound}: give {flag} with the address others reach this process at"
+        ),
+        None => Ok(bound.to_string()),
+    }
+}
+
+/// A process id: the flag, else the host name (a pod's name on Kubernetes), else the pid.
+pub fn default_id(kind: &str) -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{kind}-{h}"))
+        .unwrap_or_else(|| format!("{kind}-{}", std::process::id()))
+}
+
+/// `kiln worker`.
+pub struct WorkerArgs {
+    /// Worker id (unique in the cluster).
+    pub id: String,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Address the gateways and the scheduler reach it at.
+    pub advertise: Option<String>,
+    /// Device.
+    pub device: DeviceChoice,
+    /// Write the bound address here.
+    pub addr_file: Option<PathBuf>,
+}
+
+/// Run a worker until `shutdown`.
+pub async fn worker(
+    cluster: ClusterConfig,
+    args: WorkerArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    kiln_registry::spec::validate_name("--id", &args.id)?;
+    let c = connect(&cluster).await?;
+    let listener = bind(args.listen, args.addr_file.as_ref()).await?;
+    let advertise = advertised(args.advertise, listener.local_addr()?, "--advertise")?;
+    tracing::info!(worker = %args.id, %advertise, "worker starting");
+    let config = WorkerConfig {
+        id: args.id,
+        device: args.device,
+        advertise: Some(advertise),
+        lease_ttl: cluster.lease_ttl,
+    };
+    let deps = WorkerDeps {
+        registry: c.registry,
+        artifacts: c.artifacts,
+    };
+    kiln_worker::serve(config, listener, deps, shutdown).await?;
+    Ok(())
+}
+
+/// `kiln gateway`.
+pub struct GatewayArgs {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Gateway settings (message size, default timeout).
+    pub config: GatewayConfig,
+    /// Write the bound address here.
+    pub addr_file: Option<PathBuf>,
+}
+
+/// Run a gateway until `shutdown`: it routes from its watched view of the cluster and
+/// forwards training to the leading scheduler.
+pub async fn gateway(
+    cluster: ClusterConfig,
+    args: GatewayArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let c = connect(&cluster).await?;
+    let view = WatchedView::start(c.store.clone(), cluster.prefix.clone()).await?;
+    let listener = bind(args.listen, args.addr_file.as_ref()).await?;
+    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    let config = GatewayConfig {
+        training: TrainingRoute::Leader,
+        ..args.config
+    };
+    let deps = GatewayDeps {
+        registry: c.registry,
+        view,
+        artifacts: c.artifacts,
+    };
+    kiln_gateway::serve(config, listener, deps, shutdown).await?;
+    Ok(())
+}
+
+/// `kiln scheduler`.
+pub struct SchedulerArgs {
+    /// Scheduler id.
+    pub id: String,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Address the gateways reach it at.
+    pub advertise: Option<String>,
+    /// Caps on training jobs.
+    pub limits: TrainingLimits,
+    /// Write the bound address here.
+    pub addr_file: Option<PathBuf>,
+}
+
+/// Run a scheduler until `shutdown`: it serves health and `kiln.v1.Training` at once, and
+/// once it leads (through etcd) it runs the placement controller and the training
+/// coordinator. Losing the lead ends the process with an error, so that its supervisor
+/// restarts it as a standby.
+pub async fn scheduler(
+    cluster: ClusterConfig,
+    args: SchedulerArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    kiln_registry::spec::validate_name("--id", &args.id)?;
+    let c = connect(&cluster).await?;
+    let view = WatchedView::start(c.store.clone(), cluster.prefix.clone()).await?;
+    let listener = bind(args.listen, args.addr_file.as_ref()).await?;
+    let advertise = advertised(args.advertise, listener.local_addr()?, "--advertise")?;
+
+    let slot: CoordinatorSlot = Arc::new(std::sync::RwLock::new(None));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_not_serving::<kiln_proto::kiln::v1::training_server::TrainingServer<TrainingService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let stop_server = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(TrainingService::standby(slot.clone()))
+            .serve_with_incoming_shutdown(kiln_proto::net::incoming(listener), stop_server),
+    );
+    tracing::info!(scheduler = %args.id, %advertise, "scheduler listening; campaigning for the lead");
+
+    tokio::pin!(shutdown);
+    let campaign = kiln_scheduler::leader::campaign(
+        &c.registry,
+        &view,
+        &args.id,
+        &advertise,
+        cluster.lease_ttl,
+        &mut shutdown,
+    );
+    let Some(mut leadership) = campaign.await else {
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(DRAIN, server).await;
+        return Ok(());
+    };
+    let coordinator = TrainingCoordinator::start(
+        c.registry.clone(),
+        c.artifacts.clone(),
+        view.clone(),
+        args.limits,
+    )
+    .await?;
+    *slot.write().unwrap_or_else(|p| p.into_inner()) = Some(coordinator.clone());
+    health
+        .set_serving::<kiln_proto::kiln::v1::training_server::TrainingServer<TrainingService>>()
+        .await;
+    let controller = tokio::spawn(kiln_scheduler::run_placement_controller(
+        c.registry.clone(),
+        view.clone(),
+        async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        },
+    ));
+    let lost = tokio::select! {
+        _ = &mut shutdown => false,
+        _ = leadership.lost() => true,
+    };
+    // Stop: training calls end, jobs in flight are cancelled (they register nothing), the
+    // controller stops, the lead is given up for a standby.
+    health
+        .set_not_serving::<kiln_proto::kiln::v1::training_server::TrainingServer<TrainingService>>()
+        .await;
+    coordinator.cancel_all();
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(DRAIN, async {
+        let _ = controller.await;
+        let _ = server.await;
+    })
+    .await;
+    leadership.resign().await;
+    if lost {
+        anyhow::bail!("scheduler {} lost the lead (its etcd lease ended)", args.id);
+    }
+    Ok(())
+}

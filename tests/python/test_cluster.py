@@ -1,0 +1,237 @@
+"""Cluster mode from the built binary: a real etcd, a scheduler, three workers and a gateway,
+each its own process on loopback ports, driven by tritonclient and checked with etcdctl.
+
+The tests run in order on one cluster: each leaves it as the next expects.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from safetensors.numpy import load_file
+
+from conftest import KILN, wait_ready
+
+TTL = 3  # seconds: lease TTL of workers and of the scheduler's lead
+PREFIX = "/kiln/v1/"
+DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")
+
+pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd is not installed")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Multi:
+    """etcd and Kiln processes; every process logs to its own file in `dir`."""
+
+    def __init__(self, dir):
+        self.dir = dir
+        self.procs = {}
+        port, peer = free_port(), free_port()
+        self.etcd = f"http://127.0.0.1:{port}"
+        self.procs["etcd"] = subprocess.Popen(
+            ["etcd", "--name", "t", "--data-dir", str(dir / "etcd"),
+             "--listen-client-urls", self.etcd, "--advertise-client-urls", self.etcd,
+             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-cluster", f"t=http://127.0.0.1:{peer}"],
+            stdout=subprocess.DEVNULL, stderr=open(dir / "etcd.log", "wb"))
+        deadline = time.monotonic() + 20
+        while self.etcdctl("endpoint", "health", check=False).returncode != 0:
+            assert time.monotonic() < deadline, "etcd did not start"
+            time.sleep(0.1)
+        self.env = {**os.environ, "KILN_ETCD": self.etcd,
+                    "KILN_ARTIFACTS": f"file://{dir / 'artifacts'}",
+                    "KILN_LEASE_TTL_SECS": str(TTL)}
+
+    def etcdctl(self, *args, check=True):
+        out = subprocess.run(["etcdctl", "--endpoints", self.etcd, *args],
+                             capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "ETCDCTL_API": "3"})
+        if check:
+            assert out.returncode == 0, out.stderr
+        return out
+
+    def start(self, name, *args):
+        """Start `kiln ARGS…` on a free port; returns its bound address."""
+        addr_file = self.dir / f"{name}.addr"
+        if addr_file.exists():
+            addr_file.unlink()
+        self.procs[name] = subprocess.Popen(
+            [KILN, *args, "--listen", "127.0.0.1:0", "--addr-file", str(addr_file)],
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / f"{name}.log", "ab"), env=self.env)
+        deadline = time.monotonic() + 60
+        while not addr_file.exists() or not addr_file.read_text():
+            assert self.procs[name].poll() is None, f"{name} exited; see {self.dir / (name + '.log')}"
+            assert time.monotonic() < deadline, f"{name} did not start"
+            time.sleep(0.05)
+        return addr_file.read_text().strip()
+
+    def kill(self, name, sig=signal.SIGKILL):
+        p = self.procs.pop(name)
+        p.send_signal(sig)
+        return p.wait(timeout=60)
+
+    def records(self, what):
+        """Every record under PREFIX + what, decoded."""
+        out = self.etcdctl("get", "--prefix", PREFIX + what, "--print-value-only").stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def kiln(self, *args):
+        out = subprocess.run([KILN, *args, "--addr", self.gateway], capture_output=True,
+                             text=True, timeout=120, env=self.env)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    def stop(self):
+        for name in [n for n in self.procs if n != "etcd"]:
+            self.kill(name, signal.SIGTERM)
+        self.kill("etcd")
+
+
+def ready_holders(multi, model, version):
+    """Workers whose record says they serve model:version."""
+    return sorted(w["id"] for w in multi.records("workers/")
+                  if any(l["key"] == {"model": model, "version": version} and l["state"] == "READY"
+                         for l in w.get("loaded", [])))
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    m = Multi(tmp_path_factory.mktemp("cluster"))
+    try:
+        m.start("scheduler-1", "scheduler", "--id", "s1")
+        for i in range(3):
+            m.start(f"w{i}", "worker", "--id", f"w{i}", "--device", DEVICE)
+        m.gateway = m.start("gateway-1", "gateway")
+        yield m
+    finally:
+        m.stop()
+
+
+def infer(addr, x, model="m"):
+    client = grpcclient.InferenceServerClient(addr)
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer(model, [inp], client_timeout=10).as_numpy("output")
+
+
+def test_tritonclient_infers_and_etcd_holds_the_documented_keys(multi, tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps({"name": "m", "spec": {"mlp": {
+        "input_width": 10, "hidden": [16], "output_width": 1, "task": "binary_classification"}}}))
+    multi.kiln("models", "create", "--spec", str(tmp_path / "m.json"), "--seed", "7")
+    assert "2 replicas" in multi.kiln("models", "deploy", "m", "--replicas", "2")
+    deadline = time.monotonic() + 30
+    while len(ready_holders(multi, "m", 1)) != 2:
+        assert time.monotonic() < deadline, multi.records("workers/")
+        time.sleep(0.1)
+    wait_ready(grpcclient.InferenceServerClient(multi.gateway), "m")
+
+    multi.kiln("models", "export", "m:1", "-o", str(tmp_path / "m.safetensors"))
+    w = load_file(str(tmp_path / "m.safetensors"))
+    x = np.random.default_rng(1).random((8, 10), dtype=np.float32)
+    h = np.maximum(x @ w["layers.0.weight"] + w["layers.0.bias"], 0)
+    expected = 1 / (1 + np.exp(-(h @ w["layers.1.weight"] + w["layers.1.bias"])))
+    np.testing.assert_allclose(infer(multi.gateway, x), expected, rtol=1e-5, atol=1e-6)
+
+    keys = set(multi.etcdctl("get", "--prefix", PREFIX, "--keys-only").stdout.split())
+    for key in ["leader/scheduler", "models/m", "models/m/versions/1", "deployments/m",
+                "workers/w0", "workers/w1", "workers/w2",
+                "placements/w0", "placements/w1", "placements/w2"]:
+        assert PREFIX + key in keys, (key, sorted(keys))
+    leader = multi.records("leader/scheduler")[0]
+    assert leader["id"] == "s1"
+
+
+def test_a_killed_worker_loses_no_request_and_its_replica_moves(multi):
+    holders = ready_holders(multi, "m", 1)
+    x = np.ones((1, 10), np.float32)
+    expected = infer(multi.gateway, x)
+    failures, answers, stop = [], [0], threading.Event()
+
+    def load():
+        client = grpcclient.InferenceServerClient(multi.gateway)
+        inp = grpcclient.InferInput("input", [1, 10], "FP32")
+        inp.set_data_from_numpy(x)
+        while not stop.is_set():
+            try:
+                out = client.infer("m", [inp], client_timeout=5).as_numpy("output")
+                np.testing.assert_array_equal(out, expected)
+                answers[0] += 1
+            except Exception as e:  # every failure is a finding
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    victim = holders[0]
+    killed_at = time.monotonic()
+    multi.kill(victim)
+    # Back to two ready replicas, on live workers, within the lease TTL + 2 s.
+    while True:
+        now = ready_holders(multi, "m", 1)
+        if len(now) == 2 and victim not in now:
+            break
+        assert time.monotonic() - killed_at < TTL + 2, now
+        time.sleep(0.05)
+    recovered = time.monotonic() - killed_at
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:5]
+    assert answers[0] > 20, answers
+    print(f"replica back {recovered:.2f} s after SIGKILL; {answers[0]} requests, none failed")
+
+
+def job(tmp_path, name):
+    rng = np.random.default_rng(3)
+    x = rng.random((200, 10))
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({
+        "model_name": name,
+        "spec": {"mlp": {"input_width": 10, "hidden": [4], "output_width": 1,
+                         "task": "binary_classification"}},
+        "data": {"inline": {"features": x.tolist(), "labels": (x.sum(1) > 5).astype(int).tolist()}},
+        "epochs": 2, "batch_size": 20}))
+    return str(path)
+
+
+def test_a_restarted_scheduler_rebuilds_its_state_and_reuses_no_version(multi, tmp_path):
+    out = multi.kiln("train", job(tmp_path, "t"))
+    assert "completed: t version 1" in out, out
+    multi.kill("scheduler-1")
+    multi.start("scheduler-2", "scheduler", "--id", "s2")
+    # The new scheduler leads once the old lead's lease has run out.
+    deadline = time.monotonic() + TTL + 10
+    while not any(r.get("id") == "s2" for r in multi.records("leader/scheduler")):
+        assert time.monotonic() < deadline, multi.records("leader/scheduler")
+        time.sleep(0.1)
+    jobs = multi.kiln("jobs", "list")
+    assert "SUCCEEDED" in jobs and " t " in jobs, jobs
+    out = multi.kiln("train", job(tmp_path, "t"))
+    assert "completed: t version 2" in out, out
+    versions = sorted(r["version"] for r in multi.records("models/t/versions/"))
+    assert versions == [1, 2]
+
+
+def test_another_gateway_gives_the_same_answers(multi):
+    x = np.random.default_rng(5).random((4, 10), dtype=np.float32)
+    before = infer(multi.gateway, x)
+    multi.kill("gateway-1")
+    multi.gateway = multi.start("gateway-2", "gateway")
+    wait_ready(grpcclient.InferenceServerClient(multi.gateway), "m")
+    np.testing.assert_array_equal(infer(multi.gateway, x), before)
