@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "inference/model_config.proto",
         "kiln/v1/models.proto",
         "kiln/v1/training.proto",
+        "kiln/v1/cluster.proto",
         "kiln/internal/v1/worker.proto",
     ];
     for proto in protos {

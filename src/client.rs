@@ -253,3 +253,112 @@ pub async fn infer(addr: &str, reference: &str, input: &str) -> anyhow::Result<s
         "outputs": outputs,
     }))
 }
+
+/// `kiln status`: the cluster as the gateway sees it, as tables (or JSON).
+pub async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<String> {
+    let mut client = kiln_proto::kiln::v1::cluster_client::ClusterClient::new(channel(addr).await?);
+    let s = client
+        .get_cluster_status(pb::GetClusterStatusRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    if json {
+        let workers: Vec<serde_json::Value> = s
+            .workers
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "id": w.id,
+                    "address": w.address,
+                    "backend": w.backend,
+                    "adapter": w.adapter,
+                    "reachable": w.reachable,
+                    "queue_depth": w.queue_depth,
+                    "versions": w.versions.iter().map(|v| serde_json::json!({
+                        "model": v.model,
+                        "version": v.version,
+                        "state": v.state,
+                        "queue_depth": v.queue_depth,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let versions: Vec<serde_json::Value> = s
+            .versions
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "model": v.model,
+                    "version": v.version,
+                    "state": v.state,
+                    "ready_on": v.ready_on,
+                    "placed_on": v.placed_on,
+                    "aliases": v.aliases,
+                })
+            })
+            .collect();
+        return Ok(serde_json::to_string_pretty(&serde_json::json!({
+            "scheduler": s.scheduler,
+            "scheduler_address": s.scheduler_address,
+            "revision": s.revision,
+            "workers": workers,
+            "versions": versions,
+        }))?);
+    }
+    let mut out = if s.scheduler.is_empty() {
+        "scheduler: none in the cluster state (embedded cluster, or no leader)\n".to_owned()
+    } else {
+        format!(
+            "scheduler: {} at {} (leader)\n",
+            s.scheduler, s.scheduler_address
+        )
+    };
+    out.push_str(&format!(
+        "\n{:<16} {:<22} {:<28} {:>5}  VERSIONS\n",
+        "WORKER", "ADDRESS", "DEVICE", "QUEUE"
+    ));
+    for w in &s.workers {
+        let versions: Vec<String> = w
+            .versions
+            .iter()
+            .map(|v| format!("{}:{} {}", v.model, v.version, v.state))
+            .collect();
+        let queue = if w.reachable {
+            w.queue_depth.to_string()
+        } else {
+            "?".into()
+        };
+        out.push_str(&format!(
+            "{:<16} {:<22} {:<28} {:>5}  {}\n",
+            w.id,
+            w.address,
+            format!("{} ({})", w.backend, w.adapter),
+            queue,
+            if versions.is_empty() {
+                "-".to_owned()
+            } else {
+                versions.join(", ")
+            }
+        ));
+    }
+    out.push_str(&format!(
+        "\n{:<24} {:>7} {:<12} {:>7}  {:<24} ALIASES\n",
+        "MODEL", "VERSION", "STATE", "READY", "PLACED ON"
+    ));
+    for v in &s.versions {
+        out.push_str(&format!(
+            "{:<24} {:>7} {:<12} {:>7}  {:<24} {}\n",
+            v.model,
+            v.version,
+            v.state,
+            format!("{}/{}", v.ready_on.len(), v.placed_on.len()),
+            if v.placed_on.is_empty() {
+                "-".to_owned()
+            } else {
+                v.placed_on.join(",")
+            },
+            v.aliases.join(",")
+        ));
+    }
+    Ok(out)
+}

@@ -159,6 +159,16 @@ enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
+    /// The cluster as the gateway sees it: the scheduler, workers with device and queue
+    /// depth, model versions with their replicas and state.
+    Status {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
     /// Run one inference: JSON rows in, JSON out.
     Infer {
         /// `NAME` or `NAME:VERSION` (a number or an alias).
@@ -482,6 +492,10 @@ async fn main() -> std::process::ExitCode {
     let result: anyhow::Result<()> = async {
         match cli.command {
             Command::Up(args) => up(args).await,
+            Command::Status { json, addr } => {
+                kiln::say!("{}", client::cluster_status(&addr, json).await?.trim_end());
+                Ok(())
+            }
             Command::Scheduler { cluster, id, listen, advertise, limits, addr_file } => {
                 let args = kiln::cluster::SchedulerArgs {
                     id: id.unwrap_or_else(|| kiln::cluster::default_id("scheduler")),

@@ -359,3 +359,87 @@ async fn health_and_reflection_describe_the_gateway() {
     }
     cluster.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_lists_workers_and_where_each_version_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = embedded::start(config(dir.path())).await.unwrap();
+    let (mut oip, mut models) = clients(cluster.addr).await;
+    wait_ready(&mut oip, embedded::DEMO_MODEL, "1").await;
+    // One replica: the placement goes down to one worker, and the status says which.
+    models
+        .set_deployment(pb::SetDeploymentRequest {
+            name: embedded::DEMO_MODEL.into(),
+            replicas: 1,
+            device: pb::DeviceClass::Cpu as i32,
+        })
+        .await
+        .unwrap();
+    let channel = Channel::from_shared(format!("http://{}", cluster.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut status_client = kiln_proto::kiln::v1::cluster_client::ClusterClient::new(channel);
+    let mut status = None;
+    for _ in 0..200 {
+        let s = status_client
+            .get_cluster_status(pb::GetClusterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let demo = s.versions.iter().find(|v| v.model == embedded::DEMO_MODEL);
+        if demo.is_some_and(|v| v.placed_on.len() == 1 && v.ready_on == v.placed_on) {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = status.expect("the demo model never settled on one replica");
+    let ids: Vec<&str> = status.workers.iter().map(|w| w.id.as_str()).collect();
+    assert_eq!(ids, vec!["worker-0", "worker-1"]);
+    assert!(
+        status
+            .workers
+            .iter()
+            .all(|w| w.reachable && w.backend == "cpu")
+    );
+    let holder = &status.versions[0].ready_on[0];
+    let on_holder = status.workers.iter().find(|w| &w.id == holder).unwrap();
+    assert_eq!(on_holder.versions.len(), 1);
+    assert_eq!(on_holder.versions[0].state, "READY");
+
+    // A GPU-only deployment has no eligible worker here: nobody holds it.
+    models
+        .set_deployment(pb::SetDeploymentRequest {
+            name: embedded::DEMO_MODEL.into(),
+            replicas: 0,
+            device: pb::DeviceClass::Gpu as i32,
+        })
+        .await
+        .unwrap();
+    let mut unplaced = false;
+    for _ in 0..200 {
+        let s = status_client
+            .get_cluster_status(pb::GetClusterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.versions[0].placed_on.is_empty() && s.versions[0].state == "UNAVAILABLE" {
+            unplaced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(unplaced, "the GPU-only model stayed on CPU workers");
+    let bad = models
+        .set_deployment(pb::SetDeploymentRequest {
+            name: "nope".into(),
+            replicas: 1,
+            device: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::NotFound, "{bad:?}");
+    cluster.stop().await.unwrap();
+}

@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod codec;
 mod error;
 /// Wire ↔ domain conversions (they live in the scheduler crate, which both sides use).
@@ -153,6 +154,7 @@ pub async fn serve(
     })
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
+    let shared_for_cluster = shared.clone();
     let proxy = match &config.training {
         TrainingRoute::Off => None,
         TrainingRoute::Scheduler(addr) => {
@@ -194,6 +196,11 @@ pub async fn serve(
         .add_service(inference)
         .add_service(models)
         .add_optional_service(training)
+        .add_service(kiln_proto::kiln::v1::cluster_server::ClusterServer::new(
+            cluster::ClusterService {
+                shared: shared_for_cluster,
+            },
+        ))
         .serve_with_incoming_shutdown(kiln_proto::net::incoming(listener), on_shutdown)
         .await
 }

@@ -75,6 +75,11 @@ impl Router {
         Ok((client, in_flight))
     }
 
+    /// A client for the worker at `address` (the channel routing uses).
+    pub fn worker_client(&self, address: &str) -> Result<WorkerClient<Channel>> {
+        self.replica(address).map(|(client, _)| client)
+    }
+
     /// Addresses of the workers that report `key` ready.
     pub fn ready_addresses(&self, key: &VersionKey) -> Vec<String> {
         self.view

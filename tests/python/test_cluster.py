@@ -154,6 +154,15 @@ def test_tritonclient_infers_and_etcd_holds_the_documented_keys(multi, tmp_path)
     leader = multi.records("leader/scheduler")[0]
     assert leader["id"] == "s1"
 
+    # `kiln status` shows the same cluster: three workers with their device, the version on two.
+    status = json.loads(multi.kiln("status", "--json"))
+    assert status["scheduler"] == "s1"
+    assert sorted(w["id"] for w in status["workers"]) == ["w0", "w1", "w2"]
+    assert all(w["reachable"] and w["backend"] in ("cpu", "wgpu") for w in status["workers"])
+    (m1,) = [v for v in status["versions"] if v["model"] == "m"]
+    assert (m1["state"], len(m1["ready_on"]), sorted(m1["placed_on"])) == \
+        ("READY", 2, sorted(m1["ready_on"]))
+
 
 def test_a_killed_worker_loses_no_request_and_its_replica_moves(multi):
     holders = ready_holders(multi, "m", 1)
@@ -194,6 +203,10 @@ def test_a_killed_worker_loses_no_request_and_its_replica_moves(multi):
         t.join()
     assert not failures, failures[:5]
     assert answers[0] > 20, answers
+    status = json.loads(multi.kiln("status", "--json"))
+    assert victim not in [w["id"] for w in status["workers"]]
+    (m1,) = [v for v in status["versions"] if v["model"] == "m"]
+    assert len(m1["ready_on"]) == 2 and victim not in m1["ready_on"], m1
     print(f"replica back {recovered:.2f} s after SIGKILL; {answers[0]} requests, none failed")
 
 
