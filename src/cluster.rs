@@ -263,7 +263,7 @@ pub async fn scheduler(
     health
         .set_not_serving::<kiln_proto::kiln::v1::training_server::TrainingServer<TrainingService>>()
         .await;
-    coordinator.cancel_all();
+    coordinator.stop_all();
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(DRAIN, async {
         let _ = controller.await;

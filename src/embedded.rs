@@ -162,7 +162,7 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
             let service = coordinator.service();
             let on_shutdown = async move {
                 shutdown.await;
-                coordinator.cancel_all();
+                coordinator.stop_all();
             };
             let served = tonic::transport::Server::builder()
                 .add_service(service)

@@ -394,6 +394,18 @@ pub async fn watch(addr: &str, id: &str, epochs: u32) -> anyhow::Result<pb::Trai
         match &e.event {
             Some(Event::Queued(_)) => bar.set_message("queued"),
             Some(Event::Started(worker)) => bar.set_message(format!("started on {worker}")),
+            Some(Event::Resumed(r)) => {
+                bar.set_position(u64::from(r.from_epoch));
+                let line = format!(
+                    "{}; going on after epoch {} (its checkpoint)",
+                    r.reason, r.from_epoch
+                );
+                if bar.is_hidden() {
+                    crate::say!("{line}");
+                } else {
+                    bar.println(line);
+                }
+            }
             Some(Event::Epoch(m)) => {
                 bar.set_position(u64::from(m.epoch));
                 bar.set_message(metrics_line(m));
@@ -679,6 +691,7 @@ pub async fn show(addr: &str, id: &str, json: bool) -> anyhow::Result<String> {
             "reason": j.reason,
             "stopped_early": j.stopped_early,
             "best_epoch": j.best_epoch,
+            "checkpoint_epoch": j.checkpoint_epoch,
             "test": j.test.map(|t| serde_json::json!({
                 "loss": t.loss,
                 "accuracy": t.accuracy,

@@ -144,6 +144,7 @@ async fn a_job_trains_reports_every_epoch_and_its_version_serves_at_once() {
             }
             Event::Failed(reason) => panic!("job failed: {reason}"),
             Event::Cancelled(_) => panic!("job cancelled"),
+            Event::Resumed(r) => panic!("no worker was lost, yet the job resumed: {r:?}"),
         }
     }
     assert_eq!(kinds, vec!["queued", "started", "completed"]);
@@ -157,10 +158,8 @@ async fn a_job_trains_reports_every_epoch_and_its_version_serves_at_once() {
     assert_eq!((version.model.as_str(), version.version), ("sum5", 1));
     assert_eq!(version.source, format!("job:{}", submitted.id));
     // The version carries the metrics of its epoch and of the test rows.
-    assert_eq!(
-        version.metrics.get("validation_accuracy"),
-        Some(&last_accuracy)
-    );
+    let registered = version.metrics["validation_accuracy"];
+    assert!((registered - last_accuracy).abs() < 1e-12, "{registered}");
     let test_accuracy = *version.metrics.get("test_accuracy").unwrap();
     assert!(test_accuracy >= 0.9, "test accuracy {test_accuracy}");
 
@@ -185,7 +184,9 @@ async fn a_job_trains_reports_every_epoch_and_its_version_serves_at_once() {
     // Checkpoints after epochs 5, 10 and 15 (the 20th is the result): the last one is kept.
     assert_eq!(jobs[0].checkpoint_epoch, 15);
     let test = jobs[0].test.unwrap();
-    assert_eq!((test.rows, test.accuracy), (300, Some(test_accuracy)));
+    assert_eq!(test.rows, 300);
+    // (The same number, read back from two JSON records: equal to the last bits or so.)
+    assert!((test.accuracy.unwrap() - test_accuracy).abs() < 1e-12);
     assert_eq!(jobs[0].best_epoch, 20);
 
     // Served through the inference protocol with raw features: the server standardises.

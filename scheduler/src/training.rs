@@ -34,6 +34,31 @@ const WORKER_WAIT: Duration = Duration::from_secs(60);
 /// Events a watcher may be behind before it is cut off (it can watch again).
 const WATCH_BUFFER: usize = 1024;
 
+/// Workers a job may lose before it fails.
+const MAX_WORKER_LOSSES: usize = 3;
+
+/// How one run of a job on a worker ended.
+enum Attempt {
+    /// The run finished with this result.
+    Finished(internal::TrainResult),
+    /// The worker went away mid-run.
+    WorkerLost {
+        /// Its id.
+        worker: String,
+        /// What was seen.
+        reason: String,
+    },
+}
+
+/// Whether a failed call means the worker is gone (crashed, unreachable, shutting down)
+/// rather than that the job failed there.
+fn worker_gone(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
 /// A job this coordinator is running.
 struct Running {
     events: broadcast::Sender<pb::TrainingEvent>,
@@ -49,7 +74,7 @@ pub struct TrainingCoordinator {
     view: WatchedView,
     limits: TrainingLimits,
     running: Mutex<HashMap<String, Running>>,
-    /// Set by `cancel_all`: jobs cancelled now were stopped by a shutdown, not a user.
+    /// Set by `stop_all`: jobs cancelled now were stopped by a shutdown, not a user.
     stopping: std::sync::atomic::AtomicBool,
 }
 
@@ -168,33 +193,90 @@ struct Rows {
 
 impl TrainingCoordinator {
     /// A coordinator over the cluster state. Jobs that were queued or running when the
-    /// last coordinator stopped are marked failed (resuming them is cluster mode's work).
+    /// last coordinator stopped (a restart, or a new leader after a failover) go on: from
+    /// their last checkpoint, or from the start.
     pub async fn start(
         registry: Registry,
         artifacts: ArtifactStore,
         view: WatchedView,
         limits: TrainingLimits,
     ) -> kiln_registry::Result<Arc<Self>> {
-        for mut job in registry.list_jobs().await? {
-            if !job.state.is_final() {
-                job.state = JobState::Failed;
-                job.reason = "the scheduler restarted while the job ran".into();
-                job.finished_unix_ms = now_unix_ms();
-                registry.put_job(&job).await?;
-            }
-        }
-        Ok(Arc::new(Self {
+        let unfinished: Vec<JobRecord> = registry
+            .list_jobs()
+            .await?
+            .into_iter()
+            .filter(|j| !j.state.is_final())
+            .collect();
+        let me = Arc::new(Self {
             registry,
             artifacts,
             view,
             limits,
             running: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
-        }))
+        });
+        for mut job in unfinished {
+            match me.spec_of(&job) {
+                Ok(spec) => {
+                    let from = job.checkpoint.as_ref().map_or(0, |c| c.epoch);
+                    job.history.retain(|r| r.epoch <= from);
+                    tracing::info!(job = %job.id, from, "resuming a job the last scheduler left running");
+                    me.registry.put_job(&job).await?;
+                    me.launch(job, spec);
+                }
+                Err(e) => {
+                    job.state = JobState::Failed;
+                    job.reason = format!("the scheduler restarted and cannot resume the job: {e}");
+                    job.finished_unix_ms = now_unix_ms();
+                    me.registry.put_job(&job).await?;
+                }
+            }
+        }
+        Ok(me)
     }
 
-    /// Cancel every running job (the scheduler is stopping); they register nothing.
-    pub fn cancel_all(&self) {
+    /// The architecture a job trains.
+    fn spec_of(&self, job: &JobRecord) -> kiln_registry::Result<ModelSpec> {
+        if let Some(new) = &job.new_model {
+            return Ok(new.spec.clone());
+        }
+        let view = self.view.current();
+        let name = job
+            .continue_from
+            .as_deref()
+            .map_or(job.model_name.as_str(), |r| {
+                r.split(':').next().unwrap_or(r)
+            });
+        view.models
+            .get(name)
+            .map(|m| m.record.spec.clone())
+            .ok_or_else(|| kiln_registry::Error::NotFound {
+                what: format!("model {name:?}"),
+            })
+    }
+
+    /// Start running a recorded job in the background.
+    fn launch(self: &Arc<Self>, job: JobRecord, spec: ModelSpec) {
+        let (events, _) = broadcast::channel(WATCH_BUFFER);
+        let (cancel, cancelled) = watch::channel(false);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                job.id.clone(),
+                Running {
+                    events,
+                    cancel,
+                    worker: None,
+                },
+            );
+        let me = self.clone();
+        tokio::spawn(async move { me.run(job, spec, cancelled).await });
+    }
+
+    /// Stop every running job because this scheduler stops: the runs end, and their records
+    /// stay as they are, so that the next scheduler to lead goes on with them.
+    pub fn stop_all(&self) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::Relaxed);
         for r in self
@@ -417,22 +499,7 @@ impl TrainingCoordinator {
         };
         let (job, created) = self.registry.create_job(&job).await.map_err(status)?;
         if created {
-            let (events, _) = broadcast::channel(WATCH_BUFFER);
-            let (cancel, cancelled) = watch::channel(false);
-            self.running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(
-                    job.id.clone(),
-                    Running {
-                        events,
-                        cancel,
-                        worker: None,
-                    },
-                );
-            let me = self.clone();
-            let record = job.clone();
-            tokio::spawn(async move { me.run(record, model_spec, cancelled).await });
+            self.launch(job.clone(), model_spec);
         }
         Ok(job_to_proto(&job))
     }
@@ -508,6 +575,16 @@ impl TrainingCoordinator {
             result = self.execute(&mut job, &spec) => result,
             _ = cancelled.wait_for(|c| *c) => Err(Status::cancelled("cancelled by request")),
         };
+        if self.stopping.load(std::sync::atomic::Ordering::Relaxed)
+            && matches!(&outcome, Err(s) if s.code() == tonic::Code::Cancelled)
+        {
+            tracing::info!(job = %job.id, "scheduler stopping; the job is left for the next one");
+            self.running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&job.id);
+            return;
+        }
         job.finished_unix_ms = now_unix_ms();
         let final_event = match outcome {
             Ok(version) => {
@@ -517,11 +594,7 @@ impl TrainingCoordinator {
             }
             Err(s) if s.code() == tonic::Code::Cancelled => {
                 job.state = JobState::Cancelled;
-                job.reason = if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-                    "the scheduler shut down while the job ran".into()
-                } else {
-                    "cancelled by request".into()
-                };
+                job.reason = "cancelled by request".into();
                 event(job.state, Event::Cancelled(job.reason.clone()))
             }
             Err(s) => {
@@ -541,130 +614,42 @@ impl TrainingCoordinator {
             .remove(&job.id);
     }
 
-    /// Train on a worker and register the result; the returned version is served.
+    /// Train on a worker and register the result; the returned version is served. A worker
+    /// lost mid-run (its connection breaks, or it shuts down) hands the job to another
+    /// worker, which goes on from the last checkpoint.
     async fn execute(
         &self,
         job: &mut JobRecord,
         spec: &ModelSpec,
     ) -> Result<pb::ModelVersion, Status> {
         use pb::training_event::Event;
-        // A job stays queued until a worker is there (e.g. right after start-up), bounded.
-        let view = self
-            .view
-            .wait_for(WORKER_WAIT, |v| !v.workers.is_empty())
-            .await
-            .ok_or_else(|| {
-                Status::unavailable(format!("no worker registered within {WORKER_WAIT:?}"))
-            })?;
-        // The worker running the fewest jobs right now (all equal: the first by id).
-        // Jobs per worker, from the jobs this coordinator runs (no store read per job).
-        let busy: HashMap<String, usize> = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter_map(|r| r.worker.clone())
-            .fold(HashMap::new(), |mut m, w| {
-                *m.entry(w).or_default() += 1;
-                m
-            });
-        let worker = view
-            .workers
-            .values()
-            .min_by_key(|w| (busy.get(&w.id).copied().unwrap_or(0), w.id.clone()))
-            .ok_or_else(|| Status::unavailable("no worker is available to train"))?
-            .clone();
-        let init = match &job.continue_from {
-            Some(reference) => {
-                let (name, selector) = reference.split_once(':').unwrap_or((reference, ""));
-                let (_, version) = view.resolve(name, selector).map_err(status)?;
-                self.artifacts
-                    .get(&version.artifact)
-                    .await
-                    .map_err(status)?
-            }
-            None => Bytes::from(
-                MlpWeights::seeded(spec, job.config.seed)
-                    .to_safetensors(spec)
-                    .map_err(status)?,
-            ),
-        };
-        let dataset = self.artifacts.get(&job.data).await.map_err(status)?;
-        let validation_dataset = match &job.validation_data {
-            Some(a) => self.artifacts.get(a).await.map_err(status)?,
-            None => Bytes::new(),
-        };
-        let test_dataset = match &job.test_data {
-            Some(a) => self.artifacts.get(a).await.map_err(status)?,
-            None => Bytes::new(),
-        };
-        let request = internal::TrainRequest {
-            job_id: job.id.clone(),
-            spec_json: Bytes::from(
-                serde_json::to_vec(spec).map_err(|e| Status::internal(e.to_string()))?,
-            ),
-            init_weights: init,
-            config_json: Bytes::from(
-                serde_json::to_vec(&job.config).map_err(|e| Status::internal(e.to_string()))?,
-            ),
-            dataset,
-            validation_dataset,
-            test_dataset,
-        };
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", worker.address))
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| Status::unavailable(format!("worker {} unreachable: {e}", worker.id)))?;
-        let mut client = WorkerClient::new(channel)
-            .max_decoding_message_size(256 * 1024 * 1024)
-            .max_encoding_message_size(256 * 1024 * 1024);
-        let mut stream = client.train(request).await?.into_inner();
-        job.state = JobState::Running;
-        job.worker = worker.id.clone();
-        if let Some(r) = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&job.id)
-        {
-            r.worker = Some(worker.id.clone());
-        }
-        self.registry.put_job(job).await.map_err(status)?;
-        self.publish(
-            &job.id,
-            event(JobState::Running, Event::Started(worker.id.clone())),
-        );
-
+        let mut lost: Vec<String> = Vec::new();
         let result = loop {
-            let message = stream
-                .message()
-                .await?
-                .ok_or_else(|| Status::unavailable("the worker ended the run without a result"))?;
-            match message.progress {
-                Some(internal::train_progress::Progress::Epoch(m)) => {
-                    job.history.push(epoch_from_proto(&m));
+            match self.attempt(job, spec, &lost).await? {
+                Attempt::Finished(result) => break result,
+                Attempt::WorkerLost { worker, reason } => {
+                    lost.push(worker.clone());
+                    let from = job.checkpoint.as_ref().map_or(0, |c| c.epoch);
+                    if lost.len() > MAX_WORKER_LOSSES {
+                        return Err(Status::unavailable(format!(
+                            "worker {worker} was lost ({reason}); the job lost {} workers and gives up",
+                            lost.len()
+                        )));
+                    }
+                    tracing::warn!(job = %job.id, %worker, %reason, from, "worker lost; resuming the job");
+                    job.history.retain(|r| r.epoch <= from);
                     self.registry.put_job(job).await.map_err(status)?;
-                    self.publish(&job.id, event(JobState::Running, Event::Epoch(m)));
+                    self.publish(
+                        &job.id,
+                        event(
+                            JobState::Running,
+                            Event::Resumed(pb::Resumed {
+                                reason: format!("worker {worker} was lost: {reason}"),
+                                from_epoch: from,
+                            }),
+                        ),
+                    );
                 }
-                Some(internal::train_progress::Progress::Checkpoint(c)) => {
-                    MlpWeights::from_safetensors(spec, &c.weights).map_err(status)?;
-                    let weights = self.artifacts.put(c.weights).await.map_err(status)?;
-                    let optimizer_state = self
-                        .artifacts
-                        .put(c.optimizer_state)
-                        .await
-                        .map_err(status)?;
-                    job.checkpoint = Some(CheckpointRecord {
-                        epoch: c.epoch,
-                        weights,
-                        optimizer_state,
-                    });
-                    self.registry.put_job(job).await.map_err(status)?;
-                }
-                Some(internal::train_progress::Progress::Result(r)) => break r,
-                None => {}
             }
         };
         job.stopped_early = result.stopped_early;
@@ -756,6 +741,167 @@ impl TrainingCoordinator {
             &model.signature,
             "LOADING",
         ))
+    }
+
+    /// One run of the job on one worker (not one of `lost`), from its checkpoint if it has
+    /// one. Errors of the job itself end it; a lost worker is reported for another try.
+    async fn attempt(
+        &self,
+        job: &mut JobRecord,
+        spec: &ModelSpec,
+        lost: &[String],
+    ) -> Result<Attempt, Status> {
+        use pb::training_event::Event;
+        // A job stays queued until a worker is there (e.g. right after start-up), bounded.
+        let view = self
+            .view
+            .wait_for(WORKER_WAIT, |v| v.workers.keys().any(|w| !lost.contains(w)))
+            .await
+            .ok_or_else(|| {
+                Status::unavailable(format!("no worker registered within {WORKER_WAIT:?}"))
+            })?;
+        // The worker running the fewest jobs right now (all equal: the first by id).
+        // Jobs per worker, from the jobs this coordinator runs (no store read per job).
+        let busy: HashMap<String, usize> = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|r| r.worker.clone())
+            .fold(HashMap::new(), |mut m, w| {
+                *m.entry(w).or_default() += 1;
+                m
+            });
+        let worker = view
+            .workers
+            .values()
+            .filter(|w| !lost.contains(&w.id))
+            .min_by_key(|w| (busy.get(&w.id).copied().unwrap_or(0), w.id.clone()))
+            .ok_or_else(|| Status::unavailable("no worker is available to train"))?
+            .clone();
+        let (init, resume_epoch, resume_optimizer_state) = match &job.checkpoint {
+            Some(c) => (
+                self.artifacts.get(&c.weights).await.map_err(status)?,
+                c.epoch,
+                self.artifacts
+                    .get(&c.optimizer_state)
+                    .await
+                    .map_err(status)?,
+            ),
+            None => {
+                let init = match &job.continue_from {
+                    Some(reference) => {
+                        let (name, selector) = reference.split_once(':').unwrap_or((reference, ""));
+                        let (_, version) = view.resolve(name, selector).map_err(status)?;
+                        self.artifacts
+                            .get(&version.artifact)
+                            .await
+                            .map_err(status)?
+                    }
+                    None => Bytes::from(
+                        MlpWeights::seeded(spec, job.config.seed)
+                            .to_safetensors(spec)
+                            .map_err(status)?,
+                    ),
+                };
+                (init, 0, Bytes::new())
+            }
+        };
+        let dataset = self.artifacts.get(&job.data).await.map_err(status)?;
+        let validation_dataset = match &job.validation_data {
+            Some(a) => self.artifacts.get(a).await.map_err(status)?,
+            None => Bytes::new(),
+        };
+        let test_dataset = match &job.test_data {
+            Some(a) => self.artifacts.get(a).await.map_err(status)?,
+            None => Bytes::new(),
+        };
+        let request = internal::TrainRequest {
+            job_id: job.id.clone(),
+            spec_json: Bytes::from(
+                serde_json::to_vec(spec).map_err(|e| Status::internal(e.to_string()))?,
+            ),
+            init_weights: init,
+            config_json: Bytes::from(
+                serde_json::to_vec(&job.config).map_err(|e| Status::internal(e.to_string()))?,
+            ),
+            dataset,
+            validation_dataset,
+            test_dataset,
+            resume_epoch,
+            resume_optimizer_state,
+        };
+        let lost_worker = |reason: String| Attempt::WorkerLost {
+            worker: worker.id.clone(),
+            reason,
+        };
+        let channel =
+            match tonic::transport::Endpoint::from_shared(format!("http://{}", worker.address))
+                .map_err(|e| Status::internal(e.to_string()))?
+                .connect_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+            {
+                Ok(channel) => channel,
+                Err(e) => return Ok(lost_worker(format!("unreachable: {e}"))),
+            };
+        let mut client = WorkerClient::new(channel)
+            .max_decoding_message_size(256 * 1024 * 1024)
+            .max_encoding_message_size(256 * 1024 * 1024);
+        let mut stream = match client.train(request).await {
+            Ok(response) => response.into_inner(),
+            Err(s) if worker_gone(&s) => return Ok(lost_worker(s.message().to_owned())),
+            Err(s) => return Err(s),
+        };
+        job.state = JobState::Running;
+        job.worker = worker.id.clone();
+        if let Some(r) = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&job.id)
+        {
+            r.worker = Some(worker.id.clone());
+        }
+        self.registry.put_job(job).await.map_err(status)?;
+        self.publish(
+            &job.id,
+            event(JobState::Running, Event::Started(worker.id.clone())),
+        );
+        loop {
+            let message = match stream.message().await {
+                Ok(Some(message)) => message,
+                Ok(None) => return Ok(lost_worker("it ended the run without a result".into())),
+                Err(s) if worker_gone(&s) => return Ok(lost_worker(s.message().to_owned())),
+                Err(s) => return Err(s),
+            };
+            match message.progress {
+                Some(internal::train_progress::Progress::Epoch(m)) => {
+                    job.history.push(epoch_from_proto(&m));
+                    self.registry.put_job(job).await.map_err(status)?;
+                    self.publish(&job.id, event(JobState::Running, Event::Epoch(m)));
+                }
+                Some(internal::train_progress::Progress::Checkpoint(c)) => {
+                    MlpWeights::from_safetensors(spec, &c.weights).map_err(status)?;
+                    let weights = self.artifacts.put(c.weights).await.map_err(status)?;
+                    let optimizer_state = self
+                        .artifacts
+                        .put(c.optimizer_state)
+                        .await
+                        .map_err(status)?;
+                    job.checkpoint = Some(CheckpointRecord {
+                        epoch: c.epoch,
+                        weights,
+                        optimizer_state,
+                    });
+                    self.registry.put_job(job).await.map_err(status)?;
+                }
+                Some(internal::train_progress::Progress::Result(r)) => {
+                    return Ok(Attempt::Finished(r));
+                }
+                None => {}
+            }
+        }
     }
 }
 

@@ -96,7 +96,7 @@ class Multi:
         return out.stdout
 
     def stop(self):
-        for name in [n for n in self.procs if n != "etcd"]:
+        for name in reversed([n for n in self.procs if n != "etcd"]):
             self.kill(name, signal.SIGTERM)
         self.kill("etcd")
 
@@ -248,3 +248,65 @@ def test_another_gateway_gives_the_same_answers(multi):
     multi.gateway = multi.start("gateway-2", "gateway")
     wait_ready(grpcclient.InferenceServerClient(multi.gateway), "m")
     np.testing.assert_array_equal(infer(multi.gateway, x), before)
+
+
+def wait_job(multi, job_id, until, what, timeout=120):
+    """Poll the job until `until` holds. While schedulers fail over, training calls are
+    UNAVAILABLE for up to a lease TTL: those answers are waited out."""
+    deadline = time.monotonic() + timeout
+    j = None
+    while True:
+        out = subprocess.run([KILN, "jobs", "show", job_id, "--json", "--addr", multi.gateway],
+                             capture_output=True, text=True, timeout=60, env=multi.env)
+        if out.returncode == 0:
+            j = json.loads(out.stdout)
+            if until(j):
+                return j
+        else:
+            assert "Unavailable" in out.stderr, out.stderr
+        assert time.monotonic() < deadline, f"{what}: {j and (j['state'], len(j['history']))}"
+        time.sleep(0.1)
+
+
+def test_a_training_job_outlives_its_worker_and_its_scheduler(multi, tmp_path):
+    if DEVICE != "cpu":
+        pytest.skip("the resume path is the same on every device; on lavapipe this job "
+                    "would take minutes (training on wgpu is covered by test_training.py)")
+    rng = np.random.default_rng(8)
+    x = rng.random((20_000, 10)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", (x.sum(1) > 5).astype(np.int64))
+    (tmp_path / "long.json").write_text(json.dumps({
+        "model_name": "long",
+        "spec": {"mlp": {"input_width": 10, "hidden": [64], "output_width": 1,
+                         "task": "binary_classification"}},
+        "data": {"npy": {"features": "x.npy", "labels": "y.npy"}},
+        "epochs": 30, "batch_size": 4, "seed": 2, "checkpoint_every": 1}))
+    out = multi.kiln("train", str(tmp_path / "long.json"), "--detach")
+    job_id = out.split()[-1]
+
+    # The worker dies mid-run: the job goes on elsewhere from its checkpoint.
+    j = wait_job(multi, job_id, lambda j: j["checkpoint_epoch"] >= 2, "first checkpoints")
+    first = j["worker"]
+    multi.kill(first)
+    j = wait_job(multi, job_id, lambda j: j["worker"] not in ("", first)
+                 and j["checkpoint_epoch"] >= j["history"][-1]["epoch"] - 1
+                 and len(j["history"]) >= 5, "resumed on another worker")
+    second = j["worker"]
+
+    # Then its scheduler dies: the next one to lead picks the job up.
+    leader = multi.records("leader/scheduler")[0]["id"]
+    multi.kill({"s2": "scheduler-2", "s1": "scheduler-1"}[leader])
+    multi.start("scheduler-3", "scheduler", "--id", "s3")
+    j = wait_job(multi, job_id, lambda j: j["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"),
+                 "the end", timeout=180)
+    assert j["state"] == "SUCCEEDED", j["reason"]
+    # Every epoch once, in order, though parts of the run were done three times.
+    assert [h["epoch"] for h in j["history"]] == list(range(1, 31))
+    assert j["worker"] != first and second != first
+    assert j["result_version"] == 1
+    # The result serves.
+    client = grpcclient.InferenceServerClient(multi.gateway)
+    wait_ready(client, "long")
+    predictions = infer(multi.gateway, x[:64], model="long")[:, 0] > 0.5
+    assert np.mean(predictions == (x[:64].sum(1) > 5)) > 0.9

@@ -1,6 +1,9 @@
 //! The MLP family as a Burn module, built from a spec and a set of weights.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
+
+/// Base of the parameter ids ("KILN" in the high bytes); see [`Mlp::from_weights`].
+const PARAM_ID_BASE: u64 = 0x4b49_4c4e_0000_0000;
 use burn::nn::Linear;
 use burn::tensor::activation;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -24,20 +27,31 @@ pub struct Mlp {
 
 impl Mlp {
     /// Build the module on `device` from checked weights (see [`MlpWeights::from_safetensors`]).
+    ///
+    /// Parameter ids are fixed by position (layer `i`: weight `2i`, bias `2i + 1`, above a
+    /// constant base), so an optimizer state recorded for one build of a model applies to
+    /// another — what resuming a training run from its checkpoint on another worker needs.
     pub fn from_weights(spec: &ModelSpec, weights: &MlpWeights, device: &Device) -> Self {
         let ModelSpec::Mlp(mlp) = spec;
         let layers = weights
             .layers
             .iter()
-            .map(|layer| Linear {
-                weight: Param::from_tensor(Tensor::<2>::from_data(
+            .enumerate()
+            .map(|(i, layer)| {
+                let mut weight = Param::from_tensor(Tensor::<2>::from_data(
                     TensorData::new(layer.weight.clone(), [layer.inputs, layer.outputs]),
                     device,
-                )),
-                bias: Some(Param::from_tensor(Tensor::<1>::from_data(
+                ));
+                weight.id = ParamId::from(PARAM_ID_BASE + 2 * i as u64);
+                let mut bias = Param::from_tensor(Tensor::<1>::from_data(
                     TensorData::new(layer.bias.clone(), [layer.outputs]),
                     device,
-                ))),
+                ));
+                bias.id = ParamId::from(PARAM_ID_BASE + 2 * i as u64 + 1);
+                Linear {
+                    weight,
+                    bias: Some(bias),
+                }
             })
             .collect();
         Self {

@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 use crate::batcher::Batcher;
 use crate::device::{DeviceChoice, select_device};
 use crate::engine::{EngineHandle, TrainingEvent};
-use crate::training::{Dataset, EpochReport, JobData, TrainingConfig, TrainingRun};
+use crate::training::{Dataset, EpochReport, JobData, Resume, TrainingConfig, TrainingRun};
 use crate::{Error, Result};
 use kiln_registry::spec::ModelSpec;
 use kiln_registry::training::decode_dataset;
@@ -29,6 +29,8 @@ use kiln_registry::training::decode_dataset;
 /// How often a worker retries versions that failed to load (e.g. an artifact store that was
 /// briefly unreachable), when nothing else wakes it.
 const RETRY_FAILED_LOADS: Duration = Duration::from_secs(10);
+/// How long a stopping worker waits for its in-flight calls.
+const DRAIN: Duration = Duration::from_secs(30);
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -73,6 +75,9 @@ struct State {
     lease: Mutex<Option<LeaseId>>,
     /// Set when the worker shuts down: it must not register again.
     stopping: std::sync::atomic::AtomicBool,
+    /// The cancel flags of the training runs in progress, set when the worker shuts down:
+    /// their jobs go back to the scheduler, which resumes them elsewhere.
+    runs: Mutex<Vec<std::sync::Weak<std::sync::atomic::AtomicBool>>>,
     /// Poked whenever `loaded` changes, so the record is rewritten.
     report: Notify,
 }
@@ -112,6 +117,7 @@ pub async fn serve(
         loaded: Mutex::new(BTreeMap::new()),
         lease: Mutex::new(None),
         stopping: std::sync::atomic::AtomicBool::new(false),
+        runs: Mutex::new(Vec::new()),
         report: Notify::new(),
     });
 
@@ -143,12 +149,31 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Invalid(format!("reflection: {e}")))?;
-    let result = tonic::transport::Server::builder()
+    // In-flight calls get DRAIN to finish once shutdown begins; then the server stops.
+    let (draining_tx, draining) = tokio::sync::oneshot::channel::<()>();
+    let on_shutdown = async move {
+        on_shutdown.await;
+        let _ = draining_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(kiln_proto::net::incoming(listener), on_shutdown)
-        .await;
+        .serve_with_incoming_shutdown(kiln_proto::net::incoming(listener), on_shutdown);
+    tokio::pin!(server);
+    let result = tokio::select! {
+        result = &mut server => result,
+        _ = async {
+            if draining.await.is_ok() {
+                tokio::time::sleep(DRAIN).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!(worker = %state.id, "in-flight calls did not finish within {DRAIN:?}; stopping anyway");
+            Ok(())
+        }
+    };
     for task in background {
         task.abort();
     }
@@ -185,6 +210,13 @@ async fn deregister(state: &State) {
     state
         .stopping
         .store(true, std::sync::atomic::Ordering::Relaxed);
+    // Training runs stop before their next batch; their streams end and the scheduler
+    // hands the jobs to other workers.
+    for run in lock(&state.runs).drain(..) {
+        if let Some(cancel) = run.upgrade() {
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let lease = lock(&state.lease).take();
     if let Some(lease) = lease
         && let Err(e) = state.deps.registry.store().revoke_lease(lease).await
@@ -415,6 +447,10 @@ async fn start_training(state: &Arc<State>, req: pb::TrainRequest) -> Result<Tra
     let data = decode(&req.dataset)?.ok_or_else(|| Status::invalid_argument("dataset is empty"))?;
     let validation = decode(&req.validation_dataset)?;
     let test = decode(&req.test_dataset)?;
+    let resume = (req.resume_epoch > 0).then(|| Resume {
+        epoch: req.resume_epoch,
+        optimizer_state: req.resume_optimizer_state.to_vec(),
+    });
     // The run checks the rows and the config (the scheduler applied the caps already).
     let device = state.device.clone();
     // Building the run puts the model on the device: not on tokio's threads.
@@ -425,11 +461,16 @@ async fn start_training(state: &Arc<State>, req: pb::TrainRequest) -> Result<Tra
             validation: validation.as_ref(),
             test: test.as_ref(),
         };
-        TrainingRun::new(&run_spec, &init, &rows, &config, &device)
+        TrainingRun::resume(&run_spec, &init, &rows, &config, &device, resume)
     })
     .await
     .map_err(|e| Status::internal(e.to_string()))??;
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let mut runs = lock(&state.runs);
+        runs.retain(|r| r.strong_count() > 0);
+        runs.push(Arc::downgrade(&cancel));
+    }
     let events = state.engine.train(run, cancel.clone()).await?;
     tracing::info!(job = %req.job_id, "training started");
     let stream = futures::stream::unfold(

@@ -215,6 +215,15 @@ impl Step {
     }
 }
 
+/// Where a resumed run starts: after `epoch`, with Burn's optimizer record of that moment.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    /// The last epoch the checkpoint covers.
+    pub epoch: u32,
+    /// The optimizer record ([`TrainingRun::checkpoint`]'s bytes).
+    pub optimizer_state: Vec<u8>,
+}
+
 /// A training run that advances one batch at a time, so that the engine thread can serve
 /// inference between batches.
 pub struct TrainingRun {
@@ -233,7 +242,9 @@ pub struct TrainingRun {
     /// Taken out during a step (the optimizer consumes and returns it).
     model: Option<Mlp>,
     optimizer: ModuleOptimizer,
-    rng: SplitMix64,
+    /// The training rows in their base order; each epoch's order derives from it and the
+    /// epoch number alone, so a resumed run sees the same orders.
+    base_rows: Vec<usize>,
     train_rows: Vec<usize>,
     validation: Vec<usize>,
     epoch: u32,
@@ -261,6 +272,28 @@ impl TrainingRun {
         config: &TrainingConfig,
         device: &Device,
     ) -> Result<Self> {
+        Self::resume(spec, init, data, config, device, None)
+    }
+
+    /// Prepare a run that goes on from a checkpoint: `init` holds the checkpoint's weights,
+    /// `resume` its epoch and optimizer state. The split, the standardisation and every
+    /// later epoch's row order are those the first run had.
+    pub fn resume(
+        spec: &ModelSpec,
+        init: &MlpWeights,
+        data: &JobData<'_>,
+        config: &TrainingConfig,
+        device: &Device,
+        resume: Option<Resume>,
+    ) -> Result<Self> {
+        if let Some(r) = &resume
+            && r.epoch >= config.epochs
+        {
+            return Err(Error::TrainingFailed(format!(
+                "the checkpoint is of epoch {}; the job has only {} epochs",
+                r.epoch, config.epochs
+            )));
+        }
         validate(
             spec,
             data,
@@ -305,6 +338,18 @@ impl TrainingRun {
         });
         let train_device = device.clone().autodiff();
         let model = Mlp::from_weights(spec, init, &train_device);
+        let mut optimizer = build_optimizer(&config.optimizer);
+        let mut epoch = 0;
+        if let Some(r) = resume {
+            optimizer = optimizer
+                .from_bytes(burn::tensor::Bytes::from_bytes_vec(r.optimizer_state))
+                .map_err(|e| {
+                    Error::TrainingFailed(format!(
+                        "the checkpoint's optimizer state does not load: {e:?}"
+                    ))
+                })?;
+            epoch = r.epoch;
+        }
         let now = Instant::now();
         Ok(Self {
             spec: spec.clone(),
@@ -318,11 +363,11 @@ impl TrainingRun {
             device: device.clone(),
             train_device,
             model: Some(model),
-            optimizer: build_optimizer(&config.optimizer),
-            rng,
+            optimizer,
+            base_rows: train_rows.clone(),
             train_rows,
             validation,
-            epoch: 0,
+            epoch,
             cursor: 0,
             loss_sum: 0.0,
             right: 0,
@@ -342,7 +387,12 @@ impl TrainingRun {
         if self.cursor == 0 {
             self.epoch += 1;
             if self.config.shuffle {
-                self.rng.shuffle(&mut self.train_rows);
+                // This epoch's order from the seed and the epoch number alone.
+                self.train_rows.copy_from_slice(&self.base_rows);
+                let mut rng = SplitMix64::new(
+                    self.config.seed ^ u64::from(self.epoch).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                );
+                rng.shuffle(&mut self.train_rows);
             }
             self.epoch_started = Instant::now();
             self.loss_sum = 0.0;

@@ -626,3 +626,81 @@ fn bad_jobs_are_refused_naming_the_field() {
         assert!(err.to_string().contains(needle), "{needle}: {err}");
     }
 }
+
+#[test]
+fn a_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_runs_weights() {
+    use kiln_worker::training::{Resume, Step, TrainingRun};
+    let data = sum_above_five(300, 41);
+    let spec = spec(10, vec![8], 1, Task::BinaryClassification);
+    let init = MlpWeights::seeded(&spec, 9);
+    let cfg = TrainingConfig {
+        standardize: true,
+        ..config(6, 16, Loss::BinaryCrossEntropy, adam(0.01))
+    };
+    let rows = JobData::train_only(&data);
+    let run_to_end = |mut run: TrainingRun, checkpoint_at: Option<u32>| {
+        let mut checkpoint = None;
+        loop {
+            match run.step().unwrap() {
+                Step::Batch => {}
+                Step::Epoch(r) => {
+                    if Some(r.epoch) == checkpoint_at {
+                        checkpoint = Some(run.checkpoint().unwrap());
+                    }
+                }
+                Step::Done(_) => return (run.finish().unwrap(), checkpoint),
+            }
+        }
+    };
+    let (whole, checkpoint) = run_to_end(
+        TrainingRun::new(&spec, &init, &rows, &cfg, &Device::flex()).unwrap(),
+        Some(3),
+    );
+    let (epoch, weights, optimizer_state) = checkpoint.unwrap();
+    assert_eq!(epoch, 3);
+    let resumed_run = TrainingRun::resume(
+        &spec,
+        &weights,
+        &rows,
+        &cfg,
+        &Device::flex(),
+        Some(Resume {
+            epoch,
+            optimizer_state,
+        }),
+    )
+    .unwrap();
+    let (resumed, _) = run_to_end(resumed_run, None);
+    assert_eq!(
+        resumed.history.iter().map(|r| r.epoch).collect::<Vec<_>>(),
+        vec![4, 5, 6]
+    );
+    // Same orders, same Adam moments and step count: the same weights, bit for bit.
+    assert_eq!(resumed.weights, whole.weights);
+    assert_eq!(
+        resumed.history.last().unwrap().train_loss,
+        whole.history[5].train_loss
+    );
+
+    // Without the optimizer state the moments start over: the weights differ. (This is
+    // what the test above would not notice if the state were silently dropped.)
+    let (_, _, empty_state) = TrainingRun::new(&spec, &weights, &rows, &cfg, &Device::flex())
+        .unwrap()
+        .checkpoint()
+        .unwrap();
+    let forgetful = TrainingRun::resume(
+        &spec,
+        &weights,
+        &rows,
+        &cfg,
+        &Device::flex(),
+        Some(Resume {
+            epoch,
+            optimizer_state: empty_state,
+        }),
+    )
+    .unwrap();
+    let (restarted, _) = run_to_end(forgetful, None);
+    assert_eq!(restarted.history[0].epoch, 4);
+    assert_ne!(restarted.weights, whole.weights);
+}
