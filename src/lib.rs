@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_placement;
 pub mod client;
 pub mod cluster;
 pub mod embedded;

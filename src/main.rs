@@ -159,6 +159,19 @@ enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
+    /// Time the placement controller on a simulated cluster (in-memory registry): one full
+    /// reconcile pass, and the reaction to one worker's loss.
+    BenchPlacement {
+        /// Simulated workers.
+        #[arg(long, default_value_t = 1_000)]
+        workers: usize,
+        /// Simulated model versions (ten per model).
+        #[arg(long, default_value_t = 10_000)]
+        versions: usize,
+        /// Replicas per version.
+        #[arg(long, default_value_t = 2)]
+        replicas: u32,
+    },
     /// The cluster as the gateway sees it: the scheduler, workers with device and queue
     /// depth, model versions with their replicas and state.
     Status {
@@ -492,6 +505,11 @@ async fn main() -> std::process::ExitCode {
     let result: anyhow::Result<()> = async {
         match cli.command {
             Command::Up(args) => up(args).await,
+            Command::BenchPlacement { workers, versions, replicas } => {
+                let report = kiln::bench_placement::run(workers, versions, replicas).await?;
+                kiln::say!("{}", report.markdown().trim_end());
+                Ok(())
+            }
             Command::Status { json, addr } => {
                 kiln::say!("{}", client::cluster_status(&addr, json).await?.trim_end());
                 Ok(())

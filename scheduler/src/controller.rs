@@ -49,26 +49,50 @@ pub async fn run_placement_controller(
     let mut changes = view.subscribe();
     tokio::pin!(shutdown);
     loop {
-        let current = view.current();
-        let plan = desired_placements(&current);
-        for (worker, versions) in &plan {
-            let record = PlacementRecord {
-                schema: SCHEMA,
-                worker: worker.clone(),
-                versions: versions.iter().cloned().collect(),
-            };
-            if let Err(e) = registry.put_placement(&record).await {
-                tracing::warn!(%worker, error = %e, "cannot write placement");
-            }
-        }
-        for worker in current.placements.keys().filter(|w| !plan.contains_key(*w)) {
-            if let Err(e) = registry.delete_placement(worker).await {
-                tracing::warn!(%worker, error = %e, "cannot delete placement of a gone worker");
-            }
-        }
+        reconcile(&registry, &view.current()).await;
         tokio::select! {
             _ = &mut shutdown => return,
             changed = changes.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// What one reconcile pass wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Placements written (new or changed).
+    pub written: usize,
+    /// Placements deleted (their worker is gone).
+    pub deleted: usize,
+}
+
+/// One pass: plan from `current` and write the placements that differ from it. Only the
+/// placements that differ are written: one worker's loss costs a write per worker that
+/// gains a version, not one per worker.
+pub async fn reconcile(registry: &Registry, current: &ClusterView) -> Reconciled {
+    let plan = desired_placements(current);
+    let mut done = Reconciled::default();
+    for (worker, versions) in &plan {
+        let record = PlacementRecord {
+            schema: SCHEMA,
+            worker: worker.clone(),
+            versions: versions.iter().cloned().collect(),
+        };
+        if current.placements.get(worker) == Some(&record) {
+            continue;
+        }
+        match registry.put_placement(&record).await {
+            Ok(_) => done.written += 1,
+            Err(e) => tracing::warn!(%worker, error = %e, "cannot write placement"),
+        }
+    }
+    for worker in current.placements.keys().filter(|w| !plan.contains_key(*w)) {
+        match registry.delete_placement(worker).await {
+            Ok(_) => done.deleted += 1,
+            Err(e) => {
+                tracing::warn!(%worker, error = %e, "cannot delete placement of a gone worker");
+            }
+        }
+    }
+    done
 }

@@ -17,4 +17,4 @@ pub mod leader;
 pub mod plan;
 pub mod training;
 
-pub use controller::run_placement_controller;
+pub use controller::{reconcile, run_placement_controller};

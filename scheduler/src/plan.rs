@@ -15,48 +15,67 @@ pub struct Want<K> {
 
 /// Decide which workers hold which versions.
 ///
-/// Rules: a version gets `min(replicas, workers)` holders; workers that already hold it
-/// keep it (no needless reloads); new holders are the workers holding the fewest versions,
-/// ties broken by worker id, so the plan is stable and spreads load.
+/// Rules: a version gets `min(replicas, eligible workers)` holders; workers that already
+/// hold it keep it (no needless reloads); new holders are the eligible workers holding the
+/// fewest versions, ties broken by worker id, so the plan is stable and spreads load.
+///
+/// Cost: one pass over `current`, then per version O(replicas · log workers) plus the
+/// workers skipped as ineligible — not a scan of every worker per version.
 pub fn plan_placements<K: Ord + Clone>(
     workers: &[String],
     wants: &[Want<K>],
     current: &BTreeMap<String, BTreeSet<K>>,
 ) -> BTreeMap<String, BTreeSet<K>> {
-    let mut plan: BTreeMap<String, BTreeSet<K>> = workers
-        .iter()
-        .map(|w| (w.clone(), BTreeSet::new()))
-        .collect();
-    for want in wants {
-        let eligible: Vec<&String> = workers
-            .iter()
-            .filter(|w| want.eligible.as_ref().is_none_or(|e| e.contains(*w)))
-            .collect();
-        let n = want
-            .replicas
-            .map_or(eligible.len(), |r| (r as usize).min(eligible.len()));
-        let mut holders: Vec<&String> = eligible
-            .iter()
-            .copied()
-            .filter(|w| current.get(*w).is_some_and(|held| held.contains(&want.key)))
-            .take(n)
-            .collect();
-        if holders.len() < n {
-            let mut others: Vec<&String> = eligible
-                .iter()
-                .copied()
-                .filter(|w| !holders.contains(w))
-                .collect();
-            others.sort_by_key(|w| (plan.get(*w).map_or(0, |s| s.len()), (*w).clone()));
-            holders.extend(others.into_iter().take(n - holders.len()));
-        }
-        for w in holders {
-            if let Some(set) = plan.get_mut(w) {
-                set.insert(want.key.clone());
-            }
+    // Who holds what now, by worker index in `workers` order.
+    let mut held_by: BTreeMap<&K, Vec<usize>> = BTreeMap::new();
+    for (i, w) in workers.iter().enumerate() {
+        for key in current.get(w).into_iter().flatten() {
+            held_by.entry(key).or_default().push(i);
         }
     }
-    plan
+    let mut plan: Vec<BTreeSet<K>> = vec![BTreeSet::new(); workers.len()];
+    // Workers by (versions planned so far, id): the least loaded first.
+    let mut by_load: BTreeSet<(usize, &str, usize)> = workers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (0, w.as_str(), i))
+        .collect();
+    for want in wants {
+        let eligible = |i: usize| {
+            want.eligible
+                .as_ref()
+                .is_none_or(|e| e.contains(&workers[i]))
+        };
+        let count = match &want.eligible {
+            None => workers.len(),
+            Some(e) => workers.iter().filter(|w| e.contains(*w)).count(),
+        };
+        let n = want.replicas.map_or(count, |r| (r as usize).min(count));
+        let mut chosen: Vec<usize> = held_by
+            .get(&want.key)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|i| eligible(*i))
+            .take(n)
+            .collect();
+        if chosen.len() < n {
+            let more: Vec<usize> = by_load
+                .iter()
+                .map(|(_, _, i)| *i)
+                .filter(|i| eligible(*i) && !chosen.contains(i))
+                .take(n - chosen.len())
+                .collect();
+            chosen.extend(more);
+        }
+        for i in chosen {
+            let load = plan[i].len();
+            by_load.remove(&(load, workers[i].as_str(), i));
+            plan[i].insert(want.key.clone());
+            by_load.insert((load + 1, workers[i].as_str(), i));
+        }
+    }
+    workers.iter().cloned().zip(plan).collect()
 }
 
 /// The load of one replica as the router sees it.
@@ -187,6 +206,82 @@ mod tests {
             &BTreeMap::new(),
         );
         assert!(none.values().all(BTreeSet::is_empty));
+    }
+
+    /// The rules written out the slow way: scan every worker for every version.
+    fn plan_by_scanning(
+        workers: &[String],
+        wants: &[Want<u32>],
+        current: &BTreeMap<String, BTreeSet<u32>>,
+    ) -> BTreeMap<String, BTreeSet<u32>> {
+        let mut plan: BTreeMap<String, BTreeSet<u32>> = workers
+            .iter()
+            .map(|w| (w.clone(), BTreeSet::new()))
+            .collect();
+        for want in wants {
+            let eligible: Vec<&String> = workers
+                .iter()
+                .filter(|w| want.eligible.as_ref().is_none_or(|e| e.contains(*w)))
+                .collect();
+            let n = want
+                .replicas
+                .map_or(eligible.len(), |r| (r as usize).min(eligible.len()));
+            let mut holders: Vec<&String> = eligible
+                .iter()
+                .copied()
+                .filter(|w| current.get(*w).is_some_and(|h| h.contains(&want.key)))
+                .take(n)
+                .collect();
+            let mut others: Vec<&String> = eligible
+                .iter()
+                .copied()
+                .filter(|w| !holders.contains(w))
+                .collect();
+            others.sort_by_key(|w| (plan[*w].len(), (*w).clone()));
+            let missing = n - holders.len();
+            holders.extend(others.into_iter().take(missing));
+            for w in holders {
+                plan.get_mut(w).unwrap().insert(want.key);
+            }
+        }
+        plan
+    }
+
+    #[test]
+    fn the_fast_planner_follows_the_rules_on_random_clusters() {
+        let mut rng = kiln_registry::weights::SplitMix64::new(5);
+        for round in 0..200 {
+            let n_workers = (rng.next_u64() % 12) as usize;
+            let workers: Vec<String> = (0..n_workers).map(|i| format!("w{i:02}")).collect();
+            let wants: Vec<Want<u32>> = (0..(rng.next_u64() % 30) as u32)
+                .map(|key| Want {
+                    key,
+                    replicas: match rng.next_u64() % 4 {
+                        0 => None,
+                        r => Some(r as u32),
+                    },
+                    eligible: (rng.next_u64() % 3 == 0).then(|| {
+                        workers
+                            .iter()
+                            .filter(|_| rng.next_u64() % 2 == 0)
+                            .cloned()
+                            .collect()
+                    }),
+                })
+                .collect();
+            let current: BTreeMap<String, BTreeSet<u32>> = workers
+                .iter()
+                .map(|w| {
+                    let held = (0..30).filter(|_| rng.next_u64() % 5 == 0).collect();
+                    (w.clone(), held)
+                })
+                .collect();
+            assert_eq!(
+                plan_placements(&workers, &wants, &current),
+                plan_by_scanning(&workers, &wants, &current),
+                "round {round}"
+            );
+        }
     }
 
     #[test]

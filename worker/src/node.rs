@@ -80,6 +80,8 @@ struct State {
     runs: Mutex<Vec<std::sync::Weak<std::sync::atomic::AtomicBool>>>,
     /// Poked whenever `loaded` changes, so the record is rewritten.
     report: Notify,
+    /// The record as last written, so that renewals without news write nothing.
+    written: Mutex<Option<WorkerRecord>>,
 }
 
 /// Run a worker on `listener` until `shutdown` resolves, then drain: deregister (revoke the
@@ -119,6 +121,7 @@ pub async fn serve(
         stopping: std::sync::atomic::AtomicBool::new(false),
         runs: Mutex::new(Vec::new()),
         report: Notify::new(),
+        written: Mutex::new(None),
     });
 
     register(&state, config.lease_ttl).await?;
@@ -198,11 +201,9 @@ fn record(state: &State) -> WorkerRecord {
 async fn register(state: &State, ttl: Duration) -> Result<()> {
     let lease = state.deps.registry.grant_lease(ttl).await?;
     *lock(&state.lease) = Some(lease);
-    state
-        .deps
-        .registry
-        .put_worker(&record(state), lease)
-        .await?;
+    let now = record(state);
+    state.deps.registry.put_worker(&now, lease).await?;
+    *lock(&state.written) = Some(now);
     Ok(())
 }
 
@@ -243,7 +244,17 @@ async fn keep_registered(state: Arc<State>, ttl: Duration) {
             None => false,
         };
         let result = if let (true, Some(lease)) = (alive, lease) {
-            state.deps.registry.put_worker(&record(&state), lease).await
+            // The lease is renewed; the record is written only when it says something new.
+            let now = record(&state);
+            if lock(&state.written).as_ref() == Some(&now) {
+                Ok(())
+            } else {
+                let written = state.deps.registry.put_worker(&now, lease).await;
+                if written.is_ok() {
+                    *lock(&state.written) = Some(now);
+                }
+                written
+            }
         } else {
             if lease.is_some() {
                 tracing::warn!(worker = %state.id, "lease lost; taking no work until registered again");
