@@ -381,3 +381,116 @@ async fn a_watch_from_a_compacted_revision_says_so_and_the_view_follows_on() {
         .await;
     assert!(seen.is_some(), "the view never saw version 1");
 }
+
+/// A TCP relay between a client and etcd that can be cut and restored, to take a watcher
+/// off the network while the cluster moves on.
+struct Relay {
+    addr: std::net::SocketAddr,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    async fn start(target: String) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (o, c) = (open.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !o.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the connection is refused
+                }
+                let target = target.clone();
+                c.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }));
+            }
+        });
+        Relay { addr, open, conns }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_cut_off_while_etcd_compacts_comes_back_without_stale_workers() {
+    use kiln_registry::records::{SCHEMA, WorkerRecord};
+    let etcd = EtcdServer::start().await.unwrap();
+    let prefix = "/relay/kiln/v1/".to_owned();
+    let direct: Arc<dyn KvStore> = Arc::new(etcd.store().await.unwrap());
+    let registry = Registry::new(direct.clone(), prefix.clone());
+    let relay = Relay::start(etcd.endpoint.trim_start_matches("http://").to_owned()).await;
+    let relayed: Arc<dyn KvStore> = Arc::new(
+        kiln_registry::EtcdStore::connect(
+            &[format!("http://{}", relay.addr)],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap(),
+    );
+    let worker = |id: &str| WorkerRecord {
+        schema: SCHEMA,
+        id: id.into(),
+        address: "127.0.0.1:1".into(),
+        backend: "cpu".into(),
+        adapter: "test".into(),
+        loaded: vec![],
+        started_unix_ms: 0,
+    };
+    let lease = registry.grant_lease(Duration::from_secs(60)).await.unwrap();
+    registry
+        .put_worker(&worker("leaving"), lease)
+        .await
+        .unwrap();
+    let view = WatchedView::start(relayed, prefix.clone()).await.unwrap();
+    assert!(view.current().workers.contains_key("leaving"));
+
+    // Off the network: the worker leaves, another arrives, etcd compacts that history away.
+    relay.cut();
+    direct.revoke_lease(lease).await.unwrap();
+    let other = registry.grant_lease(Duration::from_secs(60)).await.unwrap();
+    registry
+        .put_worker(&worker("arrived"), other)
+        .await
+        .unwrap();
+    let head = direct.list(&prefix).await.unwrap().revision;
+    let mut client = etcd_client::Client::connect([etcd.endpoint.as_str()], None)
+        .await
+        .unwrap();
+    client.compact(head, None).await.unwrap();
+    // The watcher has noticed by now that its stream is gone (it retries every 200 ms).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        view.current().workers.contains_key("leaving"),
+        "still the old view"
+    );
+
+    // Back: its next revision was compacted, so it re-lists and drops the stale worker.
+    relay.restore();
+    let fresh = view
+        .wait_for(Duration::from_secs(15), |v| {
+            v.workers.contains_key("arrived") && !v.workers.contains_key("leaving")
+        })
+        .await;
+    assert!(
+        fresh.is_some(),
+        "the view kept {:?}",
+        view.current().workers.keys().collect::<Vec<_>>()
+    );
+}
