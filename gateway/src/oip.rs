@@ -373,9 +373,17 @@ impl InferenceService {
         let settled = shared
             .view
             .wait_for(shared.config.load_timeout, |view| {
-                let state = version_state(view, &key).0;
                 if loaded {
-                    state == "READY"
+                    // Ready, or failed on every worker that tried: either way, settled.
+                    let mut states = view
+                        .workers
+                        .values()
+                        .flat_map(|w| w.loaded.iter().filter(|l| l.key == key))
+                        .map(|l| l.state)
+                        .peekable();
+                    let tried = states.peek().is_some();
+                    let all_failed = states.all(|s| s == LoadState::Failed);
+                    version_state(view, &key).0 == "READY" || (tried && all_failed)
                 } else {
                     !view
                         .workers
@@ -385,6 +393,13 @@ impl InferenceService {
             })
             .await;
         match settled {
+            Some(view) if loaded => match version_state(&view, &key) {
+                ("READY", _) => Ok(()),
+                (_, reason) => Err(Error::Unavailable(format!(
+                    "model {name:?} version {} failed to load: {reason}",
+                    key.version
+                ))),
+            },
             Some(_) => Ok(()),
             None if loaded => Err(Error::Unavailable(format!(
                 "model {name:?} did not become ready within {:?}",

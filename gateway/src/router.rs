@@ -147,10 +147,15 @@ impl Router {
             match client.infer(request).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => {
-                    let retry = matches!(
+                    // A replica that went away (refused, reset, or its stream cancelled
+                    // under us) is retried on another while the deadline allows; a full
+                    // queue or a bad request is not.
+                    let gone = matches!(
                         status.code(),
                         tonic::Code::Unavailable | tonic::Code::Unknown
-                    ) && !status.message().contains("queue is full");
+                    ) || (status.code() == tonic::Code::Cancelled
+                        && Instant::now() < deadline);
+                    let retry = gone && !status.message().contains("queue is full");
                     let error = map_worker_status(status);
                     if !retry {
                         return Err(error);

@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 use crate::records::ArtifactRef;
 use crate::{Error, Result};
 
-/// Where weights are kept: a local (or shared) directory, addressed as `file:///…`.
+/// Where weights are kept: a local (or shared) directory, addressed as `file:///…`, or an
+/// S3 bucket and prefix, `s3://bucket/prefix`.
 #[derive(Clone)]
 pub struct ArtifactStore {
     store: Arc<dyn ObjectStore>,
@@ -21,13 +22,19 @@ pub struct ArtifactStore {
 }
 
 impl ArtifactStore {
-    /// Open a store from a URL (`file:///abs/dir`) or a plain directory path, creating the
-    /// directory when missing.
+    /// Open a store from a URL: `file:///abs/dir` or a plain directory path (created when
+    /// missing), or `s3://bucket/prefix` (an S3 or S3-compatible store, configured by the
+    /// standard AWS environment variables: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_REGION` or `AWS_DEFAULT_REGION`, and `AWS_ENDPOINT` with `AWS_ALLOW_HTTP=true`
+    /// for a server on plain HTTP).
     pub fn open(location: &str) -> Result<Self> {
+        if let Some(rest) = location.strip_prefix("s3://") {
+            return Self::open_s3(location, rest);
+        }
         let path = location.strip_prefix("file://").unwrap_or(location);
         if location.contains("://") && !location.starts_with("file://") {
             return Err(Error::Invalid(format!(
-                "artifact store {location:?}: only file:// URLs are supported"
+                "artifact store {location:?}: use file:///dir or s3://bucket/prefix"
             )));
         }
         std::fs::create_dir_all(path)
@@ -40,6 +47,29 @@ impl ArtifactStore {
             store: Arc::new(store),
             base: format!("file://{}", dir.display()),
         })
+    }
+
+    fn open_s3(location: &str, rest: &str) -> Result<Self> {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = prefix.trim_matches('/');
+        if bucket.is_empty() {
+            return Err(Error::Invalid(format!(
+                "artifact store {location:?}: the URL names no bucket (s3://bucket/prefix)"
+            )));
+        }
+        let s3 = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .build()
+            .map_err(|e| Error::Artifacts(format!("artifact store {location}: {e}")))?;
+        let (store, base): (Arc<dyn ObjectStore>, String) = if prefix.is_empty() {
+            (Arc::new(s3), format!("s3://{bucket}"))
+        } else {
+            (
+                Arc::new(object_store::prefix::PrefixStore::new(s3, prefix)),
+                format!("s3://{bucket}/{prefix}"),
+            )
+        };
+        Ok(Self { store, base })
     }
 
     /// The store's URL.

@@ -180,7 +180,7 @@ def test_a_killed_worker_loses_no_request_and_its_replica_moves(multi):
                 np.testing.assert_array_equal(out, expected)
                 answers[0] += 1
             except Exception as e:  # every failure is a finding
-                failures.append(repr(e))
+                failures.append(f"{type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
