@@ -203,6 +203,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<Cell>> {
         gateway: GatewayConfig::default(),
         lease_ttl: Duration::from_secs(10),
         training_limits: Default::default(),
+        worker_memory_bytes: 0,
     })
     .await?;
     let channel = Channel::from_shared(format!("http://{}", cluster.addr))?

@@ -65,6 +65,7 @@ pub async fn run(
                     adapter: "simulated".into(),
                     loaded: Vec::new(),
                     started_unix_ms: now_unix_ms(),
+                    memory_bytes: 0,
                 },
                 lease,
             )

@@ -107,6 +107,8 @@ pub struct WorkerArgs {
     pub device: DeviceChoice,
     /// Write the bound address here.
     pub addr_file: Option<PathBuf>,
+    /// Bytes of model weights it may hold (0: no limit).
+    pub memory_bytes: u64,
 }
 
 /// Run a worker until `shutdown`.
@@ -125,6 +127,7 @@ pub async fn worker(
         device: args.device,
         advertise: Some(advertise),
         lease_ttl: cluster.lease_ttl,
+        memory_bytes: args.memory_bytes,
     };
     let deps = WorkerDeps {
         registry: c.registry,

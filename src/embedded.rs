@@ -42,6 +42,9 @@ pub struct UpConfig {
     pub lease_ttl: Duration,
     /// Caps on what one training job or upload may ask for.
     pub training_limits: kiln_registry::training::TrainingLimits,
+    /// Bytes of model weights each worker may hold (0: no limit; the least recently used
+    /// versions give way).
+    pub worker_memory_bytes: u64,
 }
 
 /// A running embedded cluster.
@@ -126,6 +129,7 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
             device: config.device.clone(),
             advertise: None,
             lease_ttl: config.lease_ttl,
+            memory_bytes: config.worker_memory_bytes,
         };
         let deps = WorkerDeps {
             registry: registry.clone(),

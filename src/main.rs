@@ -73,6 +73,10 @@ enum Command {
         /// Device: auto, cpu, wgpu, wgpu:N, or wgpu:cpu.
         #[arg(long, env = "KILN_DEVICE", default_value = "auto")]
         device: DeviceChoice,
+        /// MiB of model weights this worker may hold (0: no limit); when full, the least
+        /// recently used versions give way.
+        #[arg(long, env = "KILN_MODEL_MEMORY_MIB", default_value_t = 0)]
+        model_memory_mib: u64,
         /// Write the bound address to this file once listening (for scripts).
         #[arg(long)]
         addr_file: Option<PathBuf>,
@@ -276,6 +280,10 @@ struct UpArgs {
     addr_file: Option<PathBuf>,
     #[command(flatten)]
     limits: LimitFlags,
+    /// MiB of model weights each worker may hold (0: no limit); when full, the least
+    /// recently used versions give way.
+    #[arg(long, env = "KILN_MODEL_MEMORY_MIB", default_value_t = 0)]
+    model_memory_mib: u64,
 }
 
 #[derive(Subcommand)]
@@ -461,6 +469,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         },
         lease_ttl: Duration::from_secs(10),
         training_limits: args.limits.limits()?,
+        worker_memory_bytes: args.model_memory_mib.saturating_mul(1024 * 1024),
     };
     let cluster = embedded::start(config).await?;
     let addr = cluster.addr;
@@ -524,13 +533,14 @@ async fn main() -> std::process::ExitCode {
                 };
                 kiln::cluster::scheduler(cluster.config(), args, shutdown_signal()).await
             }
-            Command::Worker { cluster, id, listen, advertise, device, addr_file } => {
+            Command::Worker { cluster, id, listen, advertise, device, model_memory_mib, addr_file } => {
                 let args = kiln::cluster::WorkerArgs {
                     id: id.unwrap_or_else(|| kiln::cluster::default_id("worker")),
                     listen,
                     advertise,
                     device,
                     addr_file,
+                    memory_bytes: model_memory_mib.saturating_mul(1024 * 1024),
                 };
                 kiln::cluster::worker(cluster.config(), args, shutdown_signal()).await
             }

@@ -29,6 +29,7 @@ fn config(dir: &Path) -> UpConfig {
         gateway: GatewayConfig::default(),
         lease_ttl: Duration::from_secs(10),
         training_limits: Default::default(),
+        worker_memory_bytes: 0,
     }
 }
 
@@ -441,5 +442,82 @@ async fn cluster_status_lists_workers_and_where_each_version_serves() {
         .await
         .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::NotFound, "{bad:?}");
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_worker_gives_way_to_a_new_version_by_evicting_the_least_recently_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = embedded::demo_spec();
+    let size = MlpWeights::seeded(&spec, 1)
+        .to_safetensors(&spec)
+        .unwrap()
+        .len() as u64;
+    let cluster = embedded::start(UpConfig {
+        workers: 1,
+        // Room for two versions of this size, not three.
+        worker_memory_bytes: 2 * size + size / 2,
+        // Renewals every second: the worker reports use quickly.
+        lease_ttl: Duration::from_secs(3),
+        ..config(dir.path())
+    })
+    .await
+    .unwrap();
+    let (mut oip, mut models) = clients(cluster.addr).await;
+    wait_ready(&mut oip, embedded::DEMO_MODEL, "1").await;
+    let created = |name: &str, seed| {
+        create_request(
+            name,
+            &spec,
+            &MlpWeights::seeded(&embedded::demo_spec(), seed),
+        )
+    };
+    models.create_model(created("a-older", 1)).await.unwrap();
+    wait_ready(&mut oip, "a-older", "1").await;
+    // The demo model is used after "a-older" was created: it is the more recent of the two.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    infer(&mut oip, embedded::DEMO_MODEL, "", vec![vec![0.5; 10]])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // A third version arrives; one must go: "a-older", though it sorts first by name and
+    // the demo model was created before it.
+    models.create_model(created("z-newest", 2)).await.unwrap();
+    wait_ready(&mut oip, "z-newest", "1").await;
+    let channel = Channel::from_shared(format!("http://{}", cluster.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut status_client = kiln_proto::kiln::v1::cluster_client::ClusterClient::new(channel);
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let s = status_client
+            .get_cluster_status(pb::GetClusterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        held = s.workers[0]
+            .versions
+            .iter()
+            .map(|v| v.model.clone())
+            .collect::<Vec<_>>();
+        held.sort();
+        if held.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        held,
+        vec![embedded::DEMO_MODEL.to_owned(), "z-newest".to_owned()]
+    );
+    let evicted = infer(&mut oip, "a-older", "", vec![vec![0.5; 10]])
+        .await
+        .unwrap_err();
+    assert_eq!(evicted.code(), tonic::Code::Unavailable, "{evicted:?}");
+    infer(&mut oip, embedded::DEMO_MODEL, "", vec![vec![0.5; 10]])
+        .await
+        .unwrap();
     cluster.stop().await.unwrap();
 }

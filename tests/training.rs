@@ -32,6 +32,7 @@ async fn start(dir: &std::path::Path) -> (embedded::Embedded, Channel) {
             max_rows: 50_000,
             max_upload_bytes: 4 * 1024 * 1024,
         },
+        worker_memory_bytes: 0,
     })
     .await
     .unwrap();

@@ -125,6 +125,9 @@ pub struct LoadedRecord {
     /// Why it failed, if it did.
     #[serde(default)]
     pub reason: String,
+    /// When it last served a request (to the second; 0: never), for LRU eviction.
+    #[serde(default)]
+    pub last_used_unix_ms: u64,
 }
 
 /// `workers/<id>`, bound to the worker's lease.
@@ -145,6 +148,10 @@ pub struct WorkerRecord {
     pub loaded: Vec<LoadedRecord>,
     /// Start time.
     pub started_unix_ms: u64,
+    /// Bytes of model weights it may hold (0: no limit); the placement controller keeps
+    /// its placement under it, evicting the least recently used versions.
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 impl WorkerRecord {

@@ -6,11 +6,23 @@ use std::collections::{BTreeMap, BTreeSet};
 use kiln_registry::records::{DeviceClass, PlacementRecord, SCHEMA, VersionKey};
 use kiln_registry::{ClusterView, Registry, WatchedView};
 
-use crate::plan::{Want, plan_placements};
+use crate::plan::{Want, plan_placements_within};
 
 /// What the controller would write for this view.
+///
+/// Versions are planned most recently used first — recency is the latest request any
+/// worker reports for the version, or its creation if that is later (a new version counts
+/// as just used) — so that on workers with a memory limit the least recently used versions
+/// are the ones that lose their place.
 pub fn desired_placements(view: &ClusterView) -> BTreeMap<String, BTreeSet<VersionKey>> {
     let workers: Vec<String> = view.workers.keys().cloned().collect();
+    let mut last_used: BTreeMap<&VersionKey, u64> = BTreeMap::new();
+    for w in view.workers.values() {
+        for l in &w.loaded {
+            let t = last_used.entry(&l.key).or_default();
+            *t = (*t).max(l.last_used_unix_ms);
+        }
+    }
     let mut wants = Vec::new();
     for (name, entry) in &view.models {
         let deployment = view.deployment(name);
@@ -25,19 +37,37 @@ pub fn desired_placements(view: &ClusterView) -> BTreeMap<String, BTreeSet<Versi
                 .collect()
         });
         for version in entry.versions.values() {
-            wants.push(Want {
-                key: version.key(),
-                replicas: deployment.replicas,
-                eligible: eligible.clone(),
-            });
+            let key = version.key();
+            let recency = last_used
+                .get(&key)
+                .copied()
+                .unwrap_or(0)
+                .max(version.created_unix_ms);
+            wants.push((
+                recency,
+                Want {
+                    key,
+                    replicas: deployment.replicas,
+                    eligible: eligible.clone(),
+                    bytes: version.artifact.size,
+                },
+            ));
         }
     }
+    // Most recent first; equal times in key order, so the plan is stable.
+    wants.sort_by(|(ra, a), (rb, b)| rb.cmp(ra).then_with(|| a.key.cmp(&b.key)));
+    let wants: Vec<Want<VersionKey>> = wants.into_iter().map(|(_, w)| w).collect();
+    let capacity: BTreeMap<String, u64> = view
+        .workers
+        .values()
+        .map(|w| (w.id.clone(), w.memory_bytes))
+        .collect();
     let current: BTreeMap<String, BTreeSet<VersionKey>> = view
         .placements
         .iter()
         .map(|(w, p)| (w.clone(), p.versions.iter().cloned().collect()))
         .collect();
-    plan_placements(&workers, &wants, &current)
+    plan_placements_within(&workers, &capacity, &wants, &current)
 }
 
 /// Run the controller until `shutdown` resolves.

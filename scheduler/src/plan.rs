@@ -11,6 +11,8 @@ pub struct Want<K> {
     pub replicas: Option<u32>,
     /// The workers that may hold it; None: any.
     pub eligible: Option<BTreeSet<String>>,
+    /// Bytes it takes on a worker (its weights), counted against worker capacities.
+    pub bytes: u64,
 }
 
 /// Decide which workers hold which versions.
@@ -26,6 +28,30 @@ pub fn plan_placements<K: Ord + Clone>(
     wants: &[Want<K>],
     current: &BTreeMap<String, BTreeSet<K>>,
 ) -> BTreeMap<String, BTreeSet<K>> {
+    plan_placements_within(workers, &BTreeMap::new(), wants, current)
+}
+
+/// [`plan_placements`] on workers with a capacity in bytes (absent or 0: no limit). A
+/// version goes only where it fits, so when memory runs short the versions planned last
+/// lose their replicas: give `wants` most recently used first, and the least recently used
+/// are the ones evicted.
+pub fn plan_placements_within<K: Ord + Clone>(
+    workers: &[String],
+    capacity: &BTreeMap<String, u64>,
+    wants: &[Want<K>],
+    current: &BTreeMap<String, BTreeSet<K>>,
+) -> BTreeMap<String, BTreeSet<K>> {
+    let limit: Vec<u64> = workers
+        .iter()
+        .map(|w| {
+            capacity
+                .get(w)
+                .copied()
+                .filter(|c| *c > 0)
+                .unwrap_or(u64::MAX)
+        })
+        .collect();
+    let mut used = vec![0u64; workers.len()];
     // Who holds what now, by worker index in `workers` order.
     let mut held_by: BTreeMap<&K, Vec<usize>> = BTreeMap::new();
     for (i, w) in workers.iter().enumerate() {
@@ -41,11 +67,12 @@ pub fn plan_placements<K: Ord + Clone>(
         .map(|(i, w)| (0, w.as_str(), i))
         .collect();
     for want in wants {
-        let eligible = |i: usize| {
+        let allowed = |i: usize| {
             want.eligible
                 .as_ref()
                 .is_none_or(|e| e.contains(&workers[i]))
         };
+        let fits = |i: usize, used: &[u64]| used[i].saturating_add(want.bytes) <= limit[i];
         let count = match &want.eligible {
             None => workers.len(),
             Some(e) => workers.iter().filter(|w| e.contains(*w)).count(),
@@ -56,19 +83,20 @@ pub fn plan_placements<K: Ord + Clone>(
             .into_iter()
             .flatten()
             .copied()
-            .filter(|i| eligible(*i))
+            .filter(|i| allowed(*i) && fits(*i, &used))
             .take(n)
             .collect();
         if chosen.len() < n {
             let more: Vec<usize> = by_load
                 .iter()
                 .map(|(_, _, i)| *i)
-                .filter(|i| eligible(*i) && !chosen.contains(i))
+                .filter(|i| allowed(*i) && fits(*i, &used) && !chosen.contains(i))
                 .take(n - chosen.len())
                 .collect();
             chosen.extend(more);
         }
         for i in chosen {
+            used[i] = used[i].saturating_add(want.bytes);
             let load = plan[i].len();
             by_load.remove(&(load, workers[i].as_str(), i));
             plan[i].insert(want.key.clone());
@@ -114,11 +142,13 @@ mod tests {
                     key: "a",
                     replicas: None,
                     eligible: None,
+                    bytes: 0,
                 },
                 Want {
                     key: "b",
                     replicas: None,
                     eligible: None,
+                    bytes: 0,
                 },
             ],
             &BTreeMap::new(),
@@ -134,16 +164,19 @@ mod tests {
                 key: "a",
                 replicas: Some(2),
                 eligible: None,
+                bytes: 0,
             },
             Want {
                 key: "b",
                 replicas: Some(2),
                 eligible: None,
+                bytes: 0,
             },
             Want {
                 key: "c",
                 replicas: Some(1),
                 eligible: None,
+                bytes: 0,
             },
         ];
         let plan = plan_placements(&workers(3), &wants, &BTreeMap::new());
@@ -160,6 +193,7 @@ mod tests {
                 key: "a",
                 replicas: Some(1),
                 eligible: None,
+                bytes: 0,
             }],
             &current,
         );
@@ -177,11 +211,13 @@ mod tests {
                     key: "g",
                     replicas: None,
                     eligible: Some(gpu.clone()),
+                    bytes: 0,
                 },
                 Want {
                     key: "one",
                     replicas: Some(1),
                     eligible: Some(gpu),
+                    bytes: 0,
                 },
             ],
             &BTreeMap::new(),
@@ -202,6 +238,7 @@ mod tests {
                 key: "g",
                 replicas: Some(1),
                 eligible: Some(BTreeSet::new()),
+                bytes: 0,
             }],
             &BTreeMap::new(),
         );
@@ -267,6 +304,7 @@ mod tests {
                             .cloned()
                             .collect()
                     }),
+                    bytes: 0,
                 })
                 .collect();
             let current: BTreeMap<String, BTreeSet<u32>> = workers
@@ -285,6 +323,35 @@ mod tests {
     }
 
     #[test]
+    fn a_full_worker_keeps_the_recently_used_and_drops_the_rest() {
+        // Wants come most recently used first: "hot", then "warm", then "cold".
+        let want = |key: &'static str, bytes| Want {
+            key,
+            replicas: None,
+            eligible: None,
+            bytes,
+        };
+        let capacity = BTreeMap::from([("w0".to_owned(), 100), ("w1".to_owned(), 0)]);
+        let held = BTreeMap::from([
+            ("w0".to_owned(), BTreeSet::from(["cold", "warm"])),
+            ("w1".to_owned(), BTreeSet::from(["cold", "warm"])),
+        ]);
+        let plan = plan_placements_within(
+            &workers(2),
+            &capacity,
+            &[want("hot", 40), want("warm", 40), want("cold", 40)],
+            &held,
+        );
+        // w0 holds 100 bytes: the two most recent fit; the least recent is evicted there.
+        assert_eq!(plan["w0"], BTreeSet::from(["hot", "warm"]));
+        // w1 has no limit.
+        assert_eq!(plan["w1"], BTreeSet::from(["hot", "warm", "cold"]));
+        // A version larger than any worker's room is placed nowhere it does not fit.
+        let plan = plan_placements_within(&workers(2), &capacity, &[want("huge", 101)], &held);
+        assert!(plan["w0"].is_empty() && plan["w1"].contains("huge"));
+    }
+
+    #[test]
     fn more_replicas_than_workers_means_all_workers() {
         let plan = plan_placements(
             &workers(2),
@@ -292,6 +359,7 @@ mod tests {
                 key: 1,
                 replicas: Some(5),
                 eligible: None,
+                bytes: 0,
             }],
             &BTreeMap::new(),
         );
@@ -303,6 +371,7 @@ mod tests {
                     key: 1,
                     replicas: None,
                     eligible: None,
+                    bytes: 0,
                 }],
                 &BTreeMap::new()
             )

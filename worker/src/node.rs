@@ -43,6 +43,8 @@ pub struct WorkerConfig {
     pub advertise: Option<String>,
     /// Lifetime of the worker's registration without keep-alive.
     pub lease_ttl: Duration,
+    /// Bytes of model weights this worker may hold (0: no limit).
+    pub memory_bytes: u64,
 }
 
 /// What a worker needs from the rest of the cluster.
@@ -82,6 +84,10 @@ struct State {
     report: Notify,
     /// The record as last written, so that renewals without news write nothing.
     written: Mutex<Option<WorkerRecord>>,
+    /// When each version last served a request.
+    last_used: Mutex<HashMap<VersionKey, u64>>,
+    /// Bytes of weights this worker may hold (0: no limit).
+    memory_bytes: u64,
 }
 
 /// Run a worker on `listener` until `shutdown` resolves, then drain: deregister (revoke the
@@ -122,6 +128,8 @@ pub async fn serve(
         runs: Mutex::new(Vec::new()),
         report: Notify::new(),
         written: Mutex::new(None),
+        last_used: Mutex::new(HashMap::new()),
+        memory_bytes: config.memory_bytes,
     });
 
     register(&state, config.lease_ttl).await?;
@@ -193,8 +201,20 @@ fn record(state: &State) -> WorkerRecord {
         address: state.address.clone(),
         backend: state.backend.to_owned(),
         adapter: state.adapter.clone(),
-        loaded: lock(&state.loaded).values().cloned().collect(),
+        loaded: {
+            let used = lock(&state.last_used);
+            lock(&state.loaded)
+                .values()
+                .cloned()
+                .map(|mut l| {
+                    // To the second: a busy model changes its record once per renewal at most.
+                    l.last_used_unix_ms = used.get(&l.key).map_or(0, |ms| ms / 1000 * 1000);
+                    l
+                })
+                .collect()
+        },
         started_unix_ms: state.started_unix_ms,
+        memory_bytes: state.memory_bytes,
     }
 }
 
@@ -323,6 +343,7 @@ fn set_loaded(state: &State, key: &VersionKey, load: LoadState, reason: String) 
             key: key.clone(),
             state: load,
             reason,
+            last_used_unix_ms: 0,
         },
     );
     state.report.notify_one();
@@ -602,6 +623,7 @@ impl Worker for WorkerService {
             .into());
         }
         let reply = batcher.infer(req.features, rows, deadline).await?;
+        lock(&self.state.last_used).insert(key, now_unix_ms());
         Ok(Response::new(pb::InferResponse {
             rows: req.rows,
             cols: reply.cols as u32,
