@@ -86,6 +86,29 @@ fn advertised(advertise: Option<String>, bound: SocketAddr, flag: &str) -> anyho
     }
 }
 
+/// Serve `render` at `http://addr/metrics`; the task runs until aborted.
+async fn serve_metrics(
+    addr: SocketAddr,
+    render: kiln_proto::metrics::Render,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot serve metrics on {addr} (--metrics-addr)"))?;
+    tracing::info!(%addr, "metrics at /metrics");
+    Ok(tokio::spawn(kiln_proto::metrics::serve(listener, render)))
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
 /// A process id: the flag, else the host name (a pod's name on Kubernetes), else the pid.
 pub fn default_id(kind: &str) -> String {
     std::env::var("HOSTNAME")
@@ -109,6 +132,8 @@ pub struct WorkerArgs {
     pub addr_file: Option<PathBuf>,
     /// Bytes of model weights it may hold (0: no limit).
     pub memory_bytes: u64,
+    /// Serve Prometheus metrics here.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Run a worker until `shutdown`.
@@ -128,6 +153,7 @@ pub async fn worker(
         advertise: Some(advertise),
         lease_ttl: cluster.lease_ttl,
         memory_bytes: args.memory_bytes,
+        metrics_addr: args.metrics_addr,
     };
     let deps = WorkerDeps {
         registry: c.registry,
@@ -145,6 +171,8 @@ pub struct GatewayArgs {
     pub config: GatewayConfig,
     /// Write the bound address here.
     pub addr_file: Option<PathBuf>,
+    /// Serve Prometheus metrics here.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Run a gateway until `shutdown`: it routes from its watched view of the cluster and
@@ -162,12 +190,25 @@ pub async fn gateway(
         training: TrainingRoute::Leader,
         ..args.config
     };
+    let stats: Arc<kiln_gateway::stats::Stats> = Default::default();
+    let metrics = match args.metrics_addr {
+        Some(addr) => {
+            let s = stats.clone();
+            Some(serve_metrics(addr, Arc::new(move || s.prometheus())).await?)
+        }
+        None => None,
+    };
     let deps = GatewayDeps {
         registry: c.registry,
         view,
         artifacts: c.artifacts,
+        stats,
     };
-    kiln_gateway::serve(config, listener, deps, shutdown).await?;
+    let served = kiln_gateway::serve(config, listener, deps, shutdown).await;
+    if let Some(m) = metrics {
+        m.abort();
+    }
+    served?;
     Ok(())
 }
 
@@ -183,6 +224,8 @@ pub struct SchedulerArgs {
     pub limits: TrainingLimits,
     /// Write the bound address here.
     pub addr_file: Option<PathBuf>,
+    /// Serve Prometheus metrics here.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Run a scheduler until `shutdown`: it serves health and `kiln.v1.Training` at once, and
@@ -201,6 +244,30 @@ pub async fn scheduler(
     let advertise = advertised(args.advertise, listener.local_addr()?, "--advertise")?;
 
     let slot: CoordinatorSlot = Arc::new(std::sync::RwLock::new(None));
+    let metrics = match args.metrics_addr {
+        Some(addr) => {
+            let slot = slot.clone();
+            Some(
+                serve_metrics(
+                    addr,
+                    Arc::new(move || {
+                        let coordinator = slot.read().unwrap_or_else(|p| p.into_inner()).clone();
+                        format!(
+                            "# HELP kiln_scheduler_leader Whether this scheduler leads the cluster.\n\
+                             # TYPE kiln_scheduler_leader gauge\nkiln_scheduler_leader {}\n\
+                             # HELP kiln_scheduler_training_jobs_running Training jobs this scheduler runs.\n\
+                             # TYPE kiln_scheduler_training_jobs_running gauge\nkiln_scheduler_training_jobs_running {}\n",
+                            u8::from(coordinator.is_some()),
+                            coordinator.map_or(0, |c| c.running_jobs())
+                        )
+                    }),
+                )
+                .await?,
+            )
+        }
+        None => None,
+    };
+    let _metrics = AbortOnDrop(metrics);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_not_serving::<kiln_proto::kiln::v1::training_server::TrainingServer<TrainingService>>()

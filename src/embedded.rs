@@ -130,6 +130,7 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
             advertise: None,
             lease_ttl: config.lease_ttl,
             memory_bytes: config.worker_memory_bytes,
+            metrics_addr: None,
         };
         let deps = WorkerDeps {
             registry: registry.clone(),
@@ -186,6 +187,7 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
         registry: registry.clone(),
         view,
         artifacts,
+        stats: Default::default(),
     };
     let gateway = tokio::spawn(kiln_gateway::serve(
         gateway_config,

@@ -215,6 +215,9 @@ struct ClusterFlags {
     /// long a dead process keeps its place.
     #[arg(long, env = "KILN_LEASE_TTL_SECS", default_value_t = 10)]
     lease_ttl_secs: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    #[arg(long, env = "KILN_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl ClusterFlags {
@@ -530,6 +533,7 @@ async fn main() -> std::process::ExitCode {
                     advertise,
                     limits: limits.limits()?,
                     addr_file,
+                    metrics_addr: cluster.metrics_addr,
                 };
                 kiln::cluster::scheduler(cluster.config(), args, shutdown_signal()).await
             }
@@ -541,6 +545,7 @@ async fn main() -> std::process::ExitCode {
                     device,
                     addr_file,
                     memory_bytes: model_memory_mib.saturating_mul(1024 * 1024),
+                    metrics_addr: cluster.metrics_addr,
                 };
                 kiln::cluster::worker(cluster.config(), args, shutdown_signal()).await
             }
@@ -556,6 +561,7 @@ async fn main() -> std::process::ExitCode {
                         ..GatewayConfig::default()
                     },
                     addr_file,
+                    metrics_addr: cluster.metrics_addr,
                 };
                 kiln::cluster::gateway(cluster.config(), args, shutdown_signal()).await
             }

@@ -78,6 +78,8 @@ pub struct GatewayDeps {
     pub view: WatchedView,
     /// Where weights are stored.
     pub artifacts: ArtifactStore,
+    /// Request statistics (ModelStatistics, and Prometheus through [`stats::Stats::prometheus`]).
+    pub stats: Arc<stats::Stats>,
 }
 
 pub(crate) struct Shared {
@@ -85,7 +87,7 @@ pub(crate) struct Shared {
     view: WatchedView,
     artifacts: ArtifactStore,
     router: router::Router,
-    stats: stats::Stats,
+    stats: Arc<stats::Stats>,
     config: GatewayConfig,
     /// False once shutdown begins, so ServerReady turns false before the drain.
     ready: AtomicBool,
@@ -131,7 +133,7 @@ pub async fn serve(
         registry: deps.registry,
         view: deps.view,
         artifacts: deps.artifacts,
-        stats: stats::Stats::default(),
+        stats: deps.stats,
         config: config.clone(),
         ready: AtomicBool::new(true),
     });

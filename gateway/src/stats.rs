@@ -114,3 +114,77 @@ impl Stats {
         }
     }
 }
+
+/// A metric family: name, type, help, and the labelled values of one version.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&VersionStats) -> Vec<(&'static str, f64)>,
+);
+
+impl Stats {
+    /// Every version's counters in the Prometheus text format.
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write;
+        let map = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut keys: Vec<&VersionKey> = map.keys().collect();
+        keys.sort();
+        let mut out = String::new();
+        let families: [Family; 4] = [
+            (
+                "kiln_gateway_requests_total",
+                "counter",
+                "Inference requests answered, by model version and outcome.",
+                |v| {
+                    vec![
+                        ("success", v.success.count as f64),
+                        ("failure", v.fail.count as f64),
+                    ]
+                },
+            ),
+            (
+                "kiln_gateway_request_seconds_total",
+                "counter",
+                "Time spent answering requests, end to end, by outcome.",
+                |v| {
+                    vec![
+                        ("success", v.success.ns as f64 / 1e9),
+                        ("failure", v.fail.ns as f64 / 1e9),
+                    ]
+                },
+            ),
+            (
+                "kiln_gateway_queue_seconds_total",
+                "counter",
+                "Time successful requests waited in a worker's batcher.",
+                |v| vec![("", v.queue.ns as f64 / 1e9)],
+            ),
+            (
+                "kiln_gateway_rows_total",
+                "counter",
+                "Rows inferred by successful requests.",
+                |v| vec![("", v.inference_count as f64)],
+            ),
+        ];
+        for (name, kind, help, values) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for key in &keys {
+                for (outcome, value) in values(&map[*key]) {
+                    let outcome = if outcome.is_empty() {
+                        String::new()
+                    } else {
+                        format!(",outcome=\"{outcome}\"")
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{name}{{model=\"{}\",version=\"{}\"{outcome}}} {value}",
+                        kiln_proto::metrics::label(&key.model),
+                        key.version
+                    );
+                }
+            }
+        }
+        out
+    }
+}

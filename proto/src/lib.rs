@@ -93,3 +93,75 @@ pub mod net {
         })
     }
 }
+
+/// The Prometheus scrape endpoint every process can serve on its own port: `GET /metrics`
+/// answers the text exposition format; anything else is 404. A deliberately small HTTP/1.1
+/// responder — one request per connection — since a scraper is all that calls it.
+pub mod metrics {
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Renders the current metrics as Prometheus text.
+    pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+    /// Serve `render` at `/metrics` on `listener` until the task is dropped.
+    pub async fn serve(listener: TcpListener, render: Render) {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                continue;
+            };
+            let render = render.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::with_capacity(1024);
+                let mut buf = [0u8; 1024];
+                // Read the request head (bounded), up to the blank line.
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                    match tokio::time::timeout(
+                        std::time::Duration::from_secs(5),
+                        socket.read(&mut buf),
+                    )
+                    .await
+                    {
+                        Ok(Ok(n)) if n > 0 => request.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let line = request.split(|b| *b == b'\n').next().unwrap_or_default();
+                let line = String::from_utf8_lossy(line);
+                let mut parts = line.split_whitespace();
+                let (method, path) = (parts.next(), parts.next());
+                let path = path.map(|p| p.split('?').next().unwrap_or(p));
+                let (status, body, kind) = if method == Some("GET") && path == Some("/metrics") {
+                    (
+                        "200 OK",
+                        render(),
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )
+                } else {
+                    (
+                        "404 Not Found",
+                        "only GET /metrics is served here\n".to_owned(),
+                        "text/plain",
+                    )
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(body.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    }
+
+    /// Escape a label value for the text format.
+    pub fn label(value: &str) -> String {
+        value
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    }
+}

@@ -274,6 +274,11 @@ impl TrainingCoordinator {
         tokio::spawn(async move { me.run(job, spec, cancelled).await });
     }
 
+    /// Jobs this coordinator runs now.
+    pub fn running_jobs(&self) -> usize {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Stop every running job because this scheduler stops: the runs end, and their records
     /// stay as they are, so that the next scheduler to lead goes on with them.
     pub fn stop_all(&self) {

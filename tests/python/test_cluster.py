@@ -112,10 +112,12 @@ def ready_holders(multi, model, version):
 def multi(tmp_path_factory):
     m = Multi(tmp_path_factory.mktemp("cluster"))
     try:
-        m.start("scheduler-1", "scheduler", "--id", "s1")
+        m.metrics = {name: f"127.0.0.1:{free_port()}" for name in ("scheduler", "w0", "gateway")}
+        m.start("scheduler-1", "scheduler", "--id", "s1", "--metrics-addr", m.metrics["scheduler"])
         for i in range(3):
-            m.start(f"w{i}", "worker", "--id", f"w{i}", "--device", DEVICE)
-        m.gateway = m.start("gateway-1", "gateway")
+            extra = ["--metrics-addr", m.metrics["w0"]] if i == 0 else []
+            m.start(f"w{i}", "worker", "--id", f"w{i}", "--device", DEVICE, *extra)
+        m.gateway = m.start("gateway-1", "gateway", "--metrics-addr", m.metrics["gateway"])
         yield m
     finally:
         m.stop()
@@ -162,6 +164,31 @@ def test_tritonclient_infers_and_etcd_holds_the_documented_keys(multi, tmp_path)
     (m1,) = [v for v in status["versions"] if v["model"] == "m"]
     assert (m1["state"], len(m1["ready_on"]), sorted(m1["placed_on"])) == \
         ("READY", 2, sorted(m1["ready_on"]))
+
+
+def scrape(addr):
+    """The samples at http://addr/metrics, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+    import urllib.request
+    text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_each_process_serves_prometheus_metrics(multi):
+    key = ("kiln_gateway_requests_total", (("model", "m"), ("outcome", "success"), ("version", "1")))
+    before = scrape(multi.metrics["gateway"]).get(key, 0)
+    x = np.ones((1, 10), np.float32)
+    for _ in range(17):
+        infer(multi.gateway, x)
+    after = scrape(multi.metrics["gateway"])
+    assert after[key] - before == 17
+    assert after[("kiln_gateway_rows_total", (("model", "m"), ("version", "1")))] >= 17
+    worker = scrape(multi.metrics["w0"])
+    assert worker[("kiln_worker_registered", ())] == 1
+    assert worker[("kiln_worker_versions", (("state", "READY"),))] >= 0
+    scheduler = scrape(multi.metrics["scheduler"])
+    assert scheduler[("kiln_scheduler_leader", ())] == 1
 
 
 def test_a_killed_worker_loses_no_request_and_its_replica_moves(multi):

@@ -45,6 +45,8 @@ pub struct WorkerConfig {
     pub lease_ttl: Duration,
     /// Bytes of model weights this worker may hold (0: no limit).
     pub memory_bytes: u64,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (None: not served).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// What a worker needs from the rest of the cluster.
@@ -132,6 +134,19 @@ pub async fn serve(
         memory_bytes: config.memory_bytes,
     });
 
+    let metrics = match config.metrics_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Invalid(format!("cannot serve metrics on {addr}: {e}")))?;
+            let s = state.clone();
+            Some(tokio::spawn(kiln_proto::metrics::serve(
+                listener,
+                Arc::new(move || prometheus(&s)),
+            )))
+        }
+        None => None,
+    };
     register(&state, config.lease_ttl).await?;
     let background = [
         tokio::spawn(keep_registered(state.clone(), config.lease_ttl)),
@@ -185,11 +200,65 @@ pub async fn serve(
             Ok(())
         }
     };
-    for task in background {
+    for task in background.into_iter().chain(metrics) {
         task.abort();
     }
     deregister(&state).await;
     result.map_err(|e| Error::Device(format!("worker server: {e}")))
+}
+
+/// The worker's metrics in the Prometheus text format.
+fn prometheus(state: &State) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let registered = u8::from(lock(&state.lease).is_some());
+    let _ = writeln!(
+        out,
+        "# HELP kiln_worker_registered Whether the worker holds a live registration (1) or takes no work (0).\n# TYPE kiln_worker_registered gauge\nkiln_worker_registered {registered}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP kiln_worker_memory_limit_bytes Bytes of model weights the worker may hold (0: no limit).\n# TYPE kiln_worker_memory_limit_bytes gauge\nkiln_worker_memory_limit_bytes {}",
+        state.memory_bytes
+    );
+    let loaded: Vec<LoadedRecord> = lock(&state.loaded).values().cloned().collect();
+    let _ = writeln!(
+        out,
+        "# HELP kiln_worker_versions Model versions on this worker, by state.\n# TYPE kiln_worker_versions gauge"
+    );
+    for (name, s) in [
+        ("LOADING", LoadState::Loading),
+        ("READY", LoadState::Ready),
+        ("FAILED", LoadState::Failed),
+    ] {
+        let n = loaded.iter().filter(|l| l.state == s).count();
+        let _ = writeln!(out, "kiln_worker_versions{{state=\"{name}\"}} {n}");
+    }
+    let served = state.served.read().unwrap_or_else(|p| p.into_inner());
+    let _ = writeln!(
+        out,
+        "# HELP kiln_worker_queue_depth Requests waiting in a version's batcher.\n# TYPE kiln_worker_queue_depth gauge"
+    );
+    let mut keys: Vec<&VersionKey> = served.keys().collect();
+    keys.sort();
+    for key in keys {
+        let _ = writeln!(
+            out,
+            "kiln_worker_queue_depth{{model=\"{}\",version=\"{}\"}} {}",
+            kiln_proto::metrics::label(&key.model),
+            key.version,
+            served[key].batcher.queue_depth()
+        );
+    }
+    let runs = lock(&state.runs)
+        .iter()
+        .filter(|r| r.strong_count() > 0)
+        .count();
+    let _ = writeln!(
+        out,
+        "# HELP kiln_worker_training_runs Training runs in progress on this worker.\n# TYPE kiln_worker_training_runs gauge\nkiln_worker_training_runs {runs}"
+    );
+    out
 }
 
 // === registration ===
