@@ -153,13 +153,17 @@ pub async fn models_alias(
     name: &str,
     alias: &str,
     version: u64,
+    canary: Option<(u64, f64)>,
 ) -> anyhow::Result<pb::Alias> {
     let mut client = ModelsClient::new(channel(addr).await?);
+    let (canary_version, canary_weight) = canary.unwrap_or((0, 0.0));
     Ok(client
         .set_alias(pb::SetAliasRequest {
             name: name.into(),
             alias: alias.into(),
             version,
+            canary_version,
+            canary_weight,
         })
         .await
         .map_err(status)?

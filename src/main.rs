@@ -428,6 +428,12 @@ enum ModelsCommand {
         alias: String,
         /// Version number.
         version: u64,
+        /// Send part of the alias's requests to this version (a canary).
+        #[arg(long, requires = "canary_weight")]
+        canary: Option<u64>,
+        /// The canary's share of requests, between 0 and 1 (e.g. 0.1).
+        #[arg(long, requires = "canary")]
+        canary_weight: Option<f64>,
         /// Gateway address.
         #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
         addr: String,
@@ -649,9 +655,14 @@ async fn main() -> std::process::ExitCode {
                     kiln::say!("{}: {replicas} of each version, on {class} workers", d.model);
                     Ok(())
                 }
-                ModelsCommand::Alias { model, alias, version, addr } => {
-                    let a = client::models_alias(&addr, &model, &alias, version).await?;
-                    kiln::say!("{}:{} -> version {}", a.model, a.alias, a.version);
+                ModelsCommand::Alias { model, alias, version, canary, canary_weight, addr } => {
+                    let canary = canary.zip(canary_weight);
+                    let a = client::models_alias(&addr, &model, &alias, version, canary).await?;
+                    if a.canary_version > 0 {
+                        kiln::say!("{}:{} -> version {} ({:.1}% to version {})", a.model, a.alias, a.version, a.canary_weight * 100.0, a.canary_version);
+                    } else {
+                        kiln::say!("{}:{} -> version {}", a.model, a.alias, a.version);
+                    }
                     Ok(())
                 }
             },

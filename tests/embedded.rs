@@ -177,6 +177,7 @@ async fn imported_weights_are_served_exactly_and_aliases_resolve() {
             name: "linear".into(),
             alias: "production".into(),
             version: 1,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -195,6 +196,38 @@ async fn imported_weights_are_served_exactly_and_aliases_resolve() {
     assert_eq!(
         infer(&mut oip, "linear", "2", x.clone()).await.unwrap(),
         vec![6.25, 4.5]
+    );
+
+    // A canary: production stays on version 1 and sends 10% of its requests to version 2.
+    let canary = |version, weight| pb::SetAliasRequest {
+        name: "linear".into(),
+        alias: "production".into(),
+        version: 1,
+        canary_version: version,
+        canary_weight: weight,
+    };
+    let set = models.set_alias(canary(2, 0.1)).await.unwrap().into_inner();
+    assert_eq!((set.canary_version, set.canary_weight), (2, 0.1));
+    let (mut on_canary, mut requests) = (0, 0);
+    while requests < 2000 {
+        let out = infer(&mut oip, "linear", "", x.clone()).await.unwrap();
+        on_canary += usize::from(out == vec![6.25, 4.5]);
+        requests += 1;
+    }
+    assert!((140..=260).contains(&on_canary), "{on_canary} of 2000");
+    for (bad, code) in [
+        (canary(2, 1.5), tonic::Code::InvalidArgument),
+        (canary(2, 0.0), tonic::Code::InvalidArgument),
+        (canary(9, 0.1), tonic::Code::NotFound),
+        (canary(1, 0.1), tonic::Code::InvalidArgument),
+    ] {
+        let err = models.set_alias(bad.clone()).await.unwrap_err();
+        assert_eq!(err.code(), code, "{bad:?}: {err:?}");
+    }
+    models.set_alias(canary(0, 0.0)).await.unwrap();
+    assert_eq!(
+        infer(&mut oip, "linear", "", x.clone()).await.unwrap(),
+        vec![3.25, 2.0]
     );
 
     // Errors carry the right codes.

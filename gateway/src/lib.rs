@@ -88,6 +88,8 @@ pub(crate) struct Shared {
     artifacts: ArtifactStore,
     router: router::Router,
     stats: Arc<stats::Stats>,
+    /// One ticket per inference request: how canary aliases split traffic exactly.
+    tickets: std::sync::atomic::AtomicU64,
     config: GatewayConfig,
     /// False once shutdown begins, so ServerReady turns false before the drain.
     ready: AtomicBool,
@@ -134,6 +136,7 @@ pub async fn serve(
         view: deps.view,
         artifacts: deps.artifacts,
         stats: deps.stats,
+        tickets: std::sync::atomic::AtomicU64::new(0),
         config: config.clone(),
         ready: AtomicBool::new(true),
     });

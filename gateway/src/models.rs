@@ -135,6 +135,8 @@ impl Models for ModelsService {
                             model: a.model.clone(),
                             alias: a.alias.clone(),
                             version: a.version,
+                            canary_version: a.canary.map_or(0, |c| c.version),
+                            canary_weight: a.canary.map_or(0.0, |c| c.weight),
                         })
                         .collect(),
                     created_unix_ms: r.created_unix_ms,
@@ -183,16 +185,27 @@ impl Models for ModelsService {
     ) -> Result<Response<pb::Alias>, Status> {
         let req = request.into_inner();
         validate_name("name", &req.name).map_err(Error::from)?;
+        let canary = match (req.canary_version, req.canary_weight) {
+            (0, 0.0) => None,
+            (0, _) => {
+                return Err(Status::invalid_argument(
+                    "canary_weight is set but canary_version is not",
+                ));
+            }
+            (version, weight) => Some(kiln_registry::records::Canary { version, weight }),
+        };
         let alias = self
             .shared
             .registry
-            .set_alias(&req.name, &req.alias, req.version)
+            .set_alias_with_canary(&req.name, &req.alias, req.version, canary)
             .await
             .map_err(Error::from)?;
         Ok(Response::new(pb::Alias {
             model: alias.model,
             alias: alias.alias,
             version: alias.version,
+            canary_version: alias.canary.map_or(0, |c| c.version),
+            canary_weight: alias.canary.map_or(0.0, |c| c.weight),
         }))
     }
 

@@ -70,7 +70,10 @@ impl Shared {
             return Err(Error::Invalid("model_name is empty".into()));
         }
         let view = self.view.current();
-        let (entry, version) = view.resolve(&req.model_name, &req.model_version)?;
+        let ticket = self
+            .tickets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (entry, version) = view.resolve_request(&req.model_name, &req.model_version, ticket)?;
         let key = version.key();
         let signature = &entry.record.signature;
         let batching = view.deployment(&key.model).batching;

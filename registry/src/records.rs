@@ -101,6 +101,27 @@ pub struct AliasRecord {
     pub alias: String,
     /// The version it names.
     pub version: u64,
+    /// A canary: this share of the alias's requests goes to another version.
+    #[serde(default)]
+    pub canary: Option<Canary>,
+}
+
+/// Part of an alias's traffic sent to another version.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Canary {
+    /// The version that gets the share.
+    pub version: u64,
+    /// The share of requests, in (0, 1).
+    pub weight: f64,
+}
+
+impl Canary {
+    /// Whether request number `ticket` (a counter, one per request) goes to the canary.
+    /// Over any run of consecutive tickets the canary gets its share to within one request.
+    pub fn takes(&self, ticket: u64) -> bool {
+        let at = |t: u64| (t as f64 * self.weight).floor();
+        at(ticket.wrapping_add(1)) > at(ticket)
+    }
 }
 
 /// Serving state of a version on one worker.
@@ -326,4 +347,24 @@ pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_canary_takes_its_share_of_any_run_of_requests() {
+        let canary = Canary {
+            version: 2,
+            weight: 0.1,
+        };
+        for start in [0u64, 7, 1_000_003] {
+            let taken = (start..start + 1000).filter(|t| canary.takes(*t)).count();
+            assert!((99..=101).contains(&taken), "{taken} from {start}");
+        }
+        // Spread out, not in a burst: no two canary requests in a row at 10%.
+        let picks: Vec<u64> = (0..100).filter(|t| canary.takes(*t)).collect();
+        assert!(picks.windows(2).all(|w| w[1] - w[0] >= 9), "{picks:?}");
+    }
 }

@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 
 use crate::kv::{Expect, KvStore, LeaseId};
 use crate::records::{
-    AliasRecord, ArtifactRef, DeploymentRecord, LeaderRecord, ModelRecord, PlacementRecord, SCHEMA,
-    VersionRecord, WorkerRecord, keys, now_unix_ms,
+    AliasRecord, ArtifactRef, Canary, DeploymentRecord, LeaderRecord, ModelRecord, PlacementRecord,
+    SCHEMA, VersionRecord, WorkerRecord, keys, now_unix_ms,
 };
 use crate::spec::{ModelSpec, Signature, validate_name};
 use crate::training::{DatasetRecord, JobRecord};
@@ -215,7 +215,43 @@ impl Registry {
 
     /// Point `alias` of `model` at `version` (which must exist).
     pub async fn set_alias(&self, model: &str, alias: &str, version: u64) -> Result<AliasRecord> {
+        self.set_alias_with_canary(model, alias, version, None)
+            .await
+    }
+
+    /// Point `alias` at `version`, sending `canary.weight` of its requests to
+    /// `canary.version` (both must exist; the weight must be in (0, 1)).
+    pub async fn set_alias_with_canary(
+        &self,
+        model: &str,
+        alias: &str,
+        version: u64,
+        canary: Option<Canary>,
+    ) -> Result<AliasRecord> {
         validate_name("alias", alias)?;
+        if let Some(c) = canary {
+            if !(c.weight > 0.0 && c.weight < 1.0) {
+                return Err(Error::Invalid(format!(
+                    "canary_weight must be between 0 and 1 (exclusive), got {}",
+                    c.weight
+                )));
+            }
+            if c.version == version {
+                return Err(Error::Invalid(format!(
+                    "canary_version {} is the alias's own version",
+                    c.version
+                )));
+            }
+            if self
+                .read::<VersionRecord>(&keys::version(model, c.version))
+                .await?
+                .is_none()
+            {
+                return Err(Error::NotFound {
+                    what: format!("canary version {} of model {model:?}", c.version),
+                });
+            }
+        }
         if alias.chars().all(|c| c.is_ascii_digit()) {
             return Err(Error::Invalid(format!(
                 "alias {alias:?} is all digits and would read as a version number"
@@ -235,6 +271,7 @@ impl Registry {
             model: model.to_owned(),
             alias: alias.to_owned(),
             version,
+            canary,
         };
         self.write(&keys::alias(model, alias), &record, None)
             .await?;

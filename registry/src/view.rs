@@ -106,6 +106,29 @@ impl ClusterView {
         Ok(view)
     }
 
+    /// [`resolve`](Self::resolve) for one request: when the alias it goes through has a
+    /// canary, request number `ticket` may go to the canary version instead.
+    pub fn resolve_request(
+        &self,
+        name: &str,
+        selector: &str,
+        ticket: u64,
+    ) -> Result<(&ModelEntry, &VersionRecord)> {
+        let (entry, version) = self.resolve(name, selector)?;
+        let alias = if selector.is_empty() {
+            entry.aliases.get(DEFAULT_ALIAS)
+        } else {
+            entry.aliases.get(selector)
+        };
+        if let Some(canary) = alias.and_then(|a| a.canary)
+            && canary.takes(ticket)
+            && let Some(v) = entry.versions.get(&canary.version)
+        {
+            return Ok((entry, v));
+        }
+        Ok((entry, version))
+    }
+
     /// Resolve a model name and a version selector: empty means the `production` alias,
     /// else the latest version; digits name a version; anything else is an alias.
     pub fn resolve(&self, name: &str, selector: &str) -> Result<(&ModelEntry, &VersionRecord)> {
