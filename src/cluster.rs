@@ -272,10 +272,7 @@ pub async fn scheduler(
     health
         .set_not_serving::<kiln_proto::kiln::v1::training_server::TrainingServer<TrainingService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = kiln_proto::reflection()?;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let stop_server = {
         let mut rx = stop_rx.clone();

@@ -144,11 +144,8 @@ pub async fn serve(
     health_reporter
         .set_serving::<GrpcInferenceServiceServer<oip::InferenceService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the descriptor set is generated at build time and always valid");
+    let reflection = kiln_proto::reflection()
+        .expect("the descriptor sets are generated at build time and always valid");
     let inference = GrpcInferenceServiceServer::new(oip::InferenceService {
         shared: shared.clone(),
     })

@@ -453,16 +453,12 @@ impl Registry {
             .map(|_| ())
     }
 
-    /// Write a worker's placement, unless it already says exactly that.
-    pub async fn put_placement(&self, record: &PlacementRecord) -> Result<bool> {
-        let key = keys::placement(&record.worker);
-        if let Some((current, _)) = self.read::<PlacementRecord>(&key).await?
-            && &current == record
-        {
-            return Ok(false);
-        }
-        self.write(&key, record, None).await?;
-        Ok(true)
+    /// Write a worker's placement. (The controller writes only placements that differ
+    /// from its watched view, so there is no read-before-write here.)
+    pub async fn put_placement(&self, record: &PlacementRecord) -> Result<()> {
+        self.write(&keys::placement(&record.worker), record, None)
+            .await
+            .map(|_| ())
     }
 
     /// Read a worker's placement (empty if none).

@@ -439,7 +439,7 @@ impl TrainingCoordinator {
         let mut spec = req
             .spec
             .ok_or_else(|| Status::invalid_argument("spec is missing"))?;
-        let train = self
+        let (train, train_stored) = self
             .rows("data", spec.data.take(), &spec.dataset_id)
             .await?
             .ok_or_else(|| {
@@ -447,16 +447,18 @@ impl TrainingCoordinator {
                     "spec.data is missing: give rows inline or an uploaded spec.dataset_id",
                 )
             })?;
-        let validation = self
+        let (validation, validation_stored) = self
             .rows(
                 "validation_data",
                 spec.validation_data.take(),
                 &spec.validation_dataset_id,
             )
-            .await?;
-        let test = self
+            .await?
+            .unzip();
+        let (test, test_stored) = self
             .rows("test_data", spec.test_data.take(), &spec.test_dataset_id)
-            .await?;
+            .await?
+            .unzip();
         let (submission, model_spec) = self.check(
             spec,
             Rows {
@@ -465,13 +467,14 @@ impl TrainingCoordinator {
                 test,
             },
         )?;
-        let data = self.store_rows(&submission.data).await?;
+        // Uploaded datasets are in the artifact store already; inline rows go there now.
+        let data = self.stored(&submission.data, train_stored).await?;
         let validation_data = match &submission.validation {
-            Some(v) => Some(self.store_rows(v).await?),
+            Some(v) => Some(self.stored(v, validation_stored.flatten()).await?),
             None => None,
         };
         let test_data = match &submission.test {
-            Some(t) => Some(self.store_rows(t).await?),
+            Some(t) => Some(self.stored(t, test_stored.flatten()).await?),
             None => None,
         };
         let created = now_unix_ms();
@@ -509,13 +512,14 @@ impl TrainingCoordinator {
         Ok(job_to_proto(&job))
     }
 
-    /// One set of rows of a job: inline, or an uploaded dataset by id, or none.
+    /// One set of rows of a job: inline, or an uploaded dataset by id (with its artifact),
+    /// or none.
     async fn rows(
         &self,
         field: &str,
         inline: Option<pb::InlineData>,
         dataset_id: &str,
-    ) -> Result<Option<Dataset>, Status> {
+    ) -> Result<Option<(Dataset, Option<ArtifactRef>)>, Status> {
         let id_field = match field {
             "data" => "dataset_id".to_owned(),
             other => format!("{}_dataset_id", other.trim_end_matches("_data")),
@@ -524,11 +528,14 @@ impl TrainingCoordinator {
             (Some(_), false) => Err(Status::invalid_argument(format!(
                 "spec.{field} and spec.{id_field} are both set; give one"
             ))),
-            (Some(inline), true) => Ok(Some(Dataset {
-                features: inline.features,
-                labels: inline.labels,
-                rows: inline.rows as usize,
-            })),
+            (Some(inline), true) => Ok(Some((
+                Dataset {
+                    features: inline.features,
+                    labels: inline.labels,
+                    rows: inline.rows as usize,
+                },
+                None,
+            ))),
             (None, true) => Ok(None),
             (None, false) => {
                 let record = self
@@ -543,17 +550,28 @@ impl TrainingCoordinator {
                     })?;
                 let bytes = self.artifacts.get(&record.artifact).await.map_err(status)?;
                 let (features, labels, rows) = decode_dataset(&bytes).map_err(status)?;
-                Ok(Some(Dataset {
-                    features,
-                    labels,
-                    rows,
-                }))
+                Ok(Some((
+                    Dataset {
+                        features,
+                        labels,
+                        rows,
+                    },
+                    Some(record.artifact),
+                )))
             }
         }
     }
 
-    /// Rows into the artifact store, in the format workers read.
-    async fn store_rows(&self, rows: &Dataset) -> Result<ArtifactRef, Status> {
+    /// The artifact of some rows: the one they came from, or a new one in the format
+    /// workers read.
+    async fn stored(
+        &self,
+        rows: &Dataset,
+        from: Option<ArtifactRef>,
+    ) -> Result<ArtifactRef, Status> {
+        if let Some(artifact) = from {
+            return Ok(artifact);
+        }
         let bytes = encode_dataset(&rows.features, &rows.labels, rows.rows).map_err(status)?;
         self.artifacts.put(Bytes::from(bytes)).await.map_err(status)
     }

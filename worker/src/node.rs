@@ -171,10 +171,8 @@ pub async fn serve(
         // Leave the routing table first, so no new work arrives while draining.
         deregister(&stop_state).await;
     };
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Invalid(format!("reflection: {e}")))?;
+    let reflection =
+        kiln_proto::reflection().map_err(|e| Error::Invalid(format!("reflection: {e}")))?;
     // In-flight calls get DRAIN to finish once shutdown begins; then the server stops.
     let (draining_tx, draining) = tokio::sync::oneshot::channel::<()>();
     let on_shutdown = async move {
