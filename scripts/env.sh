@@ -31,3 +31,25 @@ kiln_system_deps() {
     command -v etcdctl >/dev/null 2>&1 || pkgs+=(etcd-client)
     kiln_apt_install "${pkgs[@]}"
 }
+
+# Triton's Performance Analyzer, for the perf_analyzer test and the serving benchmark. The
+# binary ships inside the tritonclient 2.51.0 wheel (later wheels need a newer glibc); it
+# links libb64 (Debian) and the CUDA runtime library (PyPI), which it loads even on a
+# machine without a GPU. Installed in a virtualenv of its own (the client tests use a newer
+# tritonclient), with a wrapper that finds the library. Sets KILN_PERF_ANALYZER.
+export KILN_PA_VENV="${KILN_PA_VENV:-/var/tmp/kiln-pa-venv}"
+kiln_perf_analyzer() {
+    kiln_apt_install libb64-0d
+    local wrapper="$KILN_PA_VENV/bin/kiln-perf-analyzer"
+    if [ ! -x "$wrapper" ]; then
+        [ -x "$KILN_PA_VENV/bin/pip" ] || python3 -m venv "$KILN_PA_VENV"
+        "$KILN_PA_VENV/bin/pip" install -q --disable-pip-version-check \
+            'tritonclient==2.51.0' 'nvidia-cuda-runtime-cu12>=12,<13'
+        local lib
+        lib="$("$KILN_PA_VENV/bin/python" -c 'import nvidia.cuda_runtime, os; print(os.path.join(list(nvidia.cuda_runtime.__path__)[0], "lib"))')"
+        printf '#!/bin/sh\nLD_LIBRARY_PATH="%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "%s" "$@"\n' \
+            "$lib" "$KILN_PA_VENV/bin/perf_analyzer" > "$wrapper"
+        chmod +x "$wrapper"
+    fi
+    export KILN_PERF_ANALYZER="$wrapper"
+}

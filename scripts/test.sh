@@ -14,6 +14,7 @@ cargo build --bin kiln
 cargo test --workspace --all-targets
 
 echo "== Python client tests (venv: $KILN_VENV)"
+kiln_perf_analyzer
 if [ ! -x "$KILN_VENV/bin/pytest" ]; then
     python3 -m venv "$KILN_VENV"
 fi

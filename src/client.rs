@@ -176,6 +176,7 @@ pub async fn models_deploy(
     name: &str,
     replicas: u32,
     device: &str,
+    shard_rows: u32,
 ) -> anyhow::Result<pb::Deployment> {
     let device = match device {
         "any" => pb::DeviceClass::Any,
@@ -189,6 +190,7 @@ pub async fn models_deploy(
             name: name.into(),
             replicas,
             device: device as i32,
+            shard_rows,
         })
         .await
         .map_err(status)?

@@ -1,10 +1,12 @@
 //! The `kiln` binary's library: the embedded cluster ([`embedded`]) that `kiln up` runs,
 //! the cluster-mode processes ([`cluster`]),
-//! the client commands ([`client`]) and the benchmark ([`bench`]). Cluster tests in `tests/` drive both.
+//! the client commands ([`client`]) and the benchmarks ([`bench`], and [`bench_floor`], the
+//! canned-answer server Kiln is measured against). Cluster tests in `tests/` drive both.
 
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_floor;
 pub mod bench_placement;
 pub mod client;
 pub mod cluster;

@@ -143,6 +143,9 @@ enum Command {
         /// Override the seed.
         #[arg(long)]
         seed: Option<u64>,
+        /// Train on this many workers at once (synchronous data parallelism).
+        #[arg(long)]
+        workers: Option<u32>,
         /// Idempotency key: resubmitting with the same key returns the same job.
         #[arg(long)]
         key: Option<String>,
@@ -162,6 +165,50 @@ enum Command {
     Jobs {
         #[command(subcommand)]
         command: JobsCommand,
+    },
+    /// Drive ModelInfer on any Open Inference Protocol server (Kiln, Triton, MLServer, the
+    /// floor) with one closed-loop client; prints one JSON line per cell.
+    BenchOip {
+        /// The server's gRPC address.
+        #[arg(long, default_value = "127.0.0.1:8001")]
+        addr: String,
+        /// The model to call.
+        #[arg(long)]
+        model: String,
+        /// Its input tensor's name.
+        #[arg(long, default_value = "input")]
+        input: String,
+        /// FP32 features per row.
+        #[arg(long, default_value_t = 10)]
+        width: usize,
+        /// Concurrent callers, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        concurrency: Vec<usize>,
+        /// Rows per request, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,32")]
+        batch: Vec<usize>,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// A bare OIP server that answers every ModelInfer with a canned response (the floor
+    /// Kiln is measured against; see bench/serving).
+    BenchFloor {
+        /// Address to listen on.
+        #[arg(long, env = "KILN_FLOOR_ADDR", default_value = "127.0.0.1:8011")]
+        listen: std::net::SocketAddr,
+        /// The model name it answers to.
+        #[arg(long, default_value = "mlp")]
+        model: String,
+        /// FP32 features per row.
+        #[arg(long, default_value_t = 10)]
+        inputs: usize,
+        /// FP32 outputs per row.
+        #[arg(long, default_value_t = 1)]
+        outputs: usize,
+        /// The max_batch_size its ModelConfig reports.
+        #[arg(long, default_value_t = 64)]
+        max_batch_size: i32,
     },
     /// Time the placement controller on a simulated cluster (in-memory registry): one full
     /// reconcile pass, and the reaction to one worker's loss.
@@ -416,6 +463,10 @@ enum ModelsCommand {
         /// Which workers may hold it: gpu (wgpu backend), cpu, or any.
         #[arg(long, default_value = "any")]
         device: String,
+        /// Split requests with more rows than this across the ready replicas (0: the
+        /// model's max_batch_size).
+        #[arg(long, default_value_t = 0)]
+        shard_rows: u32,
         /// Gateway address.
         #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
         addr: String,
@@ -523,6 +574,35 @@ async fn main() -> std::process::ExitCode {
     let result: anyhow::Result<()> = async {
         match cli.command {
             Command::Up(args) => up(args).await,
+            Command::BenchOip { addr, model, input, width, concurrency, batch, seconds } => {
+                anyhow::ensure!(seconds > 0, "--seconds must be at least 1");
+                anyhow::ensure!(width > 0, "--width must be at least 1");
+                anyhow::ensure!(
+                    concurrency.iter().chain(&batch).all(|n| (1..=4096).contains(n)),
+                    "--concurrency and --batch take values from 1 to 4096"
+                );
+                let load = kiln::bench::OipLoad {
+                    addr,
+                    model,
+                    input,
+                    width,
+                    concurrency,
+                    batch,
+                    duration: std::time::Duration::from_secs(seconds),
+                };
+                kiln::bench::run_oip(load).await?;
+                Ok(())
+            }
+            Command::BenchFloor { listen, model, inputs, outputs, max_batch_size } => {
+                let listener = tokio::net::TcpListener::bind(listen).await?;
+                kiln::say!("floor server on {}", listener.local_addr()?);
+                let config = kiln::bench_floor::FloorConfig { model, inputs, outputs, max_batch_size };
+                kiln::bench_floor::serve(config, listener, async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?;
+                Ok(())
+            }
             Command::BenchPlacement { workers, versions, replicas } => {
                 let report = kiln::bench_placement::run(workers, versions, replicas).await?;
                 kiln::say!("{}", report.markdown().trim_end());
@@ -590,8 +670,8 @@ async fn main() -> std::process::ExitCode {
                 }
                 Ok(())
             }
-            Command::Train { file, epochs, batch_size, learning_rate, model, seed, key, detach, addr } => {
-                let overrides = kiln::train::Overrides { epochs, batch_size, learning_rate, model_name: model, seed };
+            Command::Train { file, epochs, batch_size, learning_rate, model, seed, workers, key, detach, addr } => {
+                let overrides = kiln::train::Overrides { epochs, batch_size, learning_rate, workers, model_name: model, seed };
                 kiln::say!("{}", kiln::train::train(&addr, &file, &overrides, key, detach).await?);
                 Ok(())
             }
@@ -644,8 +724,8 @@ async fn main() -> std::process::ExitCode {
                     kiln::say!("wrote {} version {} to {} ({} bytes, sha256 {})", v.model, v.version, output.display(), v.size_bytes, v.sha256);
                     Ok(())
                 }
-                ModelsCommand::Deploy { model, replicas, device, addr } => {
-                    let d = client::models_deploy(&addr, &model, replicas, &device).await?;
+                ModelsCommand::Deploy { model, replicas, device, shard_rows, addr } => {
+                    let d = client::models_deploy(&addr, &model, replicas, &device, shard_rows).await?;
                     let replicas = if d.replicas == 0 { "every eligible worker".to_owned() } else { format!("{} replicas", d.replicas) };
                     let class = match kiln_proto::kiln::v1::DeviceClass::try_from(d.device) {
                         Ok(kiln_proto::kiln::v1::DeviceClass::Gpu) => "gpu",

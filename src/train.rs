@@ -147,6 +147,9 @@ pub struct JobFile {
     /// Rows the result is measured on once, at the end.
     #[serde(default)]
     pub test_data: Option<DataSource>,
+    /// Workers that train together (data parallelism); default 1.
+    #[serde(default)]
+    pub workers: u32,
 }
 
 /// Flags that override the job file.
@@ -158,6 +161,8 @@ pub struct Overrides {
     pub batch_size: Option<u32>,
     /// `--learning-rate`.
     pub learning_rate: Option<f64>,
+    /// `--workers`.
+    pub workers: Option<u32>,
     /// `--model`.
     pub model_name: Option<String>,
     /// `--seed`.
@@ -319,6 +324,7 @@ pub fn job_spec(file: JobFile, base: &Path, o: &Overrides) -> anyhow::Result<pb:
         validation_dataset_id,
         test_data,
         test_dataset_id,
+        workers: o.workers.unwrap_or(file.workers),
     })
 }
 
@@ -692,6 +698,13 @@ pub async fn show(addr: &str, id: &str, json: bool) -> anyhow::Result<String> {
             "stopped_early": j.stopped_early,
             "best_epoch": j.best_epoch,
             "checkpoint_epoch": j.checkpoint_epoch,
+            "workers": j.workers,
+            "data_parallel": j.data_parallel.map(|d| serde_json::json!({
+                "workers": d.workers,
+                "steps": d.steps,
+                "mean_step_ms": d.mean_step_ms,
+                "mean_communication_ms": d.mean_communication_ms,
+            })),
             "test": j.test.map(|t| serde_json::json!({
                 "loss": t.loss,
                 "accuracy": t.accuracy,
@@ -717,6 +730,12 @@ pub async fn show(addr: &str, id: &str, json: bool) -> anyhow::Result<String> {
     );
     if j.result_version > 0 {
         out.push_str(&format!("  version: {}\n", j.result_version));
+    }
+    if let Some(d) = &j.data_parallel {
+        out.push_str(&format!(
+            "  data parallel: {} workers, {} steps, {:.2} ms a step ({:.2} ms communication)\n",
+            d.workers, d.steps, d.mean_step_ms, d.mean_communication_ms
+        ));
     }
     if !j.reason.is_empty() {
         out.push_str(&format!("  reason: {}\n", j.reason));

@@ -406,6 +406,7 @@ async fn cluster_status_lists_workers_and_where_each_version_serves() {
             name: embedded::DEMO_MODEL.into(),
             replicas: 1,
             device: pb::DeviceClass::Cpu as i32,
+            shard_rows: 0,
         })
         .await
         .unwrap();
@@ -449,6 +450,7 @@ async fn cluster_status_lists_workers_and_where_each_version_serves() {
             name: embedded::DEMO_MODEL.into(),
             replicas: 0,
             device: pb::DeviceClass::Gpu as i32,
+            shard_rows: 0,
         })
         .await
         .unwrap();
@@ -471,6 +473,7 @@ async fn cluster_status_lists_workers_and_where_each_version_serves() {
             name: "nope".into(),
             replicas: 1,
             device: 0,
+            shard_rows: 0,
         })
         .await
         .unwrap_err();
@@ -552,5 +555,115 @@ async fn a_full_worker_gives_way_to_a_new_version_by_evicting_the_least_recently
     infer(&mut oip, embedded::DEMO_MODEL, "", vec![vec![0.5; 10]])
         .await
         .unwrap();
+    cluster.stop().await.unwrap();
+}
+
+/// The raw FP32 output of one request, as bits.
+fn output_bits(response: &kiln_proto::inference::ModelInferResponse) -> Vec<u32> {
+    if let Some(raw) = response.raw_output_contents.first() {
+        return raw
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+    }
+    response.outputs[0]
+        .contents
+        .as_ref()
+        .unwrap()
+        .fp32_contents
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_above_the_shard_threshold_is_split_across_replicas_and_answers_the_same_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = embedded::start(UpConfig {
+        workers: 3,
+        ..config(dir.path())
+    })
+    .await
+    .unwrap();
+    let (mut oip, _) = clients(cluster.addr).await;
+    wait_ready(&mut oip, embedded::DEMO_MODEL, "1").await;
+    // Wait for all three replicas, so the split really goes three ways.
+    let channel = Channel::from_shared(format!("http://{}", cluster.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut status = kiln_proto::kiln::v1::cluster_client::ClusterClient::new(channel);
+    for attempt in 0.. {
+        let s = status
+            .get_cluster_status(pb::GetClusterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.versions.iter().any(|v| v.ready_on.len() == 3) {
+            break;
+        }
+        assert!(attempt < 400, "three replicas never became ready: {s:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // 8,191 rows: above the threshold (max_batch_size 64), split 2731/2730/2730 — shard
+    // edges that fall inside the 64-row passes an unsplit request would make.
+    let rows = 8191usize;
+    let features: Vec<f32> = (0..rows * 10)
+        .map(|i| ((i * 7919 % 1013) as f32 / 101.3) - 5.0)
+        .collect();
+    let request = ModelInferRequest {
+        model_name: embedded::DEMO_MODEL.into(),
+        inputs: vec![fp32_input("input", rows, features.clone())],
+        ..Default::default()
+    };
+    let sharded = oip.model_infer(request.clone()).await.unwrap().into_inner();
+    assert_eq!(sharded.outputs[0].shape, vec![rows as i64, 1]);
+    let sharded = output_bits(&sharded);
+    assert_eq!(sharded.len(), rows);
+
+    // The unsharded answer: the same rows in requests of 50, each below the threshold.
+    let mut unsharded = Vec::with_capacity(rows);
+    for (i, chunk) in features.chunks(50 * 10).enumerate() {
+        let n = chunk.len() / 10;
+        let answer = oip
+            .model_infer(ModelInferRequest {
+                model_name: embedded::DEMO_MODEL.into(),
+                inputs: vec![fp32_input("input", n, chunk.to_vec())],
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("chunk {i}: {e}"))
+            .into_inner();
+        unsharded.extend(output_bits(&answer));
+    }
+    let first_difference = sharded.iter().zip(&unsharded).position(|(a, b)| a != b);
+    assert_eq!(
+        first_difference, None,
+        "sharded and unsharded answers differ"
+    );
+
+    // ModelStreamInfer shards the same way and answers the same bits.
+    let mut stream = oip
+        .model_stream_infer(futures::stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let streamed = stream.message().await.unwrap().unwrap();
+    assert_eq!(streamed.error_message, "");
+    assert_eq!(output_bits(&streamed.infer_response.unwrap()), sharded);
+
+    // Above max_batch_size × max_queue_size rows the request is refused, naming both.
+    let too_many = 64 * 1024 + 1;
+    let e = oip
+        .model_infer(ModelInferRequest {
+            model_name: embedded::DEMO_MODEL.into(),
+            inputs: vec![fp32_input("input", too_many, vec![0.0; too_many * 10])],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("max_batch_size 64"), "{}", e.message());
     cluster.stop().await.unwrap();
 }

@@ -19,9 +19,13 @@ use kiln_worker::DeviceChoice;
 use tonic::transport::Channel;
 
 async fn start(dir: &std::path::Path) -> (embedded::Embedded, Channel) {
+    start_with(dir, 2).await
+}
+
+async fn start_with(dir: &std::path::Path, workers: usize) -> (embedded::Embedded, Channel) {
     let cluster = embedded::start(UpConfig {
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        workers: 2,
+        workers,
         data_dir: dir.to_path_buf(),
         device: DeviceChoice::Cpu,
         gateway: GatewayConfig::default(),
@@ -677,5 +681,119 @@ async fn uploaded_datasets_keep_their_sha256_and_train_jobs() {
             .datasets
             .is_empty()
     );
+    cluster.stop().await.unwrap();
+}
+
+/// Submit a job and follow it to its end; the job as recorded then.
+async fn run_job(
+    training: &mut TrainingClient<Channel>,
+    spec: pb::TrainingJobSpec,
+) -> pb::TrainingJob {
+    let id = training
+        .submit_training_job(pb::SubmitTrainingJobRequest {
+            spec: Some(spec),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let mut events = training
+        .watch_training_job(pb::WatchTrainingJobRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(e) = events.message().await.unwrap() {
+        if let Event::Failed(reason) = e.event.unwrap() {
+            panic!("{id} failed: {reason}");
+        }
+    }
+    training
+        .get_training_job(pb::GetTrainingJobRequest { id })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_on_two_or_three_workers_trains_the_weights_of_one() {
+    use kiln_proto::kiln::v1::models_client::ModelsClient;
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, channel) = start_with(dir.path(), 3).await;
+    let mut training = TrainingClient::new(channel.clone());
+    let mut models = ModelsClient::new(channel);
+    // 517 rows, 20% held out: 414 training rows in batches of 24, the last of 6; batches
+    // of 24 split 12/12 and 8/8/8, the last 3/3 and 2/2/2, never the same as one worker's.
+    let (features, labels) = sum_above_five(517, 21);
+    let mut results = Vec::new();
+    for workers in [1u32, 2, 3] {
+        let name = format!("parallel{workers}");
+        let mut spec = job(&name, 6, 24, features.clone(), labels.clone());
+        spec.workers = workers;
+        let done = run_job(&mut training, spec).await;
+        assert_eq!(done.state, pb::JobState::Succeeded as i32, "{done:?}");
+        assert_eq!(done.workers, workers);
+        let mut ran_on: Vec<&str> = done.worker.split(',').collect();
+        ran_on.sort_unstable();
+        ran_on.dedup();
+        assert_eq!(ran_on.len(), workers as usize, "ran on {:?}", done.worker);
+        if workers > 1 {
+            let stats = done.data_parallel.unwrap();
+            assert_eq!(stats.workers, workers);
+            // 18 steps an epoch; the stats cover the run up to its last epoch.
+            assert!(stats.steps >= 18 * 5, "{stats:?}");
+            assert!(stats.mean_step_ms > 0.0 && stats.mean_communication_ms >= 0.0);
+        }
+        let exported = models
+            .export_weights(pb::ExportWeightsRequest {
+                name: name.clone(),
+                version: done.result_version.to_string(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let spec = kiln_registry::spec::ModelSpec::Mlp(kiln_registry::spec::MlpSpec {
+            input_width: 10,
+            hidden: vec![16],
+            activation: kiln_registry::spec::Activation::Relu,
+            output_width: 1,
+            task: kiln_registry::spec::Task::BinaryClassification,
+        });
+        let weights =
+            kiln_registry::MlpWeights::from_safetensors(&spec, &exported.safetensors).unwrap();
+        let accuracy = done.history.last().unwrap().validation_accuracy.unwrap();
+        results.push((weights, accuracy));
+    }
+    let (single, single_accuracy) = &results[0];
+    assert!(
+        *single_accuracy > 0.7,
+        "the job learned nothing: {single_accuracy}"
+    );
+    for (workers, (weights, accuracy)) in [2, 3].iter().zip(&results[1..]) {
+        assert_eq!(accuracy, single_accuracy, "{workers} workers");
+        for (a, b) in weights.layers.iter().zip(&single.layers) {
+            for (x, y) in a
+                .weight
+                .iter()
+                .chain(&a.bias)
+                .zip(b.weight.iter().chain(&b.bias))
+            {
+                assert!((x - y).abs() < 1e-4, "{workers} workers: {x} vs {y}");
+            }
+        }
+    }
+
+    // More workers than a run may have is refused before anything runs.
+    let mut spec = job("too-wide", 1, 24, features, labels);
+    spec.workers = 65;
+    let e = training
+        .submit_training_job(pb::SubmitTrainingJobRequest {
+            spec: Some(spec),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("spec.workers"), "{}", e.message());
     cluster.stop().await.unwrap();
 }

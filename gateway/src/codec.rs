@@ -96,8 +96,10 @@ pub struct InputSpec<'a> {
     pub name: &'a str,
     /// Features per row.
     pub width: usize,
-    /// Most rows per request.
+    /// Most rows per forward pass (the batcher's `max_batch_size`), named in errors.
     pub max_batch: usize,
+    /// Most rows per request: larger ones than `max_batch` are split.
+    pub max_rows: usize,
 }
 
 /// A decoded input: rows of little-endian FP32 features.
@@ -192,10 +194,10 @@ pub fn decode_input(
             input.shape, spec.width
         ));
     }
-    if rows == 0 || rows > spec.max_batch {
+    if rows == 0 || rows > spec.max_rows {
         return err(format!(
-            "input {name:?}: batch size {rows} is outside 1..={} (max_batch_size)",
-            spec.max_batch
+            "input {name:?}: batch size {rows} is outside 1..={} (max_batch_size {} × max_queue_size: larger batches are split across replicas and passes)",
+            spec.max_rows, spec.max_batch
         ));
     }
     let bytes = if raw {
@@ -480,6 +482,7 @@ mod tests {
         name: "input",
         width: 2,
         max_batch: 8,
+        max_rows: 16,
     };
 
     fn typed(datatype: &str, shape: Vec<i64>, contents: InferTensorContents) -> ModelInferRequest {
@@ -736,13 +739,13 @@ mod tests {
                 "batch too big",
                 typed(
                     "FP32",
-                    vec![9, 2],
+                    vec![17, 2],
                     InferTensorContents {
-                        fp32_contents: vec![0.0; 18],
+                        fp32_contents: vec![0.0; 34],
                         ..Default::default()
                     },
                 ),
-                "max_batch_size",
+                "outside 1..=16 (max_batch_size 8",
             ),
             (
                 "inexact int64",

@@ -233,12 +233,19 @@ impl Models for ModelsService {
                 )));
             }
         };
+        if req.shard_rows > 1 << 20 {
+            return Err(Status::invalid_argument(format!(
+                "shard_rows must be between 0 (the model's max_batch_size) and 1048576, got {}",
+                req.shard_rows
+            )));
+        }
         let registry = &self.shared.registry;
         // The model must exist; its deployment may not yet.
         registry.get_model(&req.name).await.map_err(Error::from)?;
         let mut deployment = registry.deployment(&req.name).await.map_err(Error::from)?;
         deployment.replicas = (req.replicas > 0).then_some(req.replicas);
         deployment.device = device;
+        deployment.shard_rows = (req.shard_rows > 0).then_some(req.shard_rows);
         registry
             .set_deployment(&deployment)
             .await
@@ -248,6 +255,7 @@ impl Models for ModelsService {
             replicas: deployment.replicas.unwrap_or(0),
             device: req.device,
             loaded: deployment.loaded,
+            shard_rows: deployment.shard_rows.unwrap_or(0),
         }))
     }
 }

@@ -14,6 +14,7 @@ use kiln_registry::records::{LoadState, VersionKey};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::codec::{InputSpec, check_requested_outputs, decode_input, encode_output};
+use crate::router::Sharding;
 use crate::stats::Success;
 use crate::{Error, Result, Shared};
 
@@ -76,7 +77,8 @@ impl Shared {
         let (entry, version) = view.resolve_request(&req.model_name, &req.model_version, ticket)?;
         let key = version.key();
         let signature = &entry.record.signature;
-        let batching = view.deployment(&key.model).batching;
+        let deployment = view.deployment(&key.model);
+        let batching = deployment.batching;
         let result = async {
             check_requested_outputs(&req, &signature.output_name)?;
             let features = decode_input(
@@ -85,11 +87,20 @@ impl Shared {
                     name: &signature.input_name,
                     width: entry.record.spec.input_width(),
                     max_batch: batching.max_batch_size as usize,
+                    max_rows: batching.max_batch_size as usize
+                        * batching.max_queue_size.max(1) as usize,
                 },
             )?;
+            let sharding = Sharding {
+                threshold: deployment
+                    .shard_rows
+                    .filter(|n| *n > 0)
+                    .unwrap_or(batching.max_batch_size) as usize,
+                queue_capacity: u64::from(batching.max_queue_size),
+            };
             let answer = self
                 .router
-                .infer(&key, features.rows, features.bytes, deadline)
+                .infer(&key, features.rows, features.bytes, sharding, deadline)
                 .await?;
             let mut response = oip::ModelInferResponse {
                 model_name: req.model_name.clone(),

@@ -5,6 +5,7 @@
 //! - [`memory`] and [`file`]: its in-memory and embedded persistent (redb) implementations;
 //! - [`spec`]: what a model is (architecture and signature);
 //! - [`training`]: what a training job asks for and what it measured;
+//! - [`parallel`]: data-parallel training's shared arithmetic (shards, gradient averages);
 //! - [`records`]: the JSON records and the key layout;
 //! - [`registry`]: typed operations over a store ([`Registry`]);
 //! - [`view`]: a parsed snapshot ([`ClusterView`]) kept current by a watch ([`WatchedView`]);
@@ -19,6 +20,7 @@ pub mod file;
 pub mod kv;
 pub mod memory;
 pub mod npy;
+pub mod parallel;
 pub mod records;
 pub mod registry;
 pub mod spec;

@@ -234,6 +234,10 @@ pub struct DeploymentRecord {
     /// Which workers may hold the model.
     #[serde(default)]
     pub device: DeviceClass,
+    /// Requests with more rows than this are split across the ready replicas (None or 0:
+    /// the batcher's `max_batch_size`).
+    #[serde(default)]
+    pub shard_rows: Option<u32>,
 }
 
 /// Which workers may hold a model.
@@ -270,6 +274,7 @@ impl DeploymentRecord {
             loaded: true,
             batching: BatchingSettings::default(),
             device: DeviceClass::Any,
+            shard_rows: None,
         }
     }
 }

@@ -483,6 +483,25 @@ pub struct JobRecord {
     /// The epoch whose weights were registered (0: not finished).
     #[serde(default)]
     pub best_epoch: u32,
+    /// Workers that train it together (0 in older records: one).
+    #[serde(default)]
+    pub workers: u32,
+    /// What the data-parallel steps of its last run cost.
+    #[serde(default)]
+    pub data_parallel: Option<DataParallelStats>,
+}
+
+/// What the steps of a data-parallel run cost.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DataParallelStats {
+    /// Workers the run used.
+    pub workers: u32,
+    /// Steps taken.
+    pub steps: u64,
+    /// Mean wall time of a step, milliseconds.
+    pub mean_step_ms: f64,
+    /// Mean time of a step beyond the slowest shard's compute, milliseconds.
+    pub mean_communication_ms: f64,
 }
 
 /// A checkpoint of a job in the artifact store: where a resumed run starts.

@@ -14,12 +14,14 @@ use kiln_proto::kiln::internal::v1 as internal;
 use kiln_proto::kiln::internal::v1::worker_client::WorkerClient;
 use kiln_proto::kiln::v1 as pb;
 use kiln_proto::kiln::v1::training_server::Training;
+use kiln_registry::parallel::{MAX_REPLICAS, average_gradients};
 use kiln_registry::records::{ArtifactRef, SCHEMA, now_unix_ms};
 use kiln_registry::spec::{ModelSpec, Signature, Standardization, validate_name};
 use kiln_registry::training::{
-    CheckpointRecord, Dataset, DatasetFormat, DatasetRecord, EarlyStopping, EpochReport,
-    EvaluationReport, JobData, JobRecord, JobState, Loss, NewModelSpec, Optimizer, StopMetric,
-    TrainingConfig, TrainingLimits, decode_dataset, encode_dataset, parse_csv, parse_npy, validate,
+    CheckpointRecord, DataParallelStats, Dataset, DatasetFormat, DatasetRecord, EarlyStopping,
+    EpochReport, EvaluationReport, JobData, JobRecord, JobState, Loss, NewModelSpec, Optimizer,
+    StopMetric, TrainingConfig, TrainingLimits, decode_dataset, encode_dataset, parse_csv,
+    parse_npy, validate,
 };
 use kiln_registry::weights::SplitMix64;
 use kiln_registry::{ArtifactStore, MlpWeights, NewModel, NewVersion, Registry, WatchedView};
@@ -63,8 +65,8 @@ fn worker_gone(s: &Status) -> bool {
 struct Running {
     events: broadcast::Sender<pb::TrainingEvent>,
     cancel: watch::Sender<bool>,
-    /// The worker it runs on, once started (for choosing the least busy worker).
-    worker: Option<String>,
+    /// The workers it runs on, once started (for choosing the least busy workers).
+    workers: Vec<String>,
 }
 
 /// Runs training jobs.
@@ -144,6 +146,13 @@ pub fn job_to_proto(job: &JobRecord) -> pb::TrainingJob {
             rows: t.rows,
         }),
         best_epoch: job.best_epoch,
+        workers: job.workers.max(1),
+        data_parallel: job.data_parallel.map(|d| pb::DataParallelStats {
+            workers: d.workers,
+            steps: d.steps,
+            mean_step_ms: d.mean_step_ms,
+            mean_communication_ms: d.mean_communication_ms,
+        }),
     }
 }
 
@@ -179,6 +188,7 @@ struct Submission {
     continue_from: Option<String>,
     config: TrainingConfig,
     alias: Option<String>,
+    workers: u32,
     data: Dataset,
     validation: Option<Dataset>,
     test: Option<Dataset>,
@@ -267,7 +277,7 @@ impl TrainingCoordinator {
                 Running {
                     events,
                     cancel,
-                    worker: None,
+                    workers: Vec::new(),
                 },
             );
         let me = self.clone();
@@ -417,6 +427,12 @@ impl TrainingCoordinator {
         if !spec.alias.is_empty() {
             validate_name("spec.alias", &spec.alias).map_err(status)?;
         }
+        if spec.workers > MAX_REPLICAS {
+            return Err(Status::invalid_argument(format!(
+                "spec.workers must be between 1 and {MAX_REPLICAS}, got {}",
+                spec.workers
+            )));
+        }
         Ok((
             Submission {
                 model_name: spec.model_name,
@@ -424,6 +440,7 @@ impl TrainingCoordinator {
                 continue_from,
                 config,
                 alias: (!spec.alias.is_empty()).then_some(spec.alias),
+                workers: spec.workers.max(1),
                 data: rows.train,
                 validation: rows.validation,
                 test: rows.test,
@@ -504,6 +521,8 @@ impl TrainingCoordinator {
             test_data,
             test: None,
             best_epoch: 0,
+            workers: submission.workers,
+            data_parallel: None,
         };
         let (job, created) = self.registry.create_job(&job).await.map_err(status)?;
         if created {
@@ -783,18 +802,11 @@ impl TrainingCoordinator {
             .ok_or_else(|| {
                 Status::unavailable(format!("no worker registered within {WORKER_WAIT:?}"))
             })?;
+        if job.workers > 1 {
+            return self.attempt_parallel(job, spec, lost).await;
+        }
         // The worker running the fewest jobs right now (all equal: the first by id).
-        // Jobs per worker, from the jobs this coordinator runs (no store read per job).
-        let busy: HashMap<String, usize> = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter_map(|r| r.worker.clone())
-            .fold(HashMap::new(), |mut m, w| {
-                *m.entry(w).or_default() += 1;
-                m
-            });
+        let busy = self.busy();
         let worker = view
             .workers
             .values()
@@ -802,6 +814,74 @@ impl TrainingCoordinator {
             .min_by_key(|w| (busy.get(&w.id).copied().unwrap_or(0), w.id.clone()))
             .ok_or_else(|| Status::unavailable("no worker is available to train"))?
             .clone();
+        let request = self.run_request(job, spec, &view).await?;
+        let lost_worker = |reason: String| Attempt::WorkerLost {
+            worker: worker.id.clone(),
+            reason,
+        };
+        let channel =
+            match tonic::transport::Endpoint::from_shared(format!("http://{}", worker.address))
+                .map_err(|e| Status::internal(e.to_string()))?
+                .connect_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+            {
+                Ok(channel) => channel,
+                Err(e) => return Ok(lost_worker(format!("unreachable: {e}"))),
+            };
+        let mut client = WorkerClient::new(channel)
+            .max_decoding_message_size(256 * 1024 * 1024)
+            .max_encoding_message_size(256 * 1024 * 1024);
+        let mut stream = match client.train(request).await {
+            Ok(response) => response.into_inner(),
+            Err(s) if worker_gone(&s) => return Ok(lost_worker(s.message().to_owned())),
+            Err(s) => return Err(s),
+        };
+        self.started(job, std::slice::from_ref(&worker.id)).await?;
+        loop {
+            let message = match stream.message().await {
+                Ok(Some(message)) => message,
+                Ok(None) => return Ok(lost_worker("it ended the run without a result".into())),
+                Err(s) if worker_gone(&s) => return Ok(lost_worker(s.message().to_owned())),
+                Err(s) => return Err(s),
+            };
+            match message.progress {
+                Some(internal::train_progress::Progress::Epoch(m)) => {
+                    job.history.push(epoch_from_proto(&m));
+                    self.registry.put_job(job).await.map_err(status)?;
+                    self.publish(&job.id, event(JobState::Running, Event::Epoch(m)));
+                }
+                Some(internal::train_progress::Progress::Checkpoint(c)) => {
+                    self.store_checkpoint(job, spec, c).await?;
+                }
+                Some(internal::train_progress::Progress::Result(r)) => {
+                    return Ok(Attempt::Finished(r));
+                }
+                None => {}
+            }
+        }
+    }
+    /// Running jobs per worker, from the jobs this coordinator runs (no store read).
+    fn busy(&self) -> HashMap<String, usize> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flat_map(|r| r.workers.iter().cloned())
+            .fold(HashMap::new(), |mut m, w| {
+                *m.entry(w).or_default() += 1;
+                m
+            })
+    }
+
+    /// What a worker needs to run the job: weights to start from (the checkpoint's, a
+    /// version's, or new seeded ones), the rows and the config.
+    async fn run_request(
+        &self,
+        job: &JobRecord,
+        spec: &ModelSpec,
+        view: &kiln_registry::ClusterView,
+    ) -> Result<internal::TrainRequest, Status> {
         let (init, resume_epoch, resume_optimizer_state) = match &job.checkpoint {
             Some(c) => (
                 self.artifacts.get(&c.weights).await.map_err(status)?,
@@ -839,7 +919,7 @@ impl TrainingCoordinator {
             Some(a) => self.artifacts.get(a).await.map_err(status)?,
             None => Bytes::new(),
         };
-        let request = internal::TrainRequest {
+        Ok(internal::TrainRequest {
             job_id: job.id.clone(),
             spec_json: Bytes::from(
                 serde_json::to_vec(spec).map_err(|e| Status::internal(e.to_string()))?,
@@ -853,77 +933,265 @@ impl TrainingCoordinator {
             test_dataset,
             resume_epoch,
             resume_optimizer_state,
-        };
-        let lost_worker = |reason: String| Attempt::WorkerLost {
-            worker: worker.id.clone(),
-            reason,
-        };
-        let channel =
-            match tonic::transport::Endpoint::from_shared(format!("http://{}", worker.address))
-                .map_err(|e| Status::internal(e.to_string()))?
-                .connect_timeout(Duration::from_secs(5))
-                .connect()
-                .await
-            {
-                Ok(channel) => channel,
-                Err(e) => return Ok(lost_worker(format!("unreachable: {e}"))),
-            };
-        let mut client = WorkerClient::new(channel)
-            .max_decoding_message_size(256 * 1024 * 1024)
-            .max_encoding_message_size(256 * 1024 * 1024);
-        let mut stream = match client.train(request).await {
-            Ok(response) => response.into_inner(),
-            Err(s) if worker_gone(&s) => return Ok(lost_worker(s.message().to_owned())),
-            Err(s) => return Err(s),
-        };
+        })
+    }
+
+    /// Record that the job runs now, on `workers`, and tell its watchers.
+    async fn started(&self, job: &mut JobRecord, workers: &[String]) -> Result<(), Status> {
         job.state = JobState::Running;
-        job.worker = worker.id.clone();
+        job.worker = workers.join(",");
         if let Some(r) = self
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(&job.id)
         {
-            r.worker = Some(worker.id.clone());
+            r.workers = workers.to_vec();
         }
         self.registry.put_job(job).await.map_err(status)?;
         self.publish(
             &job.id,
-            event(JobState::Running, Event::Started(worker.id.clone())),
+            event(
+                JobState::Running,
+                pb::training_event::Event::Started(job.worker.clone()),
+            ),
         );
-        loop {
-            let message = match stream.message().await {
-                Ok(Some(message)) => message,
-                Ok(None) => return Ok(lost_worker("it ended the run without a result".into())),
-                Err(s) if worker_gone(&s) => return Ok(lost_worker(s.message().to_owned())),
+        Ok(())
+    }
+
+    /// Store a checkpoint's weights and optimizer state, and point the job at them.
+    async fn store_checkpoint(
+        &self,
+        job: &mut JobRecord,
+        spec: &ModelSpec,
+        c: internal::TrainCheckpoint,
+    ) -> Result<(), Status> {
+        MlpWeights::from_safetensors(spec, &c.weights).map_err(status)?;
+        let weights = self.artifacts.put(c.weights).await.map_err(status)?;
+        let optimizer_state = self
+            .artifacts
+            .put(c.optimizer_state)
+            .await
+            .map_err(status)?;
+        job.checkpoint = Some(CheckpointRecord {
+            epoch: c.epoch,
+            weights,
+            optimizer_state,
+        });
+        self.registry.put_job(job).await.map_err(status)
+    }
+
+    /// An epoch ended: keep its report and tell the watchers.
+    async fn epoch_ended(&self, job: &mut JobRecord, m: pb::EpochMetrics) -> Result<(), Status> {
+        job.history.push(epoch_from_proto(&m));
+        self.registry.put_job(job).await.map_err(status)?;
+        self.publish(
+            &job.id,
+            event(JobState::Running, pb::training_event::Event::Epoch(m)),
+        );
+        Ok(())
+    }
+
+    /// One data-parallel run of the job on up to `job.workers` workers (none of `lost`),
+    /// from its checkpoint if it has one. Each step every replica applies the last batch's
+    /// averaged gradients and computes its shard of the next; rank 0 reports the epochs.
+    /// The first run waits for all the workers asked for; after a loss the job goes on
+    /// with those left.
+    async fn attempt_parallel(
+        &self,
+        job: &mut JobRecord,
+        spec: &ModelSpec,
+        lost: &[String],
+    ) -> Result<Attempt, Status> {
+        use internal::shard_command::Command;
+        use internal::shard_reply::Reply;
+        let wanted = job.workers as usize;
+        let need = if lost.is_empty() { wanted } else { 1 };
+        let available =
+            |v: &kiln_registry::ClusterView| v.workers.keys().filter(|w| !lost.contains(w)).count();
+        let view = self
+            .view
+            .wait_for(WORKER_WAIT, |v| available(v) >= need)
+            .await
+            .ok_or_else(|| {
+                let have = available(&self.view.current());
+                Status::unavailable(format!(
+                    "the job asks for {wanted} workers and {have} could take it within {WORKER_WAIT:?}"
+                ))
+            })?;
+        let busy = self.busy();
+        let mut candidates: Vec<_> = view
+            .workers
+            .values()
+            .filter(|w| !lost.contains(&w.id))
+            .collect();
+        candidates.sort_by_key(|w| (busy.get(&w.id).copied().unwrap_or(0), w.id.clone()));
+        let chosen: Vec<_> = candidates.into_iter().take(wanted).cloned().collect();
+        let world = chosen.len() as u32;
+        let request = self.run_request(job, spec, &view).await?;
+        let lost_worker = |worker: &str, reason: String| Attempt::WorkerLost {
+            worker: worker.to_owned(),
+            reason,
+        };
+
+        // Open every replica: a command channel out, a reply stream back.
+        let mut replicas = Vec::with_capacity(chosen.len());
+        for (rank, worker) in chosen.iter().enumerate() {
+            let channel =
+                match tonic::transport::Endpoint::from_shared(format!("http://{}", worker.address))
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .tcp_nodelay(true)
+                    .connect_timeout(Duration::from_secs(5))
+                    .connect()
+                    .await
+                {
+                    Ok(channel) => channel,
+                    Err(e) => return Ok(lost_worker(&worker.id, format!("unreachable: {e}"))),
+                };
+            let mut client = WorkerClient::new(channel)
+                .max_decoding_message_size(256 * 1024 * 1024)
+                .max_encoding_message_size(256 * 1024 * 1024);
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            let setup = internal::ShardCommand {
+                command: Some(Command::Setup(internal::ShardSetup {
+                    run: Some(request.clone()),
+                    rank: rank as u32,
+                    world,
+                })),
+            };
+            if tx.send(setup).await.is_err() {
+                return Err(Status::internal("a replica's command channel closed"));
+            }
+            let stream = match client
+                .train_shard(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+            {
+                Ok(response) => response.into_inner(),
+                Err(s) if worker_gone(&s) => {
+                    return Ok(lost_worker(&worker.id, s.message().to_owned()));
+                }
                 Err(s) => return Err(s),
             };
-            match message.progress {
-                Some(internal::train_progress::Progress::Epoch(m)) => {
-                    job.history.push(epoch_from_proto(&m));
-                    self.registry.put_job(job).await.map_err(status)?;
-                    self.publish(&job.id, event(JobState::Running, Event::Epoch(m)));
+            replicas.push((worker.id.clone(), tx, stream));
+        }
+        // Every replica answers each command once; a broken one loses the run.
+        macro_rules! answers {
+            () => {{
+                let answers = futures::future::join_all(
+                    replicas.iter_mut().map(|(_, _, stream)| stream.message()),
+                )
+                .await;
+                let mut replies = Vec::with_capacity(answers.len());
+                for ((id, _, _), answer) in replicas.iter().zip(answers) {
+                    match answer {
+                        Ok(Some(internal::ShardReply { reply: Some(r) })) => replies.push(r),
+                        Ok(_) => {
+                            return Ok(lost_worker(
+                                id,
+                                "it ended the run without an answer".into(),
+                            ));
+                        }
+                        Err(s) if worker_gone(&s) => {
+                            return Ok(lost_worker(id, s.message().to_owned()));
+                        }
+                        Err(s) => return Err(s),
+                    }
                 }
-                Some(internal::train_progress::Progress::Checkpoint(c)) => {
-                    MlpWeights::from_safetensors(spec, &c.weights).map_err(status)?;
-                    let weights = self.artifacts.put(c.weights).await.map_err(status)?;
-                    let optimizer_state = self
-                        .artifacts
-                        .put(c.optimizer_state)
-                        .await
-                        .map_err(status)?;
-                    job.checkpoint = Some(CheckpointRecord {
-                        epoch: c.epoch,
-                        weights,
-                        optimizer_state,
-                    });
-                    self.registry.put_job(job).await.map_err(status)?;
-                }
-                Some(internal::train_progress::Progress::Result(r)) => {
-                    return Ok(Attempt::Finished(r));
-                }
-                None => {}
+                replies
+            }};
+        }
+        for reply in answers!() {
+            if !matches!(reply, Reply::Ready(_)) {
+                return Err(Status::internal("a replica answered its setup out of turn"));
             }
+        }
+        let ids: Vec<String> = chosen.iter().map(|w| w.id.clone()).collect();
+        self.started(job, &ids).await?;
+        tracing::info!(job = %job.id, workers = %job.worker, "data-parallel run started");
+
+        let mut step = internal::ShardStep::default();
+        let (mut steps, mut step_time, mut communication) = (0u64, Duration::ZERO, Duration::ZERO);
+        loop {
+            let started = std::time::Instant::now();
+            for (id, tx, _) in &replicas {
+                let command = internal::ShardCommand {
+                    command: Some(Command::Step(step.clone())),
+                };
+                if tx.send(command).await.is_err() {
+                    return Ok(lost_worker(id, "its stream closed".into()));
+                }
+            }
+            let mut stepped = Vec::with_capacity(replicas.len());
+            for reply in answers!() {
+                match reply {
+                    Reply::Stepped(s) => stepped.push(s),
+                    _ => return Err(Status::internal("a replica answered a step out of turn")),
+                }
+            }
+            let lead = &mut stepped[0];
+            if lead.epoch_ended {
+                job.data_parallel = Some(DataParallelStats {
+                    workers: world,
+                    steps,
+                    mean_step_ms: step_time.as_secs_f64() * 1e3 / steps.max(1) as f64,
+                    mean_communication_ms: communication.as_secs_f64() * 1e3 / steps.max(1) as f64,
+                });
+                if let Some(m) = lead.epoch.take() {
+                    self.epoch_ended(job, m).await?;
+                }
+                if let Some(c) = lead.checkpoint.take() {
+                    self.store_checkpoint(job, spec, c).await?;
+                }
+                if lead.done {
+                    let (id, tx, _) = &replicas[0];
+                    let finish = internal::ShardCommand {
+                        command: Some(Command::Finish(internal::ShardFinish {})),
+                    };
+                    if tx.send(finish).await.is_err() {
+                        return Ok(lost_worker(id, "its stream closed".into()));
+                    }
+                    let (id, _, stream) = &mut replicas[0];
+                    return match stream.message().await {
+                        Ok(Some(internal::ShardReply {
+                            reply: Some(Reply::Result(r)),
+                        })) => Ok(Attempt::Finished(r)),
+                        Ok(_) => Ok(lost_worker(id, "it ended the run without a result".into())),
+                        Err(s) if worker_gone(&s) => Ok(lost_worker(id, s.message().to_owned())),
+                        Err(s) => Err(s),
+                    };
+                }
+            }
+            let shards: Vec<&internal::ShardGradients> = stepped
+                .iter()
+                .filter_map(|s| s.gradients.as_ref())
+                .collect();
+            if shards.is_empty() {
+                // The update ended an epoch: the next step only computes.
+                step = internal::ShardStep::default();
+                continue;
+            }
+            if shards.len() != stepped.len() {
+                return Err(Status::internal(
+                    "the replicas disagree on where the epoch ends",
+                ));
+            }
+            let parts: Vec<(usize, &[u8])> = shards
+                .iter()
+                .map(|g| (g.rows as usize, g.data.as_ref()))
+                .collect();
+            let averaged = average_gradients(&parts).map_err(|e| {
+                Status::internal(format!("the replicas' gradients do not average: {e}"))
+            })?;
+            step = internal::ShardStep {
+                gradients: Bytes::from(averaged),
+                loss_sum: shards.iter().map(|g| g.loss_sum).sum(),
+                correct: shards.iter().map(|g| g.correct).sum(),
+            };
+            let slowest = shards.iter().map(|g| g.compute_ns).max().unwrap_or(0);
+            let elapsed = started.elapsed();
+            steps += 1;
+            step_time += elapsed;
+            communication += elapsed.saturating_sub(Duration::from_nanos(slowest));
         }
     }
 }

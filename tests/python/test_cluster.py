@@ -237,6 +237,69 @@ def test_a_killed_worker_loses_no_request_and_its_replica_moves(multi):
     print(f"replica back {recovered:.2f} s after SIGKILL; {answers[0]} requests, none failed")
 
 
+def infer_many(client, x, model):
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer(model, [inp], client_timeout=20).as_numpy("output")
+
+
+def test_a_sharded_request_answers_the_unsharded_bits_with_a_replica_killed(multi, tmp_path):
+    # A replacement for the worker the last test killed, so the cluster keeps three.
+    multi.start("w3", "worker", "--id", "w3", "--device", DEVICE)
+    (tmp_path / "wide.json").write_text(json.dumps({"name": "wide", "spec": {"mlp": {
+        "input_width": 10, "hidden": [64, 32], "output_width": 1,
+        "task": "binary_classification"}}}))
+    multi.kiln("models", "create", "--spec", str(tmp_path / "wide.json"), "--seed", "4")
+    out = multi.kiln("models", "deploy", "wide", "--replicas", "2", "--shard-rows", "100")
+    assert "2 replicas" in out, out
+    deadline = time.monotonic() + 30
+    while len(ready_holders(multi, "wide", 1)) < 2:
+        assert time.monotonic() < deadline, ready_holders(multi, "wide", 1)
+        time.sleep(0.05)
+    holders = ready_holders(multi, "wide", 1)
+    client = grpcclient.InferenceServerClient(multi.gateway)
+    # 4,099 rows: above the shard threshold, split 2,050/2,049 across the two replicas.
+    x = np.random.default_rng(12).normal(size=(4099, 10)).astype(np.float32)
+    # The unsharded answer: requests of 99 rows, each below the threshold.
+    unsharded = np.concatenate([infer_many(client, x[i:i + 99], "wide")
+                                for i in range(0, len(x), 99)])
+    sharded = infer_many(client, x, "wide")
+    assert sharded.shape == (4099, 1)
+    assert sharded.tobytes() == unsharded.tobytes(), "sharded and unsharded bits differ"
+
+    # Sharded requests go on while one of the replicas is killed mid-request.
+    failures, answers, stop = [], [0], threading.Event()
+
+    def load():
+        c = grpcclient.InferenceServerClient(multi.gateway)
+        while not stop.is_set():
+            try:
+                got = infer_many(c, x, "wide")
+                if got.tobytes() != unsharded.tobytes():
+                    failures.append("an answer differed")
+                answers[0] += 1
+            except Exception as e:  # every failure is a finding
+                failures.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    while answers[0] < 5:
+        time.sleep(0.01)
+    multi.kill(holders[0])
+    seen = answers[0]
+    while answers[0] < seen + 10:
+        assert not failures, failures[:5]
+        time.sleep(0.01)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:5]
+    print(f"{answers[0]} sharded requests of 4,099 rows, none failed, {holders[0]} killed")
+    # Two workers are left; the next tests expect three.
+    multi.start("w4", "worker", "--id", "w4", "--device", DEVICE)
+
+
 def job(tmp_path, name):
     rng = np.random.default_rng(3)
     x = rng.random((200, 10))
@@ -336,4 +399,45 @@ def test_a_training_job_outlives_its_worker_and_its_scheduler(multi, tmp_path):
     client = grpcclient.InferenceServerClient(multi.gateway)
     wait_ready(client, "long")
     predictions = infer(multi.gateway, x[:64], model="long")[:, 0] > 0.5
+    assert np.mean(predictions == (x[:64].sum(1) > 5)) > 0.9
+
+
+def test_a_data_parallel_job_goes_on_with_the_workers_left(multi, tmp_path):
+    if DEVICE != "cpu":
+        pytest.skip("the data-parallel path is the same on every device; on lavapipe this "
+                    "job would take minutes")
+    for name in ("w5", "w6"):
+        multi.start(name, "worker", "--id", name, "--device", DEVICE)
+    deadline = time.monotonic() + 30
+    while len(multi.records("workers/")) < 3:
+        assert time.monotonic() < deadline, multi.records("workers/")
+        time.sleep(0.05)
+    rng = np.random.default_rng(9)
+    x = rng.random((12_000, 10)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", (x.sum(1) > 5).astype(np.int64))
+    (tmp_path / "dp.json").write_text(json.dumps({
+        "model_name": "dp",
+        "spec": {"mlp": {"input_width": 10, "hidden": [32], "output_width": 1,
+                         "task": "binary_classification"}},
+        "data": {"npy": {"features": "x.npy", "labels": "y.npy"}},
+        "epochs": 12, "batch_size": 32, "seed": 2, "checkpoint_every": 1, "workers": 3}))
+    out = multi.kiln("train", str(tmp_path / "dp.json"), "--detach")
+    job_id = out.split()[-1]
+    j = wait_job(multi, job_id, lambda j: j["checkpoint_epoch"] >= 2, "first checkpoints")
+    first = j["worker"].split(",")
+    assert len(first) == 3 and j["workers"] == 3, j["worker"]
+    victim = first[1]
+    multi.kill(victim)  # worker processes are named by their ids
+    j = wait_job(multi, job_id, lambda j: j["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"),
+                 "the end", timeout=240)
+    assert j["state"] == "SUCCEEDED", j["reason"]
+    assert [h["epoch"] for h in j["history"]] == list(range(1, 13))
+    after = j["worker"].split(",")
+    assert len(after) == 2 and victim not in after, j["worker"]
+    assert j["data_parallel"]["workers"] == 2 and j["data_parallel"]["steps"] > 0, j
+    assert j["history"][-1]["train_accuracy"] > 0.9, j["history"][-1]
+    client = grpcclient.InferenceServerClient(multi.gateway)
+    wait_ready(client, "dp")
+    predictions = infer(multi.gateway, x[:64], model="dp")[:, 0] > 0.5
     assert np.mean(predictions == (x[:64].sum(1) > 5)) > 0.9

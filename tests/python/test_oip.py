@@ -71,7 +71,8 @@ def test_health_metadata_and_config(client):
     assert "statistics" in server["extensions"]
 
 
-@pytest.mark.parametrize("rows", [1, 64])
+# 1000 rows: above max_batch_size (64), split across the replicas and gathered in order.
+@pytest.mark.parametrize("rows", [1, 64, 1000])
 def test_infer_matches_numpy(client, weights, rows):
     rng = np.random.default_rng(rows)
     x = rng.normal(size=(rows, 10)).astype(np.float32)
@@ -83,7 +84,8 @@ def test_infer_matches_numpy(client, weights, rows):
 def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(client, weights):
     cases = {
         "wrong width": ("input", np.ones((1, 9), np.float32), "FP32"),
-        "batch above max_batch_size": ("input", np.ones((65, 10), np.float32), "FP32"),
+        "batch above max_batch_size × max_queue_size": (
+            "input", np.ones((64 * 1024 + 1, 10), np.float32), "FP32"),
         "unknown input": ("features", np.ones((1, 10), np.float32), "FP32"),
         "BYTES datatype": ("input", np.array([[b"x"] * 10], dtype=np.object_), "BYTES"),
     }

@@ -81,19 +81,63 @@ impl Batcher {
         self.settings
     }
 
-    /// Queue `rows` rows and wait for their outputs.
+    /// Queue `rows` rows and wait for their outputs. More rows than `max_batch_size` go
+    /// in as several requests of at most that many rows (the batcher packs them with the
+    /// others), as long as they fit in the queue.
     pub async fn infer(
         &self,
         features: Bytes,
         rows: usize,
         deadline: Option<Instant>,
     ) -> Result<BatchReply> {
-        let max = self.settings.max_batch_size as usize;
-        if rows == 0 || rows > max {
+        let max = self.settings.max_batch_size.max(1) as usize;
+        if rows == 0 {
+            return Err(Error::Invalid("a request needs at least 1 row".into()));
+        }
+        if rows <= max {
+            return self.enqueue(features, rows, deadline)?.await;
+        }
+        let pieces = rows.div_ceil(max);
+        let slots = self.settings.max_queue_size as usize;
+        if pieces > slots {
             return Err(Error::Invalid(format!(
-                "batch of {rows} rows is outside 1..={max} (the model's max_batch_size)"
+                "batch of {rows} rows needs {pieces} passes of max_batch_size {max}; the queue holds {slots} (at most {} rows)",
+                slots * max
             )));
         }
+        let row_bytes = features.len() / rows;
+        // Every piece is queued before any is awaited, so they ride in consecutive
+        // batches; a piece that cannot be queued drops those before it (their callers
+        // are gone, so the batcher skips them).
+        let mut waits = Vec::with_capacity(pieces);
+        for start in (0..rows).step_by(max) {
+            let n = max.min(rows - start);
+            let piece = features.slice(start * row_bytes..(start + n) * row_bytes);
+            waits.push(self.enqueue(piece, n, deadline)?);
+        }
+        let replies = futures::future::try_join_all(waits).await?;
+        let mut outputs =
+            bytes::BytesMut::with_capacity(replies.iter().map(|r| r.outputs.len()).sum());
+        for r in &replies {
+            outputs.extend_from_slice(&r.outputs);
+        }
+        Ok(BatchReply {
+            outputs: outputs.freeze(),
+            cols: replies.first().map_or(0, |r| r.cols),
+            queue: replies.iter().map(|r| r.queue).max().unwrap_or_default(),
+            compute: replies.iter().map(|r| r.compute).sum(),
+            batch_rows: replies.iter().map(|r| r.batch_rows).max().unwrap_or(0),
+        })
+    }
+
+    /// Queue one request of at most `max_batch_size` rows; the answer arrives on the
+    /// returned future.
+    fn enqueue(
+        &self,
+        features: Bytes,
+        rows: usize,
+        deadline: Option<Instant>,
+    ) -> Result<impl std::future::Future<Output = Result<BatchReply>> + use<>> {
         let (reply, rx) = oneshot::channel();
         let pending = Pending {
             features,
@@ -111,7 +155,7 @@ impl Batcher {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::EngineStopped),
         }
-        rx.await.map_err(|_| Error::EngineStopped)?
+        Ok(async move { rx.await.map_err(|_| Error::EngineStopped)? })
     }
 }
 
@@ -311,6 +355,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_above_max_batch_size_runs_in_pieces_and_keeps_its_row_order() {
+        let (batcher, mut commands) = batcher(2, 3);
+        // Five rows whose first features are 0, 10, 20, 30, 40.
+        let features: Vec<u8> = (0..5)
+            .flat_map(|r| [r as f32 * 10.0, 0.0])
+            .flat_map(f32::to_le_bytes)
+            .collect();
+        let task = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.infer(Bytes::from(features), 5, None).await }
+        });
+        let mut passes = Vec::new();
+        for _ in 0..3 {
+            passes.push(answer(&mut commands).await);
+        }
+        // Never more than max_batch_size rows in one pass.
+        assert!(passes.iter().all(|&n| n <= 2), "{passes:?}");
+        assert_eq!(passes.iter().sum::<usize>(), 5);
+        let reply = task.await.unwrap().unwrap();
+        let out: Vec<f32> = reply
+            .outputs
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(out, vec![1.0, 11.0, 21.0, 31.0, 41.0]);
+        // Seven rows would need 4 pieces; the queue holds 3: refused, naming the limit.
+        let e = batcher.infer(rows(7), 7, None).await.unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "{e}");
+        assert!(e.to_string().contains("at most 6 rows"), "{e}");
+    }
+
+    #[tokio::test]
     async fn a_full_queue_answers_resource_exhausted_at_once() {
         let (batcher, mut commands) = batcher(1, 2);
         let mut tasks = Vec::new();
@@ -368,9 +444,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn batches_never_exceed_max_batch_size() {
+    async fn a_request_without_rows_is_refused() {
         let (batcher, _commands) = batcher(4, 8);
-        let err = batcher.infer(rows(5), 5, None).await.unwrap_err();
+        let err = batcher.infer(rows(0), 0, None).await.unwrap_err();
         assert!(matches!(err, Error::Invalid(_)), "{err:?}");
+        assert_eq!(batcher.queue_depth(), 0);
     }
 }

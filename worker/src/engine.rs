@@ -169,6 +169,8 @@ pub(crate) enum Command {
         cancel: Arc<AtomicBool>,
         events: mpsc::UnboundedSender<TrainingEvent>,
     },
+    /// Work that must run on the device's thread (a data-parallel replica's step).
+    Exec(Box<dyn FnOnce() + Send>),
 }
 
 /// What a training run on the engine reports.
@@ -320,6 +322,7 @@ impl EngineHandle {
                             events,
                             done: false,
                         }),
+                        Command::Exec(work) => work(),
                     }
                 }
             })?;
@@ -383,6 +386,20 @@ impl EngineHandle {
             .await
             .map_err(|_| Error::EngineStopped)?;
         Ok(rx)
+    }
+
+    /// Run `work` on the engine thread, between other commands, and return its result. A
+    /// panic inside it becomes an error; the engine goes on.
+    pub async fn exec<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.call(|reply| {
+            Command::Exec(Box::new(move || {
+                let _ = reply.send(guarded(work).and_then(|r| r));
+            }))
+        })
+        .await?
     }
 
     /// Run a forward pass.

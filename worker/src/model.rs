@@ -5,6 +5,7 @@ use burn::module::{Module, Param, ParamId};
 /// Base of the parameter ids ("KILN" in the high bytes); see [`Mlp::from_weights`].
 const PARAM_ID_BASE: u64 = 0x4b49_4c4e_0000_0000;
 use burn::nn::Linear;
+use burn::optim::GradientsParams;
 use burn::tensor::activation;
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln_registry::MlpWeights;
@@ -91,6 +92,71 @@ impl Mlp {
             Task::MulticlassClassification => activation::softmax(logits, 1),
             Task::Regression => logits,
         }
+    }
+
+    /// Parameters in their wire order (layer by layer, weight then bias), with their
+    /// element counts: the order of a flat gradient vector.
+    fn params(&self) -> impl Iterator<Item = (ParamId, ParamId, usize, usize)> + '_ {
+        self.layers.iter().map(|layer| {
+            let [inputs, outputs] = layer.weight.dims();
+            let bias = layer.bias.as_ref().map_or(layer.weight.id, |b| b.id);
+            (layer.weight.id, bias, inputs, outputs)
+        })
+    }
+
+    /// Elements in a flat gradient vector of this network.
+    pub fn parameter_count(&self) -> usize {
+        self.params().map(|(_, _, i, o)| i * o + o).sum()
+    }
+
+    /// The gradients of every parameter as one flat vector in wire order (what replicas of
+    /// a data-parallel run exchange); a parameter without a gradient counts as zeros.
+    pub fn flatten_gradients(&self, grads: &GradientsParams) -> Vec<f32> {
+        let mut flat = Vec::with_capacity(self.parameter_count());
+        for (weight, bias, inputs, outputs) in self.params() {
+            let mut put = |values: Option<Vec<f32>>, n: usize| match values {
+                Some(v) if v.len() == n => flat.extend_from_slice(&v),
+                _ => flat.extend(std::iter::repeat_n(0.0, n)),
+            };
+            put(
+                grads
+                    .get::<2>(weight)
+                    .and_then(|t| t.into_data().try_into_vec::<f32>().ok()),
+                inputs * outputs,
+            );
+            put(
+                grads
+                    .get::<1>(bias)
+                    .and_then(|t| t.into_data().try_into_vec::<f32>().ok()),
+                outputs,
+            );
+        }
+        flat
+    }
+
+    /// Gradients from a flat vector in wire order, on `device` (the plain device the
+    /// training device differentiates). None when the length does not fit this network.
+    pub fn gradients_from_flat(&self, flat: &[f32], device: &Device) -> Option<GradientsParams> {
+        if flat.len() != self.parameter_count() {
+            return None;
+        }
+        let mut grads = GradientsParams::new();
+        let mut at = 0;
+        for (weight, bias, inputs, outputs) in self.params() {
+            let w = &flat[at..at + inputs * outputs];
+            at += inputs * outputs;
+            grads.register(
+                weight,
+                Tensor::<2>::from_data(TensorData::new(w.to_vec(), [inputs, outputs]), device),
+            );
+            let b = &flat[at..at + outputs];
+            at += outputs;
+            grads.register(
+                bias,
+                Tensor::<1>::from_data(TensorData::new(b.to_vec(), [outputs]), device),
+            );
+        }
+        Some(grads)
     }
 
     /// Read the weights back from the device.

@@ -21,8 +21,12 @@ use tonic::{Request, Response, Status};
 use crate::batcher::Batcher;
 use crate::device::{DeviceChoice, select_device};
 use crate::engine::{EngineHandle, TrainingEvent};
-use crate::training::{Dataset, EpochReport, JobData, Resume, TrainingConfig, TrainingRun};
+use crate::training::{
+    Dataset, EpochReport, JobData, Resume, ShardRole, Step, TrainingConfig, TrainingOutcome,
+    TrainingRun,
+};
 use crate::{Error, Result};
+use kiln_registry::parallel::{MAX_REPLICAS, f32_from_bytes, f32_to_bytes};
 use kiln_registry::spec::ModelSpec;
 use kiln_registry::training::decode_dataset;
 
@@ -525,7 +529,12 @@ fn invalid_json(field: &str, e: serde_json::Error) -> Status {
 type TrainStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::TrainProgress, Status>> + Send>>;
 
-async fn start_training(state: &Arc<State>, req: pb::TrainRequest) -> Result<TrainStream, Status> {
+/// Decode and check a run's request, then build the run on the device (off tokio's
+/// threads): the part of Train and TrainShard that is the same.
+async fn prepare_run(
+    state: &Arc<State>,
+    req: &pb::TrainRequest,
+) -> Result<(TrainingRun, ModelSpec), Status> {
     let spec: ModelSpec =
         serde_json::from_slice(&req.spec_json).map_err(|e| invalid_json("spec_json", e))?;
     spec.validate().map_err(Error::from)?;
@@ -564,12 +573,20 @@ async fn start_training(state: &Arc<State>, req: pb::TrainRequest) -> Result<Tra
     })
     .await
     .map_err(|e| Status::internal(e.to_string()))??;
+    Ok((run, spec))
+}
+
+/// Remember a run's cancel flag, so that a stopping worker can hand the run back.
+fn track_run(state: &State, cancel: &Arc<std::sync::atomic::AtomicBool>) {
+    let mut runs = lock(&state.runs);
+    runs.retain(|r| r.strong_count() > 0);
+    runs.push(Arc::downgrade(cancel));
+}
+
+async fn start_training(state: &Arc<State>, req: pb::TrainRequest) -> Result<TrainStream, Status> {
+    let (run, spec) = prepare_run(state, &req).await?;
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let mut runs = lock(&state.runs);
-        runs.retain(|r| r.strong_count() > 0);
-        runs.push(Arc::downgrade(&cancel));
-    }
+    track_run(state, &cancel);
     let events = state.engine.train(run, cancel.clone()).await?;
     tracing::info!(job = %req.job_id, "training started");
     let stream = futures::stream::unfold(
@@ -587,40 +604,12 @@ async fn start_training(state: &Arc<State>, req: pb::TrainRequest) -> Result<Tra
                     }),
                     false,
                 ),
-                TrainingEvent::Finished(outcome) => {
-                    let weights = match outcome.weights.to_safetensors(&spec) {
-                        Ok(bytes) => bytes,
-                        Err(e) => {
-                            return Some((
-                                Err(Status::internal(e.to_string())),
-                                (events, guard, spec, true),
-                            ));
-                        }
-                    };
-                    let preprocessing_json = outcome
-                        .standardization
-                        .as_ref()
-                        .and_then(|p| serde_json::to_vec(p).ok())
-                        .unwrap_or_default();
-                    (
-                        Ok(pb::TrainProgress {
-                            progress: Some(pb::train_progress::Progress::Result(pb::TrainResult {
-                                weights: weights.into(),
-                                preprocessing_json: preprocessing_json.into(),
-                                stopped_early: outcome.stopped_early,
-                                test: outcome.test.as_ref().map(|t| {
-                                    kiln_proto::kiln::v1::EvaluationMetrics {
-                                        loss: t.loss,
-                                        accuracy: t.accuracy,
-                                        rows: t.rows,
-                                    }
-                                }),
-                                best_epoch: outcome.best_epoch,
-                            })),
-                        }),
-                        true,
-                    )
-                }
+                TrainingEvent::Finished(outcome) => (
+                    result_to_proto(&outcome, &spec).map(|r| pb::TrainProgress {
+                        progress: Some(pb::train_progress::Progress::Result(r)),
+                    }),
+                    true,
+                ),
                 TrainingEvent::Checkpoint(epoch, weights, state) => {
                     match weights.to_safetensors(&spec) {
                         Ok(bytes) => (
@@ -644,6 +633,179 @@ async fn start_training(state: &Arc<State>, req: pb::TrainRequest) -> Result<Tra
         },
     );
     Ok(Box::pin(stream))
+}
+
+/// A finished run's result on the wire.
+fn result_to_proto(outcome: &TrainingOutcome, spec: &ModelSpec) -> Result<pb::TrainResult, Status> {
+    let weights = outcome
+        .weights
+        .to_safetensors(spec)
+        .map_err(|e| Status::internal(e.to_string()))?;
+    let preprocessing_json = outcome
+        .standardization
+        .as_ref()
+        .and_then(|p| serde_json::to_vec(p).ok())
+        .unwrap_or_default();
+    Ok(pb::TrainResult {
+        weights: weights.into(),
+        preprocessing_json: preprocessing_json.into(),
+        stopped_early: outcome.stopped_early,
+        test: outcome
+            .test
+            .as_ref()
+            .map(|t| kiln_proto::kiln::v1::EvaluationMetrics {
+                loss: t.loss,
+                accuracy: t.accuracy,
+                rows: t.rows,
+            }),
+        best_epoch: outcome.best_epoch,
+    })
+}
+
+// === data-parallel replicas ===
+
+type ShardStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::ShardReply, Status>> + Send>>;
+
+fn shard_reply(reply: pb::shard_reply::Reply) -> pb::ShardReply {
+    pb::ShardReply { reply: Some(reply) }
+}
+
+/// One step of a replica, on the engine thread: apply the averaged gradients (if any),
+/// report the epoch they ended (rank 0 with its checkpoint), else compute the next shard.
+fn replica_step(
+    run: &mut TrainingRun,
+    step: &pb::ShardStep,
+    role: ShardRole,
+    spec: &ModelSpec,
+) -> Result<pb::ShardStepped> {
+    // The replica's busy time (update and gradients): the rest of a step is communication.
+    let started = Instant::now();
+    let mut out = pb::ShardStepped::default();
+    if !step.gradients.is_empty() {
+        let gradients = f32_from_bytes("step.gradients", &step.gradients)?;
+        let ended = match run.apply_gradients(&gradients, step.loss_sum, step.correct)? {
+            Step::Batch => None,
+            Step::Epoch(r) => Some((r, false)),
+            Step::Done(r) => Some((r, true)),
+        };
+        if let Some((report, done)) = ended {
+            out.epoch_ended = true;
+            if role.rank == 0 {
+                out.epoch = Some(epoch_to_proto(&report));
+                out.done = done;
+                if !done && run.checkpoint_due() {
+                    let (epoch, weights, state) = run.checkpoint()?;
+                    out.checkpoint = Some(pb::TrainCheckpoint {
+                        epoch,
+                        weights: weights.to_safetensors(spec)?.into(),
+                        optimizer_state: state.into(),
+                    });
+                }
+            }
+            return Ok(out);
+        }
+    }
+    let g = run.compute_shard()?;
+    out.gradients = Some(pb::ShardGradients {
+        rows: g.rows as u32,
+        loss_sum: g.loss_sum,
+        correct: g.correct,
+        data: f32_to_bytes(&g.gradients).into(),
+        compute_ns: started.elapsed().as_nanos() as u64,
+    });
+    Ok(out)
+}
+
+/// Hold one replica of a data-parallel run for as long as the coordinator's stream lasts.
+/// The run goes to the engine thread for each step and comes back (a pointer moves, not
+/// its tensors), so inference on the same device goes on between steps.
+async fn hold_replica(
+    state: Arc<State>,
+    mut commands: tonic::Streaming<pb::ShardCommand>,
+    replies: tokio::sync::mpsc::Sender<Result<pb::ShardReply, Status>>,
+) -> Result<(), Status> {
+    use pb::shard_command::Command;
+    use pb::shard_reply::Reply;
+    let setup = match commands.message().await? {
+        Some(pb::ShardCommand {
+            command: Some(Command::Setup(setup)),
+        }) => setup,
+        _ => {
+            return Err(Status::invalid_argument(
+                "the first message of TrainShard must be a setup",
+            ));
+        }
+    };
+    if setup.world == 0 || setup.world > MAX_REPLICAS || setup.rank >= setup.world {
+        return Err(Status::invalid_argument(format!(
+            "setup.world must be 1 to {MAX_REPLICAS} and setup.rank below it; got rank {} of {}",
+            setup.rank, setup.world
+        )));
+    }
+    let request = setup
+        .run
+        .ok_or_else(|| Status::invalid_argument("setup.run is missing"))?;
+    let role = ShardRole {
+        rank: setup.rank,
+        world: setup.world,
+    };
+    let (run, spec) = prepare_run(&state, &request).await?;
+    let mut run = Some(Box::new(run.into_replica(role)?));
+    let spec = Arc::new(spec);
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    track_run(&state, &cancel);
+    tracing::info!(job = %request.job_id, rank = role.rank, world = role.world, "data-parallel replica ready");
+    if replies
+        .send(Ok(shard_reply(Reply::Ready(pb::ShardReady {}))))
+        .await
+        .is_err()
+    {
+        return Ok(());
+    }
+    while let Some(command) = commands.message().await? {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Status::unavailable(format!(
+                "worker {} is shutting down; the run goes back to the scheduler",
+                state.id
+            )));
+        }
+        let mut taken = run
+            .take()
+            .ok_or_else(|| Status::failed_precondition("the replica's run already finished"))?;
+        let spec = spec.clone();
+        let reply = match command.command {
+            Some(Command::Step(step)) => {
+                let (back, stepped) = state
+                    .engine
+                    .exec(move || {
+                        let stepped = replica_step(&mut taken, &step, role, &spec)?;
+                        Ok((taken, stepped))
+                    })
+                    .await?;
+                run = Some(back);
+                Reply::Stepped(stepped)
+            }
+            Some(Command::Finish(_)) if role.rank == 0 => {
+                let outcome = state.engine.exec(move || taken.finish()).await?;
+                Reply::Result(result_to_proto(&outcome, &spec)?)
+            }
+            Some(Command::Finish(_)) => {
+                return Err(Status::invalid_argument(
+                    "only rank 0 hands over a data-parallel run's result",
+                ));
+            }
+            Some(Command::Setup(_)) | None => {
+                return Err(Status::invalid_argument(
+                    "a replica takes one setup, then steps",
+                ));
+            }
+        };
+        if replies.send(Ok(shard_reply(reply))).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 // === impl Worker ===
@@ -698,6 +860,7 @@ impl Worker for WorkerService {
             queue_ns: reply.queue.as_nanos() as u64,
             compute_ns: reply.compute.as_nanos() as u64,
             batch_rows: reply.batch_rows as u32,
+            queue_depth: batcher.queue_depth() as u32,
         }))
     }
 
@@ -745,6 +908,27 @@ impl Worker for WorkerService {
     }
 
     type TrainStream = TrainStream;
+
+    type TrainShardStream = ShardStream;
+
+    async fn train_shard(
+        &self,
+        request: Request<tonic::Streaming<pb::ShardCommand>>,
+    ) -> Result<Response<Self::TrainShardStream>, Status> {
+        // One reply in flight at a time: the coordinator waits for every replica's answer
+        // before its next command, so a small buffer is all a replica needs.
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let state = self.state.clone();
+        let commands = request.into_inner();
+        tokio::spawn(async move {
+            if let Err(status) = hold_replica(state, commands, tx.clone()).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
 
     async fn train(
         &self,

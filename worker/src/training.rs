@@ -14,6 +14,7 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData, activation};
 use kiln_registry::MlpWeights;
+pub use kiln_registry::parallel::{ShardGradients, ShardRole, shard_range};
 use kiln_registry::spec::{ModelSpec, Standardization, Task};
 pub use kiln_registry::training::{
     Dataset, EarlyStopping, EpochReport, EvaluationReport, JobData, Loss, Optimizer, StopMetric,
@@ -261,6 +262,10 @@ pub struct TrainingRun {
     stopped_early: bool,
     /// Test rows, standardised like the training rows.
     test: Option<Dataset>,
+    /// This run's place in a data-parallel run, when it is one replica of several.
+    shard: Option<ShardRole>,
+    /// The end of the batch whose shard gradients were computed and not yet applied.
+    pending_end: Option<usize>,
 }
 
 impl TrainingRun {
@@ -378,12 +383,26 @@ impl TrainingRun {
             since_best: 0,
             stopped_early: false,
             test,
+            shard: None,
+            pending_end: None,
         })
     }
 
-    /// Train one batch; at an epoch's end, also validate and report.
-    pub fn step(&mut self) -> Result<Step> {
-        let batch_size = self.config.batch_size as usize;
+    /// Make this run one replica of a data-parallel run. Replicas other than rank 0 skip
+    /// validation and early stopping: rank 0 reports and decides for all of them.
+    pub fn into_replica(mut self, role: ShardRole) -> Result<Self> {
+        if role.world == 0 || role.rank >= role.world {
+            return Err(Error::TrainingFailed(format!(
+                "replica rank {} does not fit a run of {} replicas",
+                role.rank, role.world
+            )));
+        }
+        self.shard = Some(role);
+        Ok(self)
+    }
+
+    /// Start the epoch if the cursor is at its beginning: count it, shuffle its rows.
+    fn begin_batch(&mut self) {
         if self.cursor == 0 {
             self.epoch += 1;
             if self.config.shuffle {
@@ -398,6 +417,110 @@ impl TrainingRun {
             self.loss_sum = 0.0;
             self.right = 0;
         }
+    }
+
+    /// Compute this replica's gradients on its shard of the next batch, without changing
+    /// the weights: [`apply_gradients`](Self::apply_gradients) does that once the shards
+    /// are averaged.
+    pub fn compute_shard(&mut self) -> Result<ShardGradients> {
+        let role = self.shard.unwrap_or(ShardRole { rank: 0, world: 1 });
+        if self.pending_end.is_some() {
+            return Err(Error::TrainingFailed(
+                "the last batch's gradients were not applied yet".into(),
+            ));
+        }
+        self.begin_batch();
+        let batch_size = self.config.batch_size as usize;
+        let end = (self.cursor + batch_size).min(self.train_rows.len());
+        let batch = &self.train_rows[self.cursor..end];
+        let mine = &batch[shard_range(batch.len(), role)];
+        self.pending_end = Some(end);
+        if mine.is_empty() {
+            return Ok(ShardGradients {
+                rows: 0,
+                loss_sum: 0.0,
+                correct: 0,
+                gradients: Vec::new(),
+            });
+        }
+        let b = gather(&self.data, mine, self.width, self.label_width);
+        let model = self
+            .model
+            .as_ref()
+            .ok_or_else(|| Error::TrainingFailed("the run already failed".into()))?;
+        let x = Tensor::<2>::from_data(
+            TensorData::new(b.x, [b.rows, self.width]),
+            &self.train_device,
+        );
+        let logits = model.logits(x);
+        let loss = batch_loss(
+            model,
+            self.config.loss,
+            logits.clone(),
+            &b.y,
+            b.rows,
+            &self.train_device,
+        );
+        let value = loss.clone().into_scalar::<f32>();
+        if !value.is_finite() {
+            return Err(Error::TrainingFailed(format!(
+                "the loss became {value} at epoch {}, batch {}; try a lower learning rate or standardised features",
+                self.epoch,
+                self.cursor / batch_size + 1
+            )));
+        }
+        let correct = correct(self.task, &read(logits.detach())?, &b.y, self.outputs).unwrap_or(0);
+        let grads = GradientsParams::from_grads(loss.backward(), model);
+        Ok(ShardGradients {
+            rows: b.rows,
+            loss_sum: f64::from(value) * b.rows as f64,
+            correct: correct as u64,
+            gradients: model.flatten_gradients(&grads),
+        })
+    }
+
+    /// Apply the averaged gradients of the batch [`compute_shard`](Self::compute_shard)
+    /// computed, with the whole batch's loss sum and correct count (every shard's), and
+    /// move on; at an epoch's end, validate (rank 0) and report.
+    pub fn apply_gradients(
+        &mut self,
+        gradients: &[f32],
+        loss_sum: f64,
+        correct: u64,
+    ) -> Result<Step> {
+        let end = self.pending_end.take().ok_or_else(|| {
+            Error::TrainingFailed("gradients arrived before a batch was computed".into())
+        })?;
+        let model = self
+            .model
+            .take()
+            .ok_or_else(|| Error::TrainingFailed("the run already failed".into()))?;
+        let Some(grads) = model.gradients_from_flat(gradients, &self.device) else {
+            let expected = model.parameter_count();
+            self.model = Some(model);
+            return Err(Error::TrainingFailed(format!(
+                "the averaged gradients have {} values; the network has {expected} parameters",
+                gradients.len()
+            )));
+        };
+        self.model = Some(
+            self.optimizer
+                .step(self.config.optimizer.learning_rate(), model, grads),
+        );
+        self.loss_sum += loss_sum;
+        self.right += correct as usize;
+        self.cursor = end;
+        if self.cursor < self.train_rows.len() {
+            return Ok(Step::Batch);
+        }
+        self.cursor = 0;
+        self.end_epoch()
+    }
+
+    /// Train one batch; at an epoch's end, also validate and report.
+    pub fn step(&mut self) -> Result<Step> {
+        let batch_size = self.config.batch_size as usize;
+        self.begin_batch();
         let end = (self.cursor + batch_size).min(self.train_rows.len());
         let b = gather(
             &self.data,
@@ -447,8 +570,13 @@ impl TrainingRun {
 
     fn end_epoch(&mut self) -> Result<Step> {
         let n = self.train_rows.len() as f64;
-        let weights = self.weights();
-        let (validation_loss, validation_accuracy) = if self.validation.is_empty() {
+        let reports = self.shard.is_none_or(|r| r.rank == 0);
+        let weights = if reports {
+            self.weights()
+        } else {
+            MlpWeights { layers: vec![] }
+        };
+        let (validation_loss, validation_accuracy) = if self.validation.is_empty() || !reports {
             (None, None)
         } else {
             let (l, a) = evaluate(
@@ -472,7 +600,7 @@ impl TrainingRun {
         };
         self.history.push(report.clone());
         let mut done = self.epoch >= self.config.epochs;
-        if let Some(stop) = self.config.early_stopping {
+        if let Some(stop) = self.config.early_stopping.filter(|_| reports) {
             // Lower is better for both once accuracy is negated.
             let score = match stop.metric {
                 StopMetric::ValidationLoss => validation_loss.unwrap_or(f64::INFINITY),

@@ -704,3 +704,121 @@ fn a_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_runs_weights() 
     assert_eq!(restarted.history[0].epoch, 4);
     assert_ne!(restarted.weights, whole.weights);
 }
+
+/// Drive `world` replicas of one run the way the scheduler's coordinator does: every
+/// replica computes its shard's gradients, the shards are averaged by their rows, every
+/// replica applies the same average. Returns rank 0's outcome.
+#[allow(clippy::unwrap_used)] // a test helper: a panic is the failure report
+fn data_parallel(
+    spec: &ModelSpec,
+    init: &MlpWeights,
+    rows: &JobData<'_>,
+    cfg: &TrainingConfig,
+    world: u32,
+) -> kiln_worker::training::TrainingOutcome {
+    use kiln_registry::parallel::{average_gradients, f32_from_bytes, f32_to_bytes};
+    use kiln_worker::training::{ShardRole, Step, TrainingRun};
+    let mut replicas: Vec<TrainingRun> = (0..world)
+        .map(|rank| {
+            TrainingRun::new(spec, init, rows, cfg, &Device::flex())
+                .unwrap()
+                .into_replica(ShardRole { rank, world })
+                .unwrap()
+        })
+        .collect();
+    loop {
+        let shards: Vec<_> = replicas
+            .iter_mut()
+            .map(|r| r.compute_shard().unwrap())
+            .collect();
+        let bytes: Vec<Vec<u8>> = shards.iter().map(|s| f32_to_bytes(&s.gradients)).collect();
+        let parts: Vec<(usize, &[u8])> = shards
+            .iter()
+            .zip(&bytes)
+            .map(|(s, b)| (s.rows, b.as_slice()))
+            .collect();
+        let average = f32_from_bytes("average", &average_gradients(&parts).unwrap()).unwrap();
+        let loss_sum: f64 = shards.iter().map(|s| s.loss_sum).sum();
+        let correct: u64 = shards.iter().map(|s| s.correct).sum();
+        let steps: Vec<Step> = replicas
+            .iter_mut()
+            .map(|r| r.apply_gradients(&average, loss_sum, correct).unwrap())
+            .collect();
+        if matches!(steps[0], Step::Done(_)) {
+            return replicas.swap_remove(0).finish().unwrap();
+        }
+    }
+}
+
+#[test]
+fn two_and_three_replicas_train_the_weights_of_one_worker() {
+    // 263 rows, 20% held out: 210 training rows in batches of 16, the last of 2 rows —
+    // with 3 replicas one shard of it is empty, and no batch divides by 3 evenly.
+    let data = sum_above_five(263, 77);
+    let spec = spec(10, vec![12, 6], 1, Task::BinaryClassification);
+    let init = MlpWeights::seeded(&spec, 5);
+    let cfg = TrainingConfig {
+        standardize: true,
+        ..config(8, 16, Loss::BinaryCrossEntropy, adam(0.01))
+    };
+    let rows = JobData::train_only(&data);
+    let single = train(&spec, &init, &rows, &cfg, &Device::flex(), &never(), |_| {}).unwrap();
+    let last = single.history.last().unwrap();
+    // The run learned something, so equal weights mean something.
+    assert!(last.validation_accuracy.unwrap() > 0.7, "{last:?}");
+    for world in [1, 2, 3] {
+        let parallel = data_parallel(&spec, &init, &rows, &cfg, world);
+        assert_eq!(
+            parallel.history.len(),
+            single.history.len(),
+            "{world} replicas"
+        );
+        for (a, b) in parallel.weights.layers.iter().zip(&single.weights.layers) {
+            for (x, y) in a
+                .weight
+                .iter()
+                .chain(&a.bias)
+                .zip(b.weight.iter().chain(&b.bias))
+            {
+                assert!((x - y).abs() < 1e-4, "{world} replicas: weight {x} vs {y}");
+            }
+        }
+        let p = parallel.history.last().unwrap();
+        assert_eq!(
+            p.validation_accuracy, last.validation_accuracy,
+            "{world} replicas"
+        );
+        assert!(
+            (p.train_loss - last.train_loss).abs() < 1e-5,
+            "{world} replicas"
+        );
+    }
+    // A replica that skipped the update would drift: the check above is not vacuous.
+    let mut wrong = cfg.clone();
+    wrong.seed = 6;
+    let other = data_parallel(&spec, &init, &rows, &wrong, 2);
+    assert_ne!(other.weights, single.weights);
+}
+
+#[test]
+fn replicas_refuse_a_bad_role_and_mismatched_gradients() {
+    use kiln_worker::training::{ShardRole, TrainingRun};
+    let data = sum_above_five(40, 3);
+    let spec = spec(10, vec![4], 1, Task::BinaryClassification);
+    let init = MlpWeights::seeded(&spec, 1);
+    let cfg = config(2, 8, Loss::BinaryCrossEntropy, adam(0.01));
+    let rows = JobData::train_only(&data);
+    let run = || TrainingRun::new(&spec, &init, &rows, &cfg, &Device::flex()).unwrap();
+    let e = run()
+        .into_replica(ShardRole { rank: 2, world: 2 })
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("rank 2"), "{e}");
+    let mut replica = run().into_replica(ShardRole { rank: 0, world: 2 }).unwrap();
+    let e = replica.apply_gradients(&[0.0; 3], 0.0, 0).unwrap_err();
+    assert!(e.to_string().contains("before a batch"), "{e}");
+    let shard = replica.compute_shard().unwrap();
+    assert_eq!(shard.rows, 4);
+    let e = replica.apply_gradients(&[0.0; 3], 0.0, 0).unwrap_err();
+    assert!(e.to_string().contains("3 values"), "{e}");
+}
