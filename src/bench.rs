@@ -10,7 +10,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use kiln_gateway::GatewayConfig;
 use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use kiln_proto::inference::model_infer_request::InferInputTensor;
+use kiln_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use kiln_proto::inference::{ModelInferRequest, ModelReadyRequest};
 use kiln_proto::kiln::internal::v1 as internal;
 use kiln_proto::kiln::internal::v1::worker_client::WorkerClient;
@@ -377,6 +377,8 @@ pub struct OipLoad {
     pub input: String,
     /// FP32 features per row.
     pub width: usize,
+    /// An output to ask for by name (None: the server's default outputs).
+    pub output: Option<String>,
     /// Concurrent callers to try (each with a connection of its own).
     pub concurrency: Vec<usize>,
     /// Rows per request to try.
@@ -403,6 +405,14 @@ pub async fn run_oip(load: OipLoad) -> anyhow::Result<Vec<serde_json::Value>> {
                 ..Default::default()
             }],
             raw_input_contents: vec![Bytes::from(raw)],
+            outputs: load
+                .output
+                .iter()
+                .map(|name| InferRequestedOutputTensor {
+                    name: name.clone(),
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         };
         // The first answer must be a success: a misconfigured target is an error, not a

@@ -181,6 +181,9 @@ enum Command {
         /// FP32 features per row.
         #[arg(long, default_value_t = 10)]
         width: usize,
+        /// Ask for this output by name (e.g. predict_proba from MLServer's sklearn runtime).
+        #[arg(long)]
+        output: Option<String>,
         /// Concurrent callers, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
         concurrency: Vec<usize>,
@@ -574,18 +577,23 @@ async fn main() -> std::process::ExitCode {
     let result: anyhow::Result<()> = async {
         match cli.command {
             Command::Up(args) => up(args).await,
-            Command::BenchOip { addr, model, input, width, concurrency, batch, seconds } => {
+            Command::BenchOip { addr, model, input, width, output, concurrency, batch, seconds } => {
                 anyhow::ensure!(seconds > 0, "--seconds must be at least 1");
                 anyhow::ensure!(width > 0, "--width must be at least 1");
                 anyhow::ensure!(
-                    concurrency.iter().chain(&batch).all(|n| (1..=4096).contains(n)),
-                    "--concurrency and --batch take values from 1 to 4096"
+                    concurrency.iter().all(|n| (1..=4096).contains(n)),
+                    "--concurrency takes values from 1 to 4096"
+                );
+                anyhow::ensure!(
+                    batch.iter().all(|n| (1..=1 << 20).contains(n)),
+                    "--batch takes values from 1 to 1048576"
                 );
                 let load = kiln::bench::OipLoad {
                     addr,
                     model,
                     input,
                     width,
+                    output,
                     concurrency,
                     batch,
                     duration: std::time::Duration::from_secs(seconds),

@@ -80,6 +80,7 @@ impl Shared {
         let deployment = view.deployment(&key.model);
         let batching = deployment.batching;
         let result = async {
+            let decoding = Instant::now();
             check_requested_outputs(&req, &signature.output_name)?;
             let features = decode_input(
                 &req,
@@ -91,6 +92,7 @@ impl Shared {
                         * batching.max_queue_size.max(1) as usize,
                 },
             )?;
+            let input = decoding.elapsed();
             let sharding = Sharding {
                 threshold: deployment
                     .shard_rows
@@ -108,6 +110,7 @@ impl Shared {
                 id: req.id.clone(),
                 ..Default::default()
             };
+            let encoding = Instant::now();
             encode_output(
                 &mut response,
                 &signature.output_name,
@@ -116,25 +119,25 @@ impl Shared {
                 answer.outputs,
                 features.raw,
             );
-            Ok::<_, Error>((
-                response,
-                features.rows,
-                answer.queue_ns,
-                answer.compute_ns,
-                answer.batch_rows,
-            ))
+            let success = Success {
+                total: Duration::ZERO,
+                queue: Duration::from_nanos(answer.queue_ns),
+                input,
+                compute: Duration::from_nanos(answer.compute_ns),
+                output: encoding.elapsed(),
+                rows: features.rows as u64,
+                batch_rows: u64::from(answer.batch_rows),
+            };
+            Ok::<_, Error>((response, success))
         }
         .await;
         match result {
-            Ok((response, rows, queue_ns, compute_ns, batch_rows)) => {
+            Ok((response, success)) => {
                 self.stats.success(
                     &key,
                     Success {
                         total: started.elapsed(),
-                        queue: Duration::from_nanos(queue_ns),
-                        compute: Duration::from_nanos(compute_ns),
-                        rows: rows as u64,
-                        batch_rows: batch_rows as u64,
+                        ..success
                     },
                 );
                 Ok(response)

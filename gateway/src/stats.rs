@@ -32,12 +32,14 @@ struct VersionStats {
     success: Counter,
     fail: Counter,
     queue: Counter,
+    compute_input: Counter,
     compute_infer: Counter,
+    compute_output: Counter,
     inference_count: u64,
     execution_count: u64,
     last_inference: u64,
-    /// Executions by the batch size they ran at.
-    batches: BTreeMap<u64, Counter>,
+    /// Executions by the batch size they ran at: input, infer, output.
+    batches: BTreeMap<u64, [Counter; 3]>,
 }
 
 /// What one successful request measured.
@@ -46,8 +48,12 @@ pub struct Success {
     pub total: Duration,
     /// Waiting in the worker's batcher.
     pub queue: Duration,
+    /// Decoding and checking its input tensor, in the gateway.
+    pub input: Duration,
     /// Its batch's forward pass.
     pub compute: Duration,
+    /// Encoding its output tensor, in the gateway.
+    pub output: Duration,
     /// Rows in the request.
     pub rows: u64,
     /// Rows in the batch it rode in.
@@ -67,11 +73,16 @@ impl Stats {
         let v = map.entry(key.clone()).or_default();
         v.success.add(s.total);
         v.queue.add(s.queue);
+        v.compute_input.add(s.input);
         v.compute_infer.add(s.compute);
+        v.compute_output.add(s.output);
         v.inference_count += s.rows;
         v.execution_count += 1;
         v.last_inference = now_unix_ms();
-        v.batches.entry(s.batch_rows).or_default().add(s.compute);
+        let batch = v.batches.entry(s.batch_rows).or_default();
+        batch[0].add(s.input);
+        batch[1].add(s.compute);
+        batch[2].add(s.output);
     }
 
     /// Record a failure.
@@ -95,20 +106,22 @@ impl Stats {
                 success: v.success.proto(),
                 fail: v.fail.proto(),
                 queue: v.queue.proto(),
-                compute_input: Counter::default().proto(),
+                // The three phases count the same requests (clients such as
+                // perf_analyzer check that they do).
+                compute_input: v.compute_input.proto(),
                 compute_infer: v.compute_infer.proto(),
-                compute_output: Counter::default().proto(),
+                compute_output: v.compute_output.proto(),
                 cache_hit: Counter::default().proto(),
                 cache_miss: Counter::default().proto(),
             }),
             batch_stats: v
                 .batches
                 .iter()
-                .map(|(size, c)| oip::InferBatchStatistics {
+                .map(|(size, [input, infer, output])| oip::InferBatchStatistics {
                     batch_size: *size,
-                    compute_input: Counter::default().proto(),
-                    compute_infer: c.proto(),
-                    compute_output: Counter::default().proto(),
+                    compute_input: input.proto(),
+                    compute_infer: infer.proto(),
+                    compute_output: output.proto(),
                 })
                 .collect(),
         }

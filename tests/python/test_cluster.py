@@ -406,10 +406,12 @@ def test_a_data_parallel_job_goes_on_with_the_workers_left(multi, tmp_path):
     if DEVICE != "cpu":
         pytest.skip("the data-parallel path is the same on every device; on lavapipe this "
                     "job would take minutes")
-    for name in ("w5", "w6"):
-        multi.start(name, "worker", "--id", name, "--device", DEVICE)
-    deadline = time.monotonic() + 30
-    while len(multi.records("workers/")) < 3:
+    # Exactly three live workers, so that after the loss the job has two.
+    for name in ("w5", "w6", "w7"):
+        if sum(1 for n in multi.procs if n.startswith("w")) < 3:
+            multi.start(name, "worker", "--id", name, "--device", DEVICE)
+    deadline = time.monotonic() + TTL + 10
+    while len(multi.records("workers/")) != 3:  # a killed worker's lease lapses meanwhile
         assert time.monotonic() < deadline, multi.records("workers/")
         time.sleep(0.05)
     rng = np.random.default_rng(9)
