@@ -13,15 +13,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kiln_proto::kiln::internal::v1 as pb;
 use kiln_proto::kiln::internal::v1::worker_client::WorkerClient;
+use kiln_proto::local::Transport;
 use kiln_registry::WatchedView;
 use kiln_registry::records::VersionKey;
 use kiln_scheduler::plan::{ReplicaLoad, choose_replica, mix64, plan_shards};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::{Error, Result};
 
 struct Replica {
-    client: WorkerClient<Channel>,
+    client: WorkerClient<Transport>,
     load: Arc<Load>,
 }
 
@@ -72,7 +73,7 @@ impl Router {
         }
     }
 
-    fn replica(&self, address: &str) -> Result<(WorkerClient<Channel>, Arc<Load>)> {
+    fn replica(&self, address: &str) -> Result<(WorkerClient<Transport>, Arc<Load>)> {
         let mut map = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = map.get(address) {
             return Ok((r.client.clone(), r.load.clone()));
@@ -81,7 +82,9 @@ impl Router {
             .map_err(|e| Error::Internal(format!("worker address {address}: {e}")))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(2));
-        let client = WorkerClient::new(endpoint.connect_lazy())
+        // A worker in this process is called without a socket (see `kiln_proto::local`).
+        let transport = kiln_proto::local::transport(address, || endpoint.connect_lazy());
+        let client = WorkerClient::new(transport)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);
         let load = Arc::new(Load::default());
@@ -111,7 +114,7 @@ impl Router {
     }
 
     /// A client for the worker at `address` (the channel routing uses).
-    pub fn worker_client(&self, address: &str) -> Result<WorkerClient<Channel>> {
+    pub fn worker_client(&self, address: &str) -> Result<WorkerClient<Transport>> {
         self.replica(address).map(|(client, _)| client)
     }
 

@@ -166,9 +166,12 @@ pub async fn serve(
     })
     .max_decoding_message_size(256 * 1024 * 1024)
     .max_encoding_message_size(256 * 1024 * 1024);
+    // A gateway in this process (`kiln up`) calls the same service without a socket.
+    kiln_proto::local::register(&state.address, service.clone());
     let stop_state = state.clone();
     let on_shutdown = async move {
         shutdown.await;
+        kiln_proto::local::unregister(&stop_state.address);
         health_reporter
             .set_not_serving::<WorkerServer<WorkerService>>()
             .await;
