@@ -142,24 +142,31 @@ def serve_kiln(work, model_dir, tag, workers=1):
 
 def serving(work, model_dir):
     results = []
-    # Kiln: one worker, defaults otherwise (max_batch_size 64, no queue delay).
+    # Kiln: one worker, defaults otherwise (max_batch_size 64, no queue delay); and the
+    # floor: a tonic server answering canned responses of the same size. Both stay up
+    # (each idle while the other is measured) for the alternating rounds below.
     kiln = serve_kiln(work, model_dir, "serving")
-    try:
-        check_answers(kiln, model_dir)
-        results += load(kiln)
-    finally:
-        kiln.stop()
-
-    # The floor: a tonic server answering canned responses of the same size.
     port = free_port()
     floor = Server("tonic floor", [KILN, "bench-floor", "--listen", f"127.0.0.1:{port}",
                                    "--model", "mlp"], f"127.0.0.1:{port}",
                    open(work / "floor.log", "wb"))
+    rounds = []
     try:
+        check_answers(kiln, model_dir)
         floor.wait_ready("mlp")
+        results += load(kiln)
         results += load(floor)
+        # Runs on this machine vary by ±20%: the floor target is judged on rounds that
+        # alternate the two at concurrency 32, batch 1, by the median ratio.
+        for _ in range(5):
+            (k,) = load(kiln, concurrency=[32], batch=[1])
+            (f,) = load(floor, concurrency=[32], batch=[1])
+            rounds.append({"kiln": k["requests_per_s"], "floor": f["requests_per_s"],
+                           "ratio": k["requests_per_s"] / f["requests_per_s"]})
     finally:
+        kiln.stop()
         floor.stop()
+    results.append({"server": "alternating rounds", "rounds": rounds})
 
     # MLServer with its scikit-learn runtime, one inference worker (its default).
     mdir = work / "mlserver"
@@ -283,6 +290,8 @@ def fmt(cells, keys):
 
 
 def report(meta, serve, shards, dp):
+    rounds = next(c["rounds"] for c in serve if c["server"] == "alternating rounds")
+    serve = [c for c in serve if c["server"] != "alternating rounds"]
     by = {(c["server"], c["concurrency"], c["batch"]): c for c in serve}
     lines = [f"Run {meta['date']} by `bench/serving/run.sh`: {meta['cpu']}, {meta['memory_gib']} GiB, "
              f"{meta['os']}; {meta['kiln']}, MLServer {meta['mlserver']} (scikit-learn "
@@ -299,13 +308,19 @@ def report(meta, serve, shards, dp):
         ("errors", lambda c: str(c["errors"]))]))
     k = by.get(("Kiln", 32, 1))
     targets = []
-    for other, want in (("MLServer", 10.0), ("Triton (PyTriton)", 5.0), ("tonic floor", 0.6)):
+    for other, want in (("MLServer", 10.0), ("Triton (PyTriton)", 5.0)):
         o = by.get((other, 32, 1))
         if k and o and o["requests_per_s"] > 0:
             ratio = k["requests_per_s"] / o["requests_per_s"]
             verdict = "met" if ratio >= want else "NOT met"
             targets.append(f"- Kiln / {other} at concurrency 32, batch 1: **{ratio:.2f}×** "
                            f"(target {want:g}×: {verdict})")
+    ratios = sorted(r["ratio"] for r in rounds)
+    median = ratios[len(ratios) // 2]
+    each = "; ".join(f"{r['kiln']:.0f} / {r['floor']:.0f}" for r in rounds)
+    targets.append(f"- Kiln / tonic floor at concurrency 32, batch 1, median of {len(rounds)} "
+                   f"alternating rounds ({each} requests/s): **{median:.2f}×** "
+                   f"(target 0.6×: {'met' if median >= 0.6 else 'NOT met'})")
     lines.append("\n### Against the targets\n")
     lines.append("\n".join(targets) + "\n")
     lines.append("\n### One 8,192-row request across two workers (concurrency 1)\n")
