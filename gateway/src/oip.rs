@@ -76,6 +76,7 @@ impl Shared {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (entry, version) = view.resolve_request(&req.model_name, &req.model_version, ticket)?;
         let key = version.key();
+        let _in_flight = self.stats.in_flight(&key);
         let signature = &entry.record.signature;
         let deployment = view.deployment(&key.model);
         let batching = deployment.batching;

@@ -27,6 +27,90 @@ impl Counter {
     }
 }
 
+/// Upper bounds of the latency histograms, seconds: 100 µs to 10 s.
+const SECONDS_BOUNDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Upper bounds of the batch-size histogram, rows: powers of two to 65,536.
+const ROWS_BOUNDS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+    16384.0, 32768.0, 65536.0,
+];
+
+/// A Prometheus histogram: counts per bucket (not cumulative; cumulated when written).
+#[derive(Clone)]
+struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    /// Observations above the last bound.
+    over: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len()],
+            over: 0,
+            sum: 0.0,
+        }
+    }
+
+    fn observe(&mut self, value: f64) {
+        self.sum += value;
+        match self.bounds.iter().position(|b| value <= *b) {
+            Some(i) => self.counts[i] += 1,
+            None => self.over += 1,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.counts.iter().sum::<u64>() + self.over
+    }
+
+    /// The `_bucket`, `_sum` and `_count` lines, after `labels` (already formatted).
+    fn write(&self, out: &mut String, name: &str, labels: &str) {
+        use std::fmt::Write;
+        let mut cumulative = 0;
+        for (bound, n) in self.bounds.iter().zip(&self.counts) {
+            cumulative += n;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels},le=\"+Inf\"}} {}",
+            self.count()
+        );
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count());
+    }
+}
+
+/// The histograms of one version.
+struct Histograms {
+    /// End to end through the gateway, successes.
+    success: Histogram,
+    /// End to end through the gateway, failures.
+    failure: Histogram,
+    /// Waiting in a worker's batcher.
+    queue: Histogram,
+    /// Rows in the batch a request rode in.
+    batch: Histogram,
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        Self {
+            success: Histogram::new(SECONDS_BOUNDS),
+            failure: Histogram::new(SECONDS_BOUNDS),
+            queue: Histogram::new(SECONDS_BOUNDS),
+            batch: Histogram::new(ROWS_BOUNDS),
+        }
+    }
+}
+
 #[derive(Default)]
 struct VersionStats {
     success: Counter,
@@ -40,6 +124,18 @@ struct VersionStats {
     last_inference: u64,
     /// Executions by the batch size they ran at: input, infer, output.
     batches: BTreeMap<u64, [Counter; 3]>,
+    histograms: Histograms,
+    /// Requests being answered now.
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Counts a request as in flight until dropped.
+pub struct InFlight(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What one successful request measured.
@@ -67,6 +163,14 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Count a request to `key` as in flight while the returned guard lives.
+    pub fn in_flight(&self, key: &VersionKey) -> InFlight {
+        let mut map = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        let gauge = map.entry(key.clone()).or_default().in_flight.clone();
+        gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(gauge)
+    }
+
     /// Record a success.
     pub fn success(&self, key: &VersionKey, s: Success) {
         let mut map = self.versions.lock().unwrap_or_else(|p| p.into_inner());
@@ -83,12 +187,18 @@ impl Stats {
         batch[0].add(s.input);
         batch[1].add(s.compute);
         batch[2].add(s.output);
+        let h = &mut v.histograms;
+        h.success.observe(s.total.as_secs_f64());
+        h.queue.observe(s.queue.as_secs_f64());
+        h.batch.observe(s.batch_rows as f64);
     }
 
     /// Record a failure.
     pub fn failure(&self, key: &VersionKey, total: Duration) {
         let mut map = self.versions.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(key.clone()).or_default().fail.add(total);
+        let v = map.entry(key.clone()).or_default();
+        v.fail.add(total);
+        v.histograms.failure.observe(total.as_secs_f64());
     }
 
     /// The statistics of one version (zeros if it never served).
@@ -134,6 +244,13 @@ type Family = (
     &'static str,
     &'static str,
     fn(&VersionStats) -> Vec<(&'static str, f64)>,
+);
+
+/// A histogram family: name, help, and the histograms of one version by outcome.
+type HistogramFamily = (
+    &'static str,
+    &'static str,
+    fn(&Histograms) -> Vec<(&'static str, &Histogram)>,
 );
 
 impl Stats {
@@ -198,6 +315,108 @@ impl Stats {
                 }
             }
         }
+        let histograms: [HistogramFamily; 3] = [
+            (
+                "kiln_gateway_request_duration_seconds",
+                "Time to answer a request, end to end through the gateway, by outcome.",
+                |h| vec![("success", &h.success), ("failure", &h.failure)],
+            ),
+            (
+                "kiln_gateway_queue_wait_seconds",
+                "Time successful requests waited in a worker's batcher.",
+                |h| vec![("", &h.queue)],
+            ),
+            (
+                "kiln_gateway_batch_rows",
+                "Rows in the batch each successful request rode in (its own and others').",
+                |h| vec![("", &h.batch)],
+            ),
+        ];
+        for (name, help, parts) in histograms {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for key in &keys {
+                for (outcome, h) in parts(&map[*key].histograms) {
+                    let mut labels = format!(
+                        "model=\"{}\",version=\"{}\"",
+                        kiln_proto::metrics::label(&key.model),
+                        key.version
+                    );
+                    if !outcome.is_empty() {
+                        let _ = write!(labels, ",outcome=\"{outcome}\"");
+                    }
+                    h.write(&mut out, name, &labels);
+                }
+            }
+        }
+        let name = "kiln_gateway_in_flight_requests";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Requests being answered now.\n# TYPE {name} gauge"
+        );
+        for key in &keys {
+            let _ = writeln!(
+                out,
+                "{name}{{model=\"{}\",version=\"{}\"}} {}",
+                kiln_proto::metrics::label(&key.model),
+                key.version,
+                map[*key]
+                    .in_flight
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative_and_count_every_observation() {
+        let stats = Stats::default();
+        let key = VersionKey {
+            model: "m".into(),
+            version: 2,
+        };
+        for ms in [0.05, 0.3, 0.3, 7.0, 20_000.0] {
+            stats.failure(&key, Duration::from_secs_f64(ms / 1e3));
+        }
+        let guard = stats.in_flight(&key);
+        let text = stats.prometheus();
+        let line = |l: &str| text.lines().any(|x| x == l);
+        let name = "kiln_gateway_request_duration_seconds";
+        let labels = "model=\"m\",version=\"2\",outcome=\"failure\"";
+        assert!(
+            line(&format!("{name}_bucket{{{labels},le=\"0.0001\"}} 1")),
+            "{text}"
+        );
+        assert!(
+            line(&format!("{name}_bucket{{{labels},le=\"0.0005\"}} 3")),
+            "{text}"
+        );
+        assert!(
+            line(&format!("{name}_bucket{{{labels},le=\"0.01\"}} 4")),
+            "{text}"
+        );
+        assert!(
+            line(&format!("{name}_bucket{{{labels},le=\"10\"}} 4")),
+            "{text}"
+        );
+        assert!(
+            line(&format!("{name}_bucket{{{labels},le=\"+Inf\"}} 5")),
+            "{text}"
+        );
+        assert!(line(&format!("{name}_count{{{labels}}} 5")), "{text}");
+        assert!(line(
+            "kiln_gateway_in_flight_requests{model=\"m\",version=\"2\"} 1"
+        ));
+        drop(guard);
+        assert!(
+            stats
+                .prometheus()
+                .lines()
+                .any(|x| x == "kiln_gateway_in_flight_requests{model=\"m\",version=\"2\"} 0")
+        );
     }
 }

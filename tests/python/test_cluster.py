@@ -181,8 +181,22 @@ def test_each_process_serves_prometheus_metrics(multi):
     x = np.ones((1, 10), np.float32)
     for _ in range(17):
         infer(multi.gateway, x)
+    durations = ("kiln_gateway_request_duration_seconds_count",
+                 (("model", "m"), ("outcome", "success"), ("version", "1")))
+    before_histogram = scrape(multi.metrics["gateway"]).get(durations, 0)
+    for _ in range(17):
+        infer(multi.gateway, x)
     after = scrape(multi.metrics["gateway"])
-    assert after[key] - before == 17
+    assert after[key] - before == 34
+    # The histogram saw every request, its buckets are cumulative and end at its count.
+    assert after[durations] - before_histogram == 17
+    labels = (("model", "m"), ("outcome", "success"), ("version", "1"))
+    buckets = sorted((float(dict(k[1])["le"]), v) for k, v in after.items()
+                     if k[0] == "kiln_gateway_request_duration_seconds_bucket"
+                     and tuple(p for p in k[1] if p[0] != "le") == labels)
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets), buckets
+    assert buckets[-1] == (float("inf"), after[durations])
+    assert after[("kiln_gateway_in_flight_requests", (("model", "m"), ("version", "1")))] == 0
     assert after[("kiln_gateway_rows_total", (("model", "m"), ("version", "1")))] >= 17
     worker = scrape(multi.metrics["w0"])
     assert worker[("kiln_worker_registered", ())] == 1

@@ -1,0 +1,47 @@
+"""Logs: human-readable by default, one JSON object a line with `--log-format json`."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from conftest import KILN
+
+
+def run_up(tmp_path, *flags):
+    addr_file = tmp_path / "addr"
+    err = open(tmp_path / "stderr", "wb")
+    proc = subprocess.Popen(
+        [KILN, "up", "--grpc-addr", "127.0.0.1:0", "--workers", "1", "--device",
+         os.environ.get("KILN_TEST_DEVICE", "cpu"), "--data-dir", str(tmp_path / "data"),
+         "--addr-file", str(addr_file), *flags],
+        stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 60
+    while not addr_file.exists() or not addr_file.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "kiln up did not start"
+        time.sleep(0.05)
+    # The demo model is loaded once the worker logged it.
+    while b"model loaded" not in (tmp_path / "stderr").read_bytes():
+        assert time.monotonic() < deadline, (tmp_path / "stderr").read_text()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    return (tmp_path / "stderr").read_text().splitlines()
+
+
+def test_json_logs_are_one_object_a_line_with_level_target_and_fields(tmp_path):
+    lines = run_up(tmp_path, "--log-format", "json")
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert records, "no log lines"
+    for r in records:
+        assert r["level"] in ("TRACE", "DEBUG", "INFO", "WARN", "ERROR"), r
+        assert r["target"] and r["timestamp"], r
+    loaded = [r for r in records if r["fields"].get("message") == "model loaded"]
+    assert loaded and loaded[0]["fields"]["version"] == "demo-mlp:1", records
+
+
+def test_text_logs_are_for_people(tmp_path):
+    lines = run_up(tmp_path)
+    assert any("model loaded" in line and "demo-mlp:1" in line for line in lines), lines
+    assert not any(line.startswith("{") for line in lines), lines
