@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
+use kiln_gateway::oip::fp32_tensor;
 use kiln_proto::inference as oip;
 use kiln_proto::inference::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
@@ -75,14 +76,6 @@ impl Floor {
     }
 }
 
-fn tensor(name: &str, width: usize) -> oip::model_metadata_response::TensorMetadata {
-    oip::model_metadata_response::TensorMetadata {
-        name: name.into(),
-        datatype: "FP32".into(),
-        shape: vec![-1, width as i64],
-    }
-}
-
 #[tonic::async_trait]
 impl GrpcInferenceService for Floor {
     async fn server_live(
@@ -127,8 +120,8 @@ impl GrpcInferenceService for Floor {
             name: self.config.model.clone(),
             versions: vec!["1".into()],
             platform: "kiln_floor".into(),
-            inputs: vec![tensor("input", self.config.inputs)],
-            outputs: vec![tensor("output", self.config.outputs)],
+            inputs: vec![fp32_tensor("input", self.config.inputs)],
+            outputs: vec![fp32_tensor("output", self.config.outputs)],
         }))
     }
 

@@ -151,7 +151,8 @@ impl Shared {
     }
 }
 
-fn tensor(name: &str, width: usize) -> TensorMetadata {
+/// ModelMetadata's description of an FP32 `[batch, width]` tensor.
+pub fn fp32_tensor(name: &str, width: usize) -> TensorMetadata {
     TensorMetadata {
         name: name.to_owned(),
         datatype: "FP32".into(),
@@ -212,8 +213,8 @@ impl GrpcInferenceService for InferenceService {
             name: r.name.clone(),
             versions: entry.versions.keys().map(|v| v.to_string()).collect(),
             platform: "kiln_burn".into(),
-            inputs: vec![tensor(&r.signature.input_name, r.spec.input_width())],
-            outputs: vec![tensor(&r.signature.output_name, r.spec.output_width())],
+            inputs: vec![fp32_tensor(&r.signature.input_name, r.spec.input_width())],
+            outputs: vec![fp32_tensor(&r.signature.output_name, r.spec.output_width())],
         }))
     }
 

@@ -61,6 +61,70 @@ fn worker_gone(s: &Status) -> bool {
     )
 }
 
+/// Connect to the worker at `address`. The outer error is a bad address (a job error);
+/// the inner one says why the worker could not be reached (the worker is lost).
+async fn connect(
+    address: &str,
+) -> Result<Result<WorkerClient<tonic::transport::Channel>, String>, Status> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| Status::internal(e.to_string()))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5));
+    Ok(match endpoint.connect().await {
+        Ok(channel) => Ok(WorkerClient::new(channel)
+            .max_decoding_message_size(256 * 1024 * 1024)
+            .max_encoding_message_size(256 * 1024 * 1024)),
+        Err(e) => Err(format!("unreachable: {e}")),
+    })
+}
+
+/// One message read from a worker's stream: the message, or (inner error) why the worker
+/// counts as lost — its stream ended before `awaited`, or it went away; any other failure
+/// is the job's (outer error).
+fn received<T>(
+    message: Result<Option<T>, Status>,
+    awaited: &str,
+) -> Result<Result<T, String>, Status> {
+    match message {
+        Ok(Some(m)) => Ok(Ok(m)),
+        Ok(None) => Ok(Err(format!("it ended the run without {awaited}"))),
+        Err(s) if worker_gone(&s) => Ok(Err(s.message().to_owned())),
+        Err(s) => Err(s),
+    }
+}
+
+/// One replica of a data-parallel run, as the coordinator holds it.
+struct Replica {
+    /// The worker's id.
+    id: String,
+    /// Commands to it.
+    commands: tokio::sync::mpsc::Sender<internal::ShardCommand>,
+    /// Its answers.
+    replies: tonic::Streaming<internal::ShardReply>,
+}
+
+/// The next answer of every replica, read at once. A replica that is gone (or answers
+/// nothing) loses the run: its id and the reason.
+async fn replies(
+    replicas: &mut [Replica],
+) -> Result<Result<Vec<internal::shard_reply::Reply>, (String, String)>, Status> {
+    let answers = futures::future::join_all(replicas.iter_mut().map(|r| r.replies.message())).await;
+    let mut out = Vec::with_capacity(answers.len());
+    for (r, answer) in replicas.iter().zip(answers) {
+        match received(answer, "an answer")? {
+            Ok(internal::ShardReply { reply: Some(reply) }) => out.push(reply),
+            Ok(_) => {
+                return Ok(Err((
+                    r.id.clone(),
+                    "it ended the run without an answer".into(),
+                )));
+            }
+            Err(reason) => return Ok(Err((r.id.clone(), reason))),
+        }
+    }
+    Ok(Ok(out))
+}
+
 /// A job this coordinator is running.
 struct Running {
     events: broadcast::Sender<pb::TrainingEvent>,
@@ -793,7 +857,6 @@ impl TrainingCoordinator {
         spec: &ModelSpec,
         lost: &[String],
     ) -> Result<Attempt, Status> {
-        use pb::training_event::Event;
         // A job stays queued until a worker is there (e.g. right after start-up), bounded.
         let view = self
             .view
@@ -806,32 +869,20 @@ impl TrainingCoordinator {
             return self.attempt_parallel(job, spec, lost).await;
         }
         // The worker running the fewest jobs right now (all equal: the first by id).
-        let busy = self.busy();
-        let worker = view
-            .workers
-            .values()
-            .filter(|w| !lost.contains(&w.id))
-            .min_by_key(|w| (busy.get(&w.id).copied().unwrap_or(0), w.id.clone()))
-            .ok_or_else(|| Status::unavailable("no worker is available to train"))?
-            .clone();
+        let worker = self
+            .least_busy(&view, lost)
+            .into_iter()
+            .next()
+            .ok_or_else(|| Status::unavailable("no worker is available to train"))?;
         let request = self.run_request(job, spec, &view).await?;
         let lost_worker = |reason: String| Attempt::WorkerLost {
             worker: worker.id.clone(),
             reason,
         };
-        let channel =
-            match tonic::transport::Endpoint::from_shared(format!("http://{}", worker.address))
-                .map_err(|e| Status::internal(e.to_string()))?
-                .connect_timeout(Duration::from_secs(5))
-                .connect()
-                .await
-            {
-                Ok(channel) => channel,
-                Err(e) => return Ok(lost_worker(format!("unreachable: {e}"))),
-            };
-        let mut client = WorkerClient::new(channel)
-            .max_decoding_message_size(256 * 1024 * 1024)
-            .max_encoding_message_size(256 * 1024 * 1024);
+        let mut client = match connect(&worker.address).await? {
+            Ok(client) => client,
+            Err(reason) => return Ok(lost_worker(reason)),
+        };
         let mut stream = match client.train(request).await {
             Ok(response) => response.into_inner(),
             Err(s) if worker_gone(&s) => return Ok(lost_worker(s.message().to_owned())),
@@ -839,17 +890,13 @@ impl TrainingCoordinator {
         };
         self.started(job, std::slice::from_ref(&worker.id)).await?;
         loop {
-            let message = match stream.message().await {
-                Ok(Some(message)) => message,
-                Ok(None) => return Ok(lost_worker("it ended the run without a result".into())),
-                Err(s) if worker_gone(&s) => return Ok(lost_worker(s.message().to_owned())),
-                Err(s) => return Err(s),
+            let message = match received(stream.message().await, "a result")? {
+                Ok(message) => message,
+                Err(reason) => return Ok(lost_worker(reason)),
             };
             match message.progress {
                 Some(internal::train_progress::Progress::Epoch(m)) => {
-                    job.history.push(epoch_from_proto(&m));
-                    self.registry.put_job(job).await.map_err(status)?;
-                    self.publish(&job.id, event(JobState::Running, Event::Epoch(m)));
+                    self.epoch_ended(job, m).await?;
                 }
                 Some(internal::train_progress::Progress::Checkpoint(c)) => {
                     self.store_checkpoint(job, spec, c).await?;
@@ -861,9 +908,15 @@ impl TrainingCoordinator {
             }
         }
     }
-    /// Running jobs per worker, from the jobs this coordinator runs (no store read).
-    fn busy(&self) -> HashMap<String, usize> {
-        self.running
+    /// The workers not in `lost`, those running the fewest jobs first (ties by id). Jobs
+    /// per worker come from the jobs this coordinator runs (no store read).
+    fn least_busy(
+        &self,
+        view: &kiln_registry::ClusterView,
+        lost: &[String],
+    ) -> Vec<kiln_registry::records::WorkerRecord> {
+        let busy: HashMap<String, usize> = self
+            .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
@@ -871,7 +924,15 @@ impl TrainingCoordinator {
             .fold(HashMap::new(), |mut m, w| {
                 *m.entry(w).or_default() += 1;
                 m
-            })
+            });
+        let mut workers: Vec<_> = view
+            .workers
+            .values()
+            .filter(|w| !lost.contains(&w.id))
+            .cloned()
+            .collect();
+        workers.sort_by_key(|w| (busy.get(&w.id).copied().unwrap_or(0), w.id.clone()));
+        workers
     }
 
     /// What a worker needs to run the job: weights to start from (the checkpoint's, a
@@ -1019,14 +1080,8 @@ impl TrainingCoordinator {
                     "the job asks for {wanted} workers and {have} could take it within {WORKER_WAIT:?}"
                 ))
             })?;
-        let busy = self.busy();
-        let mut candidates: Vec<_> = view
-            .workers
-            .values()
-            .filter(|w| !lost.contains(&w.id))
-            .collect();
-        candidates.sort_by_key(|w| (busy.get(&w.id).copied().unwrap_or(0), w.id.clone()));
-        let chosen: Vec<_> = candidates.into_iter().take(wanted).cloned().collect();
+        let mut chosen = self.least_busy(&view, lost);
+        chosen.truncate(wanted);
         let world = chosen.len() as u32;
         let request = self.run_request(job, spec, &view).await?;
         let lost_worker = |worker: &str, reason: String| Attempt::WorkerLost {
@@ -1037,20 +1092,10 @@ impl TrainingCoordinator {
         // Open every replica: a command channel out, a reply stream back.
         let mut replicas = Vec::with_capacity(chosen.len());
         for (rank, worker) in chosen.iter().enumerate() {
-            let channel =
-                match tonic::transport::Endpoint::from_shared(format!("http://{}", worker.address))
-                    .map_err(|e| Status::internal(e.to_string()))?
-                    .tcp_nodelay(true)
-                    .connect_timeout(Duration::from_secs(5))
-                    .connect()
-                    .await
-                {
-                    Ok(channel) => channel,
-                    Err(e) => return Ok(lost_worker(&worker.id, format!("unreachable: {e}"))),
-                };
-            let mut client = WorkerClient::new(channel)
-                .max_decoding_message_size(256 * 1024 * 1024)
-                .max_encoding_message_size(256 * 1024 * 1024);
+            let mut client = match connect(&worker.address).await? {
+                Ok(client) => client,
+                Err(reason) => return Ok(lost_worker(&worker.id, reason)),
+            };
             let (tx, rx) = tokio::sync::mpsc::channel(2);
             let setup = internal::ShardCommand {
                 command: Some(Command::Setup(internal::ShardSetup {
@@ -1072,35 +1117,17 @@ impl TrainingCoordinator {
                 }
                 Err(s) => return Err(s),
             };
-            replicas.push((worker.id.clone(), tx, stream));
+            replicas.push(Replica {
+                id: worker.id.clone(),
+                commands: tx,
+                replies: stream,
+            });
         }
-        // Every replica answers each command once; a broken one loses the run.
-        macro_rules! answers {
-            () => {{
-                let answers = futures::future::join_all(
-                    replicas.iter_mut().map(|(_, _, stream)| stream.message()),
-                )
-                .await;
-                let mut replies = Vec::with_capacity(answers.len());
-                for ((id, _, _), answer) in replicas.iter().zip(answers) {
-                    match answer {
-                        Ok(Some(internal::ShardReply { reply: Some(r) })) => replies.push(r),
-                        Ok(_) => {
-                            return Ok(lost_worker(
-                                id,
-                                "it ended the run without an answer".into(),
-                            ));
-                        }
-                        Err(s) if worker_gone(&s) => {
-                            return Ok(lost_worker(id, s.message().to_owned()));
-                        }
-                        Err(s) => return Err(s),
-                    }
-                }
-                replies
-            }};
-        }
-        for reply in answers!() {
+        let ready = match replies(&mut replicas).await? {
+            Ok(replies) => replies,
+            Err((id, reason)) => return Ok(lost_worker(&id, reason)),
+        };
+        for reply in ready {
             if !matches!(reply, Reply::Ready(_)) {
                 return Err(Status::internal("a replica answered its setup out of turn"));
             }
@@ -1113,16 +1140,20 @@ impl TrainingCoordinator {
         let (mut steps, mut step_time, mut communication) = (0u64, Duration::ZERO, Duration::ZERO);
         loop {
             let started = std::time::Instant::now();
-            for (id, tx, _) in &replicas {
+            for r in &replicas {
                 let command = internal::ShardCommand {
                     command: Some(Command::Step(step.clone())),
                 };
-                if tx.send(command).await.is_err() {
-                    return Ok(lost_worker(id, "its stream closed".into()));
+                if r.commands.send(command).await.is_err() {
+                    return Ok(lost_worker(&r.id, "its stream closed".into()));
                 }
             }
+            let answers = match replies(&mut replicas).await? {
+                Ok(replies) => replies,
+                Err((id, reason)) => return Ok(lost_worker(&id, reason)),
+            };
             let mut stepped = Vec::with_capacity(replicas.len());
-            for reply in answers!() {
+            for reply in answers {
                 match reply {
                     Reply::Stepped(s) => stepped.push(s),
                     _ => return Err(Status::internal("a replica answered a step out of turn")),
@@ -1143,21 +1174,22 @@ impl TrainingCoordinator {
                     self.store_checkpoint(job, spec, c).await?;
                 }
                 if lead.done {
-                    let (id, tx, _) = &replicas[0];
+                    let lead = &mut replicas[0];
                     let finish = internal::ShardCommand {
                         command: Some(Command::Finish(internal::ShardFinish {})),
                     };
-                    if tx.send(finish).await.is_err() {
-                        return Ok(lost_worker(id, "its stream closed".into()));
+                    if lead.commands.send(finish).await.is_err() {
+                        return Ok(lost_worker(&lead.id, "its stream closed".into()));
                     }
-                    let (id, _, stream) = &mut replicas[0];
-                    return match stream.message().await {
-                        Ok(Some(internal::ShardReply {
+                    return match received(lead.replies.message().await, "a result")? {
+                        Ok(internal::ShardReply {
                             reply: Some(Reply::Result(r)),
-                        })) => Ok(Attempt::Finished(r)),
-                        Ok(_) => Ok(lost_worker(id, "it ended the run without a result".into())),
-                        Err(s) if worker_gone(&s) => Ok(lost_worker(id, s.message().to_owned())),
-                        Err(s) => Err(s),
+                        }) => Ok(Attempt::Finished(r)),
+                        Ok(_) => Ok(lost_worker(
+                            &lead.id,
+                            "it ended the run without a result".into(),
+                        )),
+                        Err(reason) => Ok(lost_worker(&lead.id, reason)),
                     };
                 }
             }

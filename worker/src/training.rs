@@ -73,6 +73,15 @@ pub struct TrainingOutcome {
     pub test: Option<EvaluationReport>,
 }
 
+/// What one forward and backward pass on some rows gave.
+struct BatchGradients {
+    rows: usize,
+    /// The mean loss times the rows.
+    loss_sum: f64,
+    correct: usize,
+    grads: GradientsParams,
+}
+
 /// Rows gathered into one batch.
 struct Batch {
     x: Vec<f32>,
@@ -432,9 +441,9 @@ impl TrainingRun {
         self.begin_batch();
         let batch_size = self.config.batch_size as usize;
         let end = (self.cursor + batch_size).min(self.train_rows.len());
+        self.pending_end = Some(end);
         let batch = &self.train_rows[self.cursor..end];
         let mine = &batch[shard_range(batch.len(), role)];
-        self.pending_end = Some(end);
         if mine.is_empty() {
             return Ok(ShardGradients {
                 rows: 0,
@@ -443,11 +452,29 @@ impl TrainingRun {
                 gradients: Vec::new(),
             });
         }
-        let b = gather(&self.data, mine, self.width, self.label_width);
         let model = self
             .model
             .as_ref()
             .ok_or_else(|| Error::TrainingFailed("the run already failed".into()))?;
+        let g = self.gradients_on(model, mine, self.cursor / batch_size + 1)?;
+        Ok(ShardGradients {
+            rows: g.rows,
+            loss_sum: g.loss_sum,
+            correct: g.correct as u64,
+            gradients: model.flatten_gradients(&g.grads),
+        })
+    }
+
+    /// The gradients of `model`'s mean loss on `rows`: forward, the loss (which must stay
+    /// finite; `batch_number` names the batch when it does not), the correct predictions,
+    /// backward.
+    fn gradients_on(
+        &self,
+        model: &Mlp,
+        rows: &[usize],
+        batch_number: usize,
+    ) -> Result<BatchGradients> {
+        let b = gather(&self.data, rows, self.width, self.label_width);
         let x = Tensor::<2>::from_data(
             TensorData::new(b.x, [b.rows, self.width]),
             &self.train_device,
@@ -464,18 +491,16 @@ impl TrainingRun {
         let value = loss.clone().into_scalar::<f32>();
         if !value.is_finite() {
             return Err(Error::TrainingFailed(format!(
-                "the loss became {value} at epoch {}, batch {}; try a lower learning rate or standardised features",
-                self.epoch,
-                self.cursor / batch_size + 1
+                "the loss became {value} at epoch {}, batch {batch_number}; try a lower learning rate or standardised features",
+                self.epoch
             )));
         }
         let correct = correct(self.task, &read(logits.detach())?, &b.y, self.outputs).unwrap_or(0);
-        let grads = GradientsParams::from_grads(loss.backward(), model);
-        Ok(ShardGradients {
+        Ok(BatchGradients {
             rows: b.rows,
             loss_sum: f64::from(value) * b.rows as f64,
-            correct: correct as u64,
-            gradients: model.flatten_gradients(&grads),
+            correct,
+            grads: GradientsParams::from_grads(loss.backward(), model),
         })
     }
 
@@ -522,41 +547,17 @@ impl TrainingRun {
         let batch_size = self.config.batch_size as usize;
         self.begin_batch();
         let end = (self.cursor + batch_size).min(self.train_rows.len());
-        let b = gather(
-            &self.data,
-            &self.train_rows[self.cursor..end],
-            self.width,
-            self.label_width,
-        );
         let batch_number = self.cursor / batch_size + 1;
+        let start = self.cursor;
         self.cursor = end;
         let model = self
             .model
             .take()
             .ok_or_else(|| Error::TrainingFailed("the run already failed".into()))?;
-        let x = Tensor::<2>::from_data(
-            TensorData::new(b.x, [b.rows, self.width]),
-            &self.train_device,
-        );
-        let logits = model.logits(x);
-        let loss = batch_loss(
-            &model,
-            self.config.loss,
-            logits.clone(),
-            &b.y,
-            b.rows,
-            &self.train_device,
-        );
-        let value = loss.clone().into_scalar::<f32>();
-        if !value.is_finite() {
-            return Err(Error::TrainingFailed(format!(
-                "the loss became {value} at epoch {}, batch {batch_number}; try a lower learning rate or standardised features",
-                self.epoch
-            )));
-        }
-        self.loss_sum += f64::from(value) * b.rows as f64;
-        self.right += correct(self.task, &read(logits.detach())?, &b.y, self.outputs).unwrap_or(0);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let g = self.gradients_on(&model, &self.train_rows[start..end], batch_number)?;
+        self.loss_sum += g.loss_sum;
+        self.right += g.correct;
+        let grads = g.grads;
         self.model = Some(
             self.optimizer
                 .step(self.config.optimizer.learning_rate(), model, grads),
