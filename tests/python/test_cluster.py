@@ -266,8 +266,9 @@ def test_a_sharded_request_answers_the_unsharded_bits_with_a_replica_killed(mult
     multi.kiln("models", "create", "--spec", str(tmp_path / "wide.json"), "--seed", "4")
     out = multi.kiln("models", "deploy", "wide", "--replicas", "2", "--shard-rows", "100")
     assert "2 replicas" in out, out
+    # Created on every worker, then down to two: wait until the third has let it go.
     deadline = time.monotonic() + 30
-    while len(ready_holders(multi, "wide", 1)) < 2:
+    while len(ready_holders(multi, "wide", 1)) != 2:
         assert time.monotonic() < deadline, ready_holders(multi, "wide", 1)
         time.sleep(0.05)
     holders = ready_holders(multi, "wide", 1)

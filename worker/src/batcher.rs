@@ -259,6 +259,13 @@ fn deliver(
                 }));
             }
         }
+        // A version unloaded while its batch waited is not a device failure: callers get
+        // NotLoaded (UNAVAILABLE), which the gateway retries on another replica.
+        Err(Error::NotLoaded(key)) => {
+            for p in batch {
+                let _ = p.reply.send(Err(Error::NotLoaded(key.clone())));
+            }
+        }
         Err(e) => {
             let message = e.to_string();
             for p in batch {
@@ -441,6 +448,25 @@ mod tests {
         on_time.await.unwrap().unwrap();
         let err = late.await.unwrap().unwrap_err();
         assert!(matches!(err, Error::DeadlineExceeded), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_version_unloaded_under_a_queued_batch_answers_not_loaded() {
+        let (batcher, mut commands) = batcher(4, 8);
+        let task = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.infer(rows(2), 2, None).await }
+        });
+        match commands.recv().await {
+            Some(Command::Forward { key, reply, .. }) => {
+                let _ = reply.send(Err(Error::NotLoaded(key)));
+            }
+            _ => panic!("expected a forward pass"),
+        }
+        let e = task.await.unwrap().unwrap_err();
+        assert!(matches!(e, Error::NotLoaded(_)), "{e}");
+        // NotLoaded is UNAVAILABLE on the wire: the gateway tries another replica.
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unavailable);
     }
 
     #[tokio::test]
