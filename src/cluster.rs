@@ -252,14 +252,19 @@ pub async fn scheduler(
                     addr,
                     Arc::new(move || {
                         let coordinator = slot.read().unwrap_or_else(|p| p.into_inner()).clone();
-                        format!(
+                        let mut out = format!(
                             "# HELP kiln_scheduler_leader Whether this scheduler leads the cluster.\n\
-                             # TYPE kiln_scheduler_leader gauge\nkiln_scheduler_leader {}\n\
-                             # HELP kiln_scheduler_training_jobs_running Training jobs this scheduler runs.\n\
-                             # TYPE kiln_scheduler_training_jobs_running gauge\nkiln_scheduler_training_jobs_running {}\n",
+                             # TYPE kiln_scheduler_leader gauge\nkiln_scheduler_leader {}\n",
                             u8::from(coordinator.is_some()),
-                            coordinator.map_or(0, |c| c.running_jobs())
-                        )
+                        );
+                        match coordinator {
+                            Some(c) => out.push_str(&c.prometheus()),
+                            None => out.push_str(
+                                "# HELP kiln_scheduler_training_jobs_running Training jobs this scheduler runs.\n\
+                                 # TYPE kiln_scheduler_training_jobs_running gauge\nkiln_scheduler_training_jobs_running 0\n",
+                            ),
+                        }
+                        out
                     }),
                 )
                 .await?,
@@ -282,6 +287,7 @@ pub async fn scheduler(
     };
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(kiln_proto::trace::ServerLayer)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(TrainingService::standby(slot.clone()))

@@ -11,7 +11,9 @@ pub mod bench_placement;
 pub mod client;
 pub mod cluster;
 pub mod embedded;
+pub mod otlp_sink;
 pub mod plot;
+pub mod telemetry;
 pub mod train;
 
 /// Write a line to standard output. A closed pipe (`kiln … | head -1`) ends the process

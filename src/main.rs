@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kiln::client;
 use kiln::embedded::{self, UpConfig};
+use kiln::telemetry::{LogFormat, TraceFlags};
 use kiln_gateway::GatewayConfig;
 use kiln_worker::DeviceChoice;
 
@@ -31,6 +32,8 @@ struct Cli {
     /// Log lines as `text` (for people) or `json` (one object a line, for log collectors).
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    #[command(flatten)]
+    trace: TraceFlags,
     #[command(subcommand)]
     command: Command,
 }
@@ -215,6 +218,16 @@ enum Command {
         /// The max_batch_size its ModelConfig reports.
         #[arg(long, default_value_t = 64)]
         max_batch_size: i32,
+    },
+    /// An OTLP/gRPC trace receiver that counts spans and keeps none (the collector of the
+    /// tracing benchmark; see bench/tracing).
+    BenchOtlpSink {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:4317")]
+        listen: std::net::SocketAddr,
+        /// Keep the number of spans received so far in this file.
+        #[arg(long)]
+        count_file: Option<PathBuf>,
     },
     /// Time the placement controller on a simulated cluster (in-memory registry): one full
     /// reconcile pass, and the reaction to one worker's loss.
@@ -567,32 +580,24 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     cluster.stop().await
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object a line: timestamp, level, target, fields, and the spans it is in.
-    Json,
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => logs
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .init(),
-    }
+    // Only the serving processes trace; client commands just log.
+    let service = match &cli.command {
+        Command::Up(_) => Some("kiln"),
+        Command::Gateway { .. } => Some("kiln-gateway"),
+        Command::Worker { .. } => Some("kiln-worker"),
+        Command::Scheduler { .. } => Some("kiln-scheduler"),
+        _ => None,
+    };
+    let telemetry = match kiln::telemetry::init(&cli.log, cli.log_format, &cli.trace, service) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result: anyhow::Result<()> = async {
         match cli.command {
             Command::Up(args) => up(args).await,
@@ -629,6 +634,13 @@ async fn main() -> std::process::ExitCode {
                 })
                 .await?;
                 Ok(())
+            }
+            Command::BenchOtlpSink { listen, count_file } => {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
+                kiln::say!("OTLP sink on {}", listener.local_addr()?);
+                kiln::otlp_sink::serve(listener, count_file, shutdown_signal()).await
             }
             Command::BenchPlacement { workers, versions, replicas } => {
                 let report = kiln::bench_placement::run(workers, versions, replicas).await?;
@@ -776,6 +788,7 @@ async fn main() -> std::process::ExitCode {
         }
     }
     .await;
+    telemetry.shutdown().await;
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

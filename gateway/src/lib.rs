@@ -131,7 +131,11 @@ pub async fn serve(
 ) -> std::result::Result<(), tonic::transport::Error> {
     let training_view = deps.view.clone();
     let shared = Arc::new(Shared {
-        router: router::Router::new(deps.view.clone(), config.max_message_bytes),
+        router: router::Router::new(
+            deps.view.clone(),
+            config.max_message_bytes,
+            deps.stats.clone(),
+        ),
         registry: deps.registry,
         view: deps.view,
         artifacts: deps.artifacts,
@@ -188,6 +192,7 @@ pub async fn serve(
     };
     let limit = config.max_message_bytes;
     tonic::transport::Server::builder()
+        .layer(kiln_proto::trace::ServerLayer)
         // tonic refuses an oversized request with OUT_OF_RANGE; the protocol (and Triton)
         // answer RESOURCE_EXHAUSTED, naming the limit.
         .layer(tower::util::MapResponseLayer::new(move |response| {

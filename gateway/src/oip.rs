@@ -12,6 +12,7 @@ use kiln_proto::inference::model_metadata_response::TensorMetadata;
 use kiln_registry::ClusterView;
 use kiln_registry::records::{LoadState, VersionKey};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::codec::{InputSpec, check_requested_outputs, decode_input, encode_output};
 use crate::router::Sharding;
@@ -64,6 +65,7 @@ impl Shared {
         &self,
         req: oip::ModelInferRequest,
         timeout: Option<Duration>,
+        span: &tracing::Span,
     ) -> Result<oip::ModelInferResponse> {
         let started = Instant::now();
         let deadline = started + timeout.unwrap_or(self.config.default_timeout);
@@ -76,6 +78,8 @@ impl Shared {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (entry, version) = view.resolve_request(&req.model_name, &req.model_version, ticket)?;
         let key = version.key();
+        kiln_proto::trace::attribute(span, "kiln.model.name", key.model.clone());
+        kiln_proto::trace::attribute(span, "kiln.model.version", key.version as i64);
         let _in_flight = self.stats.in_flight(&key);
         let signature = &entry.record.signature;
         let deployment = view.deployment(&key.model);
@@ -94,6 +98,7 @@ impl Shared {
                 },
             )?;
             let input = decoding.elapsed();
+            kiln_proto::trace::attribute(span, "kiln.batch_size", features.rows as i64);
             let sharding = Sharding {
                 threshold: deployment
                     .shard_rows
@@ -223,7 +228,11 @@ impl GrpcInferenceService for InferenceService {
         request: Request<oip::ModelInferRequest>,
     ) -> Result<Response<oip::ModelInferResponse>, Status> {
         let timeout = kiln_proto::deadline::from_metadata(request.metadata());
-        let response = self.shared.infer(request.into_inner(), timeout).await?;
+        let span = tracing::Span::current();
+        let response = self
+            .shared
+            .infer(request.into_inner(), timeout, &span)
+            .await?;
         Ok(Response::new(response))
     }
 
@@ -235,20 +244,30 @@ impl GrpcInferenceService for InferenceService {
         request: Request<Streaming<oip::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let shared = self.shared.clone();
+        let call = tracing::Span::current();
         let answers = request
             .into_inner()
             .map(move |item| {
                 let shared = shared.clone();
+                // Each request of the stream is a span of its own under the call's.
+                let span = kiln_proto::trace::message_span(&call, "ModelStreamInfer request");
                 async move {
                     let req = item?;
                     let id = req.id.clone();
-                    Ok(match shared.infer(req, None).await {
+                    let answer = shared
+                        .infer(req, None, &span)
+                        .instrument(span.clone())
+                        .await
+                        .map_err(Status::from);
+                    let code = answer.as_ref().err().map_or(0, |s| s.code() as i64);
+                    kiln_proto::trace::record_code(&span, code);
+                    Ok(match answer {
                         Ok(response) => oip::ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(response),
                         },
-                        Err(e) => oip::ModelStreamInferResponse {
-                            error_message: Status::from(e).message().to_owned(),
+                        Err(status) => oip::ModelStreamInferResponse {
+                            error_message: status.message().to_owned(),
                             infer_response: Some(oip::ModelInferResponse {
                                 id,
                                 ..Default::default()

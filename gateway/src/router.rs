@@ -18,6 +18,7 @@ use kiln_registry::WatchedView;
 use kiln_registry::records::VersionKey;
 use kiln_scheduler::plan::{ReplicaLoad, choose_replica, mix64, plan_shards};
 use tonic::transport::Endpoint;
+use tracing::Instrument;
 
 use crate::{Error, Result};
 
@@ -42,6 +43,8 @@ pub struct Router {
     replicas: Mutex<HashMap<String, Replica>>,
     rotation: AtomicUsize,
     max_message_bytes: usize,
+    /// Where retries are counted.
+    stats: Arc<crate::stats::Stats>,
 }
 
 /// Decrements a replica's in-flight count however the call ends.
@@ -64,12 +67,17 @@ pub struct Sharding {
 
 impl Router {
     /// A router over the watched cluster view.
-    pub fn new(view: WatchedView, max_message_bytes: usize) -> Self {
+    pub fn new(
+        view: WatchedView,
+        max_message_bytes: usize,
+        stats: Arc<crate::stats::Stats>,
+    ) -> Self {
         Self {
             view,
             replicas: Mutex::new(HashMap::new()),
             rotation: AtomicUsize::new(0),
             max_message_bytes,
+            stats,
         }
     }
 
@@ -174,8 +182,20 @@ impl Router {
                 deadline,
             )
         });
+        let fan_out = if kiln_proto::trace::enabled() {
+            tracing::info_span!(
+                target: "kiln::rpc",
+                "shard fan-out",
+                kiln.shards = plan.shards.len() as i64,
+                kiln.batch_size = rows as i64,
+            )
+        } else {
+            tracing::Span::none()
+        };
         // The first shard that fails for good fails the request; the others are dropped.
-        let answers = futures::future::try_join_all(calls).await?;
+        let answers = futures::future::try_join_all(calls)
+            .instrument(fan_out)
+            .await?;
         let cols = answers.first().map_or(0, |a| a.cols);
         if answers.iter().any(|a| a.cols != cols) {
             return Err(Error::Internal(
@@ -265,6 +285,11 @@ impl Router {
                         return Err(error);
                     }
                     tracing::debug!(%address, error = %error, "replica failed; trying another");
+                    self.stats.retried(key);
+                    kiln_proto::trace::event(
+                        "retry",
+                        &[("server.address", &address), ("error", &error.to_string())],
+                    );
                     last_error = Some(error);
                 }
             }

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use kiln_proto::inference as oip;
+use kiln_proto::metrics::{Histogram, ROWS_BOUNDS, SECONDS_BOUNDS};
 use kiln_registry::records::{VersionKey, now_unix_ms};
 
 #[derive(Default, Clone, Copy)]
@@ -24,67 +25,6 @@ impl Counter {
             count: self.count,
             ns: self.ns,
         })
-    }
-}
-
-/// Upper bounds of the latency histograms, seconds: 100 µs to 10 s.
-const SECONDS_BOUNDS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
-/// Upper bounds of the batch-size histogram, rows: powers of two to 65,536.
-const ROWS_BOUNDS: &[f64] = &[
-    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
-    16384.0, 32768.0, 65536.0,
-];
-
-/// A Prometheus histogram: counts per bucket (not cumulative; cumulated when written).
-#[derive(Clone)]
-struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<u64>,
-    /// Observations above the last bound.
-    over: u64,
-    sum: f64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            counts: vec![0; bounds.len()],
-            over: 0,
-            sum: 0.0,
-        }
-    }
-
-    fn observe(&mut self, value: f64) {
-        self.sum += value;
-        match self.bounds.iter().position(|b| value <= *b) {
-            Some(i) => self.counts[i] += 1,
-            None => self.over += 1,
-        }
-    }
-
-    fn count(&self) -> u64 {
-        self.counts.iter().sum::<u64>() + self.over
-    }
-
-    /// The `_bucket`, `_sum` and `_count` lines, after `labels` (already formatted).
-    fn write(&self, out: &mut String, name: &str, labels: &str) {
-        use std::fmt::Write;
-        let mut cumulative = 0;
-        for (bound, n) in self.bounds.iter().zip(&self.counts) {
-            cumulative += n;
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels},le=\"+Inf\"}} {}",
-            self.count()
-        );
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count());
     }
 }
 
@@ -127,6 +67,8 @@ struct VersionStats {
     histograms: Histograms,
     /// Requests being answered now.
     in_flight: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Calls to a worker repeated on another replica.
+    retries: u64,
 }
 
 /// Counts a request as in flight until dropped.
@@ -201,6 +143,12 @@ impl Stats {
         v.histograms.failure.observe(total.as_secs_f64());
     }
 
+    /// Count a call to a worker for `key` that is being repeated on another replica.
+    pub fn retried(&self, key: &VersionKey) {
+        let mut map = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key.clone()).or_default().retries += 1;
+    }
+
     /// The statistics of one version (zeros if it never served).
     pub fn report(&self, key: &VersionKey) -> oip::ModelStatistics {
         let map = self.versions.lock().unwrap_or_else(|p| p.into_inner());
@@ -261,7 +209,7 @@ impl Stats {
         let mut keys: Vec<&VersionKey> = map.keys().collect();
         keys.sort();
         let mut out = String::new();
-        let families: [Family; 4] = [
+        let families: [Family; 5] = [
             (
                 "kiln_gateway_requests_total",
                 "counter",
@@ -295,6 +243,12 @@ impl Stats {
                 "counter",
                 "Rows inferred by successful requests.",
                 |v| vec![("", v.inference_count as f64)],
+            ),
+            (
+                "kiln_gateway_worker_retries_total",
+                "counter",
+                "Calls to a worker repeated on another replica after the first could not take them.",
+                |v| vec![("", v.retries as f64)],
             ),
         ];
         for (name, kind, help, values) in families {

@@ -9,19 +9,20 @@ use kiln_proto::kiln::v1::training_client::TrainingClient;
 use kiln_proto::kiln::v1::training_server::Training;
 use std::sync::Mutex;
 
+use kiln_proto::trace::TracedChannel;
 use kiln_registry::WatchedView;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
 /// Where training calls go.
 enum Target {
     /// A fixed scheduler address (the embedded cluster).
-    Fixed(TrainingClient<Channel>),
+    Fixed(TrainingClient<TracedChannel>),
     /// Whichever scheduler leads, as the cluster state says (cluster mode).
     Leader {
         view: WatchedView,
         /// The leader's address and a client for it, reused while it leads.
-        cached: Mutex<Option<(String, TrainingClient<Channel>)>>,
+        cached: Mutex<Option<(String, TrainingClient<TracedChannel>)>>,
     },
 }
 
@@ -31,12 +32,17 @@ pub struct TrainingProxy {
     max_message_bytes: usize,
 }
 
-fn client_for(address: &str, max_message_bytes: usize) -> Result<TrainingClient<Channel>, String> {
+fn client_for(
+    address: &str,
+    max_message_bytes: usize,
+) -> Result<TrainingClient<TracedChannel>, String> {
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| format!("scheduler address {address}: {e}"))?;
-    Ok(TrainingClient::new(endpoint.connect_lazy())
-        .max_decoding_message_size(max_message_bytes)
-        .max_encoding_message_size(max_message_bytes))
+    Ok(
+        TrainingClient::new(TracedChannel::new(endpoint.connect_lazy(), address))
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes),
+    )
 }
 
 impl TrainingProxy {
@@ -59,7 +65,7 @@ impl TrainingProxy {
         }
     }
 
-    fn client(&self) -> Result<TrainingClient<Channel>, Status> {
+    fn client(&self) -> Result<TrainingClient<TracedChannel>, Status> {
         match &self.target {
             Target::Fixed(client) => Ok(client.clone()),
             Target::Leader { view, cached } => {

@@ -157,6 +157,77 @@ pub mod metrics {
         }
     }
 
+    /// Upper bounds of the latency histograms, seconds: 100 µs to 10 s.
+    pub const SECONDS_BOUNDS: &[f64] = &[
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ];
+    /// Upper bounds of the batch-size histogram, rows: powers of two to 65,536.
+    pub const ROWS_BOUNDS: &[f64] = &[
+        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+        16384.0, 32768.0, 65536.0,
+    ];
+
+    /// Upper bounds of the histograms of long work (model loads, training epochs),
+    /// seconds: 10 ms to 10 minutes.
+    pub const LONG_SECONDS_BOUNDS: &[f64] = &[
+        0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    ];
+
+    /// A Prometheus histogram: counts per bucket (not cumulative; cumulated when written).
+    #[derive(Debug, Clone)]
+    pub struct Histogram {
+        bounds: &'static [f64],
+        counts: Vec<u64>,
+        /// Observations above the last bound.
+        over: u64,
+        sum: f64,
+    }
+
+    impl Histogram {
+        pub fn new(bounds: &'static [f64]) -> Self {
+            Self {
+                bounds,
+                counts: vec![0; bounds.len()],
+                over: 0,
+                sum: 0.0,
+            }
+        }
+
+        pub fn observe(&mut self, value: f64) {
+            self.sum += value;
+            match self.bounds.iter().position(|b| value <= *b) {
+                Some(i) => self.counts[i] += 1,
+                None => self.over += 1,
+            }
+        }
+
+        pub fn count(&self) -> u64 {
+            self.counts.iter().sum::<u64>() + self.over
+        }
+
+        /// The `_bucket`, `_sum` and `_count` lines, after `labels` (already formatted).
+        pub fn write(&self, out: &mut String, name: &str, labels: &str) {
+            use std::fmt::Write;
+            let sep = if labels.is_empty() { "" } else { "," };
+            let mut cumulative = 0;
+            for (bound, n) in self.bounds.iter().zip(&self.counts) {
+                cumulative += n;
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+                self.count()
+            );
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+            let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count());
+        }
+    }
+
     /// Escape a label value for the text format.
     pub fn label(value: &str) -> String {
         value
@@ -184,6 +255,8 @@ pub fn reflection() -> Result<
 /// interface twice. Each entry is the worker's gRPC service itself, under the address it
 /// advertises: the handlers, the protobuf codec and the metadata (deadlines) are those of a
 /// call over the network, only the TCP connection and HTTP/2 framing are left out.
+pub mod trace;
+
 pub mod local {
     use std::collections::HashMap;
     use std::sync::{LazyLock, RwLock};
@@ -213,7 +286,9 @@ pub mod local {
             + 'static,
         S::Future: Send + 'static,
     {
-        let boxed = Transport::new(service.map_err(|never| match never {}));
+        // Traced like the same service behind a socket.
+        let boxed =
+            Transport::new(crate::trace::Server::new(service).map_err(|never| match never {}));
         SERVICES
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -238,7 +313,8 @@ pub mod local {
             .unwrap_or_else(|p| p.into_inner())
             .get(address)
             .cloned();
-        local.unwrap_or_else(|| Transport::new(channel()))
+        let inner = local.unwrap_or_else(|| Transport::new(channel()));
+        Transport::new(crate::trace::Client::new(inner, address))
     }
 }
 

@@ -132,6 +132,7 @@ impl Registry {
     // --- models, versions, aliases ---
 
     /// Create a model record (no versions yet). Fails if the name is taken.
+    #[tracing::instrument(name = "registry create_model", skip_all)]
     pub async fn create_model(&self, new: NewModel) -> Result<ModelRecord> {
         validate_name("name", &new.name)?;
         new.spec.validate()?;
@@ -176,6 +177,7 @@ impl Registry {
 
     /// Allocate the next version number of `model` by compare-and-swap (unique and never
     /// reused under any concurrency) and record the version.
+    #[tracing::instrument(name = "registry register_version", skip_all)]
     pub async fn register_version(&self, model: &str, new: NewVersion) -> Result<VersionRecord> {
         if let Some(p) = &new.preprocessing {
             p.validate(self.get_model(model).await?.spec.input_width())?;
@@ -214,6 +216,7 @@ impl Registry {
     }
 
     /// Point `alias` of `model` at `version` (which must exist).
+    #[tracing::instrument(name = "registry set_alias", skip_all)]
     pub async fn set_alias(&self, model: &str, alias: &str, version: u64) -> Result<AliasRecord> {
         self.set_alias_with_canary(model, alias, version, None)
             .await
@@ -221,6 +224,7 @@ impl Registry {
 
     /// Point `alias` at `version`, sending `canary.weight` of its requests to
     /// `canary.version` (both must exist; the weight must be in (0, 1)).
+    #[tracing::instrument(name = "registry set_alias_with_canary", skip_all)]
     pub async fn set_alias_with_canary(
         &self,
         model: &str,
@@ -290,6 +294,7 @@ impl Registry {
     }
 
     /// Write a model's deployment.
+    #[tracing::instrument(name = "registry set_deployment", skip_all)]
     pub async fn set_deployment(&self, record: &DeploymentRecord) -> Result<()> {
         self.write(&keys::deployment(&record.model), record, None)
             .await
@@ -300,6 +305,7 @@ impl Registry {
 
     /// Record a new job. With an idempotency key already used, nothing is written and the
     /// existing job is returned with `false`.
+    #[tracing::instrument(name = "registry create_job", skip_all)]
     pub async fn create_job(&self, job: &JobRecord) -> Result<(JobRecord, bool)> {
         if let Some(key) = &job.idempotency_key {
             if key.is_empty() || key.len() > 128 || key.contains('/') {
@@ -370,6 +376,7 @@ impl Registry {
     // --- datasets ---
 
     /// Record an uploaded dataset.
+    #[tracing::instrument(name = "registry put_dataset", skip_all)]
     pub async fn put_dataset(&self, dataset: &DatasetRecord) -> Result<()> {
         self.write(&keys::dataset(&dataset.id), dataset, None)
             .await
@@ -406,6 +413,7 @@ impl Registry {
     }
 
     /// Delete a dataset's record (its artifact may be shared and stays).
+    #[tracing::instrument(name = "registry delete_dataset", skip_all)]
     pub async fn delete_dataset(&self, id: &str) -> Result<()> {
         self.get_dataset(id).await?;
         self.store

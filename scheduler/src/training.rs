@@ -27,6 +27,7 @@ use kiln_registry::weights::SplitMix64;
 use kiln_registry::{ArtifactStore, MlpWeights, NewModel, NewVersion, Registry, WatchedView};
 use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::convert::{signature_from_proto, spec_from_proto, version_to_proto};
 
@@ -65,15 +66,17 @@ fn worker_gone(s: &Status) -> bool {
 /// the inner one says why the worker could not be reached (the worker is lost).
 async fn connect(
     address: &str,
-) -> Result<Result<WorkerClient<tonic::transport::Channel>, String>, Status> {
+) -> Result<Result<WorkerClient<kiln_proto::trace::TracedChannel>, String>, Status> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| Status::internal(e.to_string()))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5));
     Ok(match endpoint.connect().await {
-        Ok(channel) => Ok(WorkerClient::new(channel)
-            .max_decoding_message_size(256 * 1024 * 1024)
-            .max_encoding_message_size(256 * 1024 * 1024)),
+        Ok(channel) => Ok(WorkerClient::new(kiln_proto::trace::TracedChannel::new(
+            channel, address,
+        ))
+        .max_decoding_message_size(256 * 1024 * 1024)
+        .max_encoding_message_size(256 * 1024 * 1024)),
         Err(e) => Err(format!("unreachable: {e}")),
     })
 }
@@ -142,6 +145,16 @@ pub struct TrainingCoordinator {
     running: Mutex<HashMap<String, Running>>,
     /// Set by `stop_all`: jobs cancelled now were stopped by a shutdown, not a user.
     stopping: std::sync::atomic::AtomicBool,
+    /// What `prometheus` reports.
+    stats: Mutex<CoordinatorStats>,
+}
+
+/// Counters of the jobs this coordinator ran.
+struct CoordinatorStats {
+    /// Jobs ended, by final state: succeeded, failed, cancelled.
+    ended: [u64; 3],
+    /// Each epoch's wall time.
+    epoch_seconds: kiln_proto::metrics::Histogram,
 }
 
 fn status(e: kiln_registry::Error) -> Status {
@@ -288,6 +301,12 @@ impl TrainingCoordinator {
             limits,
             running: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            stats: Mutex::new(CoordinatorStats {
+                ended: [0; 3],
+                epoch_seconds: kiln_proto::metrics::Histogram::new(
+                    kiln_proto::metrics::LONG_SECONDS_BOUNDS,
+                ),
+            }),
         });
         for mut job in unfinished {
             match me.spec_of(&job) {
@@ -345,7 +364,42 @@ impl TrainingCoordinator {
                 },
             );
         let me = self.clone();
-        tokio::spawn(async move { me.run(job, spec, cancelled).await });
+        // One span for the whole job, with an event per epoch (see `epoch_ended`).
+        let span = tracing::info_span!(
+            "training job",
+            kiln.job.id = %job.id,
+            kiln.model.name = %job.model_name,
+            kiln.job.workers = i64::from(job.workers),
+        );
+        tokio::spawn(async move { me.run(job, spec, cancelled).await }.instrument(span));
+    }
+
+    /// The coordinator's metrics in the Prometheus text format.
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write;
+        let running = self.running_jobs();
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = String::new();
+        let name = "kiln_scheduler_training_jobs_ended_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Training jobs this scheduler ran to an end, by final state.\n# TYPE {name} counter"
+        );
+        for (state, n) in ["SUCCEEDED", "FAILED", "CANCELLED"].iter().zip(stats.ended) {
+            let _ = writeln!(out, "{name}{{state=\"{state}\"}} {n}");
+        }
+        let name = "kiln_scheduler_training_jobs_running";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Training jobs this scheduler runs.\n# TYPE {name} gauge\n{name} {running}"
+        );
+        let name = "kiln_scheduler_epoch_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Wall time of each training epoch.\n# TYPE {name} histogram"
+        );
+        stats.epoch_seconds.write(&mut out, name, "");
+        out
     }
 
     /// Jobs this coordinator runs now.
@@ -713,6 +767,15 @@ impl TrainingCoordinator {
             tracing::error!(job = %job.id, error = %e, "cannot record the job's end");
         }
         tracing::info!(job = %job.id, state = ?job.state, "training job ended");
+        {
+            let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            let i = match job.state {
+                JobState::Succeeded => 0,
+                JobState::Failed => 1,
+                _ => 2,
+            };
+            stats.ended[i] += 1;
+        }
         self.publish(&job.id, final_event);
         self.running
             .lock()
@@ -1044,6 +1107,21 @@ impl TrainingCoordinator {
 
     /// An epoch ended: keep its report and tell the watchers.
     async fn epoch_ended(&self, job: &mut JobRecord, m: pb::EpochMetrics) -> Result<(), Status> {
+        tracing::info!(
+            job = %job.id,
+            epoch = m.epoch,
+            train_loss = m.train_loss,
+            validation_loss = m.validation_loss,
+            validation_accuracy = m.validation_accuracy,
+            elapsed_ms = m.elapsed_ms,
+            "epoch ended"
+        );
+        let previous = job.history.last().map_or(0, |e| e.elapsed_ms);
+        self.stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .epoch_seconds
+            .observe(m.elapsed_ms.saturating_sub(previous) as f64 / 1000.0);
         job.history.push(epoch_from_proto(&m));
         self.registry.put_job(job).await.map_err(status)?;
         self.publish(

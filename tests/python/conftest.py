@@ -1,14 +1,18 @@
 """Fixtures that run a real `kiln up` (the built binary) on a free loopback port."""
 
+import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import time
 
 import pytest
 
 KILN = os.environ.get("KILN_BIN", "kiln")
+TTL = 3  # seconds: lease TTL of workers and of the scheduler's lead in cluster tests
+PREFIX = "/kiln/v1/"
 
 
 class Cluster:
@@ -66,3 +70,84 @@ def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("kiln")).start()
     yield c
     c.stop()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Multi:
+    """etcd and Kiln processes; every process logs to its own file in `dir`."""
+
+    def __init__(self, dir, env=None):
+        self.dir = dir
+        self.procs = {}
+        port, peer = free_port(), free_port()
+        self.etcd = f"http://127.0.0.1:{port}"
+        self.procs["etcd"] = subprocess.Popen(
+            ["etcd", "--name", "t", "--data-dir", str(dir / "etcd"),
+             "--listen-client-urls", self.etcd, "--advertise-client-urls", self.etcd,
+             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-cluster", f"t=http://127.0.0.1:{peer}"],
+            stdout=subprocess.DEVNULL, stderr=open(dir / "etcd.log", "wb"))
+        deadline = time.monotonic() + 20
+        while self.etcdctl("endpoint", "health", check=False).returncode != 0:
+            assert time.monotonic() < deadline, "etcd did not start"
+            time.sleep(0.1)
+        self.env = {**os.environ, "KILN_ETCD": self.etcd,
+                    "KILN_ARTIFACTS": f"file://{dir / 'artifacts'}",
+                    "KILN_LEASE_TTL_SECS": str(TTL), **(env or {})}
+
+    def etcdctl(self, *args, check=True):
+        out = subprocess.run(["etcdctl", "--endpoints", self.etcd, *args],
+                             capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "ETCDCTL_API": "3"})
+        if check:
+            assert out.returncode == 0, out.stderr
+        return out
+
+    def start(self, name, *args):
+        """Start `kiln ARGS…` on a free port; returns its bound address."""
+        addr_file = self.dir / f"{name}.addr"
+        if addr_file.exists():
+            addr_file.unlink()
+        self.procs[name] = subprocess.Popen(
+            [KILN, *args, "--listen", "127.0.0.1:0", "--addr-file", str(addr_file)],
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / f"{name}.log", "ab"), env=self.env)
+        deadline = time.monotonic() + 60
+        while not addr_file.exists() or not addr_file.read_text():
+            assert self.procs[name].poll() is None, f"{name} exited; see {self.dir / (name + '.log')}"
+            assert time.monotonic() < deadline, f"{name} did not start"
+            time.sleep(0.05)
+        return addr_file.read_text().strip()
+
+    def kill(self, name, sig=signal.SIGKILL):
+        p = self.procs.pop(name)
+        p.send_signal(sig)
+        return p.wait(timeout=60)
+
+    def records(self, what):
+        """Every record under PREFIX + what, decoded."""
+        out = self.etcdctl("get", "--prefix", PREFIX + what, "--print-value-only").stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def kiln(self, *args):
+        out = subprocess.run([KILN, *args, "--addr", self.gateway], capture_output=True,
+                             text=True, timeout=120, env=self.env)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    def stop(self):
+        for name in reversed([n for n in self.procs if n != "etcd"]):
+            self.kill(name, signal.SIGTERM)
+        self.kill("etcd")
+
+
+def ready_holders(multi, model, version):
+    """Workers whose record says they serve model:version."""
+    return sorted(w["id"] for w in multi.records("workers/")
+                  if any(l["key"] == {"model": model, "version": version} and l["state"] == "READY"
+                         for l in w.get("loaded", [])))

@@ -6,9 +6,9 @@ The tests run in order on one cluster: each leaves it as the next expects.
 
 import json
 import os
+import pathlib
+import re
 import shutil
-import signal
-import socket
 import subprocess
 import threading
 import time
@@ -18,94 +18,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from safetensors.numpy import load_file
 
-from conftest import KILN, wait_ready
+from conftest import KILN, PREFIX, TTL, Multi, free_port, ready_holders, wait_ready
 
-TTL = 3  # seconds: lease TTL of workers and of the scheduler's lead
-PREFIX = "/kiln/v1/"
 DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd is not installed")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Multi:
-    """etcd and Kiln processes; every process logs to its own file in `dir`."""
-
-    def __init__(self, dir):
-        self.dir = dir
-        self.procs = {}
-        port, peer = free_port(), free_port()
-        self.etcd = f"http://127.0.0.1:{port}"
-        self.procs["etcd"] = subprocess.Popen(
-            ["etcd", "--name", "t", "--data-dir", str(dir / "etcd"),
-             "--listen-client-urls", self.etcd, "--advertise-client-urls", self.etcd,
-             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-             "--initial-cluster", f"t=http://127.0.0.1:{peer}"],
-            stdout=subprocess.DEVNULL, stderr=open(dir / "etcd.log", "wb"))
-        deadline = time.monotonic() + 20
-        while self.etcdctl("endpoint", "health", check=False).returncode != 0:
-            assert time.monotonic() < deadline, "etcd did not start"
-            time.sleep(0.1)
-        self.env = {**os.environ, "KILN_ETCD": self.etcd,
-                    "KILN_ARTIFACTS": f"file://{dir / 'artifacts'}",
-                    "KILN_LEASE_TTL_SECS": str(TTL)}
-
-    def etcdctl(self, *args, check=True):
-        out = subprocess.run(["etcdctl", "--endpoints", self.etcd, *args],
-                             capture_output=True, text=True, timeout=30,
-                             env={**os.environ, "ETCDCTL_API": "3"})
-        if check:
-            assert out.returncode == 0, out.stderr
-        return out
-
-    def start(self, name, *args):
-        """Start `kiln ARGS…` on a free port; returns its bound address."""
-        addr_file = self.dir / f"{name}.addr"
-        if addr_file.exists():
-            addr_file.unlink()
-        self.procs[name] = subprocess.Popen(
-            [KILN, *args, "--listen", "127.0.0.1:0", "--addr-file", str(addr_file)],
-            stdout=subprocess.DEVNULL, stderr=open(self.dir / f"{name}.log", "ab"), env=self.env)
-        deadline = time.monotonic() + 60
-        while not addr_file.exists() or not addr_file.read_text():
-            assert self.procs[name].poll() is None, f"{name} exited; see {self.dir / (name + '.log')}"
-            assert time.monotonic() < deadline, f"{name} did not start"
-            time.sleep(0.05)
-        return addr_file.read_text().strip()
-
-    def kill(self, name, sig=signal.SIGKILL):
-        p = self.procs.pop(name)
-        p.send_signal(sig)
-        return p.wait(timeout=60)
-
-    def records(self, what):
-        """Every record under PREFIX + what, decoded."""
-        out = self.etcdctl("get", "--prefix", PREFIX + what, "--print-value-only").stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-    def kiln(self, *args):
-        out = subprocess.run([KILN, *args, "--addr", self.gateway], capture_output=True,
-                             text=True, timeout=120, env=self.env)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
-
-    def stop(self):
-        for name in reversed([n for n in self.procs if n != "etcd"]):
-            self.kill(name, signal.SIGTERM)
-        self.kill("etcd")
-
-
-def ready_holders(multi, model, version):
-    """Workers whose record says they serve model:version."""
-    return sorted(w["id"] for w in multi.records("workers/")
-                  if any(l["key"] == {"model": model, "version": version} and l["state"] == "READY"
-                         for l in w.get("loaded", [])))
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +93,14 @@ def scrape(addr):
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def families(addr):
+    """The metric families at http://addr/metrics, samples or not."""
+    from prometheus_client.parser import text_string_to_metric_families
+    import urllib.request
+    text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=10).read().decode()
+    return {family.name for family in text_string_to_metric_families(text)}
+
+
 def test_each_process_serves_prometheus_metrics(multi):
     key = ("kiln_gateway_requests_total", (("model", "m"), ("outcome", "success"), ("version", "1")))
     before = scrape(multi.metrics["gateway"]).get(key, 0)
@@ -201,8 +127,28 @@ def test_each_process_serves_prometheus_metrics(multi):
     worker = scrape(multi.metrics["w0"])
     assert worker[("kiln_worker_registered", ())] == 1
     assert worker[("kiln_worker_versions", (("state", "READY"),))] >= 0
+    assert worker[("kiln_worker_device_info", (("adapter", worker_adapter(worker)),
+                                                ("backend", "wgpu" if DEVICE.startswith("wgpu") else "cpu")))] == 1
+    loads = ("kiln_worker_model_load_duration_seconds_count", (("outcome", "success"),))
+    if "w0" in ready_holders(multi, "m", 1):
+        # m is 10→16→1: 193 FP32 parameters.
+        assert worker[("kiln_worker_model_weight_bytes", ())] == 193 * 4
+        assert worker[loads] >= 1
+    assert worker[("kiln_worker_resident_memory_bytes", ())] > 0
     scheduler = scrape(multi.metrics["scheduler"])
     assert scheduler[("kiln_scheduler_leader", ())] == 1
+
+    # Every metric the Grafana dashboard charts is served by some process.
+    served = set().union(*(families(multi.metrics[p]) for p in ("gateway", "w0", "scheduler")))
+    dashboard = (ROOT / "deploy/observability/grafana-dashboard.json").read_text()
+    charted = {re.sub(r"_(bucket|count|sum)$", "", m) for m in re.findall(r"kiln_[a-z_]+", dashboard)}
+    charted = {re.sub(r"_total$", "", m) for m in charted}
+    assert charted and charted <= served, charted - served
+
+
+def worker_adapter(samples):
+    (adapter,) = [dict(k[1])["adapter"] for k in samples if k[0] == "kiln_worker_device_info"]
+    return adapter
 
 
 def test_a_killed_worker_loses_no_request_and_its_replica_moves(multi):

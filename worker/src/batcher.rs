@@ -16,6 +16,7 @@ use bytes::Bytes;
 use kiln_registry::records::{BatchingSettings, VersionKey};
 use kiln_registry::weights::f32_from_le;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::engine::{EngineHandle, ForwardOutput};
 use crate::{Error, Result};
@@ -42,6 +43,10 @@ struct Pending {
     deadline: Option<Instant>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<BatchReply>>,
+    /// The request's span (the worker's `Infer` call), which its batch links to.
+    span: tracing::Span,
+    /// Open while the request waits for its batch.
+    queue: tracing::Span,
 }
 
 impl Pending {
@@ -139,12 +144,21 @@ impl Batcher {
         deadline: Option<Instant>,
     ) -> Result<impl std::future::Future<Output = Result<BatchReply>> + use<>> {
         let (reply, rx) = oneshot::channel();
+        let (span, queue) = if kiln_proto::trace::enabled() {
+            let span = tracing::Span::current();
+            let queue = tracing::info_span!(target: "kiln::rpc", parent: &span, "queue wait", kiln.rows = rows as i64);
+            (span, queue)
+        } else {
+            (tracing::Span::none(), tracing::Span::none())
+        };
         let pending = Pending {
             features,
             rows,
             deadline,
             enqueued: Instant::now(),
             reply,
+            span,
+            queue,
         };
         match self.tx.try_send(pending) {
             Ok(()) => {
@@ -216,11 +230,12 @@ async fn run(
         for p in abandoned {
             let _ = p.reply.send(Err(Error::DeadlineExceeded));
         }
-        let batch = live;
+        let mut batch = live;
         if batch.is_empty() {
             continue;
         }
         let rows: usize = batch.iter().map(|p| p.rows).sum();
+        let span = batch_span(&key, &mut batch, rows);
         let mut features = Vec::with_capacity(batch.iter().map(|p| p.features.len() / 4).sum());
         for p in &batch {
             features.extend(f32_from_le(&p.features));
@@ -228,9 +243,39 @@ async fn run(
         let started = Instant::now();
         // While the engine works on this batch, new requests pile up in the queue and form
         // the next one: waiting here is what makes batches grow under load.
-        let result = engine.forward(key.clone(), features, rows).await;
+        let result = engine
+            .forward(key.clone(), features, rows)
+            .instrument(span)
+            .await;
         deliver(batch, result, started, rows);
     }
+}
+
+/// The span of one forward pass: in the trace of the request that opened the batch, with
+/// a link to every request it serves (each of which records the batch's span id). Ends
+/// the requests' queue waits.
+fn batch_span(key: &VersionKey, batch: &mut [Pending], rows: usize) -> tracing::Span {
+    for p in batch.iter_mut() {
+        p.queue = tracing::Span::none();
+    }
+    if !kiln_proto::trace::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: "kiln::rpc",
+        parent: &batch[0].span,
+        "batch",
+        kiln.model.name = %key.model,
+        kiln.model.version = key.version as i64,
+        kiln.batch.rows = rows as i64,
+        kiln.batch.requests = batch.len() as i64,
+    );
+    let id = kiln_proto::trace::span_context(&span).span_id().to_string();
+    for p in batch.iter() {
+        kiln_proto::trace::link(&span, &p.span);
+        kiln_proto::trace::attribute(&p.span, "kiln.batch.span_id", id.clone());
+    }
+    span
 }
 
 fn deliver(

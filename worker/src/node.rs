@@ -17,6 +17,7 @@ use kiln_registry::{ArtifactStore, LeaseId, MlpWeights, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::batcher::Batcher;
 use crate::device::{DeviceChoice, select_device};
@@ -94,6 +95,10 @@ struct State {
     last_used: Mutex<HashMap<VersionKey, u64>>,
     /// Bytes of weights this worker may hold (0: no limit).
     memory_bytes: u64,
+    /// How long model loads took, by outcome (success, failure).
+    load_seconds: Mutex<[kiln_proto::metrics::Histogram; 2]>,
+    /// FP32 parameter bytes of each version served.
+    weight_bytes: Mutex<HashMap<VersionKey, u64>>,
 }
 
 /// Run a worker on `listener` until `shutdown` resolves, then drain: deregister (revoke the
@@ -136,6 +141,10 @@ pub async fn serve(
         written: Mutex::new(None),
         last_used: Mutex::new(HashMap::new()),
         memory_bytes: config.memory_bytes,
+        load_seconds: Mutex::new(std::array::from_fn(|_| {
+            kiln_proto::metrics::Histogram::new(kiln_proto::metrics::LONG_SECONDS_BOUNDS)
+        })),
+        weight_bytes: Mutex::new(HashMap::new()),
     });
 
     let metrics = match config.metrics_addr {
@@ -187,6 +196,7 @@ pub async fn serve(
         let _ = draining_tx.send(());
     };
     let server = tonic::transport::Server::builder()
+        .layer(kiln_proto::trace::ServerLayer)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
@@ -263,7 +273,40 @@ fn prometheus(state: &State) -> String {
         out,
         "# HELP kiln_worker_training_runs Training runs in progress on this worker.\n# TYPE kiln_worker_training_runs gauge\nkiln_worker_training_runs {runs}"
     );
+    let _ = writeln!(
+        out,
+        "# HELP kiln_worker_device_info The device this worker computes on (always 1).\n# TYPE kiln_worker_device_info gauge\nkiln_worker_device_info{{backend=\"{}\",adapter=\"{}\"}} 1",
+        state.backend,
+        kiln_proto::metrics::label(&state.adapter)
+    );
+    let weights: u64 = lock(&state.weight_bytes).values().sum();
+    let _ = writeln!(
+        out,
+        "# HELP kiln_worker_model_weight_bytes Bytes of FP32 weights of the versions loaded on the device.\n# TYPE kiln_worker_model_weight_bytes gauge\nkiln_worker_model_weight_bytes {weights}"
+    );
+    if let Some(rss) = resident_bytes() {
+        let _ = writeln!(
+            out,
+            "# HELP kiln_worker_resident_memory_bytes Resident memory of the worker process.\n# TYPE kiln_worker_resident_memory_bytes gauge\nkiln_worker_resident_memory_bytes {rss}"
+        );
+    }
+    let name = "kiln_worker_model_load_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time to fetch, check and load a model version onto the device, by outcome.\n# TYPE {name} histogram"
+    );
+    let loads = lock(&state.load_seconds);
+    for (outcome, h) in ["success", "failure"].iter().zip(loads.iter()) {
+        h.write(&mut out, name, &format!("outcome=\"{outcome}\""));
+    }
     out
+}
+
+/// The process's resident set size, from /proc (None where there is no /proc).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }
 
 // === registration ===
@@ -430,14 +473,24 @@ async fn load_version(
 ) -> Result<()> {
     set_loaded(state, key, LoadState::Loading, String::new());
     let started = Instant::now();
-    match fetch_and_build(state, key, batching).await {
+    let span = tracing::info_span!(
+        "model load",
+        kiln.model.name = %key.model,
+        kiln.model.version = key.version as i64,
+    );
+    match fetch_and_build(state, key, batching)
+        .instrument(span.clone())
+        .await
+    {
         Ok(()) => {
-            tracing::info!(version = %key, elapsed_ms = started.elapsed().as_millis() as u64, "model loaded");
+            lock(&state.load_seconds)[0].observe(started.elapsed().as_secs_f64());
+            span.in_scope(|| tracing::info!(version = %key, elapsed_ms = started.elapsed().as_millis() as u64, "model loaded"));
             set_loaded(state, key, LoadState::Ready, String::new());
             Ok(())
         }
         Err(e) => {
-            tracing::warn!(version = %key, error = %e, "model failed to load");
+            lock(&state.load_seconds)[1].observe(started.elapsed().as_secs_f64());
+            span.in_scope(|| tracing::warn!(version = %key, error = %e, "model failed to load"));
             set_loaded(state, key, LoadState::Failed, e.to_string());
             Err(e)
         }
@@ -471,6 +524,7 @@ async fn fetch_and_build(
         )
         .await?;
     let batcher = Batcher::spawn(key.clone(), batching, state.engine.clone());
+    lock(&state.weight_bytes).insert(key.clone(), spec.parameter_count() * 4);
     state
         .served
         .write()
@@ -492,6 +546,7 @@ async fn unload_version(state: &Arc<State>, key: &VersionKey) {
         .unwrap_or_else(|p| p.into_inner())
         .remove(key);
     let _ = state.engine.unload(key.clone()).await;
+    lock(&state.weight_bytes).remove(key);
     lock(&state.loaded).remove(key);
     state.report.notify_one();
     tracing::info!(version = %key, "model unloaded");
@@ -838,6 +893,10 @@ impl Worker for WorkerService {
             model: req.model,
             version: req.version,
         };
+        let span = tracing::Span::current();
+        kiln_proto::trace::attribute(&span, "kiln.model.name", key.model.clone());
+        kiln_proto::trace::attribute(&span, "kiln.model.version", key.version as i64);
+        kiln_proto::trace::attribute(&span, "kiln.batch_size", i64::from(req.rows));
         let (batcher, width) = {
             let served = self.state.served.read().unwrap_or_else(|p| p.into_inner());
             let s = served

@@ -1,0 +1,137 @@
+"""The tracing benchmark (run by bench/tracing/run.sh): `kiln up` with one worker serves
+the demo model; `kiln bench-oip` loads it at concurrency 32, batch 1, with tracing off,
+at 1% and at 100% sampling, in alternating rounds; an OTLP sink counts the spans that
+arrive. Standard library only."""
+
+import datetime
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+KILN = os.environ["KILN_BIN"]
+SECONDS = int(os.environ.get("KILN_BENCH_SECONDS", "10"))
+ROUNDS = int(os.environ.get("KILN_BENCH_ROUNDS", "3"))
+CONCURRENCY, BATCH = 32, 1
+MODES = {
+    "off": {},
+    "1%": {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
+    "100%": {"OTEL_TRACES_SAMPLER": "always_on"},
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_file(path, proc, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not path.exists() or not path.read_text().strip():
+        assert proc.poll() is None, f"{what} exited"
+        assert time.monotonic() < deadline, f"{what} did not start"
+        time.sleep(0.05)
+    return path.read_text().strip()
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def run(work, mode, sink, count_file):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    if mode != "off":
+        env.update(MODES[mode], OTEL_EXPORTER_OTLP_ENDPOINT=sink, OTEL_BSP_SCHEDULE_DELAY="500")
+    tag = f"{mode.rstrip('%')}-{time.monotonic_ns()}"
+    addr_file = work / f"{tag}.addr"
+    up = subprocess.Popen([KILN, "up", "--grpc-addr", "127.0.0.1:0", "--workers", "1",
+                           "--device", "cpu", "--data-dir", str(work / tag),
+                           "--addr-file", str(addr_file)],
+                          stdout=subprocess.DEVNULL, stderr=open(work / f"{tag}.log", "wb"), env=env)
+    try:
+        addr = wait_file(addr_file, up, "kiln up")
+        before = int(count_file.read_text() or 0)
+        out = subprocess.run([KILN, "bench-oip", "--addr", addr, "--model", "demo-mlp",
+                              "--concurrency", str(CONCURRENCY), "--batch", str(BATCH),
+                              "--seconds", str(SECONDS)],
+                             capture_output=True, text=True, timeout=SECONDS + 120)
+        assert out.returncode == 0, out.stderr
+        cell = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        stop(up)  # flushes what its exporter still holds
+    time.sleep(0.5)
+    cell["spans"] = int(count_file.read_text() or 0) - before
+    cell["mode"] = mode
+    print(json.dumps(cell), flush=True)
+    return cell
+
+
+def report(meta, cells):
+    by_mode = {m: [c for c in cells if c["mode"] == m] for m in MODES}
+    off = statistics.median(c["requests_per_s"] for c in by_mode["off"])
+    lines = ["## Tracing overhead\n",
+             f"Written by `bench/tracing/run.sh` on {meta['date']}: {meta['machine']}. `kiln up` "
+             f"with one CPU worker serves the demo model (10→64→1); `kiln bench-oip` sends "
+             f"ModelInfer at concurrency {CONCURRENCY}, batch {BATCH}, {SECONDS} s a run, from "
+             f"the same cores; {ROUNDS} rounds, the three settings alternating, each on a fresh "
+             f"`kiln up`. Spans go over OTLP/gRPC to `kiln bench-otlp-sink` on loopback (it "
+             f"counts them and keeps none), with the batch processor's defaults but a 500 ms "
+             f"schedule. The median round is reported. Raw numbers: `bench/tracing/results.json`.\n",
+             "| tracing | req/s (median) | rounds | p50 ms | p99 ms | vs off | spans received a request |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for mode, runs in by_mode.items():
+        tp = statistics.median(c["requests_per_s"] for c in runs)
+        mid = min(runs, key=lambda c: abs(c["requests_per_s"] - tp))
+        served = sum(c["requests_per_s"] * SECONDS for c in runs)
+        spans = sum(c["spans"] for c in runs) / max(1.0, served)
+        each = ", ".join(f"{c['requests_per_s']:,.0f}" for c in runs)
+        lines.append(f"| {mode} | {tp:,.0f} | {each} "
+                     f"| {mid['p50_ms']:.2f} | {mid['p99_ms']:.2f} | {100 * (tp / off - 1):+.1f}% "
+                     f"| {spans:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    work = Path(tempfile.mkdtemp(prefix="kiln-bench-tracing-"))
+    port = free_port()
+    count_file = work / "spans"
+    sink = subprocess.Popen([KILN, "bench-otlp-sink", "--listen", f"127.0.0.1:{port}",
+                             "--count-file", str(count_file)],
+                            stdout=subprocess.DEVNULL, stderr=open(work / "sink.log", "wb"))
+    try:
+        wait_file(count_file, sink, "the OTLP sink")
+        cells = [run(work, mode, f"http://127.0.0.1:{port}", count_file)
+                 for _ in range(ROUNDS) for mode in MODES]
+    finally:
+        stop(sink)
+    cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+    meta = {"date": datetime.date.today().isoformat(),
+            "machine": f"{os.cpu_count()} vCPU ({cpu.group(1) if cpu else platform.machine()}), "
+                       f"{platform.system()} {platform.release()}",
+            "seconds": SECONDS, "rounds": ROUNDS}
+    (ROOT / "bench/tracing/results.json").write_text(json.dumps(
+        {"meta": meta, "cells": cells}, indent=1) + "\n")
+    doc = ROOT / "docs/benchmarks.md"
+    text = doc.read_text()
+    section = f"<!-- tracing:begin -->\n{report(meta, cells)}<!-- tracing:end -->"
+    if "<!-- tracing:begin -->" in text:
+        text = re.sub(r"<!-- tracing:begin -->.*?<!-- tracing:end -->", lambda _: section,
+                      text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    doc.write_text(text)
+    print(report(meta, cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Kiln's throughput at concurrency 32 (batch 1) with traces exported at 100% sampling, at
+# 1%, and with tracing off, to an OTLP sink (`kiln bench-otlp-sink`) on this machine.
+# Writes bench/tracing/results.json and the "Tracing overhead" section of
+# docs/benchmarks.md. About 3 minutes (KILN_BENCH_SECONDS per run, 10; 3 rounds).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/env.sh
+kiln_system_deps
+cargo build --bin kiln
+export KILN_BIN="$CARGO_TARGET_DIR/debug/kiln"
+exec python3 bench/tracing/run.py

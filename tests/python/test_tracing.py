@@ -1,0 +1,174 @@
+"""OpenTelemetry tracing across a multi-process cluster: etcd, a scheduler, a worker and a
+gateway, each exporting its spans over OTLP/gRPC to a receiver this harness runs
+(tests/python/otlp.py implements the collector's trace service)."""
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from conftest import Multi, ready_holders, wait_ready
+from otlp import Receiver
+
+DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")
+
+pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd is not installed")
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    receiver = Receiver()
+    dir = tmp_path_factory.mktemp("traced")
+    # Export every 100 ms instead of every 5 s, so the test need not wait.
+    m = Multi(dir, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                        "OTEL_BSP_SCHEDULE_DELAY": "100",
+                        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
+                        "KILN_LOG_FORMAT": "json"})
+    try:
+        m.start("scheduler", "scheduler", "--id", "s1")
+        m.start("w0", "worker", "--id", "w0", "--device", DEVICE)
+        m.gateway = m.start("gateway", "gateway")
+        (dir / "m.json").write_text(json.dumps({"name": "m", "spec": {"mlp": {
+            "input_width": 10, "hidden": [8], "output_width": 1,
+            "task": "binary_classification"}}}))
+        m.kiln("models", "create", "--spec", str(dir / "m.json"), "--seed", "3")
+        m.kiln("models", "deploy", "m", "--replicas", "1")
+        deadline = time.monotonic() + 60
+        while ready_holders(m, "m", 1) != ["w0"]:
+            assert time.monotonic() < deadline, m.records("workers/")
+            time.sleep(0.1)
+        m.client = grpcclient.InferenceServerClient(m.gateway)
+        wait_ready(m.client, "m")
+        m.receiver = receiver
+        yield m
+    finally:
+        m.stop()
+        receiver.stop()
+
+
+def infer(client, rows=3, headers=None):
+    x = np.random.default_rng(rows).random((rows, 10), dtype=np.float32)
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    out = client.infer("m", [inp], headers=headers, client_timeout=10).as_numpy("output")
+    assert out.shape == (rows, 1)
+    return out
+
+
+def wait_for(receiver, trace_id, wanted, timeout=30):
+    """The spans of `trace_id` once every (service, name) in `wanted` is among them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = receiver.trace(trace_id)
+        have = {(s.service, s.name) for s in spans}
+        if wanted <= have:
+            return spans
+        assert time.monotonic() < deadline, f"missing {wanted - have}; got {spans}"
+        time.sleep(0.1)
+
+
+def one(spans, service, name):
+    found = [s for s in spans if (s.service, s.name) == (service, name)]
+    assert len(found) == 1, (service, name, spans)
+    return found[0]
+
+
+def test_a_traceparent_from_the_client_continues_through_gateway_worker_and_batch(traced):
+    trace_id, caller = secrets.token_hex(16), secrets.token_hex(8)
+    infer(traced.client, rows=3, headers={"traceparent": f"00-{trace_id}-{caller}-01"})
+
+    infer_rpc, worker_rpc = "inference.GRPCInferenceService/ModelInfer", "kiln.internal.v1.Worker/Infer"
+    spans = wait_for(traced.receiver, trace_id, {
+        ("kiln-gateway", infer_rpc), ("kiln-gateway", worker_rpc),
+        ("kiln-worker", worker_rpc), ("kiln-worker", "queue wait"), ("kiln-worker", "batch")})
+
+    # The gateway's request span continues the caller's span, with the RPC conventions.
+    gateway = one([s for s in spans if s.kind == "SERVER"], "kiln-gateway", infer_rpc)
+    assert gateway.parent_span_id == caller
+    assert {k: gateway.attributes.get(k) for k in (
+        "rpc.system", "rpc.service", "rpc.method", "rpc.grpc.status_code",
+        "kiln.model.name", "kiln.model.version", "kiln.batch_size")} == {
+        "rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService",
+        "rpc.method": "ModelInfer", "rpc.grpc.status_code": 0,
+        "kiln.model.name": "m", "kiln.model.version": 1, "kiln.batch_size": 3}
+
+    # gateway → worker: the gateway's client span is the parent of the worker's server span.
+    call = one([s for s in spans if s.kind == "CLIENT"], "kiln-gateway", worker_rpc)
+    assert call.parent_span_id == gateway.span_id
+    assert call.attributes["rpc.grpc.status_code"] == 0
+    worker = one([s for s in spans if s.kind == "SERVER"], "kiln-worker", worker_rpc)
+    assert worker.parent_span_id == call.span_id
+    assert worker.attributes["kiln.batch_size"] == 3
+
+    # The request waited in the queue, then rode in a batch linked to it; the request
+    # records which batch served it.
+    queue = one(spans, "kiln-worker", "queue wait")
+    assert queue.parent_span_id == worker.span_id
+    batch = one(spans, "kiln-worker", "batch")
+    assert (trace_id, worker.span_id) in batch.links
+    assert batch.attributes["kiln.batch.requests"] >= 1
+    assert worker.attributes["kiln.batch.span_id"] == batch.span_id
+
+    # Every process names itself and carries the configured resource attributes.
+    assert any(r.get("service.name") == "kiln-worker"
+               and r.get("deployment.environment") == "test" for r in traced.receiver.resources)
+
+
+def test_a_failed_request_is_a_span_with_its_status_code(traced):
+    trace_id = secrets.token_hex(16)
+    x = np.zeros((2, 7), dtype=np.float32)  # 7 features where the model takes 10
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    with pytest.raises(Exception, match="10"):
+        traced.client.infer("m", [inp], client_timeout=10,
+                            headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+    rpc = "inference.GRPCInferenceService/ModelInfer"
+    (span,) = wait_for(traced.receiver, trace_id, {("kiln-gateway", rpc)})
+    assert span.attributes["rpc.grpc.status_code"] == 3  # INVALID_ARGUMENT
+    # The caller's mistake is not the server's error.
+    assert span.status_code != 2
+
+
+def test_log_lines_inside_a_span_carry_its_trace_and_span_ids(traced):
+    lines = [json.loads(l) for l in (traced.dir / "w0.log").read_text().splitlines()
+             if l.startswith("{")]
+    (loaded,) = [l for l in lines if l["fields"].get("message") == "model loaded"]
+    deadline = time.monotonic() + 30
+    while not (load := [s for s in traced.receiver.spans if s.span_id == loaded["span_id"]]):
+        assert time.monotonic() < deadline, "the model load span never arrived"
+        time.sleep(0.1)
+    assert load[0].name == "model load" and load[0].trace_id == loaded["trace_id"]
+    assert load[0].attributes["kiln.model.name"] == "m"
+
+
+def rate(client, n=150):
+    """Requests a second from one caller, best of three rounds of `n` (each must succeed)."""
+    best = 0.0
+    for _ in range(3):
+        started = time.monotonic()
+        for _ in range(n):
+            infer(client, rows=1)
+        best = max(best, n / (time.monotonic() - started))
+    return best
+
+
+def test_requests_succeed_at_the_same_rate_with_the_collector_down_or_hung(traced):
+    up = rate(traced.client)
+    port = traced.receiver.port
+    traced.receiver.stop()
+    down = rate(traced.client)
+    # A collector that accepts connections and never answers.
+    with socket.socket() as hung:
+        hung.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        hung.bind(("127.0.0.1", port))
+        hung.listen(64)
+        stalled = rate(traced.client)
+    # Generous bounds for a shared machine; a blocking exporter would be 10x slower.
+    assert down > 0.5 * up, (up, down)
+    assert stalled > 0.5 * up, (up, stalled)
