@@ -19,7 +19,8 @@ if [ ! -x "$KILN_VENV/bin/pytest" ]; then
     python3 -m venv "$KILN_VENV"
 fi
 "$KILN_VENV/bin/pip" install -q --disable-pip-version-check \
-    'tritonclient[grpc]==2.73.0' 'numpy<3' 'safetensors>=0.4' 'pytest>=8' 'moto[server]>=5,<6' 'pyyaml>=6' 'prometheus-client>=0.20'
+    'tritonclient[grpc]==2.73.0' 'numpy<3' 'safetensors>=0.4' 'pytest>=8' 'moto[server]>=5,<6' 'pyyaml>=6' 'prometheus-client>=0.20' \
+    'opentelemetry-proto>=1.30,<2'
 # Once on the CPU backend, once on wgpu through Mesa's lavapipe (a software Vulkan
 # device), so the whole served path runs on both.
 for device in cpu wgpu:cpu; do

@@ -211,7 +211,16 @@ pub fn init(
     trace: &TraceFlags,
     default_service: Option<&str>,
 ) -> anyhow::Result<Telemetry> {
-    let filter = tracing_subscriber::EnvFilter::try_new(log).unwrap_or_else(|_| "info".into());
+    // Logs leave out the per-call spans (`kiln::rpc`): formatting their fields for every
+    // request would cost more than the rest of tracing; lines inside them still carry
+    // their ids.
+    let filter = tracing_subscriber::EnvFilter::try_new(log)
+        .unwrap_or_else(|_| "info".into())
+        .add_directive(
+            "kiln::rpc=off"
+                .parse()
+                .context("the log filter's kiln::rpc directive")?,
+        );
     let url = match (
         default_service,
         trace.otlp_endpoint.as_deref().map(str::trim),
@@ -247,15 +256,28 @@ pub fn init(
             .boxed(),
     };
     let traces = provider.as_ref().map(|provider| {
-        // Kiln's own spans and events at info and above, whatever the log filter says.
-        let kiln = tracing_subscriber::EnvFilter::new(
-            "warn,kiln=info,kiln_gateway=info,kiln_worker=info,kiln_scheduler=info,kiln_registry=info,kiln_proto=info",
-        );
+        // Kiln's own spans and events at info and above, whatever the log filter says
+        // (a target filter: cheaper per span than an EnvFilter).
+        let info = tracing::level_filters::LevelFilter::INFO;
+        let kiln = tracing_subscriber::filter::Targets::new()
+            .with_default(tracing::level_filters::LevelFilter::WARN)
+            .with_targets([
+                ("kiln", info),
+                ("kiln_gateway", info),
+                ("kiln_worker", info),
+                ("kiln_scheduler", info),
+                ("kiln_registry", info),
+                ("kiln_proto", info),
+            ]);
+        // No context activation: Kiln reads a span's context from the span itself, so
+        // entering one (every poll of an instrumented future) need not touch
+        // OpenTelemetry's thread-local context.
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("kiln"))
             .with_tracked_inactivity(false)
             .with_threads(false)
             .with_location(false)
+            .with_context_activation(false)
             .with_filter(kiln)
             .boxed()
     });
@@ -264,7 +286,8 @@ pub fn init(
         .with(traces)
         .try_init()
         .context("cannot install the log subscriber")?;
-    if provider.is_some() {
+    if let Some(provider) = &provider {
+        opentelemetry::global::set_tracer_provider(provider.clone());
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
         );
@@ -322,13 +345,29 @@ where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
+    // The registry's current span, not this layer's: the log filter hides the per-call
+    // spans from the formatter, and a line inside one belongs to it.
+    let _ = ctx;
     let id = event
         .parent()
         .cloned()
-        .or_else(|| ctx.lookup_current().map(|span| span.id()))?;
-    let context = tracing::dispatcher::get_default(|dispatch| {
+        .or_else(|| tracing::Span::current().id());
+    let Some(id) = id else {
+        let context = opentelemetry::Context::current();
+        let span = context.span();
+        let sc = span.span_context();
+        return sc
+            .is_valid()
+            .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()));
+    };
+    let traced = tracing::dispatcher::get_default(|dispatch| {
         tracing_opentelemetry::get_otel_context(&id, dispatch)
-    })?;
+    });
+    // Outside any `tracing` span, the request path's OpenTelemetry context (see
+    // `kiln_proto::trace`).
+    let context = traced
+        .filter(|cx| cx.span().span_context().is_valid())
+        .unwrap_or_else(opentelemetry::Context::current);
     let span = context.span();
     let span_context = span.span_context();
     span_context.is_valid().then(|| {

@@ -12,7 +12,6 @@ use kiln_proto::inference::model_metadata_response::TensorMetadata;
 use kiln_registry::ClusterView;
 use kiln_registry::records::{LoadState, VersionKey};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
 
 use crate::codec::{InputSpec, check_requested_outputs, decode_input, encode_output};
 use crate::router::Sharding;
@@ -65,7 +64,6 @@ impl Shared {
         &self,
         req: oip::ModelInferRequest,
         timeout: Option<Duration>,
-        span: &tracing::Span,
     ) -> Result<oip::ModelInferResponse> {
         let started = Instant::now();
         let deadline = started + timeout.unwrap_or(self.config.default_timeout);
@@ -78,8 +76,8 @@ impl Shared {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (entry, version) = view.resolve_request(&req.model_name, &req.model_version, ticket)?;
         let key = version.key();
-        kiln_proto::trace::attribute(span, "kiln.model.name", key.model.clone());
-        kiln_proto::trace::attribute(span, "kiln.model.version", key.version as i64);
+        kiln_proto::trace::attribute("kiln.model.name", key.model.clone());
+        kiln_proto::trace::attribute("kiln.model.version", key.version as i64);
         let _in_flight = self.stats.in_flight(&key);
         let signature = &entry.record.signature;
         let deployment = view.deployment(&key.model);
@@ -98,7 +96,7 @@ impl Shared {
                 },
             )?;
             let input = decoding.elapsed();
-            kiln_proto::trace::attribute(span, "kiln.batch_size", features.rows as i64);
+            kiln_proto::trace::attribute("kiln.batch_size", features.rows as i64);
             let sharding = Sharding {
                 threshold: deployment
                     .shard_rows
@@ -228,11 +226,7 @@ impl GrpcInferenceService for InferenceService {
         request: Request<oip::ModelInferRequest>,
     ) -> Result<Response<oip::ModelInferResponse>, Status> {
         let timeout = kiln_proto::deadline::from_metadata(request.metadata());
-        let span = tracing::Span::current();
-        let response = self
-            .shared
-            .infer(request.into_inner(), timeout, &span)
-            .await?;
+        let response = self.shared.infer(request.into_inner(), timeout).await?;
         Ok(Response::new(response))
     }
 
@@ -244,23 +238,28 @@ impl GrpcInferenceService for InferenceService {
         request: Request<Streaming<oip::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let shared = self.shared.clone();
-        let call = tracing::Span::current();
         let answers = request
             .into_inner()
             .map(move |item| {
                 let shared = shared.clone();
                 // Each request of the stream is a span of its own under the call's.
-                let span = kiln_proto::trace::message_span(&call, "ModelStreamInfer request");
+                let cx = kiln_proto::trace::start(
+                    "ModelStreamInfer request",
+                    kiln_proto::trace::SpanKind::Internal,
+                    &kiln_proto::trace::current(),
+                    Vec::new(),
+                );
                 async move {
                     let req = item?;
                     let id = req.id.clone();
-                    let answer = shared
-                        .infer(req, None, &span)
-                        .instrument(span.clone())
+                    let recorded = cx.clone();
+                    let answer = kiln_proto::trace::scoped(cx, shared.infer(req, None))
                         .await
                         .map_err(Status::from);
-                    let code = answer.as_ref().err().map_or(0, |s| s.code() as i64);
-                    kiln_proto::trace::record_code(&span, code);
+                    if let Some(cx) = &recorded {
+                        let code = answer.as_ref().err().map_or(0, |s| s.code() as i64);
+                        kiln_proto::trace::record_code(cx, code);
+                    }
                     Ok(match answer {
                         Ok(response) => oip::ModelStreamInferResponse {
                             error_message: String::new(),

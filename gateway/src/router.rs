@@ -18,7 +18,6 @@ use kiln_registry::WatchedView;
 use kiln_registry::records::VersionKey;
 use kiln_scheduler::plan::{ReplicaLoad, choose_replica, mix64, plan_shards};
 use tonic::transport::Endpoint;
-use tracing::Instrument;
 
 use crate::{Error, Result};
 
@@ -182,20 +181,18 @@ impl Router {
                 deadline,
             )
         });
-        let fan_out = if kiln_proto::trace::enabled() {
-            tracing::info_span!(
-                target: "kiln::rpc",
-                "shard fan-out",
-                kiln.shards = plan.shards.len() as i64,
-                kiln.batch_size = rows as i64,
-            )
-        } else {
-            tracing::Span::none()
-        };
+        let fan_out = kiln_proto::trace::start(
+            "shard fan-out",
+            kiln_proto::trace::SpanKind::Internal,
+            &kiln_proto::trace::current(),
+            vec![
+                kiln_proto::trace::KeyValue::new("kiln.shards", plan.shards.len() as i64),
+                kiln_proto::trace::KeyValue::new("kiln.batch_size", rows as i64),
+            ],
+        );
         // The first shard that fails for good fails the request; the others are dropped.
-        let answers = futures::future::try_join_all(calls)
-            .instrument(fan_out)
-            .await?;
+        let answers =
+            kiln_proto::trace::scoped(fan_out, futures::future::try_join_all(calls)).await?;
         let cols = answers.first().map_or(0, |a| a.cols);
         if answers.iter().any(|a| a.cols != cols) {
             return Err(Error::Internal(

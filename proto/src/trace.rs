@@ -4,28 +4,142 @@
 //! trace context the caller sent (read through OpenTelemetry's global propagator), named
 //! and attributed after the OpenTelemetry RPC conventions. [`Client`] wraps a channel:
 //! each call gets a client span, and that span's context travels in the request's
-//! metadata. Both cost one relaxed atomic load and nothing else until a process turns
-//! tracing on with [`enable`] (it does when an OTLP endpoint is configured).
+//! metadata. The spans of the request path (these, and those of the gateway and the
+//! worker's batcher) are made with the OpenTelemetry API itself and travel with the
+//! request as its current OpenTelemetry context: an unsampled request then costs almost
+//! nothing. `tracing` spans (model loads, training jobs, registry changes) join the same
+//! traces through `tracing-opentelemetry`. Everything costs one relaxed atomic load
+//! until a process turns tracing on with [`enable`] (it does when an OTLP endpoint is
+//! configured).
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context as TaskContext, Poll};
 
 use futures::future::{BoxFuture, Either};
+pub use opentelemetry::Context;
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::global::BoxedTracer;
 use opentelemetry::propagation::{Extractor, Injector};
-use tracing::Instrument;
+use opentelemetry::trace::{Status, TraceContextExt as _, Tracer as _};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-static ENABLED: AtomicBool = AtomicBool::new(false);
+pub use opentelemetry::trace::SpanKind;
+pub use opentelemetry::{KeyValue, Value};
 
-/// Turn span creation on for this process (call once the OpenTelemetry layer and the
-/// global propagator are installed).
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static TRACER: OnceLock<BoxedTracer> = OnceLock::new();
+
+/// Turn span creation on for this process. Call once the global tracer provider and
+/// propagator are installed.
 pub fn enable() {
+    let _ = TRACER.set(opentelemetry::global::tracer("kiln"));
     ENABLED.store(true, Ordering::Relaxed);
 }
 
 /// Whether this process traces its calls.
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
+}
+
+/// The context new spans start under: the request's (attached while its future is
+/// polled), else that of the `tracing` span the code runs in (a model load, a job).
+pub fn current() -> Context {
+    let cx = Context::current();
+    if cx.has_active_span() {
+        return cx;
+    }
+    let span = tracing::Span::current();
+    if span.is_none() { cx } else { span.context() }
+}
+
+/// Start a span named `name` under `parent`; the returned context holds it, and it ends
+/// when the last clone of that context is dropped. None when tracing is off.
+pub fn start(
+    name: &'static str,
+    kind: SpanKind,
+    parent: &Context,
+    attributes: Vec<KeyValue>,
+) -> Option<Context> {
+    start_linked(name, kind, parent, attributes, Vec::new())
+}
+
+fn start_linked(
+    name: impl Into<std::borrow::Cow<'static, str>>,
+    kind: SpanKind,
+    parent: &Context,
+    attributes: Vec<KeyValue>,
+    links: Vec<opentelemetry::trace::Link>,
+) -> Option<Context> {
+    if !enabled() {
+        return None;
+    }
+    // Under a span that is not sampled, a child would not be either (the standard
+    // samplers decide by the trace id or the parent): the parent's context stands in for
+    // it, still propagated downstream, at no cost.
+    if parent.has_active_span() && !parent.span().span_context().is_sampled() {
+        return Some(parent.clone());
+    }
+    let tracer = TRACER.get()?;
+    let span = tracer
+        .span_builder(name)
+        .with_kind(kind)
+        .with_attributes(attributes)
+        .with_links(links)
+        .start_with_context(tracer, parent);
+    Some(parent.with_span(span))
+}
+
+/// Run `future` with `cx` (from [`start`]) as its current context; then the span ends.
+pub async fn scoped<F: std::future::Future>(cx: Option<Context>, future: F) -> F::Output {
+    match cx {
+        Some(cx) => future.with_context(cx).await,
+        None => future.await,
+    }
+}
+
+/// Set attribute `key` on the current request's span (nothing when tracing is off).
+pub fn attribute(key: &'static str, value: impl Into<Value>) {
+    if enabled() {
+        Context::current()
+            .span()
+            .set_attribute(KeyValue::new(key, value));
+    }
+}
+
+/// Add the event `name` with string attributes to the current request's span.
+pub fn event(name: &'static str, attributes: &[(&'static str, &str)]) {
+    if enabled() {
+        let attributes = attributes
+            .iter()
+            .map(|(k, v)| KeyValue::new(*k, v.to_string()))
+            .collect();
+        Context::current().span().add_event(name, attributes);
+    }
+}
+
+/// The span of one batch (a forward pass) on `requests`, each the context of a request
+/// it serves: it belongs to the trace of the first, links to every one, and each records
+/// the batch's span id as `kiln.batch.span_id`.
+pub fn batch(requests: &[&Context], attributes: Vec<KeyValue>) -> Option<Context> {
+    let first = requests.first()?;
+    let links = requests
+        .iter()
+        .map(|cx| opentelemetry::trace::Link::with_context(cx.span().span_context().clone()))
+        .collect();
+    let cx = start_linked("batch", SpanKind::Internal, first, attributes, links)?;
+    let id = cx.span().span_context().span_id().to_string();
+    for request in requests {
+        request
+            .span()
+            .set_attribute(KeyValue::new("kiln.batch.span_id", id.clone()));
+    }
+    Some(cx)
+}
+
+/// Record the gRPC status `code` a server answered on the span of `cx`.
+pub fn record_code(cx: &Context, code: i64) {
+    record_status(cx, code, true);
 }
 
 /// HTTP/2 headers (gRPC metadata) as a carrier the propagator writes into.
@@ -84,65 +198,20 @@ fn server_fault(code: i64) -> bool {
     matches!(code, 2 | 4 | 12 | 13 | 14 | 15)
 }
 
-fn record_status(span: &tracing::Span, code: i64, server: bool) {
-    span.record("rpc.grpc.status_code", code);
+fn record_status(cx: &Context, code: i64, server: bool) {
+    let span = cx.span();
+    span.set_attribute(KeyValue::new("rpc.grpc.status_code", code));
     if (server && server_fault(code)) || (!server && code != 0) {
-        span.record("otel.status_code", "ERROR");
+        span.set_status(Status::error(format!("gRPC status {code}")));
     }
 }
 
-/// The trace context of `span`, for a span link (invalid when tracing is off).
-pub fn span_context(span: &tracing::Span) -> opentelemetry::trace::SpanContext {
-    use opentelemetry::trace::TraceContextExt;
-    span.context().span().span_context().clone()
-}
-
-/// Set attribute `key` on `span` (nothing when tracing is off).
-pub fn attribute(span: &tracing::Span, key: &'static str, value: impl Into<opentelemetry::Value>) {
-    if enabled() {
-        span.set_attribute(key, value);
-    }
-}
-
-/// Link `span` to `to` (the OpenTelemetry span link: "caused by", across traces).
-pub fn link(span: &tracing::Span, to: &tracing::Span) {
-    if enabled() {
-        span.add_link(span_context(to));
-    }
-}
-
-/// Add the event `name` with string attributes to the current span.
-pub fn event(name: &'static str, attributes: &[(&'static str, &str)]) {
-    if enabled() {
-        let attributes = attributes
-            .iter()
-            .map(|(k, v)| opentelemetry::KeyValue::new(*k, v.to_string()))
-            .collect();
-        tracing::Span::current().add_event(name, attributes);
-    }
-}
-
-/// A span for one message of a stream that `parent` (the stream's call) carries, with
-/// the same status attributes as a call.
-pub fn message_span(parent: &tracing::Span, name: &'static str) -> tracing::Span {
-    if !enabled() {
-        return tracing::Span::none();
-    }
-    tracing::info_span!(
-        target: "kiln::rpc",
-        parent: parent,
-        "stream message",
-        otel.name = name,
-        otel.status_code = tracing::field::Empty,
-        rpc.grpc.status_code = tracing::field::Empty,
-    )
-}
-
-/// Record the gRPC status `code` a server answered on `span` (from [`message_span`]).
-pub fn record_code(span: &tracing::Span, code: i64) {
-    if enabled() {
-        record_status(span, code, true);
-    }
+fn rpc_attributes(service: &str, method: &str) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("rpc.system", "grpc"),
+        KeyValue::new("rpc.service", service.to_owned()),
+        KeyValue::new("rpc.method", method.to_owned()),
+    ]
 }
 
 /// A tonic server (or any HTTP service) with a server span around every call.
@@ -183,7 +252,7 @@ where
     type Error = S::Error;
     type Future = Traced<S::Future, S::Response, S::Error>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
@@ -192,33 +261,30 @@ where
         if !enabled() || untraced(service) {
             return Either::Left(self.inner.call(request));
         }
-        let span = tracing::info_span!(
-            target: "kiln::rpc",
-            "grpc server",
-            otel.name = %request.uri().path().trim_start_matches('/'),
-            otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
-            rpc.system = "grpc",
-            rpc.service = service,
-            rpc.method = method,
-            rpc.grpc.status_code = tracing::field::Empty,
-        );
         let parent = opentelemetry::global::get_text_map_propagator(|p| {
             p.extract(&HeaderExtractor(request.headers()))
         });
-        let _ = span.set_parent(parent);
-        let future = span.in_scope(|| self.inner.call(request));
-        let recorded = span.clone();
-        Either::Right(Box::pin(
-            async move {
-                let result = future.await;
-                if let Ok(response) = &result {
-                    record_status(&recorded, status_of(response.headers()), true);
-                }
-                result
+        let name = request.uri().path().trim_start_matches('/').to_owned();
+        let Some(cx) = start_linked(
+            name,
+            SpanKind::Server,
+            &parent,
+            rpc_attributes(service, method),
+            Vec::new(),
+        ) else {
+            return Either::Left(self.inner.call(request));
+        };
+        let future = {
+            let _attached = cx.clone().attach();
+            self.inner.call(request)
+        };
+        Either::Right(Box::pin(async move {
+            let result = future.with_context(cx.clone()).await;
+            if let Ok(response) = &result {
+                record_status(&cx, status_of(response.headers()), true);
             }
-            .instrument(span),
-        ))
+            result
+        }))
     }
 }
 
@@ -254,7 +320,7 @@ where
     type Error = S::Error;
     type Future = Traced<S::Future, S::Response, S::Error>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
@@ -263,36 +329,26 @@ where
             return Either::Left(self.inner.call(request));
         }
         let (service, method) = rpc_names(request.uri().path());
-        let span = tracing::info_span!(
-            target: "kiln::rpc",
-            "grpc client",
-            otel.name = %request.uri().path().trim_start_matches('/'),
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            rpc.system = "grpc",
-            rpc.service = service,
-            rpc.method = method,
-            rpc.grpc.status_code = tracing::field::Empty,
-            server.address = %self.peer,
-        );
-        let context = span.context();
+        let mut attributes = rpc_attributes(service, method);
+        attributes.push(KeyValue::new("server.address", self.peer.to_string()));
+        let name = request.uri().path().trim_start_matches('/').to_owned();
+        let Some(cx) = start_linked(name, SpanKind::Client, &current(), attributes, Vec::new())
+        else {
+            return Either::Left(self.inner.call(request));
+        };
         opentelemetry::global::get_text_map_propagator(|p| {
-            p.inject_context(&context, &mut HeaderInjector(request.headers_mut()))
+            p.inject_context(&cx, &mut HeaderInjector(request.headers_mut()))
         });
-        let future = span.in_scope(|| self.inner.call(request));
-        let recorded = span.clone();
-        Either::Right(Box::pin(
-            async move {
-                let result = future.await;
-                match &result {
-                    Ok(response) => record_status(&recorded, status_of(response.headers()), false),
-                    // The call never got an answer: the server was unreachable.
-                    Err(_) => record_status(&recorded, 14, false),
-                }
-                result
+        let future = self.inner.call(request);
+        Either::Right(Box::pin(async move {
+            let result = future.await;
+            match &result {
+                Ok(response) => record_status(&cx, status_of(response.headers()), false),
+                // The call never got an answer: the server was unreachable.
+                Err(_) => record_status(&cx, 14, false),
             }
-            .instrument(span),
-        ))
+            result
+        }))
     }
 }
 

@@ -16,7 +16,6 @@ use bytes::Bytes;
 use kiln_registry::records::{BatchingSettings, VersionKey};
 use kiln_registry::weights::f32_from_le;
 use tokio::sync::{mpsc, oneshot};
-use tracing::Instrument;
 
 use crate::engine::{EngineHandle, ForwardOutput};
 use crate::{Error, Result};
@@ -43,10 +42,10 @@ struct Pending {
     deadline: Option<Instant>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<BatchReply>>,
-    /// The request's span (the worker's `Infer` call), which its batch links to.
-    span: tracing::Span,
-    /// Open while the request waits for its batch.
-    queue: tracing::Span,
+    /// The request's trace context (the worker's `Infer` call), which its batch links to.
+    trace: Option<kiln_proto::trace::Context>,
+    /// Holds the request's queue-wait span until its batch forms.
+    queue: Option<kiln_proto::trace::Context>,
 }
 
 impl Pending {
@@ -144,12 +143,17 @@ impl Batcher {
         deadline: Option<Instant>,
     ) -> Result<impl std::future::Future<Output = Result<BatchReply>> + use<>> {
         let (reply, rx) = oneshot::channel();
-        let (span, queue) = if kiln_proto::trace::enabled() {
-            let span = tracing::Span::current();
-            let queue = tracing::info_span!(target: "kiln::rpc", parent: &span, "queue wait", kiln.rows = rows as i64);
-            (span, queue)
+        let (trace, queue) = if kiln_proto::trace::enabled() {
+            let trace = kiln_proto::trace::current();
+            let queue = kiln_proto::trace::start(
+                "queue wait",
+                kiln_proto::trace::SpanKind::Internal,
+                &trace,
+                vec![kiln_proto::trace::KeyValue::new("kiln.rows", rows as i64)],
+            );
+            (Some(trace), queue)
         } else {
-            (tracing::Span::none(), tracing::Span::none())
+            (None, None)
         };
         let pending = Pending {
             features,
@@ -157,7 +161,7 @@ impl Batcher {
             deadline,
             enqueued: Instant::now(),
             reply,
-            span,
+            trace,
             queue,
         };
         match self.tx.try_send(pending) {
@@ -243,39 +247,37 @@ async fn run(
         let started = Instant::now();
         // While the engine works on this batch, new requests pile up in the queue and form
         // the next one: waiting here is what makes batches grow under load.
-        let result = engine
-            .forward(key.clone(), features, rows)
-            .instrument(span)
-            .await;
+        let result = engine.forward(key.clone(), features, rows).await;
+        drop(span);
         deliver(batch, result, started, rows);
     }
 }
 
-/// The span of one forward pass: in the trace of the request that opened the batch, with
-/// a link to every request it serves (each of which records the batch's span id). Ends
-/// the requests' queue waits.
-fn batch_span(key: &VersionKey, batch: &mut [Pending], rows: usize) -> tracing::Span {
+/// The span of one forward pass (see `kiln_proto::trace::batch`); ends the requests'
+/// queue waits.
+fn batch_span(
+    key: &VersionKey,
+    batch: &mut [Pending],
+    rows: usize,
+) -> Option<kiln_proto::trace::Context> {
     for p in batch.iter_mut() {
-        p.queue = tracing::Span::none();
+        p.queue = None;
     }
     if !kiln_proto::trace::enabled() {
-        return tracing::Span::none();
+        return None;
     }
-    let span = tracing::info_span!(
-        target: "kiln::rpc",
-        parent: &batch[0].span,
-        "batch",
-        kiln.model.name = %key.model,
-        kiln.model.version = key.version as i64,
-        kiln.batch.rows = rows as i64,
-        kiln.batch.requests = batch.len() as i64,
-    );
-    let id = kiln_proto::trace::span_context(&span).span_id().to_string();
-    for p in batch.iter() {
-        kiln_proto::trace::link(&span, &p.span);
-        kiln_proto::trace::attribute(&p.span, "kiln.batch.span_id", id.clone());
-    }
-    span
+    let requests: Vec<&kiln_proto::trace::Context> =
+        batch.iter().filter_map(|p| p.trace.as_ref()).collect();
+    use kiln_proto::trace::KeyValue;
+    kiln_proto::trace::batch(
+        &requests,
+        vec![
+            KeyValue::new("kiln.model.name", key.model.clone()),
+            KeyValue::new("kiln.model.version", key.version as i64),
+            KeyValue::new("kiln.batch.rows", rows as i64),
+            KeyValue::new("kiln.batch.requests", batch.len() as i64),
+        ],
+    )
 }
 
 fn deliver(

@@ -893,10 +893,9 @@ impl Worker for WorkerService {
             model: req.model,
             version: req.version,
         };
-        let span = tracing::Span::current();
-        kiln_proto::trace::attribute(&span, "kiln.model.name", key.model.clone());
-        kiln_proto::trace::attribute(&span, "kiln.model.version", key.version as i64);
-        kiln_proto::trace::attribute(&span, "kiln.batch_size", i64::from(req.rows));
+        kiln_proto::trace::attribute("kiln.model.name", key.model.clone());
+        kiln_proto::trace::attribute("kiln.model.version", key.version as i64);
+        kiln_proto::trace::attribute("kiln.batch_size", i64::from(req.rows));
         let (batcher, width) = {
             let served = self.state.served.read().unwrap_or_else(|p| p.into_inner());
             let s = served
