@@ -232,18 +232,21 @@ pub fn init(
         (Some(url), Some(service)) => Some(provider(trace, url, service)?),
         _ => None,
     };
+    // Colours only on a terminal: the span fields the layer formats and the line alike.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(ansi)
             .event_format(WithTraceIds {
-                inner: tracing_subscriber::fmt::format()
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+                inner: tracing_subscriber::fmt::format().with_ansi(ansi),
                 json: false,
             })
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(false)
             .json()
             .event_format(WithTraceIds {
                 inner: tracing_subscriber::fmt::format()

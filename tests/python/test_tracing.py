@@ -147,6 +147,36 @@ def test_log_lines_inside_a_span_carry_its_trace_and_span_ids(traced):
     assert load[0].attributes["kiln.model.name"] == "m"
 
 
+def test_a_training_job_is_a_span_with_an_event_per_epoch_in_the_submitters_trace(traced):
+    rng = np.random.default_rng(5)
+    x = rng.random((120, 10))
+    path = traced.dir / "tj.json"
+    path.write_text(json.dumps({
+        "model_name": "tj",
+        "spec": {"mlp": {"input_width": 10, "hidden": [4], "output_width": 1,
+                         "task": "binary_classification"}},
+        "data": {"inline": {"features": x.tolist(),
+                            "labels": (x.sum(1) > 5).astype(int).tolist()}},
+        "epochs": 3, "batch_size": 20}))
+    assert "completed: tj version 1" in traced.kiln("train", str(path))
+    deadline = time.monotonic() + 30
+    while not (jobs := [s for s in traced.receiver.spans if s.name == "training job"
+                        and s.attributes.get("kiln.model.name") == "tj"]):
+        assert time.monotonic() < deadline, "the training job span never arrived"
+        time.sleep(0.1)
+    (job,) = jobs
+    assert job.service == "kiln-scheduler" and job.events.count("epoch ended") == 3
+    trace = traced.receiver.trace(job.trace_id)
+    # Under the scheduler's SubmitTrainingJob call, which the gateway forwarded...
+    (submit,) = [s for s in trace if s.span_id == job.parent_span_id]
+    assert (submit.service, submit.name, submit.kind) == (
+        "kiln-scheduler", "kiln.v1.Training/SubmitTrainingJob", "SERVER")
+    assert any(s.service == "kiln-gateway" and s.span_id == submit.parent_span_id for s in trace)
+    # ...and the worker's training run is in the same trace.
+    assert any(s.service == "kiln-worker" and s.name == "kiln.internal.v1.Worker/Train"
+               for s in trace), trace
+
+
 def rate(client, n=150):
     """Requests a second from one caller, best of three rounds of `n` (each must succeed)."""
     best = 0.0
