@@ -287,6 +287,7 @@ pub async fn scheduler(
     };
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            // A server span per call, continuing the caller's trace.
             .layer(kiln_proto::trace::ServerLayer)
             .add_service(health_service)
             .add_service(reflection)

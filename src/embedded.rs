@@ -170,6 +170,7 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
                 coordinator.stop_all();
             };
             let served = tonic::transport::Server::builder()
+                // A server span per call, continuing the caller's trace.
                 .layer(kiln_proto::trace::ServerLayer)
                 .add_service(service)
                 .serve_with_incoming_shutdown(

@@ -192,6 +192,7 @@ pub async fn serve(
     };
     let limit = config.max_message_bytes;
     tonic::transport::Server::builder()
+        // A server span per call, continuing the caller's trace.
         .layer(kiln_proto::trace::ServerLayer)
         // tonic refuses an oversized request with OUT_OF_RANGE; the protocol (and Triton)
         // answer RESOURCE_EXHAUSTED, naming the limit.

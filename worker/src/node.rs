@@ -196,6 +196,7 @@ pub async fn serve(
         let _ = draining_tx.send(());
     };
     let server = tonic::transport::Server::builder()
+        // A server span per call, continuing the caller's trace.
         .layer(kiln_proto::trace::ServerLayer)
         .add_service(health_service)
         .add_service(reflection)
