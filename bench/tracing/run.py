@@ -43,6 +43,13 @@ def wait_file(path, proc, what, timeout=60):
     return path.read_text().strip()
 
 
+def cpu_seconds(pid):
+    """User and system CPU time of one process (all its threads), in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(proc):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
@@ -61,12 +68,17 @@ def run(work, mode, sink, count_file):
     try:
         addr = wait_file(addr_file, up, "kiln up")
         before = int(count_file.read_text() or 0)
+        cpu_before = cpu_seconds(up.pid)
         out = subprocess.run([KILN, "bench-oip", "--addr", addr, "--model", "demo-mlp",
                               "--concurrency", str(CONCURRENCY), "--batch", str(BATCH),
                               "--seconds", str(SECONDS)],
                              capture_output=True, text=True, timeout=SECONDS + 120)
         assert out.returncode == 0, out.stderr
         cell = json.loads(out.stdout.strip().splitlines()[-1])
+        # Kiln's own CPU per request: what tracing costs it, whatever the sink and the
+        # client (on the same cores) take.
+        used = cpu_seconds(up.pid) - cpu_before
+        cell["server_cpu_us_per_request"] = 1e6 * used / max(1.0, cell["requests_per_s"] * SECONDS)
     finally:
         stop(up)  # flushes what its exporter still holds
     time.sleep(0.5)
@@ -87,17 +99,18 @@ def report(meta, cells):
              f"`kiln up`. Spans go over OTLP/gRPC to `kiln bench-otlp-sink` on loopback (it "
              f"counts them and keeps none), with the batch processor's defaults but a 500 ms "
              f"schedule. The median round is reported. Raw numbers: `bench/tracing/results.json`.\n",
-             "| tracing | req/s (median) | rounds | p50 ms | p99 ms | vs off | spans received a request |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+             "| tracing | req/s (median) | rounds | p50 ms | p99 ms | vs off | Kiln CPU µs a request (median) | spans received a request |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
     for mode, runs in by_mode.items():
         tp = statistics.median(c["requests_per_s"] for c in runs)
         mid = min(runs, key=lambda c: abs(c["requests_per_s"] - tp))
         served = sum(c["requests_per_s"] * SECONDS for c in runs)
         spans = sum(c["spans"] for c in runs) / max(1.0, served)
         each = ", ".join(f"{c['requests_per_s']:,.0f}" for c in runs)
+        cpu = statistics.median(c["server_cpu_us_per_request"] for c in runs)
         lines.append(f"| {mode} | {tp:,.0f} | {each} "
                      f"| {mid['p50_ms']:.2f} | {mid['p99_ms']:.2f} | {100 * (tp / off - 1):+.1f}% "
-                     f"| {spans:.2f} |")
+                     f"| {cpu:.1f} | {spans:.2f} |")
     return "\n".join(lines) + "\n"
 
 
