@@ -74,10 +74,13 @@ fn start_linked(
     if !enabled() {
         return None;
     }
-    // Under a span that is not sampled, a child would not be either (the standard
-    // samplers decide by the trace id or the parent): the parent's context stands in for
-    // it, still propagated downstream, at no cost.
-    if parent.has_active_span() && !parent.span().span_context().is_sampled() {
+    // Under a local span that was not sampled, a child would not be either (this
+    // process's sampler decided by the trace id or the parent, and would again): the
+    // parent's context stands in for it, still propagated downstream, at no cost. A
+    // remote parent's flag is the caller's; the sampler judges it (`always_on` overrides).
+    let parent_span = parent.span();
+    let parent_context = parent_span.span_context();
+    if parent.has_active_span() && !parent_context.is_remote() && !parent_context.is_sampled() {
         return Some(parent.clone());
     }
     let tracer = TRACER.get()?;

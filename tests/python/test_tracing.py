@@ -120,6 +120,15 @@ def test_a_traceparent_from_the_client_continues_through_gateway_worker_and_batc
                and r.get("deployment.environment") == "test" for r in traced.receiver.resources)
 
 
+def test_a_caller_that_does_not_sample_gets_no_spans(traced):
+    unsampled, sampled = secrets.token_hex(16), secrets.token_hex(16)
+    infer(traced.client, headers={"traceparent": f"00-{unsampled}-{secrets.token_hex(8)}-00"})
+    infer(traced.client, headers={"traceparent": f"00-{sampled}-{secrets.token_hex(8)}-01"})
+    # Once the later request's batch has arrived, the earlier one's would have too.
+    wait_for(traced.receiver, sampled, {("kiln-worker", "batch")})
+    assert traced.receiver.trace(unsampled) == []
+
+
 def test_a_failed_request_is_a_span_with_its_status_code(traced):
     trace_id = secrets.token_hex(16)
     x = np.zeros((2, 7), dtype=np.float32)  # 7 features where the model takes 10
