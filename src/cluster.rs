@@ -259,10 +259,7 @@ pub async fn scheduler(
                         );
                         match coordinator {
                             Some(c) => out.push_str(&c.prometheus()),
-                            None => out.push_str(
-                                "# HELP kiln_scheduler_training_jobs_running Training jobs this scheduler runs.\n\
-                                 # TYPE kiln_scheduler_training_jobs_running gauge\nkiln_scheduler_training_jobs_running 0\n",
-                            ),
+                            None => out.push_str(&kiln_scheduler::training::running_jobs_gauge(0)),
                         }
                         out
                     }),

@@ -211,16 +211,7 @@ pub fn init(
     trace: &TraceFlags,
     default_service: Option<&str>,
 ) -> anyhow::Result<Telemetry> {
-    // Logs leave out the per-call spans (`kiln::rpc`): formatting their fields for every
-    // request would cost more than the rest of tracing; lines inside them still carry
-    // their ids.
-    let filter = tracing_subscriber::EnvFilter::try_new(log)
-        .unwrap_or_else(|_| "info".into())
-        .add_directive(
-            "kiln::rpc=off"
-                .parse()
-                .context("the log filter's kiln::rpc directive")?,
-        );
+    let filter = tracing_subscriber::EnvFilter::try_new(log).unwrap_or_else(|_| "info".into());
     let url = match (
         default_service,
         trace.otlp_endpoint.as_deref().map(str::trim),
@@ -318,7 +309,7 @@ where
         event: &tracing::Event<'_>,
     ) -> fmt::Result {
         let ids = if kiln_proto::trace::enabled() {
-            trace_ids(ctx, event)
+            trace_ids(event)
         } else {
             None
         };
@@ -339,36 +330,20 @@ where
     }
 }
 
-/// The trace and span ids (hex) of the span `event` belongs to, if it is traced.
-fn trace_ids<S, N>(
-    ctx: &FmtContext<'_, S, N>,
-    event: &tracing::Event<'_>,
-) -> Option<(String, String)>
-where
-    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    // The registry's current span, not this layer's: the log filter hides the per-call
-    // spans from the formatter, and a line inside one belongs to it.
-    let _ = ctx;
+/// The trace and span ids (hex) of the span `event` belongs to: its `tracing` span's
+/// (model loads, jobs), else the request path's current OpenTelemetry context (see
+/// `kiln_proto::trace`); None outside any traced span.
+fn trace_ids(event: &tracing::Event<'_>) -> Option<(String, String)> {
     let id = event
         .parent()
         .cloned()
         .or_else(|| tracing::Span::current().id());
-    let Some(id) = id else {
-        let context = opentelemetry::Context::current();
-        let span = context.span();
-        let sc = span.span_context();
-        return sc
-            .is_valid()
-            .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()));
-    };
-    let traced = tracing::dispatcher::get_default(|dispatch| {
-        tracing_opentelemetry::get_otel_context(&id, dispatch)
-    });
-    // Outside any `tracing` span, the request path's OpenTelemetry context (see
-    // `kiln_proto::trace`).
-    let context = traced
+    let context = id
+        .and_then(|id| {
+            tracing::dispatcher::get_default(|dispatch| {
+                tracing_opentelemetry::get_otel_context(&id, dispatch)
+            })
+        })
         .filter(|cx| cx.span().span_context().is_valid())
         .unwrap_or_else(opentelemetry::Context::current);
     let span = context.span();

@@ -149,6 +149,15 @@ pub struct TrainingCoordinator {
     stats: Mutex<CoordinatorStats>,
 }
 
+/// The `kiln_scheduler_training_jobs_running` gauge at `running` (a standby scheduler
+/// reports 0).
+pub fn running_jobs_gauge(running: usize) -> String {
+    let name = "kiln_scheduler_training_jobs_running";
+    format!(
+        "# HELP {name} Training jobs this scheduler runs.\n# TYPE {name} gauge\n{name} {running}\n"
+    )
+}
+
 /// Counters of the jobs this coordinator ran.
 struct CoordinatorStats {
     /// Jobs ended, by final state: succeeded, failed, cancelled.
@@ -388,11 +397,7 @@ impl TrainingCoordinator {
         for (state, n) in ["SUCCEEDED", "FAILED", "CANCELLED"].iter().zip(stats.ended) {
             let _ = writeln!(out, "{name}{{state=\"{state}\"}} {n}");
         }
-        let name = "kiln_scheduler_training_jobs_running";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Training jobs this scheduler runs.\n# TYPE {name} gauge\n{name} {running}"
-        );
+        out.push_str(&running_jobs_gauge(running));
         let name = "kiln_scheduler_epoch_duration_seconds";
         let _ = writeln!(
             out,
