@@ -11,6 +11,7 @@ pub mod bench_placement;
 pub mod client;
 pub mod cluster;
 pub mod embedded;
+pub mod otlp;
 pub mod otlp_sink;
 pub mod plot;
 pub mod telemetry;

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
-use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::fmt::format::Writer;
@@ -117,16 +116,18 @@ pub fn sampler(name: &str, arg: Option<&str>) -> anyhow::Result<Sampler> {
 /// `key=value,key=value` (the W3C baggage form the SDK specification gives
 /// `OTEL_RESOURCE_ATTRIBUTES`) as key-value pairs.
 pub fn resource_attributes(text: &str) -> anyhow::Result<Vec<(String, String)>> {
+    pairs(text, "--resource-attributes (OTEL_RESOURCE_ATTRIBUTES)")
+}
+
+/// `key=value,key=value` with percent-encoded values; `what` names the setting in errors.
+fn pairs(text: &str, what: &str) -> anyhow::Result<Vec<(String, String)>> {
     let mut pairs = Vec::new();
     for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (key, value) = item.split_once('=').with_context(|| {
-            format!("--resource-attributes (OTEL_RESOURCE_ATTRIBUTES): `{item}` is not key=value")
-        })?;
+        let (key, value) = item
+            .split_once('=')
+            .with_context(|| format!("{what}: `{item}` is not key=value"))?;
         let key = key.trim();
-        anyhow::ensure!(
-            !key.is_empty(),
-            "--resource-attributes (OTEL_RESOURCE_ATTRIBUTES): `{item}` has an empty key"
-        );
+        anyhow::ensure!(!key.is_empty(), "{what}: `{item}` has an empty key");
         pairs.push((key.to_owned(), percent_decode(value.trim())));
     }
     Ok(pairs)
@@ -154,16 +155,82 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The collector address, checked: an `http://` or `https://` URL with a host.
+/// The collector address, checked: an `http://` URL with a host.
 fn endpoint(text: &str) -> anyhow::Result<String> {
     let uri: http::Uri = text.parse().map_err(|e| {
         anyhow::anyhow!("--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): `{text}` is not a URL: {e}")
     })?;
     anyhow::ensure!(
-        matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some(),
+        uri.scheme_str() != Some("https"),
+        "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): `{text}`: Kiln sends spans in plain \
+         gRPC (http://); put TLS between a local collector and the backend"
+    );
+    anyhow::ensure!(
+        uri.scheme_str() == Some("http") && uri.host().is_some(),
         "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): `{text}` must look like http://HOST:PORT"
     );
     Ok(text.to_owned())
+}
+
+/// The first of `names` that is set (and not blank) in the environment, with its name.
+fn first_env(names: &[&'static str]) -> Option<(&'static str, String)> {
+    names.iter().find_map(|&name| {
+        let value = std::env::var(name).ok()?;
+        (!value.trim().is_empty()).then(|| (name, value.trim().to_owned()))
+    })
+}
+
+/// The exporter's settings that have no flag: timeout, headers and compression, from the
+/// standard variables (the `_TRACES_` form first).
+fn export_config(url: String) -> anyhow::Result<crate::otlp::ExportConfig> {
+    let env = |names: &[&'static str]| first_env(names);
+    export_config_from(url, env)
+}
+
+fn export_config_from(
+    url: String,
+    env: impl Fn(&[&'static str]) -> Option<(&'static str, String)>,
+) -> anyhow::Result<crate::otlp::ExportConfig> {
+    let timeout = match env(&[
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+    ]) {
+        None => Duration::from_secs(10),
+        Some((name, text)) => {
+            let ms: u64 = text
+                .parse()
+                .ok()
+                .filter(|ms| (1..=600_000).contains(ms))
+                .with_context(|| {
+                    format!("{name}: `{text}` is not a time in milliseconds from 1 to 600000")
+                })?;
+            Duration::from_millis(ms)
+        }
+    };
+    let headers = match env(&[
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        "OTEL_EXPORTER_OTLP_HEADERS",
+    ]) {
+        None => Vec::new(),
+        Some((name, text)) => pairs(&text, name)?,
+    };
+    let gzip = match env(&[
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+    ]) {
+        None => false,
+        Some((name, text)) => match text.as_str() {
+            "gzip" => true,
+            "none" => false,
+            other => anyhow::bail!("{name}: `{other}` is not one of gzip, none"),
+        },
+    };
+    Ok(crate::otlp::ExportConfig {
+        endpoint: url,
+        timeout,
+        headers,
+        gzip,
+    })
 }
 
 fn provider(
@@ -189,11 +256,8 @@ fn provider(
         )
         .with_service_name(service)
         .build();
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(url)
-        .build()
-        .context("cannot build the OTLP trace exporter")?;
+    let exporter = crate::otlp::Exporter::new(export_config(url)?)
+        .context("cannot set up the trace exporter")?;
     // The batch processor (OTEL_BSP_* variables) holds at most its queue size of spans and
     // drops the rest while the collector is slow or away.
     Ok(SdkTracerProvider::builder()
@@ -398,5 +462,63 @@ mod tests {
         assert!(endpoint("http://127.0.0.1:4317").is_ok());
         let e = endpoint("127.0.0.1:4317").err().map(|e| e.to_string());
         assert!(e.is_some_and(|e| e.contains("OTEL_EXPORTER_OTLP_ENDPOINT")));
+        let e = endpoint("https://collector:4317")
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("plain gRPC (http://)")));
+    }
+
+    #[test]
+    fn exporter_settings_come_from_the_standard_variables_the_traces_form_first() {
+        let vars = |set: &'static [(&'static str, &'static str)]| {
+            move |names: &[&'static str]| {
+                names.iter().find_map(|&n| {
+                    set.iter()
+                        .find(|(k, _)| *k == n)
+                        .map(|(k, v)| (*k, (*v).to_owned()))
+                })
+            }
+        };
+        let url = || "http://127.0.0.1:4317".to_owned();
+        let plain = export_config_from(url(), vars(&[])).unwrap();
+        assert_eq!(plain.timeout, Duration::from_secs(10));
+        assert!(plain.headers.is_empty() && !plain.gzip);
+        let set = export_config_from(
+            url(),
+            vars(&[
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+                ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "700"),
+                ("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=a%3Db,tenant=ml"),
+                ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(set.timeout, Duration::from_millis(700));
+        assert_eq!(
+            set.headers,
+            vec![
+                ("x-api-key".to_owned(), "a=b".to_owned()),
+                ("tenant".to_owned(), "ml".to_owned())
+            ]
+        );
+        assert!(set.gzip);
+        for (bad, says) in [
+            (
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
+                "OTEL_EXPORTER_OTLP_TIMEOUT: `soon` is not a time in milliseconds from 1 to 600000",
+            ),
+            (
+                ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd"),
+                "OTEL_EXPORTER_OTLP_COMPRESSION: `zstd` is not one of gzip, none",
+            ),
+            (
+                ("OTEL_EXPORTER_OTLP_HEADERS", "novalue"),
+                "OTEL_EXPORTER_OTLP_HEADERS: `novalue` is not key=value",
+            ),
+        ] {
+            let one: &'static [(&'static str, &'static str)] = Box::leak(Box::new([bad]));
+            let e = export_config_from(url(), vars(one)).unwrap_err();
+            assert_eq!(format!("{e:#}"), says);
+        }
     }
 }

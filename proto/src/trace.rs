@@ -16,7 +16,6 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context as TaskContext, Poll};
 
-use futures::future::{BoxFuture, Either};
 pub use opentelemetry::Context;
 use opentelemetry::context::FutureExt as _;
 use opentelemetry::global::BoxedTracer;
@@ -242,7 +241,59 @@ impl<S> tower::Layer<S> for ServerLayer {
     }
 }
 
-type Traced<F, T, E> = Either<F, BoxFuture<'static, Result<T, E>>>;
+pin_project_lite::pin_project! {
+    /// A call's future and its span (none when the call is not traced). A server span's
+    /// context is current while the call runs, so the handler's spans and attributes find
+    /// it; the span records the call's gRPC status and ends when the answer is there.
+    /// Unboxed: the call's own future stays in place (no allocation, no move).
+    pub struct Traced<F> {
+        #[pin]
+        inner: F,
+        span: Option<Context>,
+        server: bool,
+    }
+}
+
+impl<F> Traced<F> {
+    fn untraced(inner: F) -> Self {
+        Self {
+            inner,
+            span: None,
+            server: false,
+        }
+    }
+}
+
+impl<F, R, E> std::future::Future for Traced<F>
+where
+    F: std::future::Future<Output = Result<http::Response<R>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, task: &mut TaskContext<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let Some(cx) = this.span.as_ref() else {
+            return this.inner.poll(task);
+        };
+        let polled = if *this.server {
+            let _current = cx.clone().attach();
+            this.inner.poll(task)
+        } else {
+            this.inner.poll(task)
+        };
+        if let Poll::Ready(result) = &polled {
+            match result {
+                Ok(response) => record_status(cx, status_of(response.headers()), *this.server),
+                // A client call that never got an answer: the server was unreachable.
+                Err(_) if !*this.server => record_status(cx, 14, false),
+                Err(_) => {}
+            }
+            // The span ends here, with the call.
+            *this.span = None;
+        }
+        polled
+    }
+}
 
 impl<S, B, R> tower::Service<http::Request<B>> for Server<S>
 where
@@ -253,7 +304,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Traced<S::Future, S::Response, S::Error>;
+    type Future = Traced<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -262,7 +313,7 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let (service, method) = rpc_names(request.uri().path());
         if !enabled() || untraced(service) {
-            return Either::Left(self.inner.call(request));
+            return Traced::untraced(self.inner.call(request));
         }
         let parent = opentelemetry::global::get_text_map_propagator(|p| {
             p.extract(&HeaderExtractor(request.headers()))
@@ -275,19 +326,17 @@ where
             rpc_attributes(service, method),
             Vec::new(),
         ) else {
-            return Either::Left(self.inner.call(request));
+            return Traced::untraced(self.inner.call(request));
         };
-        let future = {
+        let inner = {
             let _attached = cx.clone().attach();
             self.inner.call(request)
         };
-        Either::Right(Box::pin(async move {
-            let result = future.with_context(cx.clone()).await;
-            if let Ok(response) = &result {
-                record_status(&cx, status_of(response.headers()), true);
-            }
-            result
-        }))
+        Traced {
+            inner,
+            span: Some(cx),
+            server: true,
+        }
     }
 }
 
@@ -321,7 +370,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Traced<S::Future, S::Response, S::Error>;
+    type Future = Traced<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -329,7 +378,7 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         if !enabled() {
-            return Either::Left(self.inner.call(request));
+            return Traced::untraced(self.inner.call(request));
         }
         let (service, method) = rpc_names(request.uri().path());
         let mut attributes = rpc_attributes(service, method);
@@ -337,21 +386,16 @@ where
         let name = request.uri().path().trim_start_matches('/').to_owned();
         let Some(cx) = start_linked(name, SpanKind::Client, &current(), attributes, Vec::new())
         else {
-            return Either::Left(self.inner.call(request));
+            return Traced::untraced(self.inner.call(request));
         };
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut HeaderInjector(request.headers_mut()))
         });
-        let future = self.inner.call(request);
-        Either::Right(Box::pin(async move {
-            let result = future.await;
-            match &result {
-                Ok(response) => record_status(&cx, status_of(response.headers()), false),
-                // The call never got an answer: the server was unreachable.
-                Err(_) => record_status(&cx, 14, false),
-            }
-            result
-        }))
+        Traced {
+            inner: self.inner.call(request),
+            span: Some(cx),
+            server: false,
+        }
     }
 }
 
