@@ -1,41 +1,150 @@
 //! `kiln bench-otlp-sink`: an OTLP/gRPC trace receiver that counts the spans it is sent
 //! and keeps nothing, so that the tracing benchmark measures Kiln's cost of exporting,
-//! not a collector's cost of storing.
+//! not a collector's cost of decoding and storing (it shares the serving cores).
 
+use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use bytes::Buf as _;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Request, Response, Status};
 
+/// Spans in an encoded `ExportTraceServiceRequest`, counted by walking the wire format
+/// (`resource_spans` = 1 → `scope_spans` = 2 → `spans` = 2) without decoding the spans:
+/// a collector elsewhere would do that work, not the serving machine.
+pub fn count_spans(request: &[u8]) -> Result<u64, String> {
+    let mut spans = 0;
+    for resource in fields(request, 1)? {
+        for scope in fields(resource, 2)? {
+            spans += fields(scope, 2)?.len() as u64;
+        }
+    }
+    Ok(spans)
+}
+
+/// The bodies of the length-delimited fields numbered `wanted` in one message.
+fn fields(mut message: &[u8], wanted: u64) -> Result<Vec<&[u8]>, String> {
+    fn varint(buf: &mut &[u8]) -> Result<u64, String> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = buf.split_first().ok_or("a varint runs past the end")?;
+            *buf = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Ok(value);
+            }
+        }
+        Err("a varint is longer than 10 bytes".into())
+    }
+    let mut found = Vec::new();
+    while !message.is_empty() {
+        let key = varint(&mut message)?;
+        let skip = match key & 7 {
+            0 => {
+                varint(&mut message)?;
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(varint(&mut message)?).map_err(|_| "a length overflows")?,
+            5 => 4,
+            wire => return Err(format!("wire type {wire} is not used by OTLP")),
+        };
+        if skip > message.len() {
+            return Err("a field runs past the end".into());
+        }
+        let (body, rest) = message.split_at(skip);
+        if key & 7 == 2 && key >> 3 == wanted {
+            found.push(body);
+        }
+        message = rest;
+    }
+    Ok(found)
+}
+
+/// The export call's codec: a request decodes to its span count; the answer is an empty
+/// `ExportTraceServiceResponse` (everything accepted).
+struct Counting;
+
+impl Codec for Counting {
+    type Encode = ();
+    type Decode = u64;
+    type Encoder = Counting;
+    type Decoder = Counting;
+
+    fn encoder(&mut self) -> Counting {
+        Counting
+    }
+
+    fn decoder(&mut self) -> Counting {
+        Counting
+    }
+}
+
+impl Encoder for Counting {
+    type Item = ();
+    type Error = Status;
+
+    fn encode(&mut self, _: (), _: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+impl Decoder for Counting {
+    type Item = u64;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<u64>, Status> {
+        let body = src.copy_to_bytes(src.remaining());
+        count_spans(&body)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("not an OTLP trace export: {e}")))
+    }
+}
+
+#[derive(Clone)]
 struct Sink {
     spans: Arc<AtomicU64>,
 }
 
-#[tonic::async_trait]
-impl TraceService for Sink {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let n: usize = request
-            .get_ref()
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .map(|s| s.spans.len())
-            .sum();
-        self.spans.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
+impl tonic::server::NamedService for Sink {
+    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+}
+
+impl tonic::server::UnaryService<u64> for Sink {
+    type Response = ();
+    type Future = std::future::Ready<Result<Response<()>, Status>>;
+
+    fn call(&mut self, request: Request<u64>) -> Self::Future {
+        self.spans.fetch_add(*request.get_ref(), Ordering::Relaxed);
+        std::future::ready(Ok(Response::new(())))
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Sink {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let sink = self.clone();
+        Box::pin(async move {
+            if request.uri().path() != "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+            {
+                return Ok(Status::unimplemented("this sink answers Export only").into_http());
+            }
+            let mut grpc = tonic::server::Grpc::new(Counting)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                .apply_max_message_size_config(Some(64 * 1024 * 1024), None);
+            Ok(grpc.unary(sink, request).await)
+        })
     }
 }
 
@@ -60,10 +169,9 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    let service = TraceServiceServer::new(Sink {
+    let service = Sink {
         spans: spans.clone(),
-    })
-    .max_decoding_message_size(64 * 1024 * 1024);
+    };
     let served = tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(kiln_proto::net::incoming(listener), shutdown)
@@ -71,4 +179,47 @@ pub async fn serve(
     writer.abort();
     crate::say!("{} spans received", spans.load(Ordering::Relaxed));
     Ok(served?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    use prost::Message as _;
+
+    #[test]
+    fn spans_are_counted_across_resources_and_scopes_and_garbage_is_refused() {
+        let span = |name: &str| Span {
+            name: name.into(),
+            trace_id: vec![7; 16],
+            span_id: vec![8; 8],
+            start_time_unix_nano: 1,
+            flags: 0x100,
+            ..Default::default()
+        };
+        let scope = |n: usize| ScopeSpans {
+            spans: (0..n).map(|i| span(&format!("s{i}"))).collect(),
+            schema_url: "x".into(),
+            ..Default::default()
+        };
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![
+                ResourceSpans {
+                    scope_spans: vec![scope(3), scope(0), scope(2)],
+                    ..Default::default()
+                },
+                ResourceSpans {
+                    scope_spans: vec![scope(4)],
+                    schema_url: "y".into(),
+                    ..Default::default()
+                },
+            ],
+        };
+        let bytes = request.encode_to_vec();
+        assert_eq!(count_spans(&bytes), Ok(9));
+        assert_eq!(count_spans(&[]), Ok(0));
+        assert!(count_spans(&bytes[..bytes.len() - 3]).is_err(), "cut short");
+        assert!(count_spans(&[0x0b, 1]).is_err(), "wire type 3");
+    }
 }

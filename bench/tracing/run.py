@@ -55,7 +55,7 @@ def stop(proc):
     proc.wait(timeout=60)
 
 
-def run(work, mode, sink, count_file):
+def run(work, mode, sink, sink_pid, count_file):
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     if mode != "off":
         env.update(MODES[mode], OTEL_EXPORTER_OTLP_ENDPOINT=sink, OTEL_BSP_SCHEDULE_DELAY="500")
@@ -69,6 +69,7 @@ def run(work, mode, sink, count_file):
         addr = wait_file(addr_file, up, "kiln up")
         before = int(count_file.read_text() or 0)
         cpu_before = cpu_seconds(up.pid)
+        sink_before = cpu_seconds(sink_pid)
         out = subprocess.run([KILN, "bench-oip", "--addr", addr, "--model", "demo-mlp",
                               "--concurrency", str(CONCURRENCY), "--batch", str(BATCH),
                               "--seconds", str(SECONDS)],
@@ -78,7 +79,10 @@ def run(work, mode, sink, count_file):
         # Kiln's own CPU per request: what tracing costs it, whatever the sink and the
         # client (on the same cores) take.
         used = cpu_seconds(up.pid) - cpu_before
-        cell["server_cpu_us_per_request"] = 1e6 * used / max(1.0, cell["requests_per_s"] * SECONDS)
+        served = max(1.0, cell["requests_per_s"] * SECONDS)
+        cell["server_cpu_us_per_request"] = 1e6 * used / served
+        # The sink's decoding: a collector's work, here on the serving cores.
+        cell["sink_cpu_us_per_request"] = 1e6 * (cpu_seconds(sink_pid) - sink_before) / served
     finally:
         stop(up)  # flushes what its exporter still holds
     time.sleep(0.5)
@@ -99,8 +103,8 @@ def report(meta, cells):
              f"`kiln up`. Spans go over OTLP/gRPC to `kiln bench-otlp-sink` on loopback (it "
              f"counts them and keeps none), with the batch processor's defaults but a 500 ms "
              f"schedule. The median round is reported. Raw numbers: `bench/tracing/results.json`.\n",
-             "| tracing | req/s (median) | rounds | p50 ms | p99 ms | vs off | Kiln CPU µs a request (median) | spans received a request |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| tracing | req/s (median) | rounds | p50 ms | p99 ms | vs off | Kiln CPU µs a request (median) | sink CPU µs a request | spans received a request |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for mode, runs in by_mode.items():
         tp = statistics.median(c["requests_per_s"] for c in runs)
         mid = min(runs, key=lambda c: abs(c["requests_per_s"] - tp))
@@ -108,9 +112,10 @@ def report(meta, cells):
         spans = sum(c["spans"] for c in runs) / max(1.0, served)
         each = ", ".join(f"{c['requests_per_s']:,.0f}" for c in runs)
         cpu = statistics.median(c["server_cpu_us_per_request"] for c in runs)
+        sink_cpu = statistics.median(c.get("sink_cpu_us_per_request", 0.0) for c in runs)
         lines.append(f"| {mode} | {tp:,.0f} | {each} "
                      f"| {mid['p50_ms']:.2f} | {mid['p99_ms']:.2f} | {100 * (tp / off - 1):+.1f}% "
-                     f"| {cpu:.1f} | {spans:.2f} |")
+                     f"| {cpu:.1f} | {sink_cpu:.1f} | {spans:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -123,7 +128,7 @@ def main():
                             stdout=subprocess.DEVNULL, stderr=open(work / "sink.log", "wb"))
     try:
         wait_file(count_file, sink, "the OTLP sink")
-        cells = [run(work, mode, f"http://127.0.0.1:{port}", count_file)
+        cells = [run(work, mode, f"http://127.0.0.1:{port}", sink.pid, count_file)
                  for _ in range(ROUNDS) for mode in MODES]
     finally:
         stop(sink)

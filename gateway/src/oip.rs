@@ -76,8 +76,12 @@ impl Shared {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (entry, version) = view.resolve_request(&req.model_name, &req.model_version, ticket)?;
         let key = version.key();
-        kiln_proto::trace::attribute("kiln.model.name", key.model.clone());
-        kiln_proto::trace::attribute("kiln.model.version", key.version as i64);
+        kiln_proto::trace::attributes(|| {
+            vec![
+                kiln_proto::trace::KeyValue::new("kiln.model.name", key.model.clone()),
+                kiln_proto::trace::KeyValue::new("kiln.model.version", key.version as i64),
+            ]
+        });
         let _in_flight = self.stats.in_flight(&key);
         let signature = &entry.record.signature;
         let deployment = view.deployment(&key.model);

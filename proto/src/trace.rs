@@ -63,6 +63,17 @@ pub fn start(
     start_linked(name, kind, parent, attributes, Vec::new())
 }
 
+/// Whether `parent` is a span of this process that was not sampled. A child would not be
+/// either (this process's sampler decided by the trace id or the parent, and would
+/// again), so none is made: the parent's context stands in for it, still propagated
+/// downstream, at no cost. A remote parent's flag is the caller's; the sampler judges it
+/// (`always_on` overrides).
+fn unsampled_local(parent: &Context) -> bool {
+    let span = parent.span();
+    let context = span.span_context();
+    parent.has_active_span() && !context.is_remote() && !context.is_sampled()
+}
+
 fn start_linked(
     name: impl Into<std::borrow::Cow<'static, str>>,
     kind: SpanKind,
@@ -73,13 +84,7 @@ fn start_linked(
     if !enabled() {
         return None;
     }
-    // Under a local span that was not sampled, a child would not be either (this
-    // process's sampler decided by the trace id or the parent, and would again): the
-    // parent's context stands in for it, still propagated downstream, at no cost. A
-    // remote parent's flag is the caller's; the sampler judges it (`always_on` overrides).
-    let parent_span = parent.span();
-    let parent_context = parent_span.span_context();
-    if parent.has_active_span() && !parent_context.is_remote() && !parent_context.is_sampled() {
+    if unsampled_local(parent) {
         return Some(parent.clone());
     }
     let tracer = TRACER.get()?;
@@ -109,6 +114,18 @@ pub fn attribute(key: &'static str, value: impl Into<Value>) {
     }
 }
 
+/// Set the attributes `make` returns on the current request's span; `make` runs only
+/// when that span is sampled, so an unsampled request builds none of them.
+pub fn attributes(make: impl FnOnce() -> Vec<KeyValue>) {
+    if enabled() {
+        let cx = Context::current();
+        let span = cx.span();
+        if span.is_recording() {
+            span.set_attributes(make());
+        }
+    }
+}
+
 /// Add the event `name` with string attributes to the current request's span.
 pub fn event(name: &'static str, attributes: &[(&'static str, &str)]) {
     if enabled() {
@@ -121,15 +138,16 @@ pub fn event(name: &'static str, attributes: &[(&'static str, &str)]) {
 }
 
 /// The span of one batch (a forward pass) on `requests`, each the context of a request
-/// it serves: it belongs to the trace of the first, links to every one, and each records
-/// the batch's span id as `kiln.batch.span_id`.
-pub fn batch(requests: &[&Context], attributes: Vec<KeyValue>) -> Option<Context> {
-    let first = requests.first()?;
+/// it serves: it belongs to the trace of the first sampled one, links to every one, and
+/// each records the batch's span id as `kiln.batch.span_id`. None when no request is
+/// sampled (`attributes` is then never called).
+pub fn batch(requests: &[&Context], attributes: impl FnOnce() -> Vec<KeyValue>) -> Option<Context> {
+    let first = requests.iter().find(|cx| cx.span().is_recording())?;
     let links = requests
         .iter()
         .map(|cx| opentelemetry::trace::Link::with_context(cx.span().span_context().clone()))
         .collect();
-    let cx = start_linked("batch", SpanKind::Internal, first, attributes, links)?;
+    let cx = start_linked("batch", SpanKind::Internal, first, attributes(), links)?;
     let id = cx.span().span_context().span_id().to_string();
     for request in requests {
         request
@@ -149,10 +167,13 @@ struct HeaderInjector<'a>(&'a mut http::HeaderMap);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(key.as_bytes()),
-            http::HeaderValue::from_str(&value),
-        ) {
+        // The W3C names without parsing them again; the value's bytes are taken, not copied.
+        let name = match key {
+            "traceparent" => Ok(http::HeaderName::from_static("traceparent")),
+            "tracestate" => Ok(http::HeaderName::from_static("tracestate")),
+            other => http::HeaderName::from_bytes(other.as_bytes()),
+        };
+        if let (Ok(name), Ok(value)) = (name, http::HeaderValue::try_from(value)) {
             self.0.insert(name, value);
         }
     }
@@ -319,15 +340,14 @@ where
             p.extract(&HeaderExtractor(request.headers()))
         });
         let name = request.uri().path().trim_start_matches('/').to_owned();
-        let Some(cx) = start_linked(
-            name,
-            SpanKind::Server,
-            &parent,
-            rpc_attributes(service, method),
-            Vec::new(),
-        ) else {
+        let Some(cx) = start_linked(name, SpanKind::Server, &parent, Vec::new(), Vec::new()) else {
             return Traced::untraced(self.inner.call(request));
         };
+        // The samplers do not look at attributes: an unsampled call skips making them.
+        let span = cx.span();
+        if span.is_recording() {
+            span.set_attributes(rpc_attributes(service, method));
+        }
         let inner = {
             let _attached = cx.clone().attach();
             self.inner.call(request)
@@ -380,12 +400,19 @@ where
         if !enabled() {
             return Traced::untraced(self.inner.call(request));
         }
+        let parent = current();
+        if unsampled_local(&parent) {
+            // No span: the caller's context goes on, saying "not sampled".
+            opentelemetry::global::get_text_map_propagator(|p| {
+                p.inject_context(&parent, &mut HeaderInjector(request.headers_mut()))
+            });
+            return Traced::untraced(self.inner.call(request));
+        }
         let (service, method) = rpc_names(request.uri().path());
         let mut attributes = rpc_attributes(service, method);
         attributes.push(KeyValue::new("server.address", self.peer.to_string()));
         let name = request.uri().path().trim_start_matches('/').to_owned();
-        let Some(cx) = start_linked(name, SpanKind::Client, &current(), attributes, Vec::new())
-        else {
+        let Some(cx) = start_linked(name, SpanKind::Client, &parent, attributes, Vec::new()) else {
             return Traced::untraced(self.inner.call(request));
         };
         opentelemetry::global::get_text_map_propagator(|p| {

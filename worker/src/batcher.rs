@@ -269,15 +269,15 @@ fn batch_span(
     let requests: Vec<&kiln_proto::trace::Context> =
         batch.iter().filter_map(|p| p.trace.as_ref()).collect();
     use kiln_proto::trace::KeyValue;
-    kiln_proto::trace::batch(
-        &requests,
+    let served = batch.len();
+    kiln_proto::trace::batch(&requests, || {
         vec![
             KeyValue::new("kiln.model.name", key.model.clone()),
             KeyValue::new("kiln.model.version", key.version as i64),
             KeyValue::new("kiln.batch.rows", rows as i64),
-            KeyValue::new("kiln.batch.requests", batch.len() as i64),
-        ],
-    )
+            KeyValue::new("kiln.batch.requests", served as i64),
+        ]
+    })
 }
 
 fn deliver(

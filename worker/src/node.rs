@@ -894,9 +894,14 @@ impl Worker for WorkerService {
             model: req.model,
             version: req.version,
         };
-        kiln_proto::trace::attribute("kiln.model.name", key.model.clone());
-        kiln_proto::trace::attribute("kiln.model.version", key.version as i64);
-        kiln_proto::trace::attribute("kiln.batch_size", i64::from(req.rows));
+        kiln_proto::trace::attributes(|| {
+            use kiln_proto::trace::KeyValue;
+            vec![
+                KeyValue::new("kiln.model.name", key.model.clone()),
+                KeyValue::new("kiln.model.version", key.version as i64),
+                KeyValue::new("kiln.batch_size", i64::from(req.rows)),
+            ]
+        });
         let (batcher, width) = {
             let served = self.state.served.read().unwrap_or_else(|p| p.into_inner());
             let s = served
