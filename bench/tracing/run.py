@@ -21,6 +21,9 @@ KILN = os.environ["KILN_BIN"]
 SECONDS = int(os.environ.get("KILN_BENCH_SECONDS", "10"))
 ROUNDS = int(os.environ.get("KILN_BENCH_ROUNDS", "3"))
 CONCURRENCY, BATCH = 32, 1
+# valgrind's version, when it is installed: the instruction counts need it.
+VALGRIND = next(iter(subprocess.run(["sh", "-c", "valgrind --version 2>/dev/null"],
+                                    capture_output=True, text=True).stdout.split()), "")
 MODES = {
     "off": {},
     "1%": {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
@@ -92,6 +95,73 @@ def run(work, mode, sink, sink_pid, count_file):
     return cell
 
 
+CALLGRIND_SECONDS, CALLGRIND_CONCURRENCY = 15, 8
+
+
+def instructions(work, mode, sink):
+    """Kiln's instructions per request, counted by callgrind (valgrind): the same for the
+    same binary and load whatever else the machine does, unlike its timings. `kiln up`
+    runs under callgrind (about 50 times slower); counting starts after a warm-up."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    if mode != "off":
+        env.update(MODES[mode], OTEL_EXPORTER_OTLP_ENDPOINT=sink, OTEL_BSP_SCHEDULE_DELAY="500")
+    tag = f"cg-{mode.rstrip('%')}-{time.monotonic_ns()}"
+    addr_file, out_file = work / f"{tag}.addr", work / f"{tag}.callgrind"
+    up = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}",
+                           "--dump-instr=no", KILN, "up", "--grpc-addr", "127.0.0.1:0",
+                           "--workers", "1", "--device", "cpu", "--data-dir", str(work / tag),
+                           "--addr-file", str(addr_file)],
+                          stdout=subprocess.DEVNULL, stderr=open(work / f"{tag}.log", "wb"),
+                          env=env)
+
+    def load(seconds):
+        return subprocess.run([KILN, "bench-oip", "--addr", addr, "--model", "demo-mlp",
+                               "--concurrency", str(CALLGRIND_CONCURRENCY), "--batch", "1",
+                               "--seconds", str(seconds)],
+                              capture_output=True, text=True, timeout=seconds + 300)
+    try:
+        addr = wait_file(addr_file, up, "kiln up under callgrind", timeout=300)
+        deadline = time.monotonic() + 300
+        while load(3).returncode != 0:  # the model loads slowly under callgrind
+            assert time.monotonic() < deadline, "the model did not load under callgrind"
+            time.sleep(2)
+        subprocess.run(["callgrind_control", "--zero", str(up.pid)], check=True,
+                       capture_output=True)
+        out = load(CALLGRIND_SECONDS)
+        assert out.returncode == 0, out.stderr
+        time.sleep(1.5)  # the batch processor's last export of the run
+        subprocess.run(["callgrind_control", "--dump", str(up.pid)], check=True,
+                       capture_output=True)
+        served = json.loads(out.stdout.strip().splitlines()[-1])["requests_per_s"] * CALLGRIND_SECONDS
+    finally:
+        stop(up)
+    dumps = sorted(work.glob(f"{tag}.callgrind.*"))
+    total = 0
+    for line in dumps[0].read_text().splitlines():
+        if line.startswith("summary:") or line.startswith("totals:"):
+            total = int(line.split()[1])
+    cell = {"mode": mode, "instructions_per_request": total / served, "requests": served}
+    print(json.dumps(cell), flush=True)
+    return cell
+
+
+def instruction_report(counted):
+    if not counted:
+        return ""
+    off = next(c for c in counted if c["mode"] == "off")["instructions_per_request"]
+    lines = [f"\nInstructions Kiln executes per request, counted by callgrind "
+             f"({VALGRIND}) over {CALLGRIND_SECONDS} s at concurrency {CALLGRIND_CONCURRENCY}: "
+             "a count, not a time, so it does not move with the machine's load. It includes "
+             "the export thread's encoding and sending.\n",
+             "| tracing | instructions a request | vs off | requests counted |",
+             "|---|---:|---:|---:|"]
+    for c in counted:
+        n = c["instructions_per_request"]
+        lines.append(f"| {c['mode']} | {n:,.0f} | {100 * (n / off - 1):+.1f}% "
+                     f"| {c['requests']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(meta, cells):
     by_mode = {m: [c for c in cells if c["mode"] == m] for m in MODES}
     off = statistics.median(c["requests_per_s"] for c in by_mode["off"])
@@ -101,7 +171,8 @@ def report(meta, cells):
              f"ModelInfer at concurrency {CONCURRENCY}, batch {BATCH}, {SECONDS} s a run, from "
              f"the same cores; {ROUNDS} rounds, the three settings alternating, each on a fresh "
              f"`kiln up`. Spans go over OTLP/gRPC to `kiln bench-otlp-sink` on loopback (it "
-             f"counts them and keeps none), with the batch processor's defaults but a 500 ms "
+             f"counts them, decoding no more than that, and keeps none), with the batch "
+             f"processor's defaults but a 500 ms "
              f"schedule. The median round is reported. Raw numbers: `bench/tracing/results.json`.\n",
              "| tracing | req/s (median) | rounds | p50 ms | p99 ms | vs off | Kiln CPU µs a request (median) | sink CPU µs a request | spans received a request |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -130,6 +201,8 @@ def main():
         wait_file(count_file, sink, "the OTLP sink")
         cells = [run(work, mode, f"http://127.0.0.1:{port}", sink.pid, count_file)
                  for _ in range(ROUNDS) for mode in MODES]
+        counted = ([instructions(work, mode, f"http://127.0.0.1:{port}") for mode in MODES]
+                   if VALGRIND else [])
     finally:
         stop(sink)
     cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
@@ -138,17 +211,18 @@ def main():
                        f"{platform.system()} {platform.release()}",
             "seconds": SECONDS, "rounds": ROUNDS}
     (ROOT / "bench/tracing/results.json").write_text(json.dumps(
-        {"meta": meta, "cells": cells}, indent=1) + "\n")
+        {"meta": meta, "cells": cells, "instructions": counted}, indent=1) + "\n")
     doc = ROOT / "docs/benchmarks.md"
     text = doc.read_text()
-    section = f"<!-- tracing:begin -->\n{report(meta, cells)}<!-- tracing:end -->"
+    body = report(meta, cells) + instruction_report(counted)
+    section = f"<!-- tracing:begin -->\n{body}<!-- tracing:end -->"
     if "<!-- tracing:begin -->" in text:
         text = re.sub(r"<!-- tracing:begin -->.*?<!-- tracing:end -->", lambda _: section,
                       text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     doc.write_text(text)
-    print(report(meta, cells))
+    print(body)
 
 
 if __name__ == "__main__":
