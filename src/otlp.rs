@@ -111,7 +111,7 @@ impl Exporter {
                 Raw,
             )
             .await
-            .map_err(|status| format!("the collector answered {status}"))?;
+            .map_err(|status| format!("export failed: {status}"))?;
         let (rejected, why) = answer.into_inner();
         if rejected > 0 {
             tracing::warn!(
