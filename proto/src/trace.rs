@@ -451,6 +451,97 @@ mod tests {
         assert!(!server_fault(3), "INVALID_ARGUMENT is the caller's fault");
     }
 
+    /// An exporter that keeps what it is given, for the test below.
+    #[derive(Debug, Clone, Default)]
+    struct Kept(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+    impl opentelemetry_sdk::trace::SpanExporter for Kept {
+        async fn export(
+            &self,
+            batch: Vec<opentelemetry_sdk::trace::SpanData>,
+        ) -> opentelemetry_sdk::error::OTelSdkResult {
+            self.0.lock().unwrap().extend(batch);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_batch_span_joins_the_first_sampled_request_and_links_every_one() {
+        use opentelemetry::trace::{SpanContext, TraceFlags, TraceId, TraceState};
+        let kept = Kept::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_simple_exporter(kept.clone())
+            .with_sampler(opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
+                opentelemetry_sdk::trace::Sampler::AlwaysOn,
+            )))
+            .build();
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        enable();
+        // Two requests as a worker sees them: server spans under callers that did and
+        // did not sample; the unsampled one queued first.
+        let request = |trace: u128, sampled: bool| {
+            let flags = if sampled {
+                TraceFlags::SAMPLED
+            } else {
+                TraceFlags::default()
+            };
+            let caller = Context::new().with_remote_span_context(SpanContext::new(
+                TraceId::from(trace),
+                opentelemetry::trace::SpanId::from(7),
+                flags,
+                true,
+                TraceState::default(),
+            ));
+            start("request", SpanKind::Server, &caller, Vec::new()).unwrap()
+        };
+        let unsampled = request(0xaaa, false);
+        let sampled = request(0xbbb, true);
+        assert!(!unsampled.span().is_recording() && sampled.span().is_recording());
+
+        // No sampled request: no batch span, and its attributes are never made.
+        let none = batch(&[&unsampled], || {
+            unreachable!("attributes of an unsampled batch")
+        });
+        assert!(none.is_none());
+
+        let cx = batch(&[&unsampled, &sampled], || {
+            vec![KeyValue::new("kiln.batch.requests", 2_i64)]
+        })
+        .expect("a batch with a sampled request has a span");
+        let batch_id = cx.span().span_context().span_id();
+        let sampled_id = sampled.span().span_context().span_id();
+        drop((cx, sampled, unsampled));
+        let spans = kept.0.lock().unwrap().clone();
+        let batch = spans
+            .iter()
+            .find(|s| s.name == "batch")
+            .expect("batch exported");
+        assert_eq!(batch.span_context.trace_id(), TraceId::from(0xbbb));
+        assert_eq!(batch.parent_span_id, sampled_id);
+        let linked: Vec<TraceId> = batch
+            .links
+            .iter()
+            .map(|l| l.span_context.trace_id())
+            .collect();
+        assert_eq!(linked, vec![TraceId::from(0xaaa), TraceId::from(0xbbb)]);
+        let request = spans
+            .iter()
+            .find(|s| s.span_context.span_id() == sampled_id)
+            .expect("the sampled request exported");
+        assert!(
+            request
+                .attributes
+                .contains(&KeyValue::new("kiln.batch.span_id", batch_id.to_string()))
+        );
+        assert!(
+            spans
+                .iter()
+                .all(|s| s.span_context.trace_id() != TraceId::from(0xaaa)),
+            "nothing of the unsampled trace"
+        );
+        let _ = provider.shutdown();
+    }
+
     #[test]
     fn headers_carry_what_the_propagator_writes() {
         let mut headers = http::HeaderMap::new();
