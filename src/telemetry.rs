@@ -346,9 +346,7 @@ pub fn init(
         .context("cannot install the log subscriber")?;
     if let Some(provider) = &provider {
         opentelemetry::global::set_tracer_provider(provider.clone());
-        opentelemetry::global::set_text_map_propagator(
-            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
-        );
+        opentelemetry::global::set_text_map_propagator(kiln_proto::w3c::Propagator);
         kiln_proto::trace::enable();
     }
     Ok(Telemetry { provider })

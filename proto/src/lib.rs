@@ -256,6 +256,7 @@ pub fn reflection() -> Result<
 /// advertises: the handlers, the protobuf codec and the metadata (deadlines) are those of a
 /// call over the network, only the TCP connection and HTTP/2 framing are left out.
 pub mod trace;
+pub mod w3c;
 
 pub mod local {
     use std::collections::HashMap;
