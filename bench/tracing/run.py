@@ -95,7 +95,7 @@ def run(work, mode, sink, sink_pid, count_file):
     return cell
 
 
-CALLGRIND_SECONDS, CALLGRIND_CONCURRENCY = 15, 8
+CALLGRIND_SECONDS, CALLGRIND_CONCURRENCY = 15, CONCURRENCY
 
 
 def instructions(work, mode, sink):
@@ -164,16 +164,19 @@ def instruction_report(counted):
 
 def report(meta, cells):
     by_mode = {m: [c for c in cells if c["mode"] == m] for m in MODES}
-    off = statistics.median(c["requests_per_s"] for c in by_mode["off"])
+    off_of = {c.get("round"): c["requests_per_s"] for c in by_mode["off"]}
     lines = ["## Tracing overhead\n",
              f"Written by `bench/tracing/run.sh` on {meta['date']}: {meta['machine']}. `kiln up` "
              f"with one CPU worker serves the demo model (10→64→1); `kiln bench-oip` sends "
              f"ModelInfer at concurrency {CONCURRENCY}, batch {BATCH}, {SECONDS} s a run, from "
-             f"the same cores; {ROUNDS} rounds, the three settings alternating, each on a fresh "
+             f"the same cores; {ROUNDS} rounds of the three settings, each round starting with "
+             f"the next one, each run on a fresh "
              f"`kiln up`. Spans go over OTLP/gRPC to `kiln bench-otlp-sink` on loopback (it "
              f"counts them, decoding no more than that, and keeps none), with the batch "
              f"processor's defaults but a 500 ms "
-             f"schedule. The median round is reported. Raw numbers: `bench/tracing/results.json`.\n",
+             f"schedule. The median round is reported; \"vs off\" is the median over rounds of "
+             f"each round's ratio to its own untraced run, minutes apart at most. Raw numbers: "
+             f"`bench/tracing/results.json`.\n",
              "| tracing | req/s (median) | rounds | p50 ms | p99 ms | vs off | Kiln CPU µs a request (median) | sink CPU µs a request | spans received a request |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for mode, runs in by_mode.items():
@@ -183,9 +186,10 @@ def report(meta, cells):
         spans = sum(c["spans"] for c in runs) / max(1.0, served)
         each = ", ".join(f"{c['requests_per_s']:,.0f}" for c in runs)
         cpu = statistics.median(c["server_cpu_us_per_request"] for c in runs)
+        ratio = statistics.median(c["requests_per_s"] / off_of[c.get("round")] for c in runs)
         sink_cpu = statistics.median(c.get("sink_cpu_us_per_request", 0.0) for c in runs)
         lines.append(f"| {mode} | {tp:,.0f} | {each} "
-                     f"| {mid['p50_ms']:.2f} | {mid['p99_ms']:.2f} | {100 * (tp / off - 1):+.1f}% "
+                     f"| {mid['p50_ms']:.2f} | {mid['p99_ms']:.2f} | {100 * (ratio - 1):+.1f}% "
                      f"| {cpu:.1f} | {sink_cpu:.1f} | {spans:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -199,8 +203,14 @@ def main():
                             stdout=subprocess.DEVNULL, stderr=open(work / "sink.log", "wb"))
     try:
         wait_file(count_file, sink, "the OTLP sink")
-        cells = [run(work, mode, f"http://127.0.0.1:{port}", sink.pid, count_file)
-                 for _ in range(ROUNDS) for mode in MODES]
+        # Each round starts with the next setting, so no setting always runs first.
+        modes = list(MODES)
+        cells = []
+        for r in range(ROUNDS):
+            for i in range(len(modes)):
+                cell = run(work, modes[(r + i) % len(modes)], f"http://127.0.0.1:{port}",
+                           sink.pid, count_file)
+                cells.append(dict(cell, round=r))
         counted = ([instructions(work, mode, f"http://127.0.0.1:{port}") for mode in MODES]
                    if VALGRIND else [])
     finally:
