@@ -41,7 +41,10 @@ pub struct ExportConfig {
 /// Sends encoded batches; see the module documentation.
 pub struct Exporter {
     config: ExportConfig,
-    runtime: tokio::runtime::Handle,
+    /// The exporter's own single-threaded runtime: it carries the connection while an
+    /// export waits on it, and lives as long as the exporter (on the batch processor's
+    /// thread), whatever becomes of the process's main runtime at exit.
+    runtime: Option<tokio::runtime::Runtime>,
     client: tonic::client::Grpc<tonic::transport::Channel>,
     headers: tonic::metadata::MetadataMap,
     /// The `resource` field of every `ResourceSpans`, encoded once.
@@ -61,18 +64,12 @@ impl std::fmt::Debug for Exporter {
 
 impl Exporter {
     /// An exporter that connects when it first has spans to send (and again whenever the
-    /// collector went away). Must be called inside a Tokio runtime, which then carries the
-    /// connection; the encoding runs on the batch processor's thread.
+    /// collector went away). Encoding and sending run on the batch processor's thread.
     pub fn new(config: ExportConfig) -> anyhow::Result<Self> {
-        let channel = tonic::transport::Endpoint::from_shared(config.endpoint.clone())
+        let endpoint = tonic::transport::Endpoint::from_shared(config.endpoint.clone())
             .with_context(|| format!("`{}` is not a collector address", config.endpoint))?
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let mut client = tonic::client::Grpc::new(channel);
-        if config.gzip {
-            client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
-        }
+            .tcp_nodelay(true);
         let mut headers = tonic::metadata::MetadataMap::new();
         for (name, value) in &config.headers {
             let key: tonic::metadata::MetadataKey<tonic::metadata::Ascii> =
@@ -84,9 +81,21 @@ impl Exporter {
             })?;
             headers.insert(key, value);
         }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the trace exporter's runtime")?;
+        let channel = {
+            let _inside = runtime.enter();
+            endpoint.connect_lazy()
+        };
+        let mut client = tonic::client::Grpc::new(channel);
+        if config.gzip {
+            client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+        }
         Ok(Self {
             config,
-            runtime: tokio::runtime::Handle::current(),
+            runtime: Some(runtime),
             client,
             headers,
             resource: Vec::new(),
@@ -125,6 +134,15 @@ impl Exporter {
     }
 }
 
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        // Never blocks, so the exporter may be dropped anywhere (even inside a runtime).
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 impl SpanExporter for Exporter {
     fn export(
         &self,
@@ -132,14 +150,19 @@ impl SpanExporter for Exporter {
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let body = encode_request(&self.resource, &self.resource_schema, &batch);
         drop(batch);
-        // The batch processor's thread is not a runtime thread: it waits here, the
-        // runtime carries the connection.
+        // The batch processor's thread is not a runtime thread: it runs the exporter's
+        // runtime while it waits.
         let timeout = self.config.timeout;
-        let sent = self.runtime.block_on(async {
-            tokio::time::timeout(timeout, self.send(body))
-                .await
-                .unwrap_or_else(|_| Err(format!("the collector did not answer within {timeout:?}")))
-        });
+        let sent = match &self.runtime {
+            Some(runtime) => runtime.block_on(async {
+                tokio::time::timeout(timeout, self.send(body))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!("the collector did not answer within {timeout:?}"))
+                    })
+            }),
+            None => Err("the exporter is shut down".to_owned()),
+        };
         let result = match sent {
             Ok(()) => {
                 if self.failing.swap(false, Ordering::Relaxed) {
