@@ -242,6 +242,9 @@ impl GrpcInferenceService for InferenceService {
         request: Request<Streaming<oip::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let shared = self.shared.clone();
+        // The call's context, taken now: the answers are made as the response body is
+        // read, outside the call's own future.
+        let call = kiln_proto::trace::current();
         let answers = request
             .into_inner()
             .map(move |item| {
@@ -250,7 +253,7 @@ impl GrpcInferenceService for InferenceService {
                 let cx = kiln_proto::trace::start(
                     "ModelStreamInfer request",
                     kiln_proto::trace::SpanKind::Internal,
-                    &kiln_proto::trace::current(),
+                    &call,
                     Vec::new(),
                 );
                 async move {

@@ -288,8 +288,11 @@ pub mod local {
         S::Future: Send + 'static,
     {
         // Traced like the same service behind a socket.
-        let boxed =
-            Transport::new(crate::trace::Server::new(service).map_err(|never| match never {}));
+        let boxed = Transport::new(
+            crate::trace::Server::new(service)
+                .map_response(|response| response.map(tonic::body::Body::new))
+                .map_err(|never| match never {}),
+        );
         SERVICES
             .write()
             .unwrap_or_else(|p| p.into_inner())

@@ -263,25 +263,19 @@ impl<S> tower::Layer<S> for ServerLayer {
 }
 
 pin_project_lite::pin_project! {
-    /// A call's future and its span (none when the call is not traced). A server span's
-    /// context is current while the call runs, so the handler's spans and attributes find
-    /// it; the span records the call's gRPC status and ends when the answer is there.
-    /// Unboxed: the call's own future stays in place (no allocation, no move).
+    /// A client call's future and its span (none when the call is not traced): the span
+    /// records the gRPC status the answer's headers carry and ends when the answer is
+    /// there. Unboxed: the call's own future stays in place (no allocation, no move).
     pub struct Traced<F> {
         #[pin]
         inner: F,
         span: Option<Context>,
-        server: bool,
     }
 }
 
 impl<F> Traced<F> {
     fn untraced(inner: F) -> Self {
-        Self {
-            inner,
-            span: None,
-            server: false,
-        }
+        Self { inner, span: None }
     }
 }
 
@@ -296,18 +290,12 @@ where
         let Some(cx) = this.span.as_ref() else {
             return this.inner.poll(task);
         };
-        let polled = if *this.server {
-            let _current = cx.clone().attach();
-            this.inner.poll(task)
-        } else {
-            this.inner.poll(task)
-        };
+        let polled = this.inner.poll(task);
         if let Poll::Ready(result) = &polled {
             match result {
-                Ok(response) => record_status(cx, status_of(response.headers()), *this.server),
-                // A client call that never got an answer: the server was unreachable.
-                Err(_) if !*this.server => record_status(cx, 14, false),
-                Err(_) => {}
+                Ok(response) => record_status(cx, status_of(response.headers()), false),
+                // A call that never got an answer: the server was unreachable.
+                Err(_) => record_status(cx, 14, false),
             }
             // The span ends here, with the call.
             *this.span = None;
@@ -323,9 +311,9 @@ where
     S::Error: Send + 'static,
     R: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<TracedBody<R>>;
     type Error = S::Error;
-    type Future = Traced<S::Future>;
+    type Future = ServerCall<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -334,14 +322,14 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let (service, method) = rpc_names(request.uri().path());
         if !enabled() || untraced(service) {
-            return Traced::untraced(self.inner.call(request));
+            return ServerCall::untraced(self.inner.call(request));
         }
         let parent = opentelemetry::global::get_text_map_propagator(|p| {
             p.extract(&HeaderExtractor(request.headers()))
         });
         let name = request.uri().path().trim_start_matches('/').to_owned();
         let Some(cx) = start_linked(name, SpanKind::Server, &parent, Vec::new(), Vec::new()) else {
-            return Traced::untraced(self.inner.call(request));
+            return ServerCall::untraced(self.inner.call(request));
         };
         // The samplers do not look at attributes: an unsampled call skips making them.
         let span = cx.span();
@@ -352,11 +340,123 @@ where
             let _attached = cx.clone().attach();
             self.inner.call(request)
         };
-        Traced {
+        ServerCall {
             inner,
             span: Some(cx),
-            server: true,
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A traced server call's future: the span's context is current while the handler
+    /// runs (so its spans and attributes find it). An answer that carries its gRPC status
+    /// in the headers (an error) ends the span there; otherwise the span goes on with the
+    /// response body, to the trailers — for a stream, its whole life.
+    pub struct ServerCall<F> {
+        #[pin]
+        inner: F,
+        span: Option<Context>,
+    }
+}
+
+impl<F> ServerCall<F> {
+    fn untraced(inner: F) -> Self {
+        Self { inner, span: None }
+    }
+}
+
+impl<F, R, E> std::future::Future for ServerCall<F>
+where
+    F: std::future::Future<Output = Result<http::Response<R>, E>>,
+{
+    type Output = Result<http::Response<TracedBody<R>>, E>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, task: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let polled = match this.span.as_ref() {
+            Some(cx) => {
+                let _current = cx.clone().attach();
+                this.inner.poll(task)
+            }
+            None => this.inner.poll(task),
+        };
+        let Poll::Ready(result) = polled else {
+            return Poll::Pending;
+        };
+        let span = this.span.take();
+        Poll::Ready(result.map(|response| {
+            let span = match span {
+                Some(cx) if response.headers().contains_key("grpc-status") => {
+                    record_status(&cx, status_of(response.headers()), true);
+                    None
+                }
+                other => other,
+            };
+            response.map(|inner| TracedBody { inner, span })
+        }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A traced call's response body: the span records the status its trailers carry and
+    /// ends with the body. A body dropped before its end is a call the caller gave up on
+    /// (CANCELLED).
+    pub struct TracedBody<B> {
+        #[pin]
+        inner: B,
+        span: Option<Context>,
+    }
+
+    impl<B> PinnedDrop for TracedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(cx) = this.project().span.take() {
+                record_status(&cx, 1, true);
+            }
+        }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for TracedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        task: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(task);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(cx) = this.span.take()
+                {
+                    record_status(&cx, status_of(trailers), true);
+                }
+            }
+            // The body broke off: the answer never completed (UNKNOWN).
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(cx) = this.span.take() {
+                    record_status(&cx, 2, true);
+                }
+            }
+            // The end, with no trailers to say otherwise: OK.
+            Poll::Ready(None) => {
+                if let Some(cx) = this.span.take() {
+                    record_status(&cx, 0, true);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -421,7 +521,6 @@ where
         Traced {
             inner: self.inner.call(request),
             span: Some(cx),
-            server: false,
         }
     }
 }

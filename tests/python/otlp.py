@@ -29,6 +29,7 @@ class Span:
         self.links = [(l.trace_id.hex(), l.span_id.hex()) for l in span.links]
         self.events = [e.name for e in span.events]
         self.status_code = span.status.code  # 0 unset, 1 ok, 2 error
+        self.seconds = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e9
 
     def __repr__(self):
         return (f"Span({self.service}: {self.name} {self.kind} {self.span_id}"

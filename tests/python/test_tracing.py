@@ -4,6 +4,7 @@ gateway, each exporting its spans over OTLP/gRPC to a receiver this harness runs
 
 import json
 import os
+import queue
 import secrets
 import shutil
 import socket
@@ -118,6 +119,43 @@ def test_a_traceparent_from_the_client_continues_through_gateway_worker_and_batc
     # Every process names itself and carries the configured resource attributes.
     assert any(r.get("service.name") == "kiln-worker"
                and r.get("deployment.environment") == "test" for r in traced.receiver.resources)
+
+
+def test_a_stream_is_one_span_for_its_whole_life_with_a_span_per_request(traced):
+    trace_id = secrets.token_hex(16)
+    answers = queue.Queue()
+    c = grpcclient.InferenceServerClient(traced.gateway)
+    c.start_stream(callback=lambda result, error: answers.put(error),
+                   headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+    opened = time.monotonic()
+    for i in range(3):
+        inp = grpcclient.InferInput("input", [2, 10], "FP32")
+        inp.set_data_from_numpy(np.full((2, 10), i, np.float32))
+        c.async_stream_infer("m", [inp], request_id=str(i))
+        assert answers.get(timeout=10) is None
+        time.sleep(0.3)
+    c.stop_stream()
+    lived = time.monotonic() - opened
+
+    rpc = "inference.GRPCInferenceService/ModelStreamInfer"
+    spans = wait_for(traced.receiver, trace_id, {("kiln-gateway", rpc)})
+    call = one(spans, "kiln-gateway", rpc)
+    # The call's span lasts as long as the stream (not just until its headers went out),
+    # and records the status of its trailers.
+    assert call.seconds >= 0.8, (call.seconds, lived)
+    assert call.attributes["rpc.grpc.status_code"] == 0
+    spans = wait_for(traced.receiver, trace_id, {("kiln-gateway", "ModelStreamInfer request")})
+    deadline = time.monotonic() + 10
+    while len([s for s in spans if s.name == "ModelStreamInfer request"]) < 3:
+        assert time.monotonic() < deadline, spans
+        time.sleep(0.1)
+        spans = traced.receiver.trace(trace_id)
+    requests = [s for s in spans if s.name == "ModelStreamInfer request"]
+    assert len(requests) == 3
+    for r in requests:
+        assert r.parent_span_id == call.span_id
+        assert r.attributes["kiln.model.name"] == "m"
+        assert r.attributes["kiln.batch_size"] == 2
 
 
 def test_a_caller_that_does_not_sample_gets_no_spans(traced):
