@@ -21,6 +21,14 @@ kiln_apt_install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# The system packages, then the `kiln` binary (debug profile, the one the tests use), as
+# $KILN_BIN: what every benchmark script starts with.
+kiln_build() {
+    kiln_system_deps
+    cargo build --bin kiln
+    export KILN_BIN="$CARGO_TARGET_DIR/debug/kiln"
+}
+
 kiln_system_deps() {
     # protoc compiles the .proto files; Mesa's lavapipe gives wgpu a Vulkan device on
     # machines without a GPU (used only when asked for: --device wgpu:cpu).

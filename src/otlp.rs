@@ -11,7 +11,6 @@
 //! The encoding follows `opentelemetry/proto/trace/v1/trace.proto` and is checked against
 //! the protocol's own message types in the tests below.
 
-use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,6 +21,7 @@ use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
@@ -186,11 +186,7 @@ impl SpanExporter for Exporter {
     }
 
     fn set_resource(&mut self, resource: &Resource) {
-        let mut out = Vec::new();
-        for (key, value) in resource.iter() {
-            message(&mut out, 1, |out| key_value(out, key.as_str(), value));
-        }
-        self.resource = out;
+        self.resource = encode_resource(resource);
         self.resource_schema = resource.schema_url().unwrap_or_default().to_owned();
     }
 }
@@ -243,30 +239,12 @@ impl Decoder for Raw {
     }
 }
 
-// Protocol buffer wire types.
-const VARINT: u32 = 0;
-const FIXED64: u32 = 1;
-const LEN: u32 = 2;
-const FIXED32: u32 = 5;
-
 /// Room left for a nested message's length: five varint bytes cover 32-bit lengths.
 const LENGTH_ROOM: usize = 5;
 
-fn varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn tag(out: &mut Vec<u8>, field: u32, wire: u32) {
-    varint(out, u64::from((field << 3) | wire));
-}
-
 fn bytes_field(out: &mut Vec<u8>, field: u32, data: &[u8]) {
-    tag(out, field, LEN);
-    varint(out, data.len() as u64);
+    encode_key(field, WireType::LengthDelimited, out);
+    encode_varint(data.len() as u64, out);
     out.extend_from_slice(data);
 }
 
@@ -279,18 +257,18 @@ fn nonempty(out: &mut Vec<u8>, field: u32, data: &[u8]) {
 
 fn uint(out: &mut Vec<u8>, field: u32, v: u64) {
     if v != 0 {
-        tag(out, field, VARINT);
-        varint(out, v);
+        encode_key(field, WireType::Varint, out);
+        encode_varint(v, out);
     }
 }
 
 fn fixed64(out: &mut Vec<u8>, field: u32, v: u64) {
-    tag(out, field, FIXED64);
+    encode_key(field, WireType::SixtyFourBit, out);
     out.extend_from_slice(&v.to_le_bytes());
 }
 
 fn fixed32(out: &mut Vec<u8>, field: u32, v: u32) {
-    tag(out, field, FIXED32);
+    encode_key(field, WireType::ThirtyTwoBit, out);
     out.extend_from_slice(&v.to_le_bytes());
 }
 
@@ -298,37 +276,32 @@ fn fixed32(out: &mut Vec<u8>, field: u32, v: u32) {
 /// filled in once the body is known (and the body moved up when the length is shorter).
 /// For the messages whose length is cheap to know first, see [`key_value`].
 fn message(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
-    tag(out, field, LEN);
+    encode_key(field, WireType::LengthDelimited, out);
     let at = out.len();
     out.extend_from_slice(&[0; LENGTH_ROOM]);
     body(out);
-    let len = out.len() - at - LENGTH_ROOM;
-    let mut head = [0u8; 10];
-    let mut n = 0;
-    let mut v = len as u64;
-    while v >= 0x80 {
-        head[n] = (v as u8) | 0x80;
-        v >>= 7;
-        n += 1;
-    }
-    head[n] = v as u8;
-    n += 1;
+    let len = (out.len() - at - LENGTH_ROOM) as u64;
+    let n = encoded_len_varint(len);
     debug_assert!(n <= LENGTH_ROOM, "a 4 GiB span batch");
     if n < LENGTH_ROOM {
         out.copy_within(at + LENGTH_ROOM.., at + n);
         out.truncate(out.len() - (LENGTH_ROOM - n));
     }
-    out[at..at + n].copy_from_slice(&head[..n]);
+    encode_varint(len, &mut &mut out[at..at + n]);
 }
 
-/// Bytes a varint of `v` takes.
-fn varint_len(v: u64) -> usize {
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+/// The fields of a `Resource` message: its attributes.
+fn encode_resource(resource: &Resource) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (key, value) in resource.iter() {
+        message(&mut out, 1, |out| key_value(out, key.as_str(), value));
+    }
+    out
 }
 
 /// Bytes a length-delimited field of `len` bytes takes (fields below 16 have one-byte tags).
 fn field_len(len: usize) -> usize {
-    1 + varint_len(len as u64) + len
+    1 + encoded_len_varint(len as u64) + len
 }
 
 fn nanos(t: SystemTime) -> u64 {
@@ -341,12 +314,12 @@ fn any_value(out: &mut Vec<u8>, value: &Value) {
     match value {
         Value::String(s) => bytes_field(out, 1, s.as_str().as_bytes()),
         Value::Bool(b) => {
-            tag(out, 2, VARINT);
-            varint(out, u64::from(*b));
+            encode_key(2, WireType::Varint, out);
+            encode_varint(u64::from(*b), out);
         }
         Value::I64(i) => {
-            tag(out, 3, VARINT);
-            varint(out, *i as u64);
+            encode_key(3, WireType::Varint, out);
+            encode_varint(*i as u64, out);
         }
         Value::F64(f) => fixed64(out, 4, f.to_bits()),
         Value::Array(array) => message(out, 5, |out| array_values(out, array)),
@@ -377,7 +350,7 @@ fn scalar_len(value: &Value) -> Option<usize> {
     Some(match value {
         Value::String(s) => field_len(s.as_str().len()),
         Value::Bool(_) => 2,
-        Value::I64(i) => 1 + varint_len(*i as u64),
+        Value::I64(i) => 1 + encoded_len_varint(*i as u64),
         Value::F64(_) => 9,
         _ => return None,
     })
@@ -389,8 +362,8 @@ fn key_value(out: &mut Vec<u8>, key: &str, value: &Value) {
     nonempty(out, 1, key.as_bytes());
     match scalar_len(value) {
         Some(len) => {
-            tag(out, 2, LEN);
-            varint(out, len as u64);
+            encode_key(2, WireType::LengthDelimited, out);
+            encode_varint(len as u64, out);
             any_value(out, value);
         }
         None => message(out, 2, |out| any_value(out, value)),
@@ -412,8 +385,8 @@ fn attributes<'a>(
                 } else {
                     field_len(key.len())
                 };
-                tag(out, field, LEN);
-                varint(out, (key_len + field_len(value)) as u64);
+                encode_key(field, WireType::LengthDelimited, out);
+                encode_varint((key_len + field_len(value)) as u64, out);
                 key_value(out, key, &kv.value);
             }
             None => message(out, field, |out| key_value(out, key, &kv.value)),
@@ -436,8 +409,8 @@ fn context_ids(out: &mut Vec<u8>, context: &SpanContext) {
     let entries = state.into_iter().len();
     if entries > 0 {
         let len: usize = state.into_iter().map(|(k, v)| k.len() + 1 + v.len()).sum();
-        tag(out, 3, LEN);
-        varint(out, (len + entries - 1) as u64);
+        encode_key(3, WireType::LengthDelimited, out);
+        encode_varint((len + entries - 1) as u64, out);
         for (i, (key, value)) in state.into_iter().enumerate() {
             if i > 0 {
                 out.push(b',');
@@ -490,10 +463,10 @@ fn span(out: &mut Vec<u8>, span: &SpanData) {
     }
     uint(out, 14, span.links.dropped_count.into());
     message(out, 15, |out| {
-        let (code, text): (u64, Cow<'_, str>) = match &span.status {
-            Status::Unset => (0, Cow::Borrowed("")),
-            Status::Ok => (1, Cow::Borrowed("")),
-            Status::Error { description } => (2, Cow::Borrowed(description.as_ref())),
+        let (code, text): (u64, &str) = match &span.status {
+            Status::Unset => (0, ""),
+            Status::Ok => (1, ""),
+            Status::Error { description } => (2, description),
         };
         nonempty(out, 2, text.as_bytes());
         uint(out, 3, code);
@@ -702,15 +675,9 @@ mod tests {
     #[test]
     fn encoding_decodes_to_what_the_reference_conversion_builds() {
         let resource = resource();
-        let mut exporter_resource = Vec::new();
-        for (key, value) in resource.iter() {
-            message(&mut exporter_resource, 1, |out| {
-                key_value(out, key.as_str(), value)
-            });
-        }
         let spans = spans();
         let bytes = encode_request(
-            &exporter_resource,
+            &encode_resource(&resource),
             resource.schema_url().unwrap_or_default(),
             &spans,
         );

@@ -27,37 +27,29 @@ pub fn count_spans(request: &[u8]) -> Result<u64, String> {
 }
 
 /// The bodies of the length-delimited fields numbered `wanted` in one message.
-fn fields(mut message: &[u8], wanted: u64) -> Result<Vec<&[u8]>, String> {
-    fn varint(buf: &mut &[u8]) -> Result<u64, String> {
-        let mut value = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&byte, rest) = buf.split_first().ok_or("a varint runs past the end")?;
-            *buf = rest;
-            value |= u64::from(byte & 0x7f) << shift;
-            if byte < 0x80 {
-                return Ok(value);
-            }
-        }
-        Err("a varint is longer than 10 bytes".into())
-    }
+fn fields(mut message: &[u8], wanted: u32) -> Result<Vec<&[u8]>, String> {
+    use prost::encoding::{WireType, decode_key, decode_varint};
     let mut found = Vec::new();
     while !message.is_empty() {
-        let key = varint(&mut message)?;
-        let skip = match key & 7 {
-            0 => {
-                varint(&mut message)?;
+        let (tag, wire) = decode_key(&mut message).map_err(|e| e.to_string())?;
+        let skip = match wire {
+            WireType::Varint => {
+                decode_varint(&mut message).map_err(|e| e.to_string())?;
                 0
             }
-            1 => 8,
-            2 => usize::try_from(varint(&mut message)?).map_err(|_| "a length overflows")?,
-            5 => 4,
-            wire => return Err(format!("wire type {wire} is not used by OTLP")),
+            WireType::SixtyFourBit => 8,
+            WireType::LengthDelimited => {
+                let len = decode_varint(&mut message).map_err(|e| e.to_string())?;
+                usize::try_from(len).map_err(|_| "a length overflows")?
+            }
+            WireType::ThirtyTwoBit => 4,
+            other => return Err(format!("wire type {other:?} is not used by OTLP")),
         };
         if skip > message.len() {
             return Err("a field runs past the end".into());
         }
         let (body, rest) = message.split_at(skip);
-        if key & 7 == 2 && key >> 3 == wanted {
+        if wire == WireType::LengthDelimited && tag == wanted {
             found.push(body);
         }
         message = rest;

@@ -181,12 +181,8 @@ fn first_env(names: &[&'static str]) -> Option<(&'static str, String)> {
 }
 
 /// The exporter's settings that have no flag: timeout, headers and compression, from the
-/// standard variables (the `_TRACES_` form first).
-fn export_config(url: String) -> anyhow::Result<crate::otlp::ExportConfig> {
-    let env = |names: &[&'static str]| first_env(names);
-    export_config_from(url, env)
-}
-
+/// standard variables as `env` reads them (the `_TRACES_` form first); [`first_env`] in
+/// the process.
 fn export_config_from(
     url: String,
     env: impl Fn(&[&'static str]) -> Option<(&'static str, String)>,
@@ -256,7 +252,7 @@ fn provider(
         )
         .with_service_name(service)
         .build();
-    let exporter = crate::otlp::Exporter::new(export_config(url)?)
+    let exporter = crate::otlp::Exporter::new(export_config_from(url, first_env)?)
         .context("cannot set up the trace exporter")?;
     // The batch processor (OTEL_BSP_* variables) holds at most its queue size of spans and
     // drops the rest while the collector is slow or away.

@@ -7,9 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/env.sh
-kiln_system_deps
-cargo build --bin kiln
-export KILN_BIN="$CARGO_TARGET_DIR/debug/kiln"
+kiln_build
 
 # One virtualenv per server: their pins do not agree with each other.
 bench_venv() {

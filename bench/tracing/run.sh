@@ -7,7 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/env.sh
-kiln_system_deps
-cargo build --bin kiln
-export KILN_BIN="$CARGO_TARGET_DIR/debug/kiln"
+kiln_build
 exec python3 bench/tracing/run.py

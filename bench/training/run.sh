@@ -5,11 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/env.sh
-kiln_system_deps
-cargo build --bin kiln
+kiln_build
 BENCH_VENV="${KILN_BENCH_VENV:-/var/tmp/kiln-bench-venv}"
 if [ ! -x "$BENCH_VENV/bin/python" ]; then
   python3 -m venv "$BENCH_VENV"
 fi
 "$BENCH_VENV/bin/pip" install -q numpy tensorflow-cpu torch
-exec "$BENCH_VENV/bin/python" bench/training/run.py --kiln "$CARGO_TARGET_DIR/debug/kiln" "$@"
+exec "$BENCH_VENV/bin/python" bench/training/run.py --kiln "$KILN_BIN" "$@"

@@ -254,7 +254,7 @@ impl GrpcInferenceService for InferenceService {
                     "ModelStreamInfer request",
                     kiln_proto::trace::SpanKind::Internal,
                     &call,
-                    Vec::new(),
+                    Vec::new,
                 );
                 async move {
                     let req = item?;

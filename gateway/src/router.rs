@@ -185,10 +185,12 @@ impl Router {
             "shard fan-out",
             kiln_proto::trace::SpanKind::Internal,
             &kiln_proto::trace::current(),
-            vec![
-                kiln_proto::trace::KeyValue::new("kiln.shards", plan.shards.len() as i64),
-                kiln_proto::trace::KeyValue::new("kiln.batch_size", rows as i64),
-            ],
+            || {
+                vec![
+                    kiln_proto::trace::KeyValue::new("kiln.shards", plan.shards.len() as i64),
+                    kiln_proto::trace::KeyValue::new("kiln.batch_size", rows as i64),
+                ]
+            },
         );
         // The first shard that fails for good fails the request; the others are dropped.
         let answers =

@@ -54,13 +54,14 @@ pub fn current() -> Context {
 
 /// Start a span named `name` under `parent`; the returned context holds it, and it ends
 /// when the last clone of that context is dropped. None when tracing is off.
+/// `attributes` is not called when no span is made (under an unsampled parent).
 pub fn start(
     name: &'static str,
     kind: SpanKind,
     parent: &Context,
-    attributes: Vec<KeyValue>,
+    attributes: impl FnOnce() -> Vec<KeyValue>,
 ) -> Option<Context> {
-    start_linked(name, kind, parent, attributes, Vec::new())
+    start_linked(name, kind, parent, attributes, Vec::new)
 }
 
 /// Whether `parent` is a span of this process that was not sampled. A child would not be
@@ -78,8 +79,8 @@ fn start_linked(
     name: impl Into<std::borrow::Cow<'static, str>>,
     kind: SpanKind,
     parent: &Context,
-    attributes: Vec<KeyValue>,
-    links: Vec<opentelemetry::trace::Link>,
+    attributes: impl FnOnce() -> Vec<KeyValue>,
+    links: impl FnOnce() -> Vec<opentelemetry::trace::Link>,
 ) -> Option<Context> {
     if !enabled() {
         return None;
@@ -91,8 +92,8 @@ fn start_linked(
     let span = tracer
         .span_builder(name)
         .with_kind(kind)
-        .with_attributes(attributes)
-        .with_links(links)
+        .with_attributes(attributes())
+        .with_links(links())
         .start_with_context(tracer, parent);
     Some(parent.with_span(span))
 }
@@ -143,11 +144,13 @@ pub fn event(name: &'static str, attributes: &[(&'static str, &str)]) {
 /// sampled (`attributes` is then never called).
 pub fn batch(requests: &[&Context], attributes: impl FnOnce() -> Vec<KeyValue>) -> Option<Context> {
     let first = requests.iter().find(|cx| cx.span().is_recording())?;
-    let links = requests
-        .iter()
-        .map(|cx| opentelemetry::trace::Link::with_context(cx.span().span_context().clone()))
-        .collect();
-    let cx = start_linked("batch", SpanKind::Internal, first, attributes(), links)?;
+    let links = || {
+        requests
+            .iter()
+            .map(|cx| opentelemetry::trace::Link::with_context(cx.span().span_context().clone()))
+            .collect()
+    };
+    let cx = start_linked("batch", SpanKind::Internal, first, attributes, links)?;
     let id = cx.span().span_context().span_id().to_string();
     for request in requests {
         request
@@ -204,9 +207,8 @@ fn untraced(service: &str) -> bool {
     service.starts_with("grpc.health.") || service.starts_with("grpc.reflection.")
 }
 
-/// The gRPC status of a response, when its headers already carry it (an error answered
-/// without a body); otherwise it travels in the trailers, and a response that got this
-/// far without one is OK.
+/// The gRPC status in `headers` (a response's headers, for an error answered without a
+/// body, or its trailers); none there is OK.
 fn status_of(headers: &http::HeaderMap) -> i64 {
     headers
         .get("grpc-status")
@@ -328,7 +330,7 @@ where
             p.extract(&HeaderExtractor(request.headers()))
         });
         let name = request.uri().path().trim_start_matches('/').to_owned();
-        let Some(cx) = start_linked(name, SpanKind::Server, &parent, Vec::new(), Vec::new()) else {
+        let Some(cx) = start_linked(name, SpanKind::Server, &parent, Vec::new, Vec::new) else {
             return ServerCall::untraced(self.inner.call(request));
         };
         // The samplers do not look at attributes: an unsampled call skips making them.
@@ -512,7 +514,8 @@ where
         let mut attributes = rpc_attributes(service, method);
         attributes.push(KeyValue::new("server.address", self.peer.to_string()));
         let name = request.uri().path().trim_start_matches('/').to_owned();
-        let Some(cx) = start_linked(name, SpanKind::Client, &parent, attributes, Vec::new()) else {
+        let Some(cx) = start_linked(name, SpanKind::Client, &parent, || attributes, Vec::new)
+        else {
             return Traced::untraced(self.inner.call(request));
         };
         opentelemetry::global::get_text_map_propagator(|p| {
@@ -591,7 +594,7 @@ mod tests {
                 true,
                 TraceState::default(),
             ));
-            start("request", SpanKind::Server, &caller, Vec::new()).unwrap()
+            start("request", SpanKind::Server, &caller, Vec::new).unwrap()
         };
         let unsampled = request(0xaaa, false);
         let sampled = request(0xbbb, true);

@@ -149,7 +149,7 @@ impl Batcher {
                 "queue wait",
                 kiln_proto::trace::SpanKind::Internal,
                 &trace,
-                vec![kiln_proto::trace::KeyValue::new("kiln.rows", rows as i64)],
+                || vec![kiln_proto::trace::KeyValue::new("kiln.rows", rows as i64)],
             );
             (Some(trace), queue)
         } else {
