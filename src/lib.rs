@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod batch;
 pub mod bench;
 pub mod bench_floor;
 pub mod bench_placement;

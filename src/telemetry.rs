@@ -229,11 +229,15 @@ fn export_config_from(
     })
 }
 
-fn provider(
-    flags: &TraceFlags,
-    url: String,
-    default_service: &str,
-) -> anyhow::Result<SdkTracerProvider> {
+/// The SDK's tracer provider (for `tracing` spans) and what the request path's own spans
+/// need: the same sampler and the batch processor's queue.
+struct Pipeline {
+    provider: SdkTracerProvider,
+    sampler: Sampler,
+    queue: std::sync::Arc<crate::batch::Queue>,
+}
+
+fn pipeline(flags: &TraceFlags, url: String, default_service: &str) -> anyhow::Result<Pipeline> {
     let sampler = sampler(&flags.trace_sampler, flags.trace_sampler_arg.as_deref())?;
     let attributes = match &flags.resource_attributes {
         Some(text) => resource_attributes(text)?,
@@ -252,15 +256,25 @@ fn provider(
         )
         .with_service_name(service)
         .build();
-    let exporter = crate::otlp::Exporter::new(export_config_from(url, first_env)?)
+    let batching = crate::batch::BatchConfig::from_env(|name| std::env::var(name).ok())?;
+    let mut export = export_config_from(url, first_env)?;
+    export.timeout = export.timeout.min(batching.export_timeout);
+    let exporter = crate::otlp::Exporter::new(export, &resource)
         .context("cannot set up the trace exporter")?;
     // The batch processor (OTEL_BSP_* variables) holds at most its queue size of spans and
     // drops the rest while the collector is slow or away.
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_sampler(sampler)
+    let batcher = crate::batch::Batcher::start(exporter, batching)?;
+    let queue = batcher.queue();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(batcher)
+        .with_sampler(sampler.clone())
         .with_resource(resource)
-        .build())
+        .build();
+    Ok(Pipeline {
+        provider,
+        sampler,
+        queue,
+    })
 }
 
 /// Install the log formatter and, when an endpoint is configured, the trace exporter.
@@ -279,10 +293,11 @@ pub fn init(
         (Some(_), Some(url)) if !url.is_empty() => Some(endpoint(url)?),
         _ => None,
     };
-    let provider = match (url, default_service) {
-        (Some(url), Some(service)) => Some(provider(trace, url, service)?),
+    let pipeline = match (url, default_service) {
+        (Some(url), Some(service)) => Some(pipeline(trace, url, service)?),
         _ => None,
     };
+    let provider = pipeline.as_ref().map(|p| p.provider.clone());
     // Colours only on a terminal: the span fields the layer formats and the line alike.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs = match format {
@@ -340,10 +355,10 @@ pub fn init(
         .with(traces)
         .try_init()
         .context("cannot install the log subscriber")?;
-    if let Some(provider) = &provider {
-        opentelemetry::global::set_tracer_provider(provider.clone());
+    if let Some(pipeline) = pipeline {
+        opentelemetry::global::set_tracer_provider(pipeline.provider);
         opentelemetry::global::set_text_map_propagator(kiln_proto::w3c::Propagator);
-        kiln_proto::trace::enable();
+        kiln_proto::trace::enable(pipeline.sampler, pipeline.queue);
     }
     Ok(Telemetry { provider })
 }

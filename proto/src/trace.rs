@@ -1,38 +1,65 @@
 //! Distributed tracing on every gRPC hop.
 //!
 //! [`Server`] wraps a tonic server: each call gets a server span whose parent is the W3C
-//! trace context the caller sent (read through OpenTelemetry's global propagator), named
-//! and attributed after the OpenTelemetry RPC conventions. [`Client`] wraps a channel:
-//! each call gets a client span, and that span's context travels in the request's
-//! metadata. The spans of the request path (these, and those of the gateway and the
-//! worker's batcher) are made with the OpenTelemetry API itself and travel with the
-//! request as its current OpenTelemetry context: an unsampled request then costs almost
-//! nothing. `tracing` spans (model loads, training jobs, registry changes) join the same
-//! traces through `tracing-opentelemetry`. Everything costs one relaxed atomic load
-//! until a process turns tracing on with [`enable`] (it does when an OTLP endpoint is
-//! configured).
+//! trace context the caller sent, named and attributed after the OpenTelemetry RPC
+//! conventions. [`Client`] wraps a channel: each call gets a client span, and that span's
+//! context travels in the request's metadata. The spans of the request path (these, and
+//! those of the gateway and the worker's batcher) are Kiln's own: sampled by the
+//! configured OpenTelemetry sampler, carried as the request's current OpenTelemetry
+//! context (so `tracing` spans and the propagator see them as any span), and handed on
+//! end, as the SDK's `SpanData`, straight to the process's exporter queue ([`Sink`]) —
+//! without the SDK's tracer, span builder and batch processor on the way. An unsampled
+//! request costs almost nothing. `tracing` spans (model loads, training jobs, registry
+//! changes) join the same traces through `tracing-opentelemetry`. Everything costs one
+//! relaxed atomic load until a process turns tracing on with [`enable`] (it does when
+//! an OTLP endpoint is configured).
 
-use std::sync::OnceLock;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context as TaskContext, Poll};
+use std::time::SystemTime;
 
 pub use opentelemetry::Context;
+use opentelemetry::InstrumentationScope;
 use opentelemetry::context::FutureExt as _;
-use opentelemetry::global::BoxedTracer;
-use opentelemetry::propagation::{Extractor, Injector};
-use opentelemetry::trace::{Status, TraceContextExt as _, Tracer as _};
+use opentelemetry::trace::{Event, Link, SpanContext, SpanId, Status, TraceContextExt as _};
+use opentelemetry_sdk::trace::{
+    Sampler, SamplingDecision, ShouldSample as _, SpanData, SpanEvents, SpanLinks,
+};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub use opentelemetry::trace::SpanKind;
 pub use opentelemetry::{KeyValue, Value};
 
-static ENABLED: AtomicBool = AtomicBool::new(false);
-static TRACER: OnceLock<BoxedTracer> = OnceLock::new();
+/// Where a process's finished spans go: its exporter's queue.
+pub trait Sink: Send + Sync {
+    /// Take one finished, sampled span. Called on the request path: must not block.
+    fn finished(&self, span: SpanData);
+}
 
-/// Turn span creation on for this process. Call once the global tracer provider and
-/// propagator are installed.
-pub fn enable() {
-    let _ = TRACER.set(opentelemetry::global::tracer("kiln"));
+struct Tracing {
+    sampler: Sampler,
+    sink: Arc<dyn Sink>,
+    scope: InstrumentationScope,
+}
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static TRACING: OnceLock<Tracing> = OnceLock::new();
+
+/// The most attributes, events and links one span keeps (as the SDK's default limits);
+/// more are counted as dropped.
+const LIMIT: usize = 128;
+
+/// Turn span creation on for this process: request-path spans are sampled by `sampler`
+/// (the one the SDK's tracer provider has) and go to `sink` when they end. Once per
+/// process; later calls change nothing.
+pub fn enable(sampler: Sampler, sink: Arc<dyn Sink>) {
+    let _ = TRACING.set(Tracing {
+        sampler,
+        sink,
+        scope: InstrumentationScope::builder("kiln").build(),
+    });
     ENABLED.store(true, Ordering::Relaxed);
 }
 
@@ -76,11 +103,11 @@ fn unsampled_local(parent: &Context) -> bool {
 }
 
 fn start_linked(
-    name: impl Into<std::borrow::Cow<'static, str>>,
+    name: impl Into<Cow<'static, str>>,
     kind: SpanKind,
     parent: &Context,
     attributes: impl FnOnce() -> Vec<KeyValue>,
-    links: impl FnOnce() -> Vec<opentelemetry::trace::Link>,
+    links: impl FnOnce() -> Vec<Link>,
 ) -> Option<Context> {
     if !enabled() {
         return None;
@@ -88,14 +115,213 @@ fn start_linked(
     if unsampled_local(parent) {
         return Some(parent.clone());
     }
-    let tracer = TRACER.get()?;
-    let span = tracer
-        .span_builder(name)
-        .with_kind(kind)
-        .with_attributes(attributes())
-        .with_links(links())
-        .start_with_context(tracer, parent);
+    let tracing = TRACING.get()?;
+    let parent_span = parent.span();
+    let above = parent_span.span_context();
+    let (trace_id, parent_id, parent_remote) = if above.is_valid() {
+        (above.trace_id(), above.span_id(), above.is_remote())
+    } else {
+        (ids::trace_id(), SpanId::INVALID, false)
+    };
+    let span_id = ids::span_id();
+    let name = name.into();
+    let mut links = links();
+    let verdict = tracing
+        .sampler
+        .should_sample(Some(parent), trace_id, &name, &kind, &[], &links);
+    let flags = above.trace_flags();
+    if !matches!(verdict.decision, SamplingDecision::RecordAndSample) {
+        // Not sampled: fresh ids that say so travel on, and nothing is recorded.
+        let context = SpanContext::new(
+            trace_id,
+            span_id,
+            flags.with_sampled(false),
+            false,
+            verdict.trace_state,
+        );
+        return Some(parent.with_remote_span_context(context));
+    }
+    let context = SpanContext::new(
+        trace_id,
+        span_id,
+        flags.with_sampled(true),
+        false,
+        verdict.trace_state,
+    );
+    let mut attributes = attributes();
+    attributes.extend(verdict.attributes);
+    let dropped_attributes = attributes.len().saturating_sub(LIMIT);
+    attributes.truncate(LIMIT);
+    let mut span_links = SpanLinks::default();
+    span_links.dropped_count = links.len().saturating_sub(LIMIT) as u32;
+    links.truncate(LIMIT);
+    span_links.links = links;
+    let now = SystemTime::now();
+    let span = Recording {
+        data: Some(SpanData {
+            span_context: context.clone(),
+            parent_span_id: parent_id,
+            parent_span_is_remote: parent_remote,
+            span_kind: kind,
+            name,
+            start_time: now,
+            end_time: now,
+            attributes,
+            dropped_attributes_count: dropped_attributes as u32,
+            events: SpanEvents::default(),
+            links: span_links,
+            status: Status::Unset,
+            instrumentation_scope: tracing.scope.clone(),
+        }),
+        context,
+    };
     Some(parent.with_span(span))
+}
+
+/// A recording request-path span: what the OpenTelemetry API asks of a span, kept as
+/// the `SpanData` the exporter takes when it ends (at [`end`](opentelemetry::trace::Span::end)
+/// or when the last context holding it is dropped).
+struct Recording {
+    context: SpanContext,
+    data: Option<SpanData>,
+}
+
+impl opentelemetry::trace::Span for Recording {
+    fn add_event_with_timestamp<T>(
+        &mut self,
+        name: T,
+        timestamp: SystemTime,
+        attributes: Vec<KeyValue>,
+    ) where
+        T: Into<Cow<'static, str>>,
+    {
+        if let Some(data) = &mut self.data {
+            if data.events.events.len() < LIMIT {
+                data.events
+                    .events
+                    .push(Event::new(name, timestamp, attributes, 0));
+            } else {
+                data.events.dropped_count += 1;
+            }
+        }
+    }
+
+    fn span_context(&self) -> &SpanContext {
+        &self.context
+    }
+
+    fn is_recording(&self) -> bool {
+        self.data.is_some()
+    }
+
+    fn set_attribute(&mut self, attribute: KeyValue) {
+        if let Some(data) = &mut self.data {
+            if data.attributes.len() < LIMIT {
+                data.attributes.push(attribute);
+            } else {
+                data.dropped_attributes_count += 1;
+            }
+        }
+    }
+
+    fn set_status(&mut self, status: Status) {
+        // As the SDK: Ok > Error > Unset, and a status only moves up.
+        if let Some(data) = &mut self.data
+            && status > data.status
+        {
+            data.status = status;
+        }
+    }
+
+    fn update_name<T>(&mut self, new_name: T)
+    where
+        T: Into<Cow<'static, str>>,
+    {
+        if let Some(data) = &mut self.data {
+            data.name = new_name.into();
+        }
+    }
+
+    fn add_link(&mut self, span_context: SpanContext, attributes: Vec<KeyValue>) {
+        if let Some(data) = &mut self.data {
+            if data.links.links.len() < LIMIT {
+                data.links
+                    .links
+                    .push(Link::new(span_context, attributes, 0));
+            } else {
+                data.links.dropped_count += 1;
+            }
+        }
+    }
+
+    fn end_with_timestamp(&mut self, timestamp: SystemTime) {
+        if let Some(mut data) = self.data.take() {
+            data.end_time = timestamp;
+            if let Some(tracing) = TRACING.get() {
+                tracing.sink.finished(data);
+            }
+        }
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if self.data.is_some() {
+            opentelemetry::trace::Span::end_with_timestamp(self, SystemTime::now());
+        }
+    }
+}
+
+/// Span and trace ids: a per-thread SplitMix64 stream seeded from the standard library's
+/// per-process random hash keys (ids need to be unique, not secret).
+mod ids {
+    use std::cell::Cell;
+    use std::hash::{BuildHasher as _, Hasher as _};
+
+    use opentelemetry::trace::{SpanId, TraceId};
+
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(seed());
+    }
+
+    fn seed() -> u64 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        hasher.finish()
+    }
+
+    fn next() -> u64 {
+        STATE.with(|state| {
+            let x = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+            state.set(x);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        })
+    }
+
+    pub(super) fn span_id() -> SpanId {
+        loop {
+            let id = next();
+            if id != 0 {
+                return SpanId::from(id);
+            }
+        }
+    }
+
+    pub(super) fn trace_id() -> TraceId {
+        loop {
+            let id = u128::from(next()) << 64 | u128::from(next());
+            if id != 0 {
+                return TraceId::from(id);
+            }
+        }
+    }
 }
 
 /// Run `future` with `cx` (from [`start`]) as its current context; then the span ends.
@@ -147,15 +373,21 @@ pub fn batch(requests: &[&Context], attributes: impl FnOnce() -> Vec<KeyValue>) 
     let links = || {
         requests
             .iter()
-            .map(|cx| opentelemetry::trace::Link::with_context(cx.span().span_context().clone()))
+            .map(|cx| Link::with_context(cx.span().span_context().clone()))
             .collect()
     };
     let cx = start_linked("batch", SpanKind::Internal, first, attributes, links)?;
-    let id = cx.span().span_context().span_id().to_string();
+    let mut hex = [0u8; 16];
+    crate::w3c::write_hex(&mut hex, &cx.span().span_context().span_id().to_bytes());
+    let id: Arc<str> = String::from_utf8_lossy(&hex).into();
     for request in requests {
-        request
-            .span()
-            .set_attribute(KeyValue::new("kiln.batch.span_id", id.clone()));
+        let span = request.span();
+        if span.is_recording() {
+            span.set_attribute(KeyValue::new(
+                "kiln.batch.span_id",
+                Value::String(id.clone().into()),
+            ));
+        }
     }
     Some(cx)
 }
@@ -163,36 +395,6 @@ pub fn batch(requests: &[&Context], attributes: impl FnOnce() -> Vec<KeyValue>) 
 /// Record the gRPC status `code` a server answered on the span of `cx`.
 pub fn record_code(cx: &Context, code: i64) {
     record_status(cx, code, true);
-}
-
-/// HTTP/2 headers (gRPC metadata) as a carrier the propagator writes into.
-struct HeaderInjector<'a>(&'a mut http::HeaderMap);
-
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        // The W3C names without parsing them again; the value's bytes are taken, not copied.
-        let name = match key {
-            "traceparent" => Ok(http::HeaderName::from_static("traceparent")),
-            "tracestate" => Ok(http::HeaderName::from_static("tracestate")),
-            other => http::HeaderName::from_bytes(other.as_bytes()),
-        };
-        if let (Ok(name), Ok(value)) = (name, http::HeaderValue::try_from(value)) {
-            self.0.insert(name, value);
-        }
-    }
-}
-
-/// HTTP/2 headers (gRPC metadata) as a carrier the propagator reads from.
-struct HeaderExtractor<'a>(&'a http::HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
-    }
 }
 
 /// `/package.Service/Method` as (`package.Service`, `Method`).
@@ -207,11 +409,14 @@ fn untraced(service: &str) -> bool {
     service.starts_with("grpc.health.") || service.starts_with("grpc.reflection.")
 }
 
+/// Looked up by name, not by text (which would be parsed as a header name every time).
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// The gRPC status in `headers` (a response's headers, for an error answered without a
 /// body, or its trailers); none there is OK.
 fn status_of(headers: &http::HeaderMap) -> i64 {
     headers
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
@@ -231,12 +436,62 @@ fn record_status(cx: &Context, code: i64, server: bool) {
     }
 }
 
-fn rpc_attributes(service: &str, method: &str) -> Vec<KeyValue> {
-    vec![
-        KeyValue::new("rpc.system", "grpc"),
-        KeyValue::new("rpc.service", service.to_owned()),
-        KeyValue::new("rpc.method", method.to_owned()),
-    ]
+/// A call's path (`/package.Service/Method`) without its leading `/`, as a string that
+/// lives as long as the process: the names of the calls this process traces are kept once,
+/// so that their spans borrow them (name, service, method) instead of copying them every
+/// call. Bounded: past 256 distinct paths (a caller trying made-up methods), or for a
+/// path over 128 bytes, spans own copies.
+fn call_name(path: &str) -> Cow<'static, str> {
+    use std::sync::{LazyLock, RwLock};
+    // A process answers and calls a few dozen methods: a scan (lengths first) is cheaper
+    // than hashing the path.
+    static NAMES: LazyLock<RwLock<Vec<&'static str>>> = LazyLock::new(Default::default);
+    let name = path.trim_start_matches('/');
+    let find = |names: &[&'static str]| names.iter().copied().find(|&known| known == name);
+    if let Some(known) = find(&NAMES.read().unwrap_or_else(|p| p.into_inner())) {
+        return Cow::Borrowed(known);
+    }
+    let mut names = NAMES.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(known) = find(&names) {
+        return Cow::Borrowed(known);
+    }
+    if names.len() >= 256 || name.len() > 128 {
+        return Cow::Owned(name.to_owned());
+    }
+    let kept: &'static str = Box::leak(name.into());
+    names.push(kept);
+    Cow::Borrowed(kept)
+}
+
+/// A value that borrows `text` when it lives as long as the process.
+fn text_value(text: &Cow<'static, str>) -> Value {
+    match text {
+        Cow::Borrowed(text) => Value::from(*text),
+        Cow::Owned(text) => Value::from(text.clone()),
+    }
+}
+
+/// The RPC attributes of a call named `name` (see [`call_name`]), with room for those the
+/// handler and the answer add.
+fn rpc_attributes(name: &Cow<'static, str>) -> Vec<KeyValue> {
+    let (service, method) = match name {
+        Cow::Borrowed(name) => {
+            let (service, method) = rpc_names(name);
+            (Cow::Borrowed(service), Cow::Borrowed(method))
+        }
+        Cow::Owned(name) => {
+            let (service, method) = rpc_names(name);
+            (
+                Cow::Owned(service.to_owned()),
+                Cow::Owned(method.to_owned()),
+            )
+        }
+    };
+    let mut attributes = Vec::with_capacity(8);
+    attributes.push(KeyValue::new("rpc.system", "grpc"));
+    attributes.push(KeyValue::new("rpc.service", text_value(&service)));
+    attributes.push(KeyValue::new("rpc.method", text_value(&method)));
+    attributes
 }
 
 /// A tonic server (or any HTTP service) with a server span around every call.
@@ -322,22 +577,27 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let (service, method) = rpc_names(request.uri().path());
+        let (service, _) = rpc_names(request.uri().path());
         if !enabled() || untraced(service) {
             return ServerCall::untraced(self.inner.call(request));
         }
-        let parent = opentelemetry::global::get_text_map_propagator(|p| {
-            p.extract(&HeaderExtractor(request.headers()))
-        });
-        let name = request.uri().path().trim_start_matches('/').to_owned();
-        let Some(cx) = start_linked(name, SpanKind::Server, &parent, Vec::new, Vec::new) else {
+        // Kiln's W3C propagator (the global one), called directly.
+        let parent = match crate::w3c::extract(request.headers()) {
+            Some(caller) => Context::new().with_remote_span_context(caller),
+            None => Context::new(),
+        };
+        let name = call_name(request.uri().path());
+        // The samplers do not look at attributes: an unsampled call skips making them.
+        let attributes = || rpc_attributes(&name);
+        let Some(cx) = start_linked(
+            name.clone(),
+            SpanKind::Server,
+            &parent,
+            attributes,
+            Vec::new,
+        ) else {
             return ServerCall::untraced(self.inner.call(request));
         };
-        // The samplers do not look at attributes: an unsampled call skips making them.
-        let span = cx.span();
-        if span.is_recording() {
-            span.set_attributes(rpc_attributes(service, method));
-        }
         let inner = {
             let _attached = cx.clone().attach();
             self.inner.call(request)
@@ -388,7 +648,7 @@ where
         let span = this.span.take();
         Poll::Ready(result.map(|response| {
             let span = match span {
-                Some(cx) if response.headers().contains_key("grpc-status") => {
+                Some(cx) if response.headers().contains_key(&GRPC_STATUS) => {
                     record_status(&cx, status_of(response.headers()), true);
                     None
                 }
@@ -505,22 +765,26 @@ where
         let parent = current();
         if unsampled_local(&parent) {
             // No span: the caller's context goes on, saying "not sampled".
-            opentelemetry::global::get_text_map_propagator(|p| {
-                p.inject_context(&parent, &mut HeaderInjector(request.headers_mut()))
-            });
+            crate::w3c::inject(parent.span().span_context(), request.headers_mut());
             return Traced::untraced(self.inner.call(request));
         }
-        let (service, method) = rpc_names(request.uri().path());
-        let mut attributes = rpc_attributes(service, method);
-        attributes.push(KeyValue::new("server.address", self.peer.to_string()));
-        let name = request.uri().path().trim_start_matches('/').to_owned();
-        let Some(cx) = start_linked(name, SpanKind::Client, &parent, || attributes, Vec::new)
-        else {
+        let name = call_name(request.uri().path());
+        let attributes = || {
+            let mut attributes = rpc_attributes(&name);
+            let peer = opentelemetry::StringValue::from(self.peer.clone());
+            attributes.push(KeyValue::new("server.address", Value::String(peer)));
+            attributes
+        };
+        let Some(cx) = start_linked(
+            name.clone(),
+            SpanKind::Client,
+            &parent,
+            attributes,
+            Vec::new,
+        ) else {
             return Traced::untraced(self.inner.call(request));
         };
-        opentelemetry::global::get_text_map_propagator(|p| {
-            p.inject_context(&cx, &mut HeaderInjector(request.headers_mut()))
-        });
+        crate::w3c::inject(cx.span().span_context(), request.headers_mut());
         Traced {
             inner: self.inner.call(request),
             span: Some(cx),
@@ -553,48 +817,155 @@ mod tests {
         assert!(!server_fault(3), "INVALID_ARGUMENT is the caller's fault");
     }
 
-    /// An exporter that keeps what it is given, for the test below.
-    #[derive(Debug, Clone, Default)]
-    struct Kept(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+    /// A sink that keeps what it is given; shared by the tests of this process (tracing
+    /// is enabled once), which tell their spans apart by trace id.
+    #[derive(Default)]
+    struct Kept(std::sync::Mutex<Vec<SpanData>>);
 
-    impl opentelemetry_sdk::trace::SpanExporter for Kept {
-        async fn export(
-            &self,
-            batch: Vec<opentelemetry_sdk::trace::SpanData>,
-        ) -> opentelemetry_sdk::error::OTelSdkResult {
-            self.0.lock().unwrap().extend(batch);
-            Ok(())
+    impl Sink for Kept {
+        fn finished(&self, span: SpanData) {
+            self.0.lock().unwrap().push(span);
         }
+    }
+
+    static KEPT: std::sync::LazyLock<Arc<Kept>> = std::sync::LazyLock::new(Default::default);
+
+    fn traced() -> Arc<Kept> {
+        enable(
+            Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+            KEPT.clone(),
+        );
+        KEPT.clone()
+    }
+
+    fn caller(trace: u128, sampled: bool) -> Context {
+        use opentelemetry::trace::{TraceFlags, TraceId, TraceState};
+        let flags = if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from(trace),
+            SpanId::from(7),
+            flags,
+            true,
+            TraceState::default(),
+        ))
+    }
+
+    fn spans_of(kept: &Kept, trace: u128) -> Vec<SpanData> {
+        let id = opentelemetry::trace::TraceId::from(trace);
+        let spans = kept.0.lock().unwrap();
+        spans
+            .iter()
+            .filter(|s| s.span_context.trace_id() == id)
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn request_spans_follow_their_parent_record_what_is_set_and_end_with_the_context() {
+        use opentelemetry::trace::TraceId;
+        let kept = traced();
+        let server = start("server", SpanKind::Server, &caller(0xc0ffee, true), || {
+            vec![KeyValue::new("rpc.system", "grpc")]
+        })
+        .unwrap();
+        let server_id = server.span().span_context().span_id();
+        assert!(server.span().span_context().is_sampled());
+        assert!(!server.span().span_context().is_remote());
+        let child = start("queue wait", SpanKind::Internal, &server, Vec::new).unwrap();
+        let child_id = child.span().span_context().span_id();
+        assert_ne!(child_id, server_id, "every span gets its own id");
+        drop(child);
+        {
+            let span = server.span();
+            span.set_attribute(KeyValue::new("kiln.batch_size", 4_i64));
+            span.add_event("retry", vec![KeyValue::new("peer", "w1")]);
+            span.set_status(Status::error("gRPC status 14"));
+            span.set_status(Status::Unset);
+        }
+        assert!(
+            spans_of(&kept, 0xc0ffee).len() == 1,
+            "the child ended with its context"
+        );
+        let later = server.clone();
+        drop(server);
+        assert_eq!(
+            spans_of(&kept, 0xc0ffee).len(),
+            1,
+            "a clone still holds the span"
+        );
+        drop(later);
+        let spans = spans_of(&kept, 0xc0ffee);
+        let (child, server) = (&spans[0], &spans[1]);
+        assert_eq!(child.name, "queue wait");
+        assert_eq!(child.parent_span_id, server_id);
+        assert!(!child.parent_span_is_remote);
+        assert_eq!(server.parent_span_id, SpanId::from(7));
+        assert!(server.parent_span_is_remote);
+        assert_eq!(server.span_kind, SpanKind::Server);
+        assert_eq!(
+            server.attributes,
+            vec![
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("kiln.batch_size", 4_i64)
+            ]
+        );
+        assert_eq!(server.events.events.len(), 1);
+        assert_eq!(server.events.events[0].name, "retry");
+        assert_eq!(
+            server.status,
+            Status::error("gRPC status 14"),
+            "Unset does not undo it"
+        );
+        assert!(server.end_time >= child.end_time && child.start_time >= server.start_time);
+        assert_eq!(server.instrumentation_scope.name(), "kiln");
+
+        // A root span starts a new trace; a caller that did not sample gets no spans, but
+        // its trace id travels on, marked not sampled, and children are not made.
+        let root = start("root", SpanKind::Server, &Context::new(), Vec::new).unwrap();
+        let trace = root.span().span_context().trace_id();
+        assert_ne!(trace, TraceId::INVALID);
+        let declined = start("server", SpanKind::Server, &caller(0xdec1, false), || {
+            unreachable!("attributes of an unsampled span")
+        })
+        .unwrap();
+        let context = declined.span().span_context().clone();
+        assert!(!context.is_sampled() && !declined.span().is_recording());
+        assert_eq!(context.trace_id(), TraceId::from(0xdec1));
+        let child = start("child", SpanKind::Internal, &declined, Vec::new).unwrap();
+        assert_eq!(
+            child.span().span_context(),
+            &context,
+            "no child span is made"
+        );
+        drop((child, declined, root));
+        assert!(spans_of(&kept, 0xdec1).is_empty());
+        let root = spans_of(&kept, u128::from_be_bytes(trace.to_bytes()));
+        assert_eq!(root.len(), 1);
+        assert_eq!(
+            root[0].parent_span_id,
+            SpanId::INVALID,
+            "a root has no parent"
+        );
     }
 
     #[test]
     fn a_batch_span_joins_the_first_sampled_request_and_links_every_one() {
-        use opentelemetry::trace::{SpanContext, TraceFlags, TraceId, TraceState};
-        let kept = Kept::default();
-        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-            .with_simple_exporter(kept.clone())
-            .with_sampler(opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
-                opentelemetry_sdk::trace::Sampler::AlwaysOn,
-            )))
-            .build();
-        opentelemetry::global::set_tracer_provider(provider.clone());
-        enable();
+        use opentelemetry::trace::TraceId;
+        let kept = traced();
         // Two requests as a worker sees them: server spans under callers that did and
         // did not sample; the unsampled one queued first.
         let request = |trace: u128, sampled: bool| {
-            let flags = if sampled {
-                TraceFlags::SAMPLED
-            } else {
-                TraceFlags::default()
-            };
-            let caller = Context::new().with_remote_span_context(SpanContext::new(
-                TraceId::from(trace),
-                opentelemetry::trace::SpanId::from(7),
-                flags,
-                true,
-                TraceState::default(),
-            ));
-            start("request", SpanKind::Server, &caller, Vec::new).unwrap()
+            start(
+                "request",
+                SpanKind::Server,
+                &caller(trace, sampled),
+                Vec::new,
+            )
+            .unwrap()
         };
         let unsampled = request(0xaaa, false);
         let sampled = request(0xbbb, true);
@@ -613,7 +984,12 @@ mod tests {
         let batch_id = cx.span().span_context().span_id();
         let sampled_id = sampled.span().span_context().span_id();
         drop((cx, sampled, unsampled));
-        let spans = kept.0.lock().unwrap().clone();
+        let spans = spans_of(&kept, 0xbbb);
+        assert_eq!(
+            spans.len(),
+            2,
+            "the sampled request and the batch: {spans:?}"
+        );
         let batch = spans
             .iter()
             .find(|s| s.name == "batch")
@@ -636,20 +1012,8 @@ mod tests {
                 .contains(&KeyValue::new("kiln.batch.span_id", batch_id.to_string()))
         );
         assert!(
-            spans
-                .iter()
-                .all(|s| s.span_context.trace_id() != TraceId::from(0xaaa)),
+            spans_of(&kept, 0xaaa).is_empty(),
             "nothing of the unsampled trace"
         );
-        let _ = provider.shutdown();
-    }
-
-    #[test]
-    fn headers_carry_what_the_propagator_writes() {
-        let mut headers = http::HeaderMap::new();
-        HeaderInjector(&mut headers).set("traceparent", "00-ab-cd-01".into());
-        let extractor = HeaderExtractor(&headers);
-        assert_eq!(extractor.get("traceparent"), Some("00-ab-cd-01"));
-        assert_eq!(extractor.keys(), vec!["traceparent"]);
     }
 }

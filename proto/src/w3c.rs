@@ -62,44 +62,98 @@ impl TextMapPropagator for Propagator {
     }
 }
 
+static TRACEPARENT_NAME: http::HeaderName = http::HeaderName::from_static(TRACEPARENT);
+static TRACESTATE_NAME: http::HeaderName = http::HeaderName::from_static(TRACESTATE);
+
+/// The caller's span context in gRPC metadata, by the same rules as [`Propagator`] (which
+/// the request path calls without: no global lookup, no header-name parsing). None when
+/// there is no valid `traceparent`.
+pub fn extract(headers: &http::HeaderMap) -> Option<SpanContext> {
+    let header = headers.get(&TRACEPARENT_NAME)?.to_str().ok()?;
+    let (trace_id, span_id, flags) = parse(header)?;
+    let state = headers
+        .get(&TRACESTATE_NAME)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.trim().is_empty())
+        .and_then(|s| TraceState::from_str(s).ok())
+        .unwrap_or_default();
+    Some(SpanContext::new(trace_id, span_id, flags, true, state))
+}
+
+/// Write `context` into gRPC metadata as [`Propagator`] does; nothing for an invalid one.
+pub fn inject(context: &SpanContext, headers: &mut http::HeaderMap) {
+    if !context.is_valid() {
+        return;
+    }
+    let bytes = traceparent_bytes(context);
+    // Lowercase hex and dashes: always a valid header value.
+    if let Ok(value) = http::HeaderValue::from_bytes(&bytes) {
+        headers.insert(TRACEPARENT_NAME.clone(), value);
+    }
+    let state = context.trace_state().header();
+    if !state.is_empty()
+        && let Ok(value) = http::HeaderValue::try_from(state)
+    {
+        headers.insert(TRACESTATE_NAME.clone(), value);
+    }
+}
+
 /// The `traceparent` header of `context`: version 00, and of the flags only "sampled".
 fn traceparent(context: &SpanContext) -> String {
+    let bytes = traceparent_bytes(context);
+    // ASCII by construction.
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn traceparent_bytes(context: &SpanContext) -> [u8; LENGTH] {
     let flags = (context.trace_flags() & TraceFlags::SAMPLED).to_u8();
-    let mut out = String::with_capacity(LENGTH);
-    out.push_str("00-");
-    push_hex(&mut out, &context.trace_id().to_bytes());
-    out.push('-');
-    push_hex(&mut out, &context.span_id().to_bytes());
-    out.push('-');
-    push_hex(&mut out, &[flags]);
+    let mut out = [b'-'; LENGTH];
+    out[..2].copy_from_slice(b"00");
+    write_hex(&mut out[3..35], &context.trace_id().to_bytes());
+    write_hex(&mut out[36..52], &context.span_id().to_bytes());
+    write_hex(&mut out[53..55], &[flags]);
     out
 }
 
-fn push_hex(out: &mut String, bytes: &[u8]) {
+/// `bytes` as lowercase hex into `out` (twice as long).
+pub(crate) fn write_hex(out: &mut [u8], bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
 }
 
+/// The value of each lowercase hex digit; 0xff for every other byte.
+const NIBBLES: [u8; 256] = {
+    let mut table = [0xff; 256];
+    let mut c = 0;
+    while c < 10 {
+        table[b'0' as usize + c] = c as u8;
+        c += 1;
+    }
+    let mut c = 0;
+    while c < 6 {
+        table[b'a' as usize + c] = 10 + c as u8;
+        c += 1;
+    }
+    table
+};
+
 /// Lowercase hex digits as bytes; None for anything else or an odd count.
 fn unhex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        }
-    }
     if text.len() != 2 * N {
         return None;
     }
     let mut out = [0u8; N];
+    let mut bad = 0;
     for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
-        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+        let (high, low) = (NIBBLES[usize::from(pair[0])], NIBBLES[usize::from(pair[1])]);
+        bad |= high | low;
+        *byte = high << 4 | (low & 0xf);
     }
-    Some(out)
+    // Valid digits are below 16: any 0xff shows in the high bits.
+    (bad & 0xf0 == 0).then_some(out)
 }
 
 /// A `traceparent` value's ids and flags (only "sampled" kept), by the rules above.
@@ -198,6 +252,17 @@ mod tests {
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
             assert_eq!(extract(&Propagator, &headers), extract(&sdk, &headers));
+            // The request path's header-map forms write and read the same.
+            let mut map = http::HeaderMap::new();
+            super::inject(&extract(&sdk, &headers), &mut map);
+            assert_eq!(
+                map.get(TRACEPARENT).and_then(|v| v.to_str().ok()),
+                theirs.get(TRACEPARENT).map(String::as_str)
+            );
+            assert_eq!(
+                super::extract(&map).expect("valid"),
+                extract(&sdk, &headers)
+            );
         }
     }
 
@@ -239,6 +304,11 @@ mod tests {
                 !extract(&Propagator, &[(TRACEPARENT, bad)]).is_valid(),
                 "{bad:?}"
             );
+            if let Ok(value) = http::HeaderValue::from_str(bad) {
+                let mut map = http::HeaderMap::new();
+                map.insert(TRACEPARENT, value);
+                assert_eq!(super::extract(&map), None, "{bad:?}");
+            }
         }
         // A tracestate that does not parse leaves the parent intact, with no state.
         let odd = extract(
