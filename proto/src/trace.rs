@@ -196,13 +196,12 @@ impl opentelemetry::trace::Span for Recording {
         T: Into<Cow<'static, str>>,
     {
         if let Some(data) = &mut self.data {
-            if data.events.events.len() < LIMIT {
-                data.events
-                    .events
-                    .push(Event::new(name, timestamp, attributes, 0));
-            } else {
-                data.events.dropped_count += 1;
-            }
+            let event = Event::new(name, timestamp, attributes, 0);
+            keep(
+                &mut data.events.events,
+                &mut data.events.dropped_count,
+                event,
+            );
         }
     }
 
@@ -216,11 +215,11 @@ impl opentelemetry::trace::Span for Recording {
 
     fn set_attribute(&mut self, attribute: KeyValue) {
         if let Some(data) = &mut self.data {
-            if data.attributes.len() < LIMIT {
-                data.attributes.push(attribute);
-            } else {
-                data.dropped_attributes_count += 1;
-            }
+            keep(
+                &mut data.attributes,
+                &mut data.dropped_attributes_count,
+                attribute,
+            );
         }
     }
 
@@ -244,13 +243,8 @@ impl opentelemetry::trace::Span for Recording {
 
     fn add_link(&mut self, span_context: SpanContext, attributes: Vec<KeyValue>) {
         if let Some(data) = &mut self.data {
-            if data.links.links.len() < LIMIT {
-                data.links
-                    .links
-                    .push(Link::new(span_context, attributes, 0));
-            } else {
-                data.links.dropped_count += 1;
-            }
+            let link = Link::new(span_context, attributes, 0);
+            keep(&mut data.links.links, &mut data.links.dropped_count, link);
         }
     }
 
@@ -261,6 +255,15 @@ impl opentelemetry::trace::Span for Recording {
                 tracing.sink.finished(data);
             }
         }
+    }
+}
+
+/// Add `item` to a span's list, or count it as dropped once the list holds [`LIMIT`].
+fn keep<T>(items: &mut Vec<T>, dropped: &mut u32, item: T) {
+    if items.len() < LIMIT {
+        items.push(item);
+    } else {
+        *dropped += 1;
     }
 }
 

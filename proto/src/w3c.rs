@@ -45,16 +45,10 @@ impl TextMapPropagator for Propagator {
     }
 
     fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
-        let Some((trace_id, span_id, flags)) = extractor.get(TRACEPARENT).and_then(parse) else {
-            return cx.clone();
-        };
-        // A `tracestate` that does not parse is dropped; the parent stands.
-        let state = extractor
-            .get(TRACESTATE)
-            .filter(|s| !s.trim().is_empty())
-            .and_then(|s| TraceState::from_str(s).ok())
-            .unwrap_or_default();
-        cx.with_remote_span_context(SpanContext::new(trace_id, span_id, flags, true, state))
+        match caller(extractor.get(TRACEPARENT), || extractor.get(TRACESTATE)) {
+            Some(caller) => cx.with_remote_span_context(caller),
+            None => cx.clone(),
+        }
     }
 
     fn fields(&self) -> FieldIter<'_> {
@@ -69,11 +63,18 @@ static TRACESTATE_NAME: http::HeaderName = http::HeaderName::from_static(TRACEST
 /// the request path calls without: no global lookup, no header-name parsing). None when
 /// there is no valid `traceparent`.
 pub fn extract(headers: &http::HeaderMap) -> Option<SpanContext> {
-    let header = headers.get(&TRACEPARENT_NAME)?.to_str().ok()?;
-    let (trace_id, span_id, flags) = parse(header)?;
-    let state = headers
-        .get(&TRACESTATE_NAME)
-        .and_then(|v| v.to_str().ok())
+    let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    caller(text(&TRACEPARENT_NAME), || text(&TRACESTATE_NAME))
+}
+
+/// The remote span context a `traceparent` (and `tracestate`, read only when the first is
+/// valid) describe. A `tracestate` that does not parse is dropped; the parent stands.
+fn caller<'a>(
+    traceparent: Option<&str>,
+    tracestate: impl FnOnce() -> Option<&'a str>,
+) -> Option<SpanContext> {
+    let (trace_id, span_id, flags) = parse(traceparent?)?;
+    let state = tracestate()
         .filter(|s| !s.trim().is_empty())
         .and_then(|s| TraceState::from_str(s).ok())
         .unwrap_or_default();
