@@ -11,6 +11,7 @@
 //! The encoding follows `opentelemetry/proto/trace/v1/trace.proto` and is checked against
 //! the protocol's own message types in the tests below.
 
+use std::borrow::Borrow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -147,7 +148,7 @@ impl Drop for Exporter {
 impl Exporter {
     /// Encode `batch` and send it; waits for the collector's answer, at most the
     /// configured timeout. A failure is logged once (and the recovery once), and returned.
-    pub fn export(&self, batch: &[SpanData]) -> Result<(), String> {
+    pub fn export(&self, batch: &[impl Borrow<SpanData>]) -> Result<(), String> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -582,7 +583,11 @@ fn scope(out: &mut Vec<u8>, scope: &InstrumentationScope) {
 /// they first appear. Each scope's spans are written into a buffer of their own and the
 /// headers (whose lengths they make) into small ones after, so nothing is moved to make
 /// room for a length. No pieces for no spans.
-pub fn encode_request(resource: &[u8], resource_schema: &str, spans: &[SpanData]) -> Vec<Bytes> {
+pub fn encode_request(
+    resource: &[u8],
+    resource_schema: &str,
+    spans: &[impl Borrow<SpanData>],
+) -> Vec<Bytes> {
     if spans.is_empty() {
         return Vec::new();
     }
@@ -590,7 +595,7 @@ pub fn encode_request(resource: &[u8], resource_schema: &str, spans: &[SpanData]
     let mut scopes: Vec<&InstrumentationScope> = Vec::new();
     let mut group = Vec::with_capacity(spans.len());
     for s in spans {
-        let scope = &s.instrumentation_scope;
+        let scope = &s.borrow().instrumentation_scope;
         let index = match scopes.iter().position(|&known| known == scope) {
             Some(index) => index,
             None => {
@@ -606,7 +611,7 @@ pub fn encode_request(resource: &[u8], resource_schema: &str, spans: &[SpanData]
     for (index, &scope_of) in scopes.iter().enumerate() {
         let mut body = Vec::with_capacity(64 + spans.len() * 360);
         for (s, _) in spans.iter().zip(&group).filter(|&(_, &g)| g == index) {
-            message(&mut body, 2, 2, |out| span(out, s));
+            message(&mut body, 2, 2, |out| span(out, s.borrow()));
         }
         nonempty(
             &mut body,
@@ -759,6 +764,24 @@ mod tests {
                 instrumentation_scope: other,
                 ..base.clone()
             },
+            // Scalars only (the short path where they fit), a name and texts past one-
+            // and two-byte lengths, a key past 127 bytes.
+            SpanData {
+                span_context: context(0xabc, 0x66, true, false),
+                name: "n".repeat(300).into(),
+                attributes: base
+                    .attributes
+                    .iter()
+                    .filter(|kv| !matches!(kv.value, Value::Array(_)))
+                    .cloned()
+                    .chain([
+                        KeyValue::new("kiln.huge", "h".repeat(20_000)),
+                        KeyValue::new("q".repeat(130), "v"),
+                        KeyValue::new("kiln.min", i64::MIN),
+                    ])
+                    .collect(),
+                ..base.clone()
+            },
             SpanData {
                 span_kind: SpanKind::Consumer,
                 start_time: UNIX_EPOCH,
@@ -848,7 +871,7 @@ mod tests {
 
     #[test]
     fn an_empty_batch_is_an_empty_request() {
-        assert!(encode_request(b"", "", &[]).is_empty());
+        assert!(encode_request(b"", "", &[] as &[SpanData]).is_empty());
     }
 
     /// An export the test collector got, with its `x-api-key` header.

@@ -35,7 +35,7 @@ pub use opentelemetry::{KeyValue, Value};
 /// Where a process's finished spans go: its exporter's queue.
 pub trait Sink: Send + Sync {
     /// Take one finished, sampled span. Called on the request path: must not block.
-    fn finished(&self, span: SpanData);
+    fn finished(&self, span: Box<SpanData>);
 }
 
 struct Tracing {
@@ -158,7 +158,7 @@ fn start_linked(
     span_links.links = links;
     let now = SystemTime::now();
     let span = Recording {
-        data: Some(SpanData {
+        data: Some(Box::new(SpanData {
             span_context: context.clone(),
             parent_span_id: parent_id,
             parent_span_is_remote: parent_remote,
@@ -172,7 +172,7 @@ fn start_linked(
             links: span_links,
             status: Status::Unset,
             instrumentation_scope: tracing.scope.clone(),
-        }),
+        })),
         context,
     };
     Some(parent.with_span(span))
@@ -183,7 +183,9 @@ fn start_linked(
 /// or when the last context holding it is dropped).
 struct Recording {
     context: SpanContext,
-    data: Option<SpanData>,
+    /// Boxed: the record moves (into the context, out at the end, into the queue) as a
+    /// pointer, not as the few hundred bytes of a `SpanData`.
+    data: Option<Box<SpanData>>,
 }
 
 impl opentelemetry::trace::Span for Recording {
@@ -826,8 +828,8 @@ mod tests {
     struct Kept(std::sync::Mutex<Vec<SpanData>>);
 
     impl Sink for Kept {
-        fn finished(&self, span: SpanData) {
-            self.0.lock().unwrap().push(span);
+        fn finished(&self, span: Box<SpanData>) {
+            self.0.lock().unwrap().push(*span);
         }
     }
 
