@@ -213,15 +213,23 @@ def test_a_training_job_is_a_span_with_an_event_per_epoch_in_the_submitters_trac
         time.sleep(0.1)
     (job,) = jobs
     assert job.service == "kiln-scheduler" and job.events.count("epoch ended") == 3
-    trace = traced.receiver.trace(job.trace_id)
-    # Under the scheduler's SubmitTrainingJob call, which the gateway forwarded...
+    # Each process exports on its own schedule: wait for the others' spans of the trace.
+    trace = wait_for(traced.receiver, job.trace_id, {
+        ("kiln-scheduler", "kiln.v1.Training/SubmitTrainingJob"),
+        ("kiln-gateway", "kiln.v1.Training/SubmitTrainingJob"),
+        # The worker's training run is in the same trace...
+        ("kiln-worker", "kiln.internal.v1.Worker/Train")})
+    # ...and the job is under the scheduler's SubmitTrainingJob call, which the gateway
+    # forwarded (its client span the parent).
     (submit,) = [s for s in trace if s.span_id == job.parent_span_id]
     assert (submit.service, submit.name, submit.kind) == (
         "kiln-scheduler", "kiln.v1.Training/SubmitTrainingJob", "SERVER")
-    assert any(s.service == "kiln-gateway" and s.span_id == submit.parent_span_id for s in trace)
-    # ...and the worker's training run is in the same trace.
-    assert any(s.service == "kiln-worker" and s.name == "kiln.internal.v1.Worker/Train"
-               for s in trace), trace
+    deadline = time.monotonic() + 30
+    while not any(s.service == "kiln-gateway" and s.span_id == submit.parent_span_id
+                  for s in trace):
+        assert time.monotonic() < deadline, trace
+        time.sleep(0.1)
+        trace = traced.receiver.trace(job.trace_id)
 
 
 def rate(client, n=150):
