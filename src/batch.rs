@@ -95,16 +95,30 @@ impl BatchConfig {
 
 /// What the thread and the span producers share.
 struct Pending {
-    /// The boxes the request path made: a span moves from its context to the exporter as
-    /// a pointer (a `SpanData` is a few hundred bytes).
-    #[expect(clippy::vec_box, reason = "spans arrive boxed and leave as they came")]
-    spans: Vec<Box<SpanData>>,
+    /// Spans of Kiln's scope ([`kiln_proto::trace::scope`]: the request path's, and the
+    /// SDK tracer's), encoded as they ended (`ScopeSpans.spans` fields): a span leaves its
+    /// thread as bytes, and its record is freed there.
+    encoded: Vec<u8>,
+    /// How many spans `encoded` holds.
+    encoded_spans: usize,
+    /// Spans of any other scope, kept whole until they are sent.
+    #[expect(
+        clippy::vec_box,
+        reason = "the SDK's spans are boxed once and move as such"
+    )]
+    others: Vec<Box<SpanData>>,
     /// Flushes asked for, and done: a flush waits until the thread has sent everything
     /// queued before it asked.
     flushes_asked: u64,
     flushes_done: u64,
     stopping: bool,
     stopped: bool,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.encoded_spans + self.others.len()
+    }
 }
 
 /// The queue spans are handed to; see the module documentation.
@@ -125,15 +139,24 @@ impl Queue {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn push(&self, span: Box<SpanData>) {
+    /// Queue `span`, or count it as dropped when the queue is full. A span of Kiln's
+    /// scope (`ours`: the request path's are, by construction) is encoded here, into the
+    /// queue's buffer: a few hundred bytes, written under the lock (cheaper than a copy
+    /// out of a buffer of the thread's own).
+    fn push(&self, span: &SpanData, ours: bool) {
         let mut pending = self.lock();
-        if pending.spans.len() >= self.config.max_queue_size || pending.stopped {
+        if pending.len() >= self.config.max_queue_size || pending.stopped {
             drop(pending);
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            return; // `span` is freed here, outside the lock.
+            return;
         }
-        pending.spans.push(span);
-        if pending.spans.len() == self.config.max_export_batch_size {
+        if ours {
+            crate::otlp::span_field(&mut pending.encoded, span);
+            pending.encoded_spans += 1;
+        } else {
+            pending.others.push(Box::new(span.clone()));
+        }
+        if pending.len() == self.config.max_export_batch_size {
             self.wake.notify_one();
         }
     }
@@ -180,8 +203,8 @@ impl Queue {
 }
 
 impl kiln_proto::trace::Sink for Queue {
-    fn finished(&self, span: Box<SpanData>) {
-        self.push(span);
+    fn finished(&self, span: &SpanData) {
+        self.push(span, true);
     }
 }
 
@@ -203,7 +226,9 @@ impl Batcher {
     pub fn start(exporter: Exporter, config: BatchConfig) -> anyhow::Result<Self> {
         let queue = Arc::new(Queue {
             pending: Mutex::new(Pending {
-                spans: Vec::with_capacity(config.max_export_batch_size),
+                encoded: Vec::with_capacity(config.max_export_batch_size * SPAN_BYTES),
+                encoded_spans: 0,
+                others: Vec::new(),
                 flushes_asked: 0,
                 flushes_done: 0,
                 stopping: false,
@@ -228,11 +253,52 @@ impl Batcher {
     }
 }
 
+/// What one request span takes encoded, about: the room the queue's buffer starts with
+/// for a batch of them.
+const SPAN_BYTES: usize = 320;
+
+/// One batch taken off the queue.
+#[derive(Default)]
+struct Batch {
+    encoded: Vec<u8>,
+    #[expect(
+        clippy::vec_box,
+        reason = "the SDK's spans are boxed once and move as such"
+    )]
+    others: Vec<Box<SpanData>>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.encoded.is_empty() && self.others.is_empty()
+    }
+}
+
+/// Take at most `limit` spans off `pending`, encoded ones first. The whole buffer (the
+/// usual case) is taken by trading it for `spare` (empty, with room).
+fn take(pending: &mut Pending, limit: usize, spare: &mut Vec<u8>) -> Batch {
+    let mut batch = Batch::default();
+    let taken = if pending.encoded_spans <= limit {
+        batch.encoded = std::mem::replace(&mut pending.encoded, std::mem::take(spare));
+        std::mem::take(&mut pending.encoded_spans)
+    } else {
+        // More than a batch waits (the collector was slow): the first `limit` spans.
+        let (taken, bytes) = crate::otlp::first_spans(&pending.encoded, limit);
+        batch.encoded = pending.encoded[..bytes].to_vec();
+        pending.encoded.drain(..bytes);
+        pending.encoded_spans -= taken;
+        taken
+    };
+    let others = pending.others.len().min(limit - taken);
+    batch.others = pending.others.drain(..others).collect();
+    batch
+}
+
 /// The export thread: wait for a full batch, a flush, the stop or the schedule; send one
 /// batch; repeat. On stop, everything still queued is sent first.
 fn run(queue: &Queue, exporter: &Exporter) {
     let config = queue.config;
-    let mut batch: Vec<Box<SpanData>> = Vec::with_capacity(config.max_export_batch_size);
+    let mut spare: Vec<u8> = Vec::with_capacity(config.max_export_batch_size * SPAN_BYTES);
     let mut deadline = Instant::now() + config.schedule_delay;
     let mut reported = 0;
     let mut last_report: Option<Instant> = None;
@@ -240,7 +306,7 @@ fn run(queue: &Queue, exporter: &Exporter) {
         let mut pending = queue.lock();
         loop {
             let asked = pending.flushes_asked > pending.flushes_done;
-            if pending.spans.len() >= config.max_export_batch_size || pending.stopping || asked {
+            if pending.len() >= config.max_export_batch_size || pending.stopping || asked {
                 break;
             }
             let now = Instant::now();
@@ -253,21 +319,25 @@ fn run(queue: &Queue, exporter: &Exporter) {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .0;
         }
-        let take = pending.spans.len().min(config.max_export_batch_size);
-        if take == pending.spans.len() {
-            // The whole queue: trade buffers (both keep their capacity).
-            std::mem::swap(&mut batch, &mut pending.spans);
-        } else {
-            batch.extend(pending.spans.drain(..take));
-        }
-        let emptied = pending.spans.is_empty();
+        let batch = take(&mut pending, config.max_export_batch_size, &mut spare);
+        let emptied = pending.len() == 0;
         let (flush, stopping) = (pending.flushes_asked, pending.stopping);
         drop(pending);
 
         if !batch.is_empty() {
+            // The encoded spans go out as the buffer they were written into; the queue
+            // gets a new one with the room this one needed.
+            let room = batch.encoded.capacity().max(spare.capacity());
+            let mut groups = Vec::with_capacity(2);
+            if !batch.encoded.is_empty() {
+                groups.push((kiln_proto::trace::scope(), batch.encoded));
+            }
+            groups.extend(crate::otlp::groups(&batch.others));
             // Failures are logged by the exporter; the batch is dropped either way.
-            let _ = exporter.export(&batch);
-            batch.clear();
+            let _ = exporter.export(groups);
+            if spare.capacity() == 0 {
+                spare = Vec::with_capacity(room);
+            }
         }
         let dropped = queue.dropped();
         if dropped > reported && last_report.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
@@ -284,7 +354,7 @@ fn run(queue: &Queue, exporter: &Exporter) {
             deadline = Instant::now() + config.schedule_delay;
             let mut pending = queue.lock();
             pending.flushes_done = pending.flushes_done.max(flush);
-            if stopping && pending.spans.is_empty() {
+            if stopping && pending.len() == 0 {
                 pending.stopped = true;
                 queue.done.notify_all();
                 return;
@@ -300,7 +370,8 @@ impl SpanProcessor for Batcher {
 
     fn on_end(&self, span: SpanData) {
         if span.span_context.is_sampled() {
-            self.queue.push(Box::new(span));
+            let ours = span.instrumentation_scope == *kiln_proto::trace::scope();
+            self.queue.push(&span, ours);
         }
     }
 
@@ -417,6 +488,49 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_batch_takes_whole_encoded_spans_in_order_then_the_others_up_to_its_size() {
+        use prost::Message as _;
+        let mut pending = Pending {
+            encoded: Vec::new(),
+            encoded_spans: 0,
+            others: Vec::new(),
+            flushes_asked: 0,
+            flushes_done: 0,
+            stopping: false,
+            stopped: false,
+        };
+        for i in 0..5 {
+            crate::otlp::span_field(&mut pending.encoded, &span(i));
+            pending.encoded_spans += 1;
+        }
+        pending.others.push(Box::new(span(100)));
+        // The encoded spans of a batch, as a collector reads them: their span ids.
+        let ids = |batch: &Batch| -> Vec<u64> {
+            opentelemetry_proto::tonic::trace::v1::ScopeSpans::decode(batch.encoded.as_slice())
+                .expect("whole spans")
+                .spans
+                .iter()
+                .map(|s| u64::from_be_bytes(s.span_id.as_slice().try_into().unwrap()))
+                .collect()
+        };
+        let mut spare = Vec::with_capacity(64);
+        let first = take(&mut pending, 2, &mut spare);
+        assert_eq!((ids(&first), first.others.len()), (vec![1, 2], 0));
+        let second = take(&mut pending, 2, &mut spare);
+        assert_eq!((ids(&second), second.others.len()), (vec![3, 4], 0));
+        assert_eq!(pending.len(), 2);
+        let third = take(&mut pending, 2, &mut spare);
+        assert_eq!(ids(&third), vec![5]);
+        assert_eq!(third.others.len(), 1, "the other span fills the batch");
+        assert_eq!(pending.len(), 0);
+        assert!(
+            pending.encoded.capacity() >= 64,
+            "the spare buffer took its place"
+        );
+        assert!(take(&mut pending, 2, &mut spare).is_empty());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_queue_drops_spans_and_a_flush_or_the_stop_sends_the_rest() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -452,7 +566,7 @@ mod tests {
         let queue = batcher.queue();
         let done = tokio::task::spawn_blocking(move || {
             for i in 0..5 {
-                kiln_proto::trace::Sink::finished(&*queue, Box::new(span(i)));
+                kiln_proto::trace::Sink::finished(&*queue, &span(i));
             }
             assert_eq!(queue.dropped(), 2, "two spans past the queue's three");
             batcher.force_flush().unwrap();

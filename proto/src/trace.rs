@@ -7,8 +7,9 @@
 //! those of the gateway and the worker's batcher) are Kiln's own: sampled by the
 //! configured OpenTelemetry sampler, carried as the request's current OpenTelemetry
 //! context (so `tracing` spans and the propagator see them as any span), and handed on
-//! end, as the SDK's `SpanData`, straight to the process's exporter queue ([`Sink`]) —
-//! without the SDK's tracer, span builder and batch processor on the way. An unsampled
+//! end, as the SDK's `SpanData`, straight to the process's exporter queue ([`Sink`]), which
+//! encodes it there and then — without the SDK's tracer, span builder and batch processor
+//! on the way, and without handing the record to another thread. An unsampled
 //! request costs almost nothing. `tracing` spans (model loads, training jobs, registry
 //! changes) join the same traces through `tracing-opentelemetry`. Everything costs one
 //! relaxed atomic load until a process turns tracing on with [`enable`] (it does when
@@ -34,14 +35,22 @@ pub use opentelemetry::{KeyValue, Value};
 
 /// Where a process's finished spans go: its exporter's queue.
 pub trait Sink: Send + Sync {
-    /// Take one finished, sampled span. Called on the request path: must not block.
-    fn finished(&self, span: Box<SpanData>);
+    /// Take one finished, sampled span of [`scope`]: the sink keeps what it needs of it
+    /// (the exporter's queue: its encoding), and the record is freed where it was made,
+    /// on the thread that ends it. Called on the request path: must not block.
+    fn finished(&self, span: &SpanData);
 }
 
 struct Tracing {
     sampler: Sampler,
     sink: Arc<dyn Sink>,
-    scope: InstrumentationScope,
+}
+
+/// The instrumentation scope of every request-path span: `kiln`, as the SDK tracer's.
+pub fn scope() -> &'static InstrumentationScope {
+    static SCOPE: std::sync::LazyLock<InstrumentationScope> =
+        std::sync::LazyLock::new(|| InstrumentationScope::builder("kiln").build());
+    &SCOPE
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -55,11 +64,7 @@ const LIMIT: usize = 128;
 /// (the one the SDK's tracer provider has) and go to `sink` when they end. Once per
 /// process; later calls change nothing.
 pub fn enable(sampler: Sampler, sink: Arc<dyn Sink>) {
-    let _ = TRACING.set(Tracing {
-        sampler,
-        sink,
-        scope: InstrumentationScope::builder("kiln").build(),
-    });
+    let _ = TRACING.set(Tracing { sampler, sink });
     ENABLED.store(true, Ordering::Relaxed);
 }
 
@@ -171,7 +176,7 @@ fn start_linked(
             events: SpanEvents::default(),
             links: span_links,
             status: Status::Unset,
-            instrumentation_scope: tracing.scope.clone(),
+            instrumentation_scope: scope().clone(),
         })),
         context,
     };
@@ -183,8 +188,8 @@ fn start_linked(
 /// or when the last context holding it is dropped).
 struct Recording {
     context: SpanContext,
-    /// Boxed: the record moves (into the context, out at the end, into the queue) as a
-    /// pointer, not as the few hundred bytes of a `SpanData`.
+    /// Boxed: the record moves (into the context) as a pointer, not as the few hundred
+    /// bytes of a `SpanData`.
     data: Option<Box<SpanData>>,
 }
 
@@ -254,7 +259,7 @@ impl opentelemetry::trace::Span for Recording {
         if let Some(mut data) = self.data.take() {
             data.end_time = timestamp;
             if let Some(tracing) = TRACING.get() {
-                tracing.sink.finished(data);
+                tracing.sink.finished(&data);
             }
         }
     }
@@ -828,8 +833,8 @@ mod tests {
     struct Kept(std::sync::Mutex<Vec<SpanData>>);
 
     impl Sink for Kept {
-        fn finished(&self, span: Box<SpanData>) {
-            self.0.lock().unwrap().push(*span);
+        fn finished(&self, span: &SpanData) {
+            self.0.lock().unwrap().push(span.clone());
         }
     }
 
