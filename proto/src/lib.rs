@@ -287,9 +287,10 @@ pub mod local {
             + 'static,
         S::Future: Send + 'static,
     {
-        // Traced like the same service behind a socket.
+        // Traced like the same service behind a socket, but as a call in this process:
+        // a server span under the caller's, no client span, no trace context in text.
         let boxed = Transport::new(
-            crate::trace::Server::new(service)
+            crate::trace::Server::in_process(service, address)
                 .map_response(|response| response.map(tonic::body::Body::new))
                 .map_err(|never| match never {}),
         );
@@ -317,8 +318,12 @@ pub mod local {
             .unwrap_or_else(|p| p.into_inner())
             .get(address)
             .cloned();
-        let inner = local.unwrap_or_else(|| Transport::new(channel()));
-        Transport::new(crate::trace::Client::new(inner, address))
+        local.unwrap_or_else(|| {
+            Transport::new(crate::trace::Client::new(
+                Transport::new(channel()),
+                address,
+            ))
+        })
     }
 }
 

@@ -504,16 +504,40 @@ fn rpc_attributes(name: &Cow<'static, str>) -> Vec<KeyValue> {
     attributes
 }
 
+/// The `server.address` attribute: the `host:port` called.
+fn server_address(address: &Arc<str>) -> KeyValue {
+    let address = opentelemetry::StringValue::from(address.clone());
+    KeyValue::new("server.address", Value::String(address))
+}
+
 /// A tonic server (or any HTTP service) with a server span around every call.
 #[derive(Debug, Clone)]
 pub struct Server<S> {
     inner: S,
+    /// For a service called in this process (see `crate::local`), its address: the
+    /// caller's span is the current context, not a `traceparent` to read.
+    in_process: Option<Arc<str>>,
 }
 
 impl<S> Server<S> {
     /// Trace the calls `inner` answers.
     pub fn new(inner: S) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            in_process: None,
+        }
+    }
+
+    /// Trace the calls `inner`, known in this process as `address`, answers when called
+    /// without a socket: the caller's span (current while it makes the call) is the
+    /// parent of the server span, and no client span stands between them — with no
+    /// network in between, it would time the same work and say nothing more. The span
+    /// records the address as `server.address`, as a client span would.
+    pub fn in_process(inner: S, address: &str) -> Self {
+        Self {
+            inner,
+            in_process: Some(address.into()),
+        }
     }
 }
 
@@ -591,14 +615,24 @@ where
         if !enabled() || untraced(service) {
             return ServerCall::untraced(self.inner.call(request));
         }
-        // Kiln's W3C propagator (the global one), called directly.
-        let parent = match crate::w3c::extract(request.headers()) {
-            Some(caller) => Context::new().with_remote_span_context(caller),
-            None => Context::new(),
+        let parent = if self.in_process.is_some() {
+            current()
+        } else {
+            // Kiln's W3C propagator (the global one), called directly.
+            match crate::w3c::extract(request.headers()) {
+                Some(caller) => Context::new().with_remote_span_context(caller),
+                None => Context::new(),
+            }
         };
         let name = call_name(request.uri().path());
         // The samplers do not look at attributes: an unsampled call skips making them.
-        let attributes = || rpc_attributes(&name);
+        let attributes = || {
+            let mut attributes = rpc_attributes(&name);
+            if let Some(address) = &self.in_process {
+                attributes.push(server_address(address));
+            }
+            attributes
+        };
         let Some(cx) = start_linked(
             name.clone(),
             SpanKind::Server,
@@ -781,8 +815,7 @@ where
         let name = call_name(request.uri().path());
         let attributes = || {
             let mut attributes = rpc_attributes(&name);
-            let peer = opentelemetry::StringValue::from(self.peer.clone());
-            attributes.push(KeyValue::new("server.address", Value::String(peer)));
+            attributes.push(server_address(&self.peer));
             attributes
         };
         let Some(cx) = start_linked(
@@ -960,6 +993,73 @@ mod tests {
             SpanId::INVALID,
             "a root has no parent"
         );
+    }
+
+    #[tokio::test]
+    async fn an_in_process_call_is_a_server_span_under_the_callers_with_no_client_span() {
+        use tower::ServiceExt as _;
+        let kept = traced();
+        let address = "in-process.trace-test:1";
+        // A trailers-only answer (its status in the headers), as gRPC servers give.
+        let service = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+            let mut answer = http::Response::new(tonic::body::Body::empty());
+            answer
+                .headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static("0"));
+            Ok::<_, std::convert::Infallible>(answer)
+        });
+        crate::local::register(address, service);
+        let transport = crate::local::transport(address, || {
+            unreachable!("a service in this process needs no channel")
+        });
+        let cx = start("caller", SpanKind::Internal, &caller(0x1a, true), Vec::new).unwrap();
+        let caller_id = cx.span().span_context().span_id();
+        let request = http::Request::builder()
+            .uri("http://in-process.trace-test:1/kiln.test.Echo/Ping")
+            .body(tonic::body::Body::empty())
+            .unwrap();
+        let response = scoped(Some(cx.clone()), transport.oneshot(request))
+            .await
+            .unwrap();
+        // Read the answer to its end, as a gRPC client does.
+        let mut body = std::pin::pin!(response.into_body());
+        while std::future::poll_fn(|task| http_body::Body::poll_frame(body.as_mut(), task))
+            .await
+            .is_some()
+        {}
+        drop(cx);
+        crate::local::unregister(address);
+
+        let spans = spans_of(&kept, 0x1a);
+        assert_eq!(
+            spans.len(),
+            2,
+            "the caller's span and the server's: {spans:?}"
+        );
+        assert!(spans.iter().all(|s| s.span_kind != SpanKind::Client));
+        let server = spans
+            .iter()
+            .find(|s| s.name == "kiln.test.Echo/Ping")
+            .expect("a server span named after the call");
+        assert_eq!(server.span_kind, SpanKind::Server);
+        assert_eq!(
+            server.parent_span_id, caller_id,
+            "a child of the caller's span"
+        );
+        assert!(!server.parent_span_is_remote);
+        for expected in [
+            KeyValue::new("rpc.system", "grpc"),
+            KeyValue::new("rpc.service", "kiln.test.Echo"),
+            KeyValue::new("rpc.method", "Ping"),
+            KeyValue::new("server.address", address),
+            KeyValue::new("rpc.grpc.status_code", 0_i64),
+        ] {
+            assert!(
+                server.attributes.contains(&expected),
+                "{expected:?} in {:?}",
+                server.attributes
+            );
+        }
     }
 
     #[test]
