@@ -345,9 +345,13 @@ pub async fn scoped<F: std::future::Future>(cx: Option<Context>, future: F) -> F
 /// Set attribute `key` on the current request's span (nothing when tracing is off).
 pub fn attribute(key: &'static str, value: impl Into<Value>) {
     if enabled() {
-        Context::current()
-            .span()
-            .set_attribute(KeyValue::new(key, value));
+        // The current context borrowed where it is, not cloned (two atomic counts).
+        Context::map_current(|cx| {
+            let span = cx.span();
+            if span.is_recording() {
+                span.set_attribute(KeyValue::new(key, value));
+            }
+        });
     }
 }
 
@@ -355,11 +359,12 @@ pub fn attribute(key: &'static str, value: impl Into<Value>) {
 /// when that span is sampled, so an unsampled request builds none of them.
 pub fn attributes(make: impl FnOnce() -> Vec<KeyValue>) {
     if enabled() {
-        let cx = Context::current();
-        let span = cx.span();
-        if span.is_recording() {
-            span.set_attributes(make());
-        }
+        Context::map_current(|cx| {
+            let span = cx.span();
+            if span.is_recording() {
+                span.set_attributes(make());
+            }
+        });
     }
 }
 
@@ -370,7 +375,7 @@ pub fn event(name: &'static str, attributes: &[(&'static str, &str)]) {
             .iter()
             .map(|(k, v)| KeyValue::new(*k, v.to_string()))
             .collect();
-        Context::current().span().add_event(name, attributes);
+        Context::map_current(|cx| cx.span().add_event(name, attributes));
     }
 }
 
