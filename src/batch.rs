@@ -117,6 +117,19 @@ struct Pending {
 }
 
 impl Pending {
+    /// An empty queue whose buffer starts with room for `bytes` of encoded spans.
+    fn with_room(bytes: usize) -> Self {
+        Self {
+            encoded: Vec::with_capacity(bytes),
+            encoded_spans: 0,
+            others: Vec::new(),
+            flushes_asked: 0,
+            flushes_done: 0,
+            stopping: false,
+            stopped: false,
+        }
+    }
+
     fn len(&self) -> usize {
         self.encoded_spans + self.others.len()
     }
@@ -226,15 +239,9 @@ impl Batcher {
     /// Start the export thread, which owns `exporter` from now on.
     pub fn start(exporter: Exporter, config: BatchConfig) -> anyhow::Result<Self> {
         let queue = Arc::new(Queue {
-            pending: Mutex::new(Pending {
-                encoded: Vec::with_capacity(config.max_export_batch_size * SPAN_BYTES),
-                encoded_spans: 0,
-                others: Vec::new(),
-                flushes_asked: 0,
-                flushes_done: 0,
-                stopping: false,
-                stopped: false,
-            }),
+            pending: Mutex::new(Pending::with_room(
+                config.max_export_batch_size * SPAN_BYTES,
+            )),
             wake: Condvar::new(),
             done: Condvar::new(),
             config,
@@ -492,15 +499,7 @@ mod tests {
     #[test]
     fn a_batch_takes_whole_encoded_spans_in_order_then_the_others_up_to_its_size() {
         use prost::Message as _;
-        let mut pending = Pending {
-            encoded: Vec::new(),
-            encoded_spans: 0,
-            others: Vec::new(),
-            flushes_asked: 0,
-            flushes_done: 0,
-            stopping: false,
-            stopped: false,
-        };
+        let mut pending = Pending::with_room(0);
         for i in 0..5 {
             crate::otlp::span_field(&mut pending.encoded, &span(i));
             pending.encoded_spans += 1;
