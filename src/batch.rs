@@ -13,7 +13,7 @@
 //! (2048), `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` (512), `OTEL_BSP_SCHEDULE_DELAY` (5000 ms)
 //! and `OTEL_BSP_EXPORT_TIMEOUT` (30000 ms).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -143,6 +143,9 @@ pub struct Queue {
     done: Condvar,
     config: BatchConfig,
     dropped: AtomicU64,
+    /// Set when a span found the queue full (or stopped), cleared when the thread takes a
+    /// batch: until then spans are dropped without the lock or their encoding.
+    full: AtomicBool,
 }
 
 impl Queue {
@@ -154,22 +157,56 @@ impl Queue {
     }
 
     /// Queue `span`, or count it as dropped when the queue is full. A span of Kiln's
-    /// scope (`ours`: the request path's are, by construction) is encoded here, into the
-    /// queue's buffer: a few hundred bytes, written under the lock (cheaper than a copy
-    /// out of a buffer of the thread's own).
+    /// scope (`ours`: the request path's are, by construction) is encoded here, by the
+    /// thread that ended it, into a buffer of that thread's, and copied into the queue's
+    /// under the lock: the lock is held for a copy of a few hundred bytes, not for the
+    /// encoding (held that long, the serving threads queued on it).
     fn push(&self, span: &SpanData, ours: bool) {
-        let mut pending = self.lock();
-        if pending.len() >= self.config.max_queue_size || pending.stopped {
-            drop(pending);
+        thread_local! {
+            static ENCODED: std::cell::RefCell<Vec<u8>> =
+                std::cell::RefCell::new(Vec::with_capacity(1024));
+        }
+        // A full queue (the collector is slow or gone) is known without the lock, and
+        // nothing is encoded for it.
+        if self.full.load(Ordering::Relaxed) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if ours {
-            crate::otlp::span_field(&mut pending.encoded, span);
-            pending.encoded_spans += 1;
-        } else {
-            pending.others.push(Box::new(span.clone()));
+        if !ours {
+            let span = Box::new(span.clone());
+            let mut pending = self.lock();
+            if self.refuse(&pending) {
+                return;
+            }
+            pending.others.push(span);
+            self.added(&pending);
+            return;
         }
+        ENCODED.with_borrow_mut(|encoded| {
+            encoded.clear();
+            crate::otlp::span_field(encoded, span);
+            let mut pending = self.lock();
+            if self.refuse(&pending) {
+                return;
+            }
+            pending.encoded.extend_from_slice(encoded);
+            pending.encoded_spans += 1;
+            self.added(&pending);
+        });
+    }
+
+    /// Whether a span must be dropped (the queue is full, or stopped); counts it if so.
+    fn refuse(&self, pending: &Pending) -> bool {
+        let refused = pending.len() >= self.config.max_queue_size || pending.stopped;
+        if refused {
+            self.full.store(true, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        refused
+    }
+
+    /// After a span was added: wake the thread when a full batch waits.
+    fn added(&self, pending: &Pending) {
         if pending.len() == self.config.max_export_batch_size {
             self.wake.notify_one();
         }
@@ -246,6 +283,7 @@ impl Batcher {
             done: Condvar::new(),
             config,
             dropped: AtomicU64::new(0),
+            full: AtomicBool::new(false),
         });
         let thread_queue = queue.clone();
         std::thread::Builder::new()
@@ -328,6 +366,9 @@ fn run(queue: &Queue, exporter: &Exporter) {
                 .0;
         }
         let batch = take(&mut pending, config.max_export_batch_size, &mut spare);
+        if !pending.stopped {
+            queue.full.store(false, Ordering::Relaxed);
+        }
         let emptied = pending.len() == 0;
         let (flush, stopping) = (pending.flushes_asked, pending.stopping);
         drop(pending);

@@ -114,11 +114,33 @@ fn start_linked(
     attributes: impl FnOnce() -> Vec<KeyValue>,
     links: impl FnOnce() -> Vec<Link>,
 ) -> Option<Context> {
+    match begin(name, kind, parent, attributes, links)? {
+        Begun::Recording(span) => Some(parent.with_span(span)),
+        Begun::NotRecorded(cx) => Some(cx),
+    }
+}
+
+/// A span begun by [`begin`]: recorded, or not (sampled out, or under an unsampled span of
+/// this process), with the context its children would start under.
+enum Begun {
+    Recording(Recording),
+    NotRecorded(Context),
+}
+
+/// Begin a span named `name` under `parent`, as the configured sampler decides. None when
+/// tracing is off.
+fn begin(
+    name: impl Into<Cow<'static, str>>,
+    kind: SpanKind,
+    parent: &Context,
+    attributes: impl FnOnce() -> Vec<KeyValue>,
+    links: impl FnOnce() -> Vec<Link>,
+) -> Option<Begun> {
     if !enabled() {
         return None;
     }
     if unsampled_local(parent) {
-        return Some(parent.clone());
+        return Some(Begun::NotRecorded(parent.clone()));
     }
     let tracing = TRACING.get()?;
     let parent_span = parent.span();
@@ -144,7 +166,7 @@ fn start_linked(
             false,
             verdict.trace_state,
         );
-        return Some(parent.with_remote_span_context(context));
+        return Some(Begun::NotRecorded(parent.with_remote_span_context(context)));
     }
     let context = SpanContext::new(
         trace_id,
@@ -162,7 +184,7 @@ fn start_linked(
     links.truncate(LIMIT);
     span_links.links = links;
     let now = SystemTime::now();
-    let span = Recording {
+    Some(Begun::Recording(Recording {
         data: Some(Box::new(SpanData {
             span_context: context.clone(),
             parent_span_id: parent_id,
@@ -179,8 +201,47 @@ fn start_linked(
             instrumentation_scope: scope().clone(),
         })),
         context,
-    };
-    Some(parent.with_span(span))
+    }))
+}
+
+/// A span no context carries: nothing starts under it and nothing looks it up, so it
+/// skips what a context's span costs (a shared, locked, boxed span and its reference
+/// counts). It ends when dropped. The worker's queue waits and batches are such spans.
+pub struct Detached(Recording);
+
+impl Detached {
+    /// Start a span under `parent` that no context carries; None when it is not recorded
+    /// (tracing off, or not sampled: then `attributes` is never called).
+    pub fn start(
+        name: &'static str,
+        parent: &Context,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Option<Self> {
+        Self::start_linked(name, parent, attributes, Vec::new)
+    }
+
+    fn start_linked(
+        name: &'static str,
+        parent: &Context,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+        links: impl FnOnce() -> Vec<Link>,
+    ) -> Option<Self> {
+        match begin(name, SpanKind::Internal, parent, attributes, links)? {
+            Begun::Recording(span) => Some(Self(span)),
+            Begun::NotRecorded(_) => None,
+        }
+    }
+
+    /// The span's ids.
+    pub fn span_context(&self) -> &SpanContext {
+        &self.0.context
+    }
+}
+
+impl std::fmt::Debug for Detached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Detached").field(&self.0.context).finish()
+    }
 }
 
 /// A recording request-path span: what the OpenTelemetry API asks of a span, kept as
@@ -382,8 +443,11 @@ pub fn event(name: &'static str, attributes: &[(&'static str, &str)]) {
 /// The span of one batch (a forward pass) on `requests`, each the context of a request
 /// it serves: it belongs to the trace of the first sampled one, links to every one, and
 /// each records the batch's span id as `kiln.batch.span_id`. None when no request is
-/// sampled (`attributes` is then never called).
-pub fn batch(requests: &[&Context], attributes: impl FnOnce() -> Vec<KeyValue>) -> Option<Context> {
+/// sampled (`attributes` is then never called). It ends when dropped.
+pub fn batch(
+    requests: &[&Context],
+    attributes: impl FnOnce() -> Vec<KeyValue>,
+) -> Option<Detached> {
     let first = requests.iter().find(|cx| cx.span().is_recording())?;
     let links = || {
         requests
@@ -391,9 +455,9 @@ pub fn batch(requests: &[&Context], attributes: impl FnOnce() -> Vec<KeyValue>) 
             .map(|cx| Link::with_context(cx.span().span_context().clone()))
             .collect()
     };
-    let cx = start_linked("batch", SpanKind::Internal, first, attributes, links)?;
+    let span = Detached::start_linked("batch", first, attributes, links)?;
     let mut hex = [0u8; 16];
-    crate::w3c::write_hex(&mut hex, &cx.span().span_context().span_id().to_bytes());
+    crate::w3c::write_hex(&mut hex, &span.span_context().span_id().to_bytes());
     let id: Arc<str> = String::from_utf8_lossy(&hex).into();
     for request in requests {
         let span = request.span();
@@ -404,7 +468,7 @@ pub fn batch(requests: &[&Context], attributes: impl FnOnce() -> Vec<KeyValue>) 
             ));
         }
     }
-    Some(cx)
+    Some(span)
 }
 
 /// Record the gRPC status `code` a server answered on the span of `cx`.
@@ -1000,6 +1064,41 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_detached_span_ends_when_dropped_and_is_not_made_under_an_unsampled_caller() {
+        let kept = traced();
+        let parent = start("server", SpanKind::Server, &caller(0xd1, true), Vec::new).unwrap();
+        let parent_id = parent.span().span_context().span_id();
+        let wait = Detached::start("queue wait", &parent, || {
+            vec![KeyValue::new("kiln.rows", 3_i64)]
+        })
+        .expect("a sampled caller's span is recorded");
+        assert_eq!(
+            wait.span_context().trace_id(),
+            parent.span().span_context().trace_id()
+        );
+        assert!(
+            spans_of(&kept, 0xd1).is_empty(),
+            "nothing ends before the drop"
+        );
+        drop(wait);
+        let spans = spans_of(&kept, 0xd1);
+        assert_eq!(spans.len(), 1);
+        assert_eq!(spans[0].name, "queue wait");
+        assert_eq!(spans[0].span_kind, SpanKind::Internal);
+        assert_eq!(spans[0].parent_span_id, parent_id);
+        assert_eq!(spans[0].attributes, vec![KeyValue::new("kiln.rows", 3_i64)]);
+        drop(parent);
+
+        let unsampled = start("server", SpanKind::Server, &caller(0xd2, false), Vec::new).unwrap();
+        let none = Detached::start("queue wait", &unsampled, || {
+            unreachable!("attributes of an unsampled span")
+        });
+        assert!(none.is_none());
+        drop(unsampled);
+        assert!(spans_of(&kept, 0xd2).is_empty());
+    }
+
     #[tokio::test]
     async fn an_in_process_call_is_a_server_span_under_the_callers_with_no_client_span() {
         use tower::ServiceExt as _;
@@ -1096,7 +1195,7 @@ mod tests {
             vec![KeyValue::new("kiln.batch.requests", 2_i64)]
         })
         .expect("a batch with a sampled request has a span");
-        let batch_id = cx.span().span_context().span_id();
+        let batch_id = cx.span_context().span_id();
         let sampled_id = sampled.span().span_context().span_id();
         drop((cx, sampled, unsampled));
         let spans = spans_of(&kept, 0xbbb);

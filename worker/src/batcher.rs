@@ -45,7 +45,7 @@ struct Pending {
     /// The request's trace context (the worker's `Infer` call), which its batch links to.
     trace: Option<kiln_proto::trace::Context>,
     /// Holds the request's queue-wait span until its batch forms.
-    queue: Option<kiln_proto::trace::Context>,
+    queue: Option<kiln_proto::trace::Detached>,
 }
 
 impl Pending {
@@ -145,12 +145,9 @@ impl Batcher {
         let (reply, rx) = oneshot::channel();
         let (trace, queue) = if kiln_proto::trace::enabled() {
             let trace = kiln_proto::trace::current();
-            let queue = kiln_proto::trace::start(
-                "queue wait",
-                kiln_proto::trace::SpanKind::Internal,
-                &trace,
-                || vec![kiln_proto::trace::KeyValue::new("kiln.rows", rows as i64)],
-            );
+            let queue = kiln_proto::trace::Detached::start("queue wait", &trace, || {
+                vec![kiln_proto::trace::KeyValue::new("kiln.rows", rows as i64)]
+            });
             (Some(trace), queue)
         } else {
             (None, None)
@@ -259,7 +256,7 @@ fn batch_span(
     key: &VersionKey,
     batch: &mut [Pending],
     rows: usize,
-) -> Option<kiln_proto::trace::Context> {
+) -> Option<kiln_proto::trace::Detached> {
     for p in batch.iter_mut() {
         p.queue = None;
     }
