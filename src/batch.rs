@@ -4,9 +4,9 @@
 //! Both kinds of span end up here: the request path's own spans
 //! ([`kiln_proto::trace::Sink`], called as each ends) and the OpenTelemetry SDK's, from
 //! `tracing` spans (this is the SDK tracer provider's span processor). Ending a span
-//! takes an uncontended lock and writes the span, encoded as it is sent, into the queue's
-//! buffer (so its record is freed by the thread that made it); the thread is woken only
-//! when a full batch is waiting, otherwise it wakes on its schedule. A full queue drops the span (counted and
+//! encodes it, as it is sent, on the thread that ends it (so its record is freed there)
+//! and copies the bytes into the queue's buffer under an uncontended lock; the thread is
+//! woken only when a full batch is waiting, otherwise it wakes on its schedule. A full queue drops the span (counted and
 //! logged by the thread), so a slow or absent collector never slows a request.
 //!
 //! Configured as the OpenTelemetry SDK's batch processor is, by `OTEL_BSP_MAX_QUEUE_SIZE`
