@@ -4,16 +4,15 @@
 //! Both kinds of span end up here: the request path's own spans
 //! ([`kiln_proto::trace::Sink`], called as each ends) and the OpenTelemetry SDK's, from
 //! `tracing` spans (this is the SDK tracer provider's span processor). Ending a span
-//! encodes it, as it is sent, on the thread that ends it (so its record is freed there)
-//! and copies the bytes into the queue's buffer under an uncontended lock; the thread is
-//! woken only when a full batch is waiting, otherwise it wakes on its schedule. A full queue drops the span (counted and
+//! takes an uncontended lock and a push; the thread is woken only when a full batch is
+//! waiting, otherwise it wakes on its schedule. A full queue drops the span (counted and
 //! logged by the thread), so a slow or absent collector never slows a request.
 //!
 //! Configured as the OpenTelemetry SDK's batch processor is, by `OTEL_BSP_MAX_QUEUE_SIZE`
 //! (2048), `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` (512), `OTEL_BSP_SCHEDULE_DELAY` (5000 ms)
 //! and `OTEL_BSP_EXPORT_TIMEOUT` (30000 ms).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -96,43 +95,16 @@ impl BatchConfig {
 
 /// What the thread and the span producers share.
 struct Pending {
-    /// Spans of Kiln's scope ([`kiln_proto::trace::scope`]: the request path's, and the
-    /// SDK tracer's), encoded as they ended (`ScopeSpans.spans` fields): a span leaves its
-    /// thread as bytes, and its record is freed there.
-    encoded: Vec<u8>,
-    /// How many spans `encoded` holds.
-    encoded_spans: usize,
-    /// Spans of any other scope, kept whole until they are sent.
-    #[expect(
-        clippy::vec_box,
-        reason = "the SDK's spans are boxed once and move as such"
-    )]
-    others: Vec<Box<SpanData>>,
+    /// The boxes the request path made: a span moves from its context to the exporter as
+    /// a pointer (a `SpanData` is a few hundred bytes).
+    #[expect(clippy::vec_box, reason = "spans arrive boxed and leave as they came")]
+    spans: Vec<Box<SpanData>>,
     /// Flushes asked for, and done: a flush waits until the thread has sent everything
     /// queued before it asked.
     flushes_asked: u64,
     flushes_done: u64,
     stopping: bool,
     stopped: bool,
-}
-
-impl Pending {
-    /// An empty queue whose buffer starts with room for `bytes` of encoded spans.
-    fn with_room(bytes: usize) -> Self {
-        Self {
-            encoded: Vec::with_capacity(bytes),
-            encoded_spans: 0,
-            others: Vec::new(),
-            flushes_asked: 0,
-            flushes_done: 0,
-            stopping: false,
-            stopped: false,
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.encoded_spans + self.others.len()
-    }
 }
 
 /// The queue spans are handed to; see the module documentation.
@@ -143,9 +115,6 @@ pub struct Queue {
     done: Condvar,
     config: BatchConfig,
     dropped: AtomicU64,
-    /// Set when a span found the queue full (or stopped), cleared when the thread takes a
-    /// batch: until then spans are dropped without the lock or their encoding.
-    full: AtomicBool,
 }
 
 impl Queue {
@@ -156,58 +125,15 @@ impl Queue {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queue `span`, or count it as dropped when the queue is full. A span of Kiln's
-    /// scope (`ours`: the request path's are, by construction) is encoded here, by the
-    /// thread that ended it, into a buffer of that thread's, and copied into the queue's
-    /// under the lock: the lock is held for a copy of a few hundred bytes, not for the
-    /// encoding (held that long, the serving threads queued on it).
-    fn push(&self, span: &SpanData, ours: bool) {
-        thread_local! {
-            static ENCODED: std::cell::RefCell<Vec<u8>> =
-                std::cell::RefCell::new(Vec::with_capacity(1024));
-        }
-        // A full queue (the collector is slow or gone) is known without the lock, and
-        // nothing is encoded for it.
-        if self.full.load(Ordering::Relaxed) {
+    fn push(&self, span: Box<SpanData>) {
+        let mut pending = self.lock();
+        if pending.spans.len() >= self.config.max_queue_size || pending.stopped {
+            drop(pending);
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+            return; // `span` is freed here, outside the lock.
         }
-        if !ours {
-            let span = Box::new(span.clone());
-            let mut pending = self.lock();
-            if self.refuse(&pending) {
-                return;
-            }
-            pending.others.push(span);
-            self.added(&pending);
-            return;
-        }
-        ENCODED.with_borrow_mut(|encoded| {
-            encoded.clear();
-            crate::otlp::span_field(encoded, span);
-            let mut pending = self.lock();
-            if self.refuse(&pending) {
-                return;
-            }
-            pending.encoded.extend_from_slice(encoded);
-            pending.encoded_spans += 1;
-            self.added(&pending);
-        });
-    }
-
-    /// Whether a span must be dropped (the queue is full, or stopped); counts it if so.
-    fn refuse(&self, pending: &Pending) -> bool {
-        let refused = pending.len() >= self.config.max_queue_size || pending.stopped;
-        if refused {
-            self.full.store(true, Ordering::Relaxed);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        refused
-    }
-
-    /// After a span was added: wake the thread when a full batch waits.
-    fn added(&self, pending: &Pending) {
-        if pending.len() == self.config.max_export_batch_size {
+        pending.spans.push(span);
+        if pending.spans.len() == self.config.max_export_batch_size {
             self.wake.notify_one();
         }
     }
@@ -254,8 +180,8 @@ impl Queue {
 }
 
 impl kiln_proto::trace::Sink for Queue {
-    fn finished(&self, span: &SpanData) {
-        self.push(span, true);
+    fn finished(&self, span: Box<SpanData>) {
+        self.push(span);
     }
 }
 
@@ -276,14 +202,17 @@ impl Batcher {
     /// Start the export thread, which owns `exporter` from now on.
     pub fn start(exporter: Exporter, config: BatchConfig) -> anyhow::Result<Self> {
         let queue = Arc::new(Queue {
-            pending: Mutex::new(Pending::with_room(
-                config.max_export_batch_size * SPAN_BYTES,
-            )),
+            pending: Mutex::new(Pending {
+                spans: Vec::with_capacity(config.max_export_batch_size),
+                flushes_asked: 0,
+                flushes_done: 0,
+                stopping: false,
+                stopped: false,
+            }),
             wake: Condvar::new(),
             done: Condvar::new(),
             config,
             dropped: AtomicU64::new(0),
-            full: AtomicBool::new(false),
         });
         let thread_queue = queue.clone();
         std::thread::Builder::new()
@@ -299,52 +228,11 @@ impl Batcher {
     }
 }
 
-/// What one request span takes encoded, about: the room the queue's buffer starts with
-/// for a batch of them.
-const SPAN_BYTES: usize = 320;
-
-/// One batch taken off the queue.
-#[derive(Default)]
-struct Batch {
-    encoded: Vec<u8>,
-    #[expect(
-        clippy::vec_box,
-        reason = "the SDK's spans are boxed once and move as such"
-    )]
-    others: Vec<Box<SpanData>>,
-}
-
-impl Batch {
-    fn is_empty(&self) -> bool {
-        self.encoded.is_empty() && self.others.is_empty()
-    }
-}
-
-/// Take at most `limit` spans off `pending`, encoded ones first. The whole buffer (the
-/// usual case) is taken by trading it for `spare` (empty, with room).
-fn take(pending: &mut Pending, limit: usize, spare: &mut Vec<u8>) -> Batch {
-    let mut batch = Batch::default();
-    let taken = if pending.encoded_spans <= limit {
-        batch.encoded = std::mem::replace(&mut pending.encoded, std::mem::take(spare));
-        std::mem::take(&mut pending.encoded_spans)
-    } else {
-        // More than a batch waits (the collector was slow): the first `limit` spans.
-        let (taken, bytes) = crate::otlp::first_spans(&pending.encoded, limit);
-        batch.encoded = pending.encoded[..bytes].to_vec();
-        pending.encoded.drain(..bytes);
-        pending.encoded_spans -= taken;
-        taken
-    };
-    let others = pending.others.len().min(limit - taken);
-    batch.others = pending.others.drain(..others).collect();
-    batch
-}
-
 /// The export thread: wait for a full batch, a flush, the stop or the schedule; send one
 /// batch; repeat. On stop, everything still queued is sent first.
 fn run(queue: &Queue, exporter: &Exporter) {
     let config = queue.config;
-    let mut spare: Vec<u8> = Vec::with_capacity(config.max_export_batch_size * SPAN_BYTES);
+    let mut batch: Vec<Box<SpanData>> = Vec::with_capacity(config.max_export_batch_size);
     let mut deadline = Instant::now() + config.schedule_delay;
     let mut reported = 0;
     let mut last_report: Option<Instant> = None;
@@ -352,7 +240,7 @@ fn run(queue: &Queue, exporter: &Exporter) {
         let mut pending = queue.lock();
         loop {
             let asked = pending.flushes_asked > pending.flushes_done;
-            if pending.len() >= config.max_export_batch_size || pending.stopping || asked {
+            if pending.spans.len() >= config.max_export_batch_size || pending.stopping || asked {
                 break;
             }
             let now = Instant::now();
@@ -365,28 +253,21 @@ fn run(queue: &Queue, exporter: &Exporter) {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .0;
         }
-        let batch = take(&mut pending, config.max_export_batch_size, &mut spare);
-        if !pending.stopped {
-            queue.full.store(false, Ordering::Relaxed);
+        let take = pending.spans.len().min(config.max_export_batch_size);
+        if take == pending.spans.len() {
+            // The whole queue: trade buffers (both keep their capacity).
+            std::mem::swap(&mut batch, &mut pending.spans);
+        } else {
+            batch.extend(pending.spans.drain(..take));
         }
-        let emptied = pending.len() == 0;
+        let emptied = pending.spans.is_empty();
         let (flush, stopping) = (pending.flushes_asked, pending.stopping);
         drop(pending);
 
         if !batch.is_empty() {
-            // The encoded spans go out as the buffer they were written into; the queue
-            // gets a new one with the room this one needed.
-            let room = batch.encoded.capacity().max(spare.capacity());
-            let mut groups = Vec::with_capacity(2);
-            if !batch.encoded.is_empty() {
-                groups.push((kiln_proto::trace::scope(), batch.encoded));
-            }
-            groups.extend(crate::otlp::groups(&batch.others));
             // Failures are logged by the exporter; the batch is dropped either way.
-            let _ = exporter.export(groups);
-            if spare.capacity() == 0 {
-                spare = Vec::with_capacity(room);
-            }
+            let _ = exporter.export(&batch);
+            batch.clear();
         }
         let dropped = queue.dropped();
         if dropped > reported && last_report.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
@@ -403,7 +284,7 @@ fn run(queue: &Queue, exporter: &Exporter) {
             deadline = Instant::now() + config.schedule_delay;
             let mut pending = queue.lock();
             pending.flushes_done = pending.flushes_done.max(flush);
-            if stopping && pending.len() == 0 {
+            if stopping && pending.spans.is_empty() {
                 pending.stopped = true;
                 queue.done.notify_all();
                 return;
@@ -419,8 +300,7 @@ impl SpanProcessor for Batcher {
 
     fn on_end(&self, span: SpanData) {
         if span.span_context.is_sampled() {
-            let ours = span.instrumentation_scope == *kiln_proto::trace::scope();
-            self.queue.push(&span, ours);
+            self.queue.push(Box::new(span));
         }
     }
 
@@ -537,41 +417,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_batch_takes_whole_encoded_spans_in_order_then_the_others_up_to_its_size() {
-        use prost::Message as _;
-        let mut pending = Pending::with_room(0);
-        for i in 0..5 {
-            crate::otlp::span_field(&mut pending.encoded, &span(i));
-            pending.encoded_spans += 1;
-        }
-        pending.others.push(Box::new(span(100)));
-        // The encoded spans of a batch, as a collector reads them: their span ids.
-        let ids = |batch: &Batch| -> Vec<u64> {
-            opentelemetry_proto::tonic::trace::v1::ScopeSpans::decode(batch.encoded.as_slice())
-                .expect("whole spans")
-                .spans
-                .iter()
-                .map(|s| u64::from_be_bytes(s.span_id.as_slice().try_into().unwrap()))
-                .collect()
-        };
-        let mut spare = Vec::with_capacity(64);
-        let first = take(&mut pending, 2, &mut spare);
-        assert_eq!((ids(&first), first.others.len()), (vec![1, 2], 0));
-        let second = take(&mut pending, 2, &mut spare);
-        assert_eq!((ids(&second), second.others.len()), (vec![3, 4], 0));
-        assert_eq!(pending.len(), 2);
-        let third = take(&mut pending, 2, &mut spare);
-        assert_eq!(ids(&third), vec![5]);
-        assert_eq!(third.others.len(), 1, "the other span fills the batch");
-        assert_eq!(pending.len(), 0);
-        assert!(
-            pending.encoded.capacity() >= 64,
-            "the spare buffer took its place"
-        );
-        assert!(take(&mut pending, 2, &mut spare).is_empty());
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_queue_drops_spans_and_a_flush_or_the_stop_sends_the_rest() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -607,7 +452,7 @@ mod tests {
         let queue = batcher.queue();
         let done = tokio::task::spawn_blocking(move || {
             for i in 0..5 {
-                kiln_proto::trace::Sink::finished(&*queue, &span(i));
+                kiln_proto::trace::Sink::finished(&*queue, Box::new(span(i)));
             }
             assert_eq!(queue.dropped(), 2, "two spans past the queue's three");
             batcher.force_flush().unwrap();

@@ -1,11 +1,9 @@
 //! Kiln's OTLP/gRPC span exporter.
 //!
-//! Each span is written as the protobuf `Span` it is sent as when it ends, by the thread
-//! that ends it ([`span_field`], called by the batch queue, [`crate::batch`]): the queue
-//! keeps bytes, not records, and the record is freed where it was made. The batch
-//! processor's thread hands up to 512 encoded spans at a time to the exporter, which wraps
-//! them in an `ExportTraceServiceRequest` (no intermediate messages, no span moved or
-//! copied to join it: the request goes out as a few pieces) and sends it on one gRPC
+//! The batch processor ([`crate::batch`]) hands it up to 512 finished spans at a time, on
+//! the processor's own thread. It writes them straight into the bytes of an
+//! `ExportTraceServiceRequest` (one pass, no intermediate messages, no part of it moved or
+//! copied to join it: the request goes out as a few pieces) and sends those on one gRPC
 //! channel to the collector. Measured against the stock exporter, which builds the whole
 //! request as `prost` messages and encodes it on the serving runtime, this takes most of
 //! the export cost off every traced request (docs/benchmarks.md, "Tracing overhead").
@@ -148,13 +146,13 @@ impl Drop for Exporter {
 }
 
 impl Exporter {
-    /// Send `groups` of encoded spans; waits for the collector's answer, at most the
+    /// Encode `batch` and send it; waits for the collector's answer, at most the
     /// configured timeout. A failure is logged once (and the recovery once), and returned.
-    pub fn export(&self, groups: Vec<Group<'_>>) -> Result<(), String> {
-        let body = encode_request(&self.resource, &self.resource_schema, groups);
-        if body.is_empty() {
+    pub fn export(&self, batch: &[impl Borrow<SpanData>]) -> Result<(), String> {
+        if batch.is_empty() {
             return Ok(());
         }
+        let body = encode_request(&self.resource, &self.resource_schema, batch);
         // The batch processor's thread is not a runtime thread: it runs the exporter's
         // runtime while it waits.
         let timeout = self.config.timeout;
@@ -580,53 +578,40 @@ fn scope(out: &mut Vec<u8>, scope: &InstrumentationScope) {
     attributes(out, 3, scope.attributes());
 }
 
-/// A span as a `ScopeSpans.spans` field (2): what the batch queue appends to the buffer of
-/// its scope as the span ends.
-pub fn span_field(out: &mut Vec<u8>, s: &SpanData) {
-    message(out, 2, 2, |out| span(out, s));
-}
-
-/// Spans of one instrumentation scope, encoded as `ScopeSpans.spans` fields.
-pub type Group<'a> = (&'a InstrumentationScope, Vec<u8>);
-
-/// `spans` encoded in groups, one a scope, in the order the scopes first appear (most
-/// batches have one or two).
-pub fn groups<S: Borrow<SpanData>>(spans: &[S]) -> Vec<Group<'_>> {
-    let mut groups: Vec<Group<'_>> = Vec::new();
-    for s in spans {
-        let s = s.borrow();
-        let scope = &s.instrumentation_scope;
-        let index = match groups.iter().position(|(known, _)| *known == scope) {
-            Some(index) => index,
-            None => {
-                groups.push((scope, Vec::with_capacity(64 + spans.len() * 360)));
-                groups.len() - 1
-            }
-        };
-        span_field(&mut groups[index].1, s);
-    }
-    groups
-}
-
-/// The `ExportTraceServiceRequest` for `groups` of encoded spans, as the pieces it is sent
-/// in: one `ResourceSpans` (this process), one `ScopeSpans` a group. Each group's spans
-/// go as the buffer they were written into, and the headers (whose lengths they make) are
-/// written into small ones after, so nothing is moved or copied to make room for a
-/// length. No pieces for no spans.
+/// The `ExportTraceServiceRequest` for `spans`, as the pieces it is sent in: one
+/// `ResourceSpans` (this process), one `ScopeSpans` per instrumentation scope in the order
+/// they first appear. Each scope's spans are written into a buffer of their own and the
+/// headers (whose lengths they make) into small ones after, so nothing is moved to make
+/// room for a length. No pieces for no spans.
 pub fn encode_request(
     resource: &[u8],
     resource_schema: &str,
-    groups: Vec<Group<'_>>,
+    spans: &[impl Borrow<SpanData>],
 ) -> Vec<Bytes> {
-    if groups.iter().all(|(_, spans)| spans.is_empty()) {
+    if spans.is_empty() {
         return Vec::new();
     }
+    // The scope of each span, as an index into `scopes`: most batches have one or two.
+    let mut scopes: Vec<&InstrumentationScope> = Vec::new();
+    let mut group = Vec::with_capacity(spans.len());
+    for s in spans {
+        let scope = &s.borrow().instrumentation_scope;
+        let index = match scopes.iter().position(|&known| known == scope) {
+            Some(index) => index,
+            None => {
+                scopes.push(scope);
+                scopes.len() - 1
+            }
+        };
+        group.push(index);
+    }
     // Each `ScopeSpans`: its head (field key, length, scope) and body (spans, schema).
-    let mut pieces = Vec::with_capacity(2 * groups.len() + 2);
+    let mut pieces = Vec::with_capacity(2 * scopes.len() + 1);
     let mut scope_spans_len = 0;
-    for (scope_of, mut body) in groups {
-        if body.is_empty() {
-            continue;
+    for (index, &scope_of) in scopes.iter().enumerate() {
+        let mut body = Vec::with_capacity(64 + spans.len() * 360);
+        for (s, _) in spans.iter().zip(&group).filter(|&(_, &g)| g == index) {
+            message(&mut body, 2, 2, |out| span(out, s.borrow()));
         }
         nonempty(
             &mut body,
@@ -657,27 +642,6 @@ pub fn encode_request(
         pieces.push(Bytes::from(tail));
     }
     pieces
-}
-
-/// The number of whole `ScopeSpans.spans` fields at the start of `encoded`, up to `n`, and
-/// the bytes they take: where a batch of at most `n` spans ends.
-pub fn first_spans(encoded: &[u8], n: usize) -> (usize, usize) {
-    let mut at = 0;
-    let mut taken = 0;
-    while taken < n && at < encoded.len() {
-        let mut rest = &encoded[at + 1..];
-        let before = rest.len();
-        let Ok(len) = prost::encoding::decode_varint(&mut rest) else {
-            break;
-        };
-        let end = at + 1 + (before - rest.len()) + len as usize;
-        if end > encoded.len() {
-            break;
-        }
-        at = end;
-        taken += 1;
-    }
-    (taken, at)
 }
 
 #[cfg(test)]
@@ -863,7 +827,7 @@ mod tests {
         let pieces = encode_request(
             &encode_resource(&resource),
             resource.schema_url().unwrap_or_default(),
-            groups(&spans),
+            &spans,
         );
         assert_eq!(
             pieces.len(),
@@ -907,7 +871,7 @@ mod tests {
 
     #[test]
     fn an_empty_batch_is_an_empty_request() {
-        assert!(encode_request(b"", "", groups(&[] as &[SpanData])).is_empty());
+        assert!(encode_request(b"", "", &[] as &[SpanData]).is_empty());
     }
 
     /// An export the test collector got, with its `x-api-key` header.
@@ -965,7 +929,7 @@ mod tests {
                 &resource(),
             )
             .unwrap();
-            let sent = tokio::task::spawn_blocking(move || exporter.export(groups(&spans())))
+            let sent = tokio::task::spawn_blocking(move || exporter.export(&spans()))
                 .await
                 .unwrap();
             assert!(sent.is_ok(), "{sent:?}");
@@ -997,7 +961,7 @@ mod tests {
         )
         .unwrap();
         let started = std::time::Instant::now();
-        let sent = tokio::task::spawn_blocking(move || exporter.export(groups(&spans())))
+        let sent = tokio::task::spawn_blocking(move || exporter.export(&spans()))
             .await
             .unwrap();
         assert!(sent.is_err());

@@ -7,9 +7,9 @@
 //! those of the gateway and the worker's batcher) are Kiln's own: sampled by the
 //! configured OpenTelemetry sampler, carried as the request's current OpenTelemetry
 //! context (so `tracing` spans and the propagator see them as any span), and handed on
-//! end, as the SDK's `SpanData`, straight to the process's exporter queue ([`Sink`]), which
-//! encodes it there and then — without the SDK's tracer, span builder and batch processor
-//! on the way, and without handing the record to another thread. An unsampled
+//! end, as the SDK's `SpanData`, straight to the process's exporter queue ([`Sink`]) —
+//! without the SDK's tracer, span builder and batch processor on the way; the queue's
+//! thread encodes them in batches. An unsampled
 //! request costs almost nothing. `tracing` spans (model loads, training jobs, registry
 //! changes) join the same traces through `tracing-opentelemetry`. Everything costs one
 //! relaxed atomic load until a process turns tracing on with [`enable`] (it does when
@@ -35,10 +35,8 @@ pub use opentelemetry::{KeyValue, Value};
 
 /// Where a process's finished spans go: its exporter's queue.
 pub trait Sink: Send + Sync {
-    /// Take one finished, sampled span of [`scope`]: the sink keeps what it needs of it
-    /// (the exporter's queue: its encoding), and the record is freed where it was made,
-    /// on the thread that ends it. Called on the request path: must not block.
-    fn finished(&self, span: &SpanData);
+    /// Take one finished, sampled span. Called on the request path: must not block.
+    fn finished(&self, span: Box<SpanData>);
 }
 
 struct Tracing {
@@ -249,8 +247,8 @@ impl std::fmt::Debug for Detached {
 /// or when the last context holding it is dropped).
 struct Recording {
     context: SpanContext,
-    /// Boxed: the record moves (into the context) as a pointer, not as the few hundred
-    /// bytes of a `SpanData`.
+    /// Boxed: the record moves (into the context, out at the end, into the queue) as a
+    /// pointer, not as the few hundred bytes of a `SpanData`.
     data: Option<Box<SpanData>>,
 }
 
@@ -320,7 +318,7 @@ impl opentelemetry::trace::Span for Recording {
         if let Some(mut data) = self.data.take() {
             data.end_time = timestamp;
             if let Some(tracing) = TRACING.get() {
-                tracing.sink.finished(&data);
+                tracing.sink.finished(data);
             }
         }
     }
@@ -935,8 +933,8 @@ mod tests {
     struct Kept(std::sync::Mutex<Vec<SpanData>>);
 
     impl Sink for Kept {
-        fn finished(&self, span: &SpanData) {
-            self.0.lock().unwrap().push(span.clone());
+        fn finished(&self, span: Box<SpanData>) {
+            self.0.lock().unwrap().push(*span);
         }
     }
 
