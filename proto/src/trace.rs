@@ -9,8 +9,7 @@
 //! context (so `tracing` spans and the propagator see them as any span), and handed on
 //! end, as the SDK's `SpanData`, straight to the process's exporter queue ([`Sink`]) —
 //! without the SDK's tracer, span builder and batch processor on the way; the queue's
-//! thread encodes them in batches. An unsampled
-//! request costs almost nothing. `tracing` spans (model loads, training jobs, registry
+//! thread encodes them in batches. An unsampled request costs almost nothing. `tracing` spans (model loads, training jobs, registry
 //! changes) join the same traces through `tracing-opentelemetry`. Everything costs one
 //! relaxed atomic load until a process turns tracing on with [`enable`] (it does when
 //! an OTLP endpoint is configured).
@@ -42,13 +41,7 @@ pub trait Sink: Send + Sync {
 struct Tracing {
     sampler: Sampler,
     sink: Arc<dyn Sink>,
-}
-
-/// The instrumentation scope of every request-path span: `kiln`, as the SDK tracer's.
-pub fn scope() -> &'static InstrumentationScope {
-    static SCOPE: std::sync::LazyLock<InstrumentationScope> =
-        std::sync::LazyLock::new(|| InstrumentationScope::builder("kiln").build());
-    &SCOPE
+    scope: InstrumentationScope,
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -62,7 +55,11 @@ const LIMIT: usize = 128;
 /// (the one the SDK's tracer provider has) and go to `sink` when they end. Once per
 /// process; later calls change nothing.
 pub fn enable(sampler: Sampler, sink: Arc<dyn Sink>) {
-    let _ = TRACING.set(Tracing { sampler, sink });
+    let _ = TRACING.set(Tracing {
+        sampler,
+        sink,
+        scope: InstrumentationScope::builder("kiln").build(),
+    });
     ENABLED.store(true, Ordering::Relaxed);
 }
 
@@ -196,7 +193,7 @@ fn begin(
             events: SpanEvents::default(),
             links: span_links,
             status: Status::Unset,
-            instrumentation_scope: scope().clone(),
+            instrumentation_scope: tracing.scope.clone(),
         })),
         context,
     }))
