@@ -9,8 +9,9 @@
 //! context (so `tracing` spans and the propagator see them as any span), and handed on
 //! end, as the SDK's `SpanData`, straight to the process's exporter queue ([`Sink`]) —
 //! without the SDK's tracer, span builder and batch processor on the way; the queue's
-//! thread encodes them in batches. An unsampled request costs almost nothing. `tracing` spans (model loads, training jobs, registry
-//! changes) join the same traces through `tracing-opentelemetry`. Everything costs one
+//! thread encodes them in batches. An unsampled request costs almost nothing. `tracing`
+//! spans (model loads, training jobs, registry changes) join the same traces through
+//! `tracing-opentelemetry`. Everything costs one
 //! relaxed atomic load until a process turns tracing on with [`enable`] (it does when
 //! an OTLP endpoint is configured).
 
@@ -109,17 +110,21 @@ fn start_linked(
     attributes: impl FnOnce() -> Vec<KeyValue>,
     links: impl FnOnce() -> Vec<Link>,
 ) -> Option<Context> {
-    match begin(name, kind, parent, attributes, links)? {
-        Begun::Recording(span) => Some(parent.with_span(span)),
-        Begun::NotRecorded(cx) => Some(cx),
-    }
+    Some(match begin(name, kind, parent, attributes, links)? {
+        Begun::Recording(span) => parent.with_span(span),
+        Begun::SampledOut(context) => parent.with_remote_span_context(context),
+        Begun::UnderUnsampled => parent.clone(),
+    })
 }
 
-/// A span begun by [`begin`]: recorded, or not (sampled out, or under an unsampled span of
-/// this process), with the context its children would start under.
+/// A span begun by [`begin`]: recorded; sampled out (its ids, marked not sampled, are
+/// what travels on); or not made at all, under an unsampled span of this process (whose
+/// context stands in for it). Only a caller that carries the span in a context builds
+/// one from the last two.
 enum Begun {
     Recording(Recording),
-    NotRecorded(Context),
+    SampledOut(SpanContext),
+    UnderUnsampled,
 }
 
 /// Begin a span named `name` under `parent`, as the configured sampler decides. None when
@@ -135,7 +140,7 @@ fn begin(
         return None;
     }
     if unsampled_local(parent) {
-        return Some(Begun::NotRecorded(parent.clone()));
+        return Some(Begun::UnderUnsampled);
     }
     let tracing = TRACING.get()?;
     let parent_span = parent.span();
@@ -161,7 +166,7 @@ fn begin(
             false,
             verdict.trace_state,
         );
-        return Some(Begun::NotRecorded(parent.with_remote_span_context(context)));
+        return Some(Begun::SampledOut(context));
     }
     let context = SpanContext::new(
         trace_id,
@@ -223,7 +228,7 @@ impl Detached {
     ) -> Option<Self> {
         match begin(name, SpanKind::Internal, parent, attributes, links)? {
             Begun::Recording(span) => Some(Self(span)),
-            Begun::NotRecorded(_) => None,
+            Begun::SampledOut(_) | Begun::UnderUnsampled => None,
         }
     }
 
