@@ -423,6 +423,22 @@ pub async fn run_oip(load: OipLoad) -> anyhow::Result<Vec<serde_json::Value>> {
                 .await
                 .with_context(|| format!("cannot reach {}", load.addr))?,
         );
+        // A server still loading the model (one just started) is waited for, a minute at
+        // most; one that does not answer readiness is probed as it is.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let ready = probe
+                .model_ready(ModelReadyRequest {
+                    name: load.model.clone(),
+                    version: String::new(),
+                })
+                .await
+                .map_or(true, |r| r.into_inner().ready);
+            if ready {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         probe.model_infer(request.clone()).await.with_context(|| {
             format!(
                 "{} at {} refused a {batch}-row request",

@@ -578,6 +578,15 @@ fn scope(out: &mut Vec<u8>, scope: &InstrumentationScope) {
     attributes(out, 3, scope.attributes());
 }
 
+/// Whether two spans' scopes are the same: copies of one scope (a name at the same
+/// address, nothing else set) are told apart from the rest without comparing text.
+fn same_scope(a: &InstrumentationScope, b: &InstrumentationScope) -> bool {
+    let plain = |s: &InstrumentationScope| {
+        s.version().is_none() && s.schema_url().is_none() && s.attributes().next().is_none()
+    };
+    (std::ptr::eq(a.name(), b.name()) && plain(a) && plain(b)) || a == b
+}
+
 /// The `ExportTraceServiceRequest` for `spans`, as the pieces it is sent in: one
 /// `ResourceSpans` (this process), one `ScopeSpans` per instrumentation scope in the order
 /// they first appear. Each scope's spans are written into a buffer of their own and the
@@ -594,16 +603,21 @@ pub fn encode_request(
     // The scope of each span, as an index into `scopes`: most batches have one or two.
     let mut scopes: Vec<&InstrumentationScope> = Vec::new();
     let mut group = Vec::with_capacity(spans.len());
+    // Runs of spans share a scope (the request path's spans are all Kiln's): the last
+    // span's is tried first, by its name's address, before any full comparison.
+    let mut last = usize::MAX;
     for s in spans {
         let scope = &s.borrow().instrumentation_scope;
-        let index = match scopes.iter().position(|&known| known == scope) {
-            Some(index) => index,
-            None => {
-                scopes.push(scope);
-                scopes.len() - 1
-            }
-        };
-        group.push(index);
+        if last == usize::MAX || !same_scope(scopes[last], scope) {
+            last = match scopes.iter().position(|&known| same_scope(known, scope)) {
+                Some(index) => index,
+                None => {
+                    scopes.push(scope);
+                    scopes.len() - 1
+                }
+            };
+        }
+        group.push(last);
     }
     // Each `ScopeSpans`: its head (field key, length, scope) and body (spans, schema).
     let mut pieces = Vec::with_capacity(2 * scopes.len() + 1);

@@ -78,7 +78,10 @@ impl Shared {
         let key = version.key();
         kiln_proto::trace::attributes(|| {
             vec![
-                kiln_proto::trace::KeyValue::new("kiln.model.name", key.model.clone()),
+                kiln_proto::trace::KeyValue::new(
+                    "kiln.model.name",
+                    kiln_proto::trace::name_value(&key.model),
+                ),
                 kiln_proto::trace::KeyValue::new("kiln.model.version", key.version as i64),
             ]
         });

@@ -36,7 +36,7 @@ pub use opentelemetry::{KeyValue, Value};
 /// Where a process's finished spans go: its exporter's queue.
 pub trait Sink: Send + Sync {
     /// Take one finished, sampled span. Called on the request path: must not block.
-    fn finished(&self, span: Box<SpanData>);
+    fn finished(&self, span: SpanData);
 }
 
 struct Tracing {
@@ -185,7 +185,7 @@ fn begin(
     span_links.links = links;
     let now = SystemTime::now();
     Some(Begun::Recording(Recording {
-        data: Some(Box::new(SpanData {
+        data: Some(SpanData {
             span_context: context.clone(),
             parent_span_id: parent_id,
             parent_span_is_remote: parent_remote,
@@ -199,7 +199,7 @@ fn begin(
             links: span_links,
             status: Status::Unset,
             instrumentation_scope: tracing.scope.clone(),
-        })),
+        }),
         context,
     }))
 }
@@ -218,6 +218,21 @@ impl Detached {
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<Self> {
         Self::start_linked(name, parent, attributes, Vec::new)
+    }
+
+    /// As [`start`](Self::start), for a span that began at `started` (before now): one
+    /// recorded after the fact, such as a queue wait noted when its request leaves the queue.
+    pub fn start_at(
+        name: &'static str,
+        parent: &Context,
+        started: SystemTime,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Option<Self> {
+        let mut span = Self::start(name, parent, attributes)?;
+        if let Some(data) = &mut span.0.data {
+            data.start_time = started.min(data.start_time);
+        }
+        Some(span)
     }
 
     fn start_linked(
@@ -249,9 +264,10 @@ impl std::fmt::Debug for Detached {
 /// or when the last context holding it is dropped).
 struct Recording {
     context: SpanContext,
-    /// Boxed: the record moves (into the context, out at the end, into the queue) as a
-    /// pointer, not as the few hundred bytes of a `SpanData`.
-    data: Option<Box<SpanData>>,
+    /// Held in place, not boxed: a span in a context is already on the heap (the context
+    /// boxes it), and at its end the record is moved into the queue's buffer, so the
+    /// serving thread neither allocates it alone nor leaves it to another thread to free.
+    data: Option<SpanData>,
 }
 
 impl opentelemetry::trace::Span for Recording {
@@ -516,30 +532,49 @@ fn record_status(cx: &Context, code: i64, server: bool) {
 }
 
 /// A call's path (`/package.Service/Method`) without its leading `/`, as a string that
-/// lives as long as the process: the names of the calls this process traces are kept once,
-/// so that their spans borrow them (name, service, method) instead of copying them every
-/// call. Bounded: past 256 distinct paths (a caller trying made-up methods), or for a
-/// path over 128 bytes, spans own copies.
+/// lives as long as the process (see [`Names`]): spans borrow it (name, service, method)
+/// instead of copying it every call.
 fn call_name(path: &str) -> Cow<'static, str> {
-    use std::sync::{LazyLock, RwLock};
-    // A process answers and calls a few dozen methods: a scan (lengths first) is cheaper
-    // than hashing the path.
-    static NAMES: LazyLock<RwLock<Vec<&'static str>>> = LazyLock::new(Default::default);
-    let name = path.trim_start_matches('/');
-    let find = |names: &[&'static str]| names.iter().copied().find(|&known| known == name);
-    if let Some(known) = find(&NAMES.read().unwrap_or_else(|p| p.into_inner())) {
-        return Cow::Borrowed(known);
+    static CALLS: Names = Names::new();
+    CALLS.get(path.trim_start_matches('/'))
+}
+
+/// The attribute value for a name a process sees few of and often — a model's, set on
+/// the spans of every request for it: the text is kept once (see [`Names`]) and each
+/// span borrows it, instead of a copy made on the request path and freed on the export
+/// thread.
+pub fn name_value(name: &str) -> Value {
+    static MODELS: Names = Names::new();
+    text_value(&MODELS.get(name))
+}
+
+/// Texts kept for the life of the process, so that spans can borrow them. Bounded: past
+/// 256 distinct texts (a caller trying made-up names), or for one over 128 bytes, the
+/// caller gets its own copy.
+struct Names(std::sync::RwLock<Vec<&'static str>>);
+
+impl Names {
+    const fn new() -> Self {
+        Self(std::sync::RwLock::new(Vec::new()))
     }
-    let mut names = NAMES.write().unwrap_or_else(|p| p.into_inner());
-    if let Some(known) = find(&names) {
-        return Cow::Borrowed(known);
+
+    fn get(&self, name: &str) -> Cow<'static, str> {
+        // A process sees a few dozen: a scan (lengths first) is cheaper than hashing.
+        let find = |names: &[&'static str]| names.iter().copied().find(|&known| known == name);
+        if let Some(known) = find(&self.0.read().unwrap_or_else(|p| p.into_inner())) {
+            return Cow::Borrowed(known);
+        }
+        let mut names = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = find(&names) {
+            return Cow::Borrowed(known);
+        }
+        if names.len() >= 256 || name.len() > 128 {
+            return Cow::Owned(name.to_owned());
+        }
+        let kept: &'static str = Box::leak(name.into());
+        names.push(kept);
+        Cow::Borrowed(kept)
     }
-    if names.len() >= 256 || name.len() > 128 {
-        return Cow::Owned(name.to_owned());
-    }
-    let kept: &'static str = Box::leak(name.into());
-    names.push(kept);
-    Cow::Borrowed(kept)
 }
 
 /// A value that borrows `text` when it lives as long as the process.
@@ -566,7 +601,9 @@ fn rpc_attributes(name: &Cow<'static, str>) -> Vec<KeyValue> {
             )
         }
     };
-    let mut attributes = Vec::with_capacity(8);
+    // Room for all a worker's call sets: these, the address, the model, its version, the
+    // batch size, the status code and the batch's span id.
+    let mut attributes = Vec::with_capacity(10);
     attributes.push(KeyValue::new("rpc.system", "grpc"));
     attributes.push(KeyValue::new("rpc.service", text_value(&service)));
     attributes.push(KeyValue::new("rpc.method", text_value(&method)));
@@ -935,8 +972,8 @@ mod tests {
     struct Kept(std::sync::Mutex<Vec<SpanData>>);
 
     impl Sink for Kept {
-        fn finished(&self, span: Box<SpanData>) {
-            self.0.lock().unwrap().push(*span);
+        fn finished(&self, span: SpanData) {
+            self.0.lock().unwrap().push(span);
         }
     }
 

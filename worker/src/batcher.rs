@@ -42,10 +42,9 @@ struct Pending {
     deadline: Option<Instant>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<BatchReply>>,
-    /// The request's trace context (the worker's `Infer` call), which its batch links to.
+    /// The request's trace context (the worker's `Infer` call): the parent of its
+    /// queue-wait span, recorded when it leaves the queue, and what its batch links to.
     trace: Option<kiln_proto::trace::Context>,
-    /// Holds the request's queue-wait span until its batch forms.
-    queue: Option<kiln_proto::trace::Detached>,
 }
 
 impl Pending {
@@ -143,15 +142,7 @@ impl Batcher {
         deadline: Option<Instant>,
     ) -> Result<impl std::future::Future<Output = Result<BatchReply>> + use<>> {
         let (reply, rx) = oneshot::channel();
-        let (trace, queue) = if kiln_proto::trace::enabled() {
-            let trace = kiln_proto::trace::current();
-            let queue = kiln_proto::trace::Detached::start("queue wait", &trace, || {
-                vec![kiln_proto::trace::KeyValue::new("kiln.rows", rows as i64)]
-            });
-            (Some(trace), queue)
-        } else {
-            (None, None)
-        };
+        let trace = kiln_proto::trace::enabled().then(kiln_proto::trace::current);
         let pending = Pending {
             features,
             rows,
@@ -159,7 +150,6 @@ impl Batcher {
             enqueued: Instant::now(),
             reply,
             trace,
-            queue,
         };
         match self.tx.try_send(pending) {
             Ok(()) => {
@@ -224,6 +214,7 @@ async fn run(
             batch.push(p);
         }
 
+        queue_waits(&batch);
         // Callers whose deadline passed, or who left, are dropped before compute.
         let now = Instant::now();
         let (live, abandoned): (Vec<Pending>, Vec<Pending>) =
@@ -231,12 +222,12 @@ async fn run(
         for p in abandoned {
             let _ = p.reply.send(Err(Error::DeadlineExceeded));
         }
-        let mut batch = live;
+        let batch = live;
         if batch.is_empty() {
             continue;
         }
         let rows: usize = batch.iter().map(|p| p.rows).sum();
-        let span = batch_span(&key, &mut batch, rows);
+        let span = batch_span(&key, &batch, rows);
         let mut features = Vec::with_capacity(batch.iter().map(|p| p.features.len() / 4).sum());
         for p in &batch {
             features.extend(f32_from_le(&p.features));
@@ -250,16 +241,36 @@ async fn run(
     }
 }
 
-/// The span of one forward pass (see `kiln_proto::trace::batch`); ends the requests'
-/// queue waits.
+/// The queue-wait span of each traced request of a batch that has just formed (those
+/// about to be dropped for their deadline too): from when it was queued until now. Made
+/// here, in one pass over the batch, rather than begun when each request is queued and
+/// carried through the queue.
+fn queue_waits(batch: &[Pending]) {
+    if !kiln_proto::trace::enabled() {
+        return;
+    }
+    let (now, clock) = (Instant::now(), std::time::SystemTime::now());
+    for p in batch {
+        if let Some(cx) = &p.trace {
+            let waited = now.saturating_duration_since(p.enqueued);
+            let queued = clock.checked_sub(waited).unwrap_or(clock);
+            // Recorded and ended at once.
+            drop(kiln_proto::trace::Detached::start_at(
+                "queue wait",
+                cx,
+                queued,
+                || vec![kiln_proto::trace::KeyValue::new("kiln.rows", p.rows as i64)],
+            ));
+        }
+    }
+}
+
+/// The span of one forward pass (see `kiln_proto::trace::batch`).
 fn batch_span(
     key: &VersionKey,
-    batch: &mut [Pending],
+    batch: &[Pending],
     rows: usize,
 ) -> Option<kiln_proto::trace::Detached> {
-    for p in batch.iter_mut() {
-        p.queue = None;
-    }
     if !kiln_proto::trace::enabled() {
         return None;
     }
@@ -269,7 +280,7 @@ fn batch_span(
     let served = batch.len();
     kiln_proto::trace::batch(&requests, || {
         vec![
-            KeyValue::new("kiln.model.name", key.model.clone()),
+            KeyValue::new("kiln.model.name", kiln_proto::trace::name_value(&key.model)),
             KeyValue::new("kiln.model.version", key.version as i64),
             KeyValue::new("kiln.batch.rows", rows as i64),
             KeyValue::new("kiln.batch.requests", served as i64),

@@ -897,7 +897,7 @@ impl Worker for WorkerService {
         kiln_proto::trace::attributes(|| {
             use kiln_proto::trace::KeyValue;
             vec![
-                KeyValue::new("kiln.model.name", key.model.clone()),
+                KeyValue::new("kiln.model.name", kiln_proto::trace::name_value(&key.model)),
                 KeyValue::new("kiln.model.version", key.version as i64),
                 KeyValue::new("kiln.batch_size", i64::from(req.rows)),
             ]
