@@ -545,7 +545,7 @@ fn call_name(path: &str) -> Cow<'static, str> {
 /// thread.
 pub fn name_value(name: &str) -> Value {
     static MODELS: Names = Names::new();
-    text_value(&MODELS.get(name))
+    Value::from(MODELS.get(name))
 }
 
 /// Texts kept for the life of the process, so that spans can borrow them. Bounded: past
@@ -577,14 +577,6 @@ impl Names {
     }
 }
 
-/// A value that borrows `text` when it lives as long as the process.
-fn text_value(text: &Cow<'static, str>) -> Value {
-    match text {
-        Cow::Borrowed(text) => Value::from(*text),
-        Cow::Owned(text) => Value::from(text.clone()),
-    }
-}
-
 /// The RPC attributes of a call named `name` (see [`call_name`]), with room for those the
 /// handler and the answer add.
 fn rpc_attributes(name: &Cow<'static, str>) -> Vec<KeyValue> {
@@ -605,8 +597,9 @@ fn rpc_attributes(name: &Cow<'static, str>) -> Vec<KeyValue> {
     // batch size, the status code and the batch's span id.
     let mut attributes = Vec::with_capacity(10);
     attributes.push(KeyValue::new("rpc.system", "grpc"));
-    attributes.push(KeyValue::new("rpc.service", text_value(&service)));
-    attributes.push(KeyValue::new("rpc.method", text_value(&method)));
+    // A borrowed text stays borrowed in the value.
+    attributes.push(KeyValue::new("rpc.service", Value::from(service)));
+    attributes.push(KeyValue::new("rpc.method", Value::from(method)));
     attributes
 }
 

@@ -214,15 +214,14 @@ async fn run(
             batch.push(p);
         }
 
-        queue_waits(&batch);
-        // Callers whose deadline passed, or who left, are dropped before compute.
         let now = Instant::now();
-        let (live, abandoned): (Vec<Pending>, Vec<Pending>) =
+        queue_waits(&batch, now);
+        // Callers whose deadline passed, or who left, are dropped before compute.
+        let (batch, abandoned): (Vec<Pending>, Vec<Pending>) =
             batch.into_iter().partition(|p| !p.abandoned(now));
         for p in abandoned {
             let _ = p.reply.send(Err(Error::DeadlineExceeded));
         }
-        let batch = live;
         if batch.is_empty() {
             continue;
         }
@@ -242,14 +241,14 @@ async fn run(
 }
 
 /// The queue-wait span of each traced request of a batch that has just formed (those
-/// about to be dropped for their deadline too): from when it was queued until now. Made
+/// about to be dropped for their deadline too): from when it was queued until `now`. Made
 /// here, in one pass over the batch, rather than begun when each request is queued and
 /// carried through the queue.
-fn queue_waits(batch: &[Pending]) {
+fn queue_waits(batch: &[Pending], now: Instant) {
     if !kiln_proto::trace::enabled() {
         return;
     }
-    let (now, clock) = (Instant::now(), std::time::SystemTime::now());
+    let clock = std::time::SystemTime::now();
     for p in batch {
         if let Some(cx) = &p.trace {
             let waited = now.saturating_duration_since(p.enqueued);
