@@ -22,11 +22,13 @@ kiln_apt_install() {
 }
 
 # The system packages, then the `kiln` binary (debug profile, the one the tests use), as
-# $KILN_BIN: what every benchmark script starts with.
+# $KILN_BIN, and the benchmark servers' `kiln-bench` as $KILN_BENCH_BIN: what every
+# benchmark script starts with.
 kiln_build() {
     kiln_system_deps
-    cargo build --bin kiln
+    cargo build -p kiln -p kiln-bench --bins
     export KILN_BIN="$CARGO_TARGET_DIR/debug/kiln"
+    export KILN_BENCH_BIN="$CARGO_TARGET_DIR/debug/kiln-bench"
 }
 
 kiln_system_deps() {

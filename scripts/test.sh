@@ -9,6 +9,10 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     kiln_apt_install python3-venv
 fi
 
+echo "== cargo fmt --check, cargo clippy"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+
 echo "== cargo test (target: $CARGO_TARGET_DIR)"
 cargo build --bin kiln
 cargo test --workspace --all-targets
@@ -20,7 +24,7 @@ if [ ! -x "$KILN_VENV/bin/pytest" ]; then
 fi
 "$KILN_VENV/bin/pip" install -q --disable-pip-version-check \
     'tritonclient[grpc]==2.73.0' 'numpy<3' 'safetensors>=0.4' 'pytest>=8' 'moto[server]>=5,<6' 'pyyaml>=6' 'prometheus-client>=0.20' \
-    'opentelemetry-proto>=1.30,<2'
+    'opentelemetry-proto>=1.30,<2' 'grpcio-reflection>=1.60' 'pillow>=10'
 # Once on the CPU backend, once on wgpu through Mesa's lavapipe (a software Vulkan
 # device), so the whole served path runs on both.
 for device in cpu wgpu:cpu; do

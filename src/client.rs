@@ -32,20 +32,18 @@ pub struct SpecFile {
     pub description: String,
 }
 
-async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    Channel::from_shared(url.clone())
-        .with_context(|| format!("bad address {addr}"))?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach Kiln at {addr}; is `kiln up` running?"))
+/// A connected channel to the gateway at `addr`, or an error a CLI user can act on.
+pub(crate) async fn channel(addr: &str) -> anyhow::Result<Channel> {
+    kiln_rpc::channel::connect(addr).await.map_err(|e| match e {
+        kiln_rpc::Error::Unreachable { .. } => {
+            anyhow::anyhow!("{e}; is `kiln up` running?")
+        }
+        other => other.into(),
+    })
 }
 
-fn status(e: tonic::Status) -> anyhow::Error {
+/// A gRPC error as the CLI prints it: the code, then the server's message.
+pub(crate) fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", e.code(), e.message())
 }
 

@@ -89,13 +89,15 @@ fn advertised(advertise: Option<String>, bound: SocketAddr, flag: &str) -> anyho
 /// Serve `render` at `http://addr/metrics`; the task runs until aborted.
 async fn serve_metrics(
     addr: SocketAddr,
-    render: kiln_proto::metrics::Render,
+    render: kiln_telemetry::metrics::Render,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot serve metrics on {addr} (--metrics-addr)"))?;
     tracing::info!(%addr, "metrics at /metrics");
-    Ok(tokio::spawn(kiln_proto::metrics::serve(listener, render)))
+    Ok(tokio::spawn(kiln_telemetry::metrics::serve(
+        listener, render,
+    )))
 }
 
 /// Aborts a background task when dropped.
@@ -274,7 +276,7 @@ pub async fn scheduler(
     health
         .set_not_serving::<kiln_proto::kiln::v1::training_server::TrainingServer<TrainingService>>()
         .await;
-    let reflection = kiln_proto::reflection()?;
+    let reflection = kiln_rpc::reflection(&["kiln.v1.Training"])?;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let stop_server = {
         let mut rx = stop_rx.clone();
@@ -285,11 +287,12 @@ pub async fn scheduler(
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             // A server span per call, continuing the caller's trace.
-            .layer(kiln_proto::trace::ServerLayer)
+            .layer(kiln_telemetry::trace::ServerLayer)
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection.v1)
+            .add_service(reflection.v1alpha)
             .add_service(TrainingService::standby(slot.clone()))
-            .serve_with_incoming_shutdown(kiln_proto::net::incoming(listener), stop_server),
+            .serve_with_incoming_shutdown(kiln_rpc::net::incoming(listener), stop_server),
     );
     tracing::info!(scheduler = %args.id, %advertise, "scheduler listening; campaigning for the lead");
 

@@ -171,10 +171,10 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
             };
             let served = tonic::transport::Server::builder()
                 // A server span per call, continuing the caller's trace.
-                .layer(kiln_proto::trace::ServerLayer)
+                .layer(kiln_telemetry::trace::ServerLayer)
                 .add_service(service)
                 .serve_with_incoming_shutdown(
-                    kiln_proto::net::incoming(scheduler_listener),
+                    kiln_rpc::net::incoming(scheduler_listener),
                     on_shutdown,
                 )
                 .await;

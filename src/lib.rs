@@ -1,21 +1,16 @@
 //! The `kiln` binary's library: the embedded cluster ([`embedded`]) that `kiln up` runs,
 //! the cluster-mode processes ([`cluster`]),
-//! the client commands ([`client`]) and the benchmarks ([`bench`], and [`bench_floor`], the
-//! canned-answer server Kiln is measured against). Cluster tests in `tests/` drive both.
+//! the client commands ([`client`]) and `kiln bench` ([`bench`]). Cluster tests in `tests/`
+//! drive them. Benchmark servers live in the `kiln-bench` binary (`bench/`), not here.
 
 #![forbid(unsafe_code)]
 
-pub mod batch;
 pub mod bench;
-pub mod bench_floor;
-pub mod bench_placement;
 pub mod client;
 pub mod cluster;
 pub mod embedded;
-pub mod otlp;
-pub mod otlp_sink;
+pub mod headless;
 pub mod plot;
-pub mod telemetry;
 pub mod train;
 
 /// Write a line to standard output. A closed pipe (`kiln … | head -1`) ends the process
@@ -39,4 +34,26 @@ macro_rules! say {
     ($($arg:tt)*) => {
         $crate::say_line(format_args!($($arg)*))
     };
+}
+
+/// Resolves on Ctrl-C or SIGTERM: what every long-running command stops on.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

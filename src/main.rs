@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kiln::client;
 use kiln::embedded::{self, UpConfig};
-use kiln::telemetry::{LogFormat, TraceFlags};
 use kiln_gateway::GatewayConfig;
+use kiln_telemetry::setup::{LogFormat, TraceFlags};
 use kiln_worker::DeviceChoice;
 
 /// mimalloc instead of glibc's allocator: a request makes a few dozen small allocations
@@ -177,76 +177,6 @@ enum Command {
     Jobs {
         #[command(subcommand)]
         command: JobsCommand,
-    },
-    /// Drive ModelInfer on any Open Inference Protocol server (Kiln, Triton, MLServer, the
-    /// floor) with one closed-loop client; prints one JSON line per cell.
-    BenchOip {
-        /// The server's gRPC address.
-        #[arg(long, default_value = "127.0.0.1:8001")]
-        addr: String,
-        /// The model to call.
-        #[arg(long)]
-        model: String,
-        /// Its input tensor's name.
-        #[arg(long, default_value = "input")]
-        input: String,
-        /// FP32 features per row.
-        #[arg(long, default_value_t = 10)]
-        width: usize,
-        /// Ask for this output by name (e.g. predict_proba from MLServer's sklearn runtime).
-        #[arg(long)]
-        output: Option<String>,
-        /// Concurrent callers, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
-        concurrency: Vec<usize>,
-        /// Rows per request, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,32")]
-        batch: Vec<usize>,
-        /// Seconds per measurement.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-    },
-    /// A bare OIP server that answers every ModelInfer with a canned response (the floor
-    /// Kiln is measured against; see bench/serving).
-    BenchFloor {
-        /// Address to listen on.
-        #[arg(long, env = "KILN_FLOOR_ADDR", default_value = "127.0.0.1:8011")]
-        listen: std::net::SocketAddr,
-        /// The model name it answers to.
-        #[arg(long, default_value = "mlp")]
-        model: String,
-        /// FP32 features per row.
-        #[arg(long, default_value_t = 10)]
-        inputs: usize,
-        /// FP32 outputs per row.
-        #[arg(long, default_value_t = 1)]
-        outputs: usize,
-        /// The max_batch_size its ModelConfig reports.
-        #[arg(long, default_value_t = 64)]
-        max_batch_size: i32,
-    },
-    /// An OTLP/gRPC trace receiver that counts spans and keeps none (the collector of the
-    /// tracing benchmark; see bench/tracing).
-    BenchOtlpSink {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:4317")]
-        listen: std::net::SocketAddr,
-        /// Keep the number of spans received so far in this file.
-        #[arg(long)]
-        count_file: Option<PathBuf>,
-    },
-    /// Time the placement controller on a simulated cluster (in-memory registry): one full
-    /// reconcile pass, and the reaction to one worker's loss.
-    BenchPlacement {
-        /// Simulated workers.
-        #[arg(long, default_value_t = 1_000)]
-        workers: usize,
-        /// Simulated model versions (ten per model).
-        #[arg(long, default_value_t = 10_000)]
-        versions: usize,
-        /// Replicas per version.
-        #[arg(long, default_value_t = 2)]
-        replicas: u32,
     },
     /// The cluster as the gateway sees it: the scheduler, workers with device and queue
     /// depth, model versions with their replicas and state.
@@ -516,27 +446,6 @@ enum ModelsCommand {
     },
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
 async fn up(args: UpArgs) -> anyhow::Result<()> {
     if args.max_message_mib == 0 || args.max_message_mib > 2047 {
         anyhow::bail!("--max-message-mib must be between 1 and 2047");
@@ -581,14 +490,25 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         "or: kiln infer {} --addr {addr} --input '[1,2,3,4,5,6,7,8,9,10]'",
         embedded::DEMO_MODEL
     );
-    shutdown_signal().await;
+    kiln::shutdown_signal().await;
     kiln::say!("Shutting down…");
     cluster.stop().await
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Serving commands that probe graphics adapters: quiet on a machine with no display.
+    if matches!(
+        cli.command,
+        Command::Up(_) | Command::Worker { .. } | Command::Bench { .. }
+    ) {
+        kiln::headless::quiet_vulkan_probe();
+    }
+    run(cli)
+}
+
+#[tokio::main]
+async fn run(cli: Cli) -> std::process::ExitCode {
     // Only the serving processes trace; client commands just log.
     let service = match &cli.command {
         Command::Up(_) => Some("kiln"),
@@ -597,7 +517,8 @@ async fn main() -> std::process::ExitCode {
         Command::Scheduler { .. } => Some("kiln-scheduler"),
         _ => None,
     };
-    let telemetry = match kiln::telemetry::init(&cli.log, cli.log_format, &cli.trace, service) {
+    let telemetry = match kiln_telemetry::setup::init(&cli.log, cli.log_format, &cli.trace, service)
+    {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -607,52 +528,6 @@ async fn main() -> std::process::ExitCode {
     let result: anyhow::Result<()> = async {
         match cli.command {
             Command::Up(args) => up(args).await,
-            Command::BenchOip { addr, model, input, width, output, concurrency, batch, seconds } => {
-                anyhow::ensure!(seconds > 0, "--seconds must be at least 1");
-                anyhow::ensure!(width > 0, "--width must be at least 1");
-                anyhow::ensure!(
-                    concurrency.iter().all(|n| (1..=4096).contains(n)),
-                    "--concurrency takes values from 1 to 4096"
-                );
-                anyhow::ensure!(
-                    batch.iter().all(|n| (1..=1 << 20).contains(n)),
-                    "--batch takes values from 1 to 1048576"
-                );
-                let load = kiln::bench::OipLoad {
-                    addr,
-                    model,
-                    input,
-                    width,
-                    output,
-                    concurrency,
-                    batch,
-                    duration: std::time::Duration::from_secs(seconds),
-                };
-                kiln::bench::run_oip(load).await?;
-                Ok(())
-            }
-            Command::BenchFloor { listen, model, inputs, outputs, max_batch_size } => {
-                let listener = tokio::net::TcpListener::bind(listen).await?;
-                kiln::say!("floor server on {}", listener.local_addr()?);
-                let config = kiln::bench_floor::FloorConfig { model, inputs, outputs, max_batch_size };
-                kiln::bench_floor::serve(config, listener, async {
-                    let _ = tokio::signal::ctrl_c().await;
-                })
-                .await?;
-                Ok(())
-            }
-            Command::BenchOtlpSink { listen, count_file } => {
-                let listener = tokio::net::TcpListener::bind(listen)
-                    .await
-                    .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
-                kiln::say!("OTLP sink on {}", listener.local_addr()?);
-                kiln::otlp_sink::serve(listener, count_file, shutdown_signal()).await
-            }
-            Command::BenchPlacement { workers, versions, replicas } => {
-                let report = kiln::bench_placement::run(workers, versions, replicas).await?;
-                kiln::say!("{}", report.markdown().trim_end());
-                Ok(())
-            }
             Command::Status { json, addr } => {
                 kiln::say!("{}", client::cluster_status(&addr, json).await?.trim_end());
                 Ok(())
@@ -666,7 +541,7 @@ async fn main() -> std::process::ExitCode {
                     addr_file,
                     metrics_addr: cluster.metrics_addr,
                 };
-                kiln::cluster::scheduler(cluster.config(), args, shutdown_signal()).await
+                kiln::cluster::scheduler(cluster.config(), args, kiln::shutdown_signal()).await
             }
             Command::Worker { cluster, id, listen, advertise, device, model_memory_mib, addr_file } => {
                 let args = kiln::cluster::WorkerArgs {
@@ -678,7 +553,7 @@ async fn main() -> std::process::ExitCode {
                     memory_bytes: model_memory_mib.saturating_mul(1024 * 1024),
                     metrics_addr: cluster.metrics_addr,
                 };
-                kiln::cluster::worker(cluster.config(), args, shutdown_signal()).await
+                kiln::cluster::worker(cluster.config(), args, kiln::shutdown_signal()).await
             }
             Command::Gateway { cluster, listen, max_message_mib, default_timeout_ms, addr_file } => {
                 if max_message_mib == 0 || max_message_mib > 2047 {
@@ -694,7 +569,7 @@ async fn main() -> std::process::ExitCode {
                     addr_file,
                     metrics_addr: cluster.metrics_addr,
                 };
-                kiln::cluster::gateway(cluster.config(), args, shutdown_signal()).await
+                kiln::cluster::gateway(cluster.config(), args, kiln::shutdown_signal()).await
             }
             Command::Bench { concurrency, batch, seconds, device, hidden, output } => {
                 if concurrency.iter().chain(&batch).any(|n| *n == 0 || *n > 4096) || seconds == 0 {

@@ -349,21 +349,8 @@ pub fn read_job_file(path: &Path) -> anyhow::Result<JobFile> {
 }
 
 async fn client(addr: &str) -> anyhow::Result<TrainingClient<Channel>> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let channel = Channel::from_shared(url)
-        .with_context(|| format!("bad address {addr}"))?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach Kiln at {addr}; is `kiln up` running?"))?;
+    let channel = crate::client::channel(addr).await?;
     Ok(TrainingClient::new(channel).max_encoding_message_size(256 * 1024 * 1024))
-}
-
-fn status(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
 }
 
 fn metrics_line(m: &pb::EpochMetrics) -> String {
@@ -387,7 +374,7 @@ pub async fn watch(addr: &str, id: &str, epochs: u32) -> anyhow::Result<pb::Trai
     let mut events = client
         .watch_training_job(pb::WatchTrainingJobRequest { id: id.into() })
         .await
-        .map_err(status)?
+        .map_err(crate::client::status)?
         .into_inner();
     let bar = ProgressBar::new(u64::from(epochs));
     bar.set_style(
@@ -396,7 +383,7 @@ pub async fn watch(addr: &str, id: &str, epochs: u32) -> anyhow::Result<pb::Trai
             .progress_chars("=> "),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
-    while let Some(e) = events.message().await.map_err(status)? {
+    while let Some(e) = events.message().await.map_err(crate::client::status)? {
         match &e.event {
             Some(Event::Queued(_)) => bar.set_message("queued"),
             Some(Event::Started(worker)) => bar.set_message(format!("started on {worker}")),
@@ -463,7 +450,7 @@ pub async fn train(
             idempotency_key: key.unwrap_or_default(),
         })
         .await
-        .map_err(status)?
+        .map_err(crate::client::status)?
         .into_inner();
     crate::say!("submitted job {}", job.id);
     if detach {
@@ -535,7 +522,7 @@ pub async fn upload(
         .await?
         .upload_dataset(futures::stream::iter(chunks))
         .await
-        .map_err(status)?
+        .map_err(crate::client::status)?
         .into_inner();
     Ok(format!(
         "dataset {} ({}): {} rows, features {}, label {}, sha256 {}{}",
@@ -559,7 +546,7 @@ pub async fn datasets(addr: &str) -> anyhow::Result<String> {
         .await?
         .list_datasets(pb::ListDatasetsRequest {})
         .await
-        .map_err(status)?
+        .map_err(crate::client::status)?
         .into_inner()
         .datasets;
     let mut out = format!(
@@ -585,23 +572,31 @@ pub async fn delete_dataset(addr: &str, id: &str) -> anyhow::Result<String> {
         .await?
         .delete_dataset(pb::DeleteDatasetRequest { id: id.into() })
         .await
-        .map_err(status)?;
+        .map_err(crate::client::status)?;
     Ok(format!("deleted dataset {id}"))
 }
 
-/// `kiln jobs plot ID -o FILE`: the loss and accuracy curves as a PNG.
+/// `kiln jobs plot ID -o FILE`: the loss and accuracy curves as a PNG (SVG for `.svg`).
 pub async fn plot(addr: &str, id: &str, out: &Path) -> anyhow::Result<String> {
     let j = client(addr)
         .await?
         .get_training_job(pb::GetTrainingJobRequest { id: id.into() })
         .await
-        .map_err(status)?
+        .map_err(crate::client::status)?
         .into_inner();
     if j.history.is_empty() {
         bail!("job {id} has no finished epoch to plot yet");
     }
-    let png = crate::plot::curves(&j.history).png();
-    std::fs::write(out, png).with_context(|| format!("cannot write {}", out.display()))?;
+    let svg = out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
+    let bytes = if svg {
+        crate::plot::svg(&j.history).map(String::into_bytes)
+    } else {
+        crate::plot::png(&j.history)
+    }
+    .map_err(|e| anyhow::anyhow!(e))?;
+    std::fs::write(out, bytes).with_context(|| format!("cannot write {}", out.display()))?;
     Ok(format!(
         "wrote {} epochs of job {id} to {}",
         j.history.len(),
@@ -615,7 +610,7 @@ pub async fn watch_job(addr: &str, id: &str) -> anyhow::Result<String> {
         .await?
         .get_training_job(pb::GetTrainingJobRequest { id: id.into() })
         .await
-        .map_err(status)?
+        .map_err(crate::client::status)?
         .into_inner();
     let end = watch(addr, id, job.epochs).await?;
     describe_end(&end)
@@ -638,7 +633,7 @@ pub async fn list(addr: &str) -> anyhow::Result<String> {
         .await?
         .list_training_jobs(pb::ListTrainingJobsRequest {})
         .await
-        .map_err(status)?
+        .map_err(crate::client::status)?
         .into_inner()
         .jobs;
     let mut out = format!(
@@ -669,7 +664,7 @@ pub async fn show(addr: &str, id: &str, json: bool) -> anyhow::Result<String> {
         .await?
         .get_training_job(pb::GetTrainingJobRequest { id: id.into() })
         .await
-        .map_err(status)?
+        .map_err(crate::client::status)?
         .into_inner();
     if json {
         let history: Vec<serde_json::Value> = j
@@ -762,7 +757,7 @@ pub async fn cancel(addr: &str, id: &str) -> anyhow::Result<String> {
         .await?
         .cancel_training_job(pb::CancelTrainingJobRequest { id: id.into() })
         .await
-        .map_err(status)?
+        .map_err(crate::client::status)?
         .into_inner();
     Ok(format!("job {} is {}", j.id, state_name(j.state)))
 }

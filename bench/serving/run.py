@@ -25,6 +25,7 @@ import tritonclient.grpc as grpcclient
 
 ROOT = Path(__file__).resolve().parents[2]
 KILN = os.environ["KILN_BIN"]
+KILN_BENCH = os.environ["KILN_BENCH_BIN"]
 MLSERVER_PY = os.environ["KILN_BENCH_MLSERVER_PY"]
 PYTRITON_PY = os.environ["KILN_BENCH_PYTRITON_PY"]
 SECONDS = int(os.environ.get("KILN_BENCH_SECONDS", "5"))
@@ -101,11 +102,11 @@ def check_answers(server, model_dir, output=None, column=0):
 
 
 def load(server, output=None, concurrency=CONCURRENCY, batch=BATCH, seconds=SECONDS):
-    """One `kiln bench-oip` run per cell, with the server's CPU time over the cell."""
+    """One `kiln-bench oip` run per cell, with the server's CPU time over the cell."""
     cells = []
     for b in batch:
         for c in concurrency:
-            argv = [KILN, "bench-oip", "--addr", server.addr, "--model", "mlp",
+            argv = [KILN_BENCH, "oip", "--addr", server.addr, "--model", "mlp",
                     "--concurrency", str(c), "--batch", str(b), "--seconds", str(seconds)]
             if output:
                 argv += ["--output", output]
@@ -147,7 +148,7 @@ def serving(work, model_dir):
     # (each idle while the other is measured) for the alternating rounds below.
     kiln = serve_kiln(work, model_dir, "serving")
     port = free_port()
-    floor = Server("tonic floor", [KILN, "bench-floor", "--listen", f"127.0.0.1:{port}",
+    floor = Server("tonic floor", [KILN_BENCH, "floor", "--listen", f"127.0.0.1:{port}",
                                    "--model", "mlp"], f"127.0.0.1:{port}",
                    open(work / "floor.log", "wb"))
     rounds = []
@@ -297,7 +298,7 @@ def report(meta, serve, shards, dp):
              f"{meta['os']}; {meta['kiln']}, MLServer {meta['mlserver']} (scikit-learn "
              f"{meta['scikit-learn']}), PyTriton {meta['nvidia-pytriton']}. "
              f"{meta['seconds_per_cell']} s per cell. Raw numbers: `bench/serving/results.json`.\n"]
-    lines.append("### Throughput and latency, same client (`kiln bench-oip`), same network\n")
+    lines.append("### Throughput and latency, same client (`kiln-bench oip`), same network\n")
     lines.append(fmt(serve, [
         ("server", lambda c: c["server"]), ("concurrency", lambda c: str(c["concurrency"])),
         ("batch", lambda c: str(c["batch"])),

@@ -1,5 +1,5 @@
 """The tracing benchmark (run by bench/tracing/run.sh): `kiln up` with one worker serves
-the demo model; `kiln bench-oip` loads it at concurrency 32, batch 1, with tracing off,
+the demo model; `kiln-bench oip` loads it at concurrency 32, batch 1, with tracing off,
 at 1% and at 100% sampling, in alternating rounds; an OTLP sink counts the spans that
 arrive. Standard library only."""
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 KILN = os.environ["KILN_BIN"]
+KILN_BENCH = os.environ["KILN_BENCH_BIN"]
 SECONDS = int(os.environ.get("KILN_BENCH_SECONDS", "10"))
 ROUNDS = int(os.environ.get("KILN_BENCH_ROUNDS", "3"))
 CONCURRENCY, BATCH = 32, 1
@@ -73,7 +74,7 @@ def run(work, mode, sink, sink_pid, count_file):
         before = int(count_file.read_text() or 0)
         cpu_before = cpu_seconds(up.pid)
         sink_before = cpu_seconds(sink_pid)
-        out = subprocess.run([KILN, "bench-oip", "--addr", addr, "--model", "demo-mlp",
+        out = subprocess.run([KILN_BENCH, "oip", "--addr", addr, "--model", "demo-mlp",
                               "--concurrency", str(CONCURRENCY), "--batch", str(BATCH),
                               "--seconds", str(SECONDS)],
                              capture_output=True, text=True, timeout=SECONDS + 120)
@@ -115,7 +116,7 @@ def instructions(work, mode, sink):
                           env=env)
 
     def load(seconds):
-        return subprocess.run([KILN, "bench-oip", "--addr", addr, "--model", "demo-mlp",
+        return subprocess.run([KILN_BENCH, "oip", "--addr", addr, "--model", "demo-mlp",
                                "--concurrency", str(CALLGRIND_CONCURRENCY), "--batch", "1",
                                "--seconds", str(seconds)],
                               capture_output=True, text=True, timeout=seconds + 300)
@@ -167,11 +168,11 @@ def report(meta, cells):
     off_of = {c.get("round"): c["requests_per_s"] for c in by_mode["off"]}
     lines = ["## Tracing overhead\n",
              f"Written by `bench/tracing/run.sh` on {meta['date']}: {meta['machine']}. `kiln up` "
-             f"with one CPU worker serves the demo model (10→64→1); `kiln bench-oip` sends "
+             f"with one CPU worker serves the demo model (10→64→1); `kiln-bench oip` sends "
              f"ModelInfer at concurrency {CONCURRENCY}, batch {BATCH}, {SECONDS} s a run, from "
              f"the same cores; {ROUNDS} rounds of the three settings, each round starting with "
              f"the next one, each run on a fresh "
-             f"`kiln up`. Spans go over OTLP/gRPC to `kiln bench-otlp-sink` on loopback (it "
+             f"`kiln up`. Spans go over OTLP/gRPC to `kiln-bench otlp-sink` on loopback (it "
              f"counts them, decoding no more than that, and keeps none), with the batch "
              f"processor's defaults but a 500 ms "
              f"schedule. The median round is reported; \"vs off\" is the median over rounds of "
@@ -198,7 +199,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-tracing-"))
     port = free_port()
     count_file = work / "spans"
-    sink = subprocess.Popen([KILN, "bench-otlp-sink", "--listen", f"127.0.0.1:{port}",
+    sink = subprocess.Popen([KILN_BENCH, "otlp-sink", "--listen", f"127.0.0.1:{port}",
                              "--count-file", str(count_file)],
                             stdout=subprocess.DEVNULL, stderr=open(work / "sink.log", "wb"))
     try:

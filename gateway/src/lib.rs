@@ -148,7 +148,16 @@ pub async fn serve(
     health_reporter
         .set_serving::<GrpcInferenceServiceServer<oip::InferenceService>>()
         .await;
-    let reflection = kiln_proto::reflection()
+    // Reflection lists what this port answers: kiln.v1.Training only when it is routed.
+    let mut served = vec![
+        "inference.GRPCInferenceService",
+        "kiln.v1.Models",
+        "kiln.v1.Cluster",
+    ];
+    if !matches!(config.training, TrainingRoute::Off) {
+        served.push("kiln.v1.Training");
+    }
+    let reflection = kiln_rpc::reflection(&served)
         .expect("the descriptor sets are generated at build time and always valid");
     let inference = GrpcInferenceServiceServer::new(oip::InferenceService {
         shared: shared.clone(),
@@ -193,14 +202,15 @@ pub async fn serve(
     let limit = config.max_message_bytes;
     tonic::transport::Server::builder()
         // A server span per call, continuing the caller's trace.
-        .layer(kiln_proto::trace::ServerLayer)
+        .layer(kiln_telemetry::trace::ServerLayer)
         // tonic refuses an oversized request with OUT_OF_RANGE; the protocol (and Triton)
         // answer RESOURCE_EXHAUSTED, naming the limit.
         .layer(tower::util::MapResponseLayer::new(move |response| {
             oversized_is_resource_exhausted(response, limit)
         }))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection.v1)
+        .add_service(reflection.v1alpha)
         .add_service(inference)
         .add_service(models)
         .add_optional_service(training)
@@ -209,6 +219,6 @@ pub async fn serve(
                 shared: shared_for_cluster,
             },
         ))
-        .serve_with_incoming_shutdown(kiln_proto::net::incoming(listener), on_shutdown)
+        .serve_with_incoming_shutdown(kiln_rpc::net::incoming(listener), on_shutdown)
         .await
 }

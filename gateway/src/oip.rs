@@ -76,13 +76,13 @@ impl Shared {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (entry, version) = view.resolve_request(&req.model_name, &req.model_version, ticket)?;
         let key = version.key();
-        kiln_proto::trace::attributes(|| {
+        kiln_telemetry::trace::attributes(|| {
             vec![
-                kiln_proto::trace::KeyValue::new(
+                kiln_telemetry::trace::KeyValue::new(
                     "kiln.model.name",
-                    kiln_proto::trace::name_value(&key.model),
+                    kiln_telemetry::trace::name_value(&key.model),
                 ),
-                kiln_proto::trace::KeyValue::new("kiln.model.version", key.version as i64),
+                kiln_telemetry::trace::KeyValue::new("kiln.model.version", key.version as i64),
             ]
         });
         let _in_flight = self.stats.in_flight(&key);
@@ -103,7 +103,7 @@ impl Shared {
                 },
             )?;
             let input = decoding.elapsed();
-            kiln_proto::trace::attribute("kiln.batch_size", features.rows as i64);
+            kiln_telemetry::trace::attribute("kiln.batch_size", features.rows as i64);
             let sharding = Sharding {
                 threshold: deployment
                     .shard_rows
@@ -232,7 +232,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<oip::ModelInferRequest>,
     ) -> Result<Response<oip::ModelInferResponse>, Status> {
-        let timeout = kiln_proto::deadline::from_metadata(request.metadata());
+        let timeout = kiln_rpc::deadline::from_metadata(request.metadata());
         let response = self.shared.infer(request.into_inner(), timeout).await?;
         Ok(Response::new(response))
     }
@@ -247,15 +247,15 @@ impl GrpcInferenceService for InferenceService {
         let shared = self.shared.clone();
         // The call's context, taken now: the answers are made as the response body is
         // read, outside the call's own future.
-        let call = kiln_proto::trace::current();
+        let call = kiln_telemetry::trace::current();
         let answers = request
             .into_inner()
             .map(move |item| {
                 let shared = shared.clone();
                 // Each request of the stream is a span of its own under the call's.
-                let cx = kiln_proto::trace::start(
+                let cx = kiln_telemetry::trace::start(
                     "ModelStreamInfer request",
-                    kiln_proto::trace::SpanKind::Internal,
+                    kiln_telemetry::trace::SpanKind::Internal,
                     &call,
                     Vec::new,
                 );
@@ -263,12 +263,12 @@ impl GrpcInferenceService for InferenceService {
                     let req = item?;
                     let id = req.id.clone();
                     let recorded = cx.clone();
-                    let answer = kiln_proto::trace::scoped(cx, shared.infer(req, None))
+                    let answer = kiln_telemetry::trace::scoped(cx, shared.infer(req, None))
                         .await
                         .map_err(Status::from);
                     if let Some(cx) = &recorded {
                         let code = answer.as_ref().err().map_or(0, |s| s.code() as i64);
-                        kiln_proto::trace::record_code(cx, code);
+                        kiln_telemetry::trace::record_code(cx, code);
                     }
                     Ok(match answer {
                         Ok(response) => oip::ModelStreamInferResponse {

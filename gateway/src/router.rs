@@ -8,16 +8,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use kiln_proto::kiln::internal::v1 as pb;
 use kiln_proto::kiln::internal::v1::worker_client::WorkerClient;
-use kiln_proto::local::Transport;
 use kiln_registry::WatchedView;
 use kiln_registry::records::VersionKey;
+use kiln_rpc::local::Transport;
 use kiln_scheduler::plan::{ReplicaLoad, choose_replica, mix64, plan_shards};
-use tonic::transport::Endpoint;
 
 use crate::{Error, Result};
 
@@ -85,12 +84,9 @@ impl Router {
         if let Some(r) = map.get(address) {
             return Ok((r.client.clone(), r.load.clone()));
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| Error::Internal(format!("worker address {address}: {e}")))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2));
-        // A worker in this process is called without a socket (see `kiln_proto::local`).
-        let transport = kiln_proto::local::transport(address, || endpoint.connect_lazy());
+        // A worker in this process is called without a socket (see `kiln_rpc::local`).
+        let transport = kiln_rpc::channel::transport(address)
+            .map_err(|e| Error::Internal(format!("worker address: {e}")))?;
         let client = WorkerClient::new(transport)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);
@@ -181,20 +177,20 @@ impl Router {
                 deadline,
             )
         });
-        let fan_out = kiln_proto::trace::start(
+        let fan_out = kiln_telemetry::trace::start(
             "shard fan-out",
-            kiln_proto::trace::SpanKind::Internal,
-            &kiln_proto::trace::current(),
+            kiln_telemetry::trace::SpanKind::Internal,
+            &kiln_telemetry::trace::current(),
             || {
                 vec![
-                    kiln_proto::trace::KeyValue::new("kiln.shards", plan.shards.len() as i64),
-                    kiln_proto::trace::KeyValue::new("kiln.batch_size", rows as i64),
+                    kiln_telemetry::trace::KeyValue::new("kiln.shards", plan.shards.len() as i64),
+                    kiln_telemetry::trace::KeyValue::new("kiln.batch_size", rows as i64),
                 ]
             },
         );
         // The first shard that fails for good fails the request; the others are dropped.
         let answers =
-            kiln_proto::trace::scoped(fan_out, futures::future::try_join_all(calls)).await?;
+            kiln_telemetry::trace::scoped(fan_out, futures::future::try_join_all(calls)).await?;
         let cols = answers.first().map_or(0, |a| a.cols);
         if answers.iter().any(|a| a.cols != cols) {
             return Err(Error::Internal(
@@ -285,7 +281,7 @@ impl Router {
                     }
                     tracing::debug!(%address, error = %error, "replica failed; trying another");
                     self.stats.retried(key);
-                    kiln_proto::trace::event(
+                    kiln_telemetry::trace::event(
                         "retry",
                         &[("server.address", &address), ("error", &error.to_string())],
                     );

@@ -5,8 +5,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use kiln_proto::inference as oip;
-use kiln_proto::metrics::{Histogram, ROWS_BOUNDS, SECONDS_BOUNDS};
 use kiln_registry::records::{VersionKey, now_unix_ms};
+use kiln_telemetry::metrics::{Histogram, ROWS_BOUNDS, SECONDS_BOUNDS};
 
 #[derive(Default, Clone, Copy)]
 struct Counter {
@@ -263,7 +263,7 @@ impl Stats {
                     let _ = writeln!(
                         out,
                         "{name}{{model=\"{}\",version=\"{}\"{outcome}}} {value}",
-                        kiln_proto::metrics::label(&key.model),
+                        kiln_telemetry::metrics::label(&key.model),
                         key.version
                     );
                 }
@@ -292,7 +292,7 @@ impl Stats {
                 for (outcome, h) in parts(&map[*key].histograms) {
                     let mut labels = format!(
                         "model=\"{}\",version=\"{}\"",
-                        kiln_proto::metrics::label(&key.model),
+                        kiln_telemetry::metrics::label(&key.model),
                         key.version
                     );
                     if !outcome.is_empty() {
@@ -311,7 +311,7 @@ impl Stats {
             let _ = writeln!(
                 out,
                 "{name}{{model=\"{}\",version=\"{}\"}} {}",
-                kiln_proto::metrics::label(&key.model),
+                kiln_telemetry::metrics::label(&key.model),
                 key.version,
                 map[*key]
                     .in_flight

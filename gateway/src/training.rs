@@ -9,9 +9,8 @@ use kiln_proto::kiln::v1::training_client::TrainingClient;
 use kiln_proto::kiln::v1::training_server::Training;
 use std::sync::Mutex;
 
-use kiln_proto::trace::TracedChannel;
 use kiln_registry::WatchedView;
-use tonic::transport::Endpoint;
+use kiln_telemetry::trace::TracedChannel;
 use tonic::{Request, Response, Status};
 
 /// Where training calls go.
@@ -36,13 +35,10 @@ fn client_for(
     address: &str,
     max_message_bytes: usize,
 ) -> Result<TrainingClient<TracedChannel>, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("scheduler address {address}: {e}"))?;
-    Ok(
-        TrainingClient::new(TracedChannel::new(endpoint.connect_lazy(), address))
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes),
-    )
+    let channel = kiln_rpc::channel::traced(address).map_err(|e| format!("scheduler: {e}"))?;
+    Ok(TrainingClient::new(channel)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes))
 }
 
 impl TrainingProxy {
@@ -91,7 +87,7 @@ impl TrainingProxy {
 
 /// Pass the caller's deadline on.
 fn forward<T>(request: Request<T>) -> Request<T> {
-    let timeout = kiln_proto::deadline::from_metadata(request.metadata());
+    let timeout = kiln_rpc::deadline::from_metadata(request.metadata());
     let mut forwarded = Request::new(request.into_inner());
     if let Some(t) = timeout {
         forwarded.set_timeout(t);
@@ -142,7 +138,7 @@ impl Training for TrainingProxy {
         &self,
         request: Request<tonic::Streaming<pb::UploadDatasetChunk>>,
     ) -> Result<Response<pb::DatasetInfo>, Status> {
-        let timeout = kiln_proto::deadline::from_metadata(request.metadata());
+        let timeout = kiln_rpc::deadline::from_metadata(request.metadata());
         // A broken client stream ends the forwarded one early; the scheduler then sees
         // fewer bytes than the header announced and keeps nothing.
         let chunks = request

@@ -1,5 +1,8 @@
 //! NumPy `.npy` files (format versions 1, 2 and 3) read into FP32 for training: numeric
-//! dtypes of either byte order, C or Fortran order, one or two dimensions.
+//! dtypes of either byte order, C or Fortran order, one or two dimensions. The format is
+//! read by the `npyz` crate; this module decides what training accepts and says why not.
+
+use npyz::{DType, NpyFile, NpyHeader, Order, TypeChar};
 
 use crate::{Error, Result};
 
@@ -35,81 +38,44 @@ fn invalid<T>(what: &str, message: impl std::fmt::Display) -> Result<T> {
     Err(Error::Invalid(format!("{what}: {message}")))
 }
 
-/// The value text of `'key':` in the header dict, up to the next top-level comma or brace.
-fn header_value<'h>(header: &'h str, key: &str) -> Option<&'h str> {
-    let at = header
-        .find(&format!("'{key}'"))
-        .or_else(|| header.find(&format!("\"{key}\"")))?;
-    let rest = header[at + key.len() + 2..]
-        .trim_start()
-        .strip_prefix(':')?;
-    let rest = rest.trim_start();
-    let end = if rest.starts_with('(') {
-        rest.find(')')? + 1
-    } else {
-        rest.find([',', '}']).unwrap_or(rest.len())
+/// The elements of `file` as FP32, read as their stored type and converted.
+fn values(what: &str, file: NpyFile<&[u8]>, kind: TypeChar, size: u64) -> Result<Vec<f32>> {
+    fn read<T: npyz::Deserialize>(
+        file: NpyFile<&[u8]>,
+        to_f32: impl Fn(T) -> f32,
+    ) -> std::io::Result<Vec<f32>> {
+        Ok(file.into_vec::<T>()?.into_iter().map(to_f32).collect())
+    }
+    let read = match (kind, size) {
+        (TypeChar::Float, 4) => read(file, |v: f32| v),
+        (TypeChar::Float, 8) => read(file, |v: f64| v as f32),
+        (TypeChar::Int, 1) => read(file, |v: i8| f32::from(v)),
+        (TypeChar::Int, 2) => read(file, |v: i16| f32::from(v)),
+        (TypeChar::Int, 4) => read(file, |v: i32| v as f32),
+        (TypeChar::Int, 8) => read(file, |v: i64| v as f32),
+        (TypeChar::Uint, 1) => read(file, |v: u8| f32::from(v)),
+        (TypeChar::Uint, 2) => read(file, |v: u16| f32::from(v)),
+        (TypeChar::Uint, 4) => read(file, |v: u32| v as f32),
+        (TypeChar::Uint, 8) => read(file, |v: u64| v as f32),
+        (TypeChar::Bool, 1) => read(file, |v: bool| f32::from(u8::from(v))),
+        _ => return invalid(what, "this dtype is not supported"),
     };
-    Some(rest[..end].trim())
+    read.map_err(|e| Error::Invalid(format!("{what}: the data cannot be read: {e}")))
 }
 
-/// How one element is stored.
-#[derive(Debug, Clone, Copy)]
-struct Dtype {
-    kind: u8,
-    size: usize,
-    big_endian: bool,
-}
-
-fn parse_dtype(what: &str, descr: &str) -> Result<Dtype> {
-    let d = descr.trim_matches(|c| c == '\'' || c == '"');
-    let bytes = d.as_bytes();
-    if bytes.len() < 3 {
-        return invalid(what, format!("dtype {descr} is not a numeric dtype"));
-    }
-    let big_endian = match bytes[0] {
-        b'<' | b'|' | b'=' => false,
-        b'>' => true,
-        _ => return invalid(what, format!("dtype {descr} is not a numeric dtype")),
+/// Whether the file is shorter than its own header says: the magic, the format version,
+/// the header's length (2 bytes in version 1, 4 in versions 2 and 3) and the header.
+fn truncated_header(bytes: &[u8]) -> bool {
+    let declared = match bytes.get(6) {
+        Some(1) => bytes
+            .get(8..10)
+            .map(|l| 10 + usize::from(u16::from_le_bytes([l[0], l[1]]))),
+        Some(_) => bytes
+            .get(8..12)
+            .map(|l| 12 + u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize),
+        None => None,
     };
-    let kind = bytes[1];
-    let size: usize = d[2..]
-        .parse()
-        .map_err(|_| Error::Invalid(format!("{what}: dtype {descr} is not a numeric dtype")))?;
-    let supported = matches!(
-        (kind, size),
-        (b'f', 4 | 8) | (b'i', 1 | 2 | 4 | 8) | (b'u', 1 | 2 | 4 | 8) | (b'b', 1)
-    );
-    if !supported {
-        return invalid(
-            what,
-            format!("dtype {descr} is not supported (use float32/64, int8–64, uint8–64 or bool)"),
-        );
-    }
-    Ok(Dtype {
-        kind,
-        size,
-        big_endian,
-    })
-}
-
-fn element(dtype: Dtype, raw: &[u8]) -> f32 {
-    let mut b = [0u8; 8];
-    b[..dtype.size].copy_from_slice(raw);
-    if dtype.big_endian {
-        b[..dtype.size].reverse();
-    }
-    match (dtype.kind, dtype.size) {
-        (b'f', 4) => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        (b'f', _) => f64::from_le_bytes(b) as f32,
-        (b'i', 1) => f32::from(b[0] as i8),
-        (b'i', 2) => f32::from(i16::from_le_bytes([b[0], b[1]])),
-        (b'i', 4) => i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32,
-        (b'i', _) => i64::from_le_bytes(b) as f32,
-        (b'u', 1) | (b'b', _) => f32::from(b[0]),
-        (b'u', 2) => f32::from(u16::from_le_bytes([b[0], b[1]])),
-        (b'u', 4) => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32,
-        _ => u64::from_le_bytes(b) as f32,
-    }
+    declared.is_none_or(|end| bytes.len() < end)
 }
 
 /// Read a `.npy` file; `what` names it in errors (e.g. `features.npy`).
@@ -117,55 +83,52 @@ pub fn parse(what: &str, bytes: &[u8]) -> Result<NpyArray> {
     if !is_npy(bytes) {
         return invalid(what, "not a NumPy .npy file (the magic bytes are missing)");
     }
-    let (major, rest) = match bytes.get(6..8) {
-        Some(v) => (v[0], &bytes[8..]),
-        None => return invalid(what, "the file ends inside its header"),
-    };
-    let (header_len, rest) = match major {
-        1 => match rest.get(..2) {
-            Some(l) => (usize::from(u16::from_le_bytes([l[0], l[1]])), &rest[2..]),
-            None => return invalid(what, "the file ends inside its header"),
-        },
-        2 | 3 => match rest.get(..4) {
-            Some(l) => (
-                u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize,
-                &rest[4..],
-            ),
-            None => return invalid(what, "the file ends inside its header"),
-        },
-        v => return invalid(what, format!("format version {v} is not supported")),
-    };
-    let Some(header) = rest.get(..header_len) else {
+    if truncated_header(bytes) {
         return invalid(what, "the file ends inside its header");
+    }
+    let mut data = bytes;
+    let header = NpyHeader::from_reader(&mut data)
+        .map_err(|e| Error::Invalid(format!("{what}: the header cannot be read: {e}")))?;
+    let file = NpyFile::with_header(header, data);
+    let descr = file.dtype().descr();
+    let (kind, size) = match file.dtype() {
+        DType::Plain(t) => (t.type_char(), t.size_field()),
+        _ => {
+            return invalid(
+                what,
+                "structured dtypes are not supported; save a plain array",
+            );
+        }
     };
-    let header = std::str::from_utf8(header)
-        .map_err(|_| Error::Invalid(format!("{what}: the header is not text")))?;
-    let data = &rest[header_len..];
-    let descr = header_value(header, "descr")
-        .ok_or_else(|| Error::Invalid(format!("{what}: the header has no 'descr'")))?;
-    if descr.starts_with('[') {
+    let supported = matches!(
+        (kind, size),
+        (TypeChar::Float, 4 | 8)
+            | (TypeChar::Int | TypeChar::Uint, 1 | 2 | 4 | 8)
+            | (TypeChar::Bool, 1)
+    );
+    if !supported {
         return invalid(
             what,
-            "structured dtypes are not supported; save a plain array",
+            format!("dtype {descr} is not supported (use float32/64, int8–64, uint8–64 or bool)"),
         );
     }
-    let dtype = parse_dtype(what, descr)?;
-    let fortran = match header_value(header, "fortran_order") {
-        Some("True") => true,
-        Some("False") => false,
-        _ => return invalid(what, "the header has no 'fortran_order'"),
+    // The shape as NumPy prints it: (2, 3), (5,) or ().
+    let shape_text = match file.shape() {
+        [one] => format!("({one},)"),
+        dims => format!(
+            "({})",
+            dims.iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
-    let shape_text = header_value(header, "shape")
-        .ok_or_else(|| Error::Invalid(format!("{what}: the header has no 'shape'")))?;
-    let shape: Vec<usize> = shape_text
-        .trim_start_matches('(')
-        .trim_end_matches(')')
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| p.trim_end_matches('L').parse::<usize>())
+    let shape: Vec<usize> = file
+        .shape()
+        .iter()
+        .map(|d| usize::try_from(*d))
         .collect::<std::result::Result<_, _>>()
-        .map_err(|_| Error::Invalid(format!("{what}: shape {shape_text} is not a shape")))?;
+        .map_err(|_| Error::Invalid(format!("{what}: shape {shape_text} is too large")))?;
     if shape.is_empty() || shape.len() > 2 {
         return invalid(
             what,
@@ -179,23 +142,21 @@ pub fn parse(what: &str, bytes: &[u8]) -> Result<NpyArray> {
         .iter()
         .try_fold(1usize, |n, d| n.checked_mul(*d))
         .ok_or_else(|| Error::Invalid(format!("{what}: shape {shape_text} is too large")))?;
+    let element = size as usize;
     let expected = count
-        .checked_mul(dtype.size)
+        .checked_mul(element)
         .ok_or_else(|| Error::Invalid(format!("{what}: shape {shape_text} is too large")))?;
     if data.len() != expected {
         return invalid(
             what,
             format!(
-                "shape {shape_text} of {}-byte elements needs {expected} bytes of data, the file has {}",
-                dtype.size,
+                "shape {shape_text} of {element}-byte elements needs {expected} bytes of data, the file has {}",
                 data.len()
             ),
         );
     }
-    let mut values: Vec<f32> = data
-        .chunks_exact(dtype.size)
-        .map(|raw| element(dtype, raw))
-        .collect();
+    let fortran = file.order() == Order::Fortran;
+    let mut values = values(what, file, kind, size)?;
     if fortran && shape.len() == 2 {
         let (rows, cols) = (shape[0], shape[1]);
         let column_major = values;

@@ -570,41 +570,55 @@ pub struct ParsedRows {
 }
 
 /// Parse a CSV file with a header row: `label` names the label column, every other column
-/// is a feature. Errors name the row (1 = the first data row) and the column.
+/// is a feature. Quoting, a UTF-8 byte-order mark, CRLF line ends and blank lines are read
+/// as spreadsheets write them (the `csv` crate); cells are trimmed. Errors name the row
+/// (1 = the first data row) and the column.
 pub fn parse_csv(text: &str, label: &str) -> Result<ParsedRows> {
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines
-        .next()
-        .ok_or_else(|| Error::Invalid("the CSV file is empty".into()))?
-        .split(',')
-        .map(str::trim)
+    // Excel and Windows tools start UTF-8 files with a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(text.as_bytes());
+    let malformed = |e: csv::Error| Error::Invalid(format!("the CSV file cannot be read: {e}"));
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(malformed)?
+        .iter()
+        .map(str::to_owned)
         .collect();
-    let label_at = header.iter().position(|h| *h == label).ok_or_else(|| {
+    if header.is_empty() || header.iter().all(String::is_empty) {
+        return Err(Error::Invalid("the CSV file is empty".into()));
+    }
+    let label_at = header.iter().position(|h| h == label).ok_or_else(|| {
         Error::Invalid(format!(
             "the CSV file has no column named {label:?} (columns: {})",
             header.join(", ")
         ))
     })?;
     let (mut features, mut labels, mut rows) = (Vec::new(), Vec::new(), 0usize);
-    for (i, line) in lines.enumerate() {
-        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-        if cells.len() != header.len() {
+    let mut record = csv::StringRecord::new();
+    while reader.read_record(&mut record).map_err(malformed)? {
+        let row = rows + 1;
+        if record.iter().all(str::is_empty) {
+            continue;
+        }
+        if record.len() != header.len() {
             return Err(Error::Invalid(format!(
-                "CSV row {} has {} cells; the header has {}",
-                i + 1,
-                cells.len(),
+                "CSV row {row} has {} cells; the header has {}",
+                record.len(),
                 header.len()
             )));
         }
-        for (c, cell) in cells.iter().enumerate() {
+        for (c, cell) in record.iter().enumerate() {
             let value = cell
                 .parse::<f32>()
                 .ok()
                 .filter(|v| v.is_finite())
                 .ok_or_else(|| {
                     Error::Invalid(format!(
-                        "CSV row {}, column {:?}: {cell:?} is not a number",
-                        i + 1,
+                        "CSV row {row}, column {:?}: {cell:?} is not a number",
                         header[c]
                     ))
                 })?;
@@ -626,10 +640,10 @@ pub fn parse_csv(text: &str, label: &str) -> Result<ParsedRows> {
         labels,
         rows,
         feature_columns: header
-            .iter()
+            .into_iter()
             .enumerate()
             .filter(|(i, _)| *i != label_at)
-            .map(|(_, h)| (*h).to_owned())
+            .map(|(_, h)| h)
             .collect(),
     })
 }
@@ -705,4 +719,49 @@ pub struct DatasetRecord {
     /// sha256 of the labels file (NPY uploads).
     #[serde(default)]
     pub labels_sha256: String,
+}
+
+#[cfg(test)]
+mod csv_tests {
+    use super::*;
+
+    #[test]
+    fn quoted_fields_bom_and_crlf_read_as_spreadsheets_write_them() {
+        // A BOM, CRLF line ends, a quoted header cell with a comma and a quoted number.
+        let text = "\u{feff}\"weight, kg\",height,label\r\n70,\"1.8\",1\r\n\r\n55.5,1.6,0\r\n";
+        let parsed = parse_csv(text, "label").unwrap();
+        assert_eq!(parsed.feature_columns, ["weight, kg", "height"]);
+        assert_eq!(parsed.rows, 2);
+        assert_eq!(parsed.features, [70.0, 1.8, 55.5, 1.6]);
+        assert_eq!(parsed.labels, [1.0, 0.0]);
+    }
+
+    #[test]
+    fn the_label_column_can_be_quoted_and_named_with_a_comma() {
+        let parsed = parse_csv("x,\"y, class\"\n1,2\n", "y, class").unwrap();
+        assert_eq!(parsed.labels, [2.0]);
+        assert_eq!(parsed.feature_columns, ["x"]);
+    }
+
+    #[test]
+    fn errors_name_the_row_and_column() {
+        let e = parse_csv("a,b\n1,2\n3\n", "b").unwrap_err().to_string();
+        assert!(e.contains("CSV row 2 has 1 cells; the header has 2"), "{e}");
+        let e = parse_csv("a,b\n1,x\n", "b").unwrap_err().to_string();
+        assert!(
+            e.contains("CSV row 1, column \"b\": \"x\" is not a number"),
+            "{e}"
+        );
+        let e = parse_csv("a,b\n1,2\n", "c").unwrap_err().to_string();
+        assert!(e.contains("no column named \"c\" (columns: a, b)"), "{e}");
+        let e = parse_csv("a,b\n", "b").unwrap_err().to_string();
+        assert!(e.contains("a header but no rows"), "{e}");
+        let e = parse_csv("", "b").unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+        let e = parse_csv("a,b\n1,inf\n", "b").unwrap_err().to_string();
+        assert!(
+            e.contains("is not a number"),
+            "non-finite values are refused: {e}"
+        );
+    }
 }

@@ -66,18 +66,13 @@ fn worker_gone(s: &Status) -> bool {
 /// the inner one says why the worker could not be reached (the worker is lost).
 async fn connect(
     address: &str,
-) -> Result<Result<WorkerClient<kiln_proto::trace::TracedChannel>, String>, Status> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| Status::internal(e.to_string()))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5));
-    Ok(match endpoint.connect().await {
-        Ok(channel) => Ok(WorkerClient::new(kiln_proto::trace::TracedChannel::new(
-            channel, address,
-        ))
-        .max_decoding_message_size(256 * 1024 * 1024)
-        .max_encoding_message_size(256 * 1024 * 1024)),
-        Err(e) => Err(format!("unreachable: {e}")),
+) -> Result<Result<WorkerClient<kiln_telemetry::trace::TracedChannel>, String>, Status> {
+    Ok(match kiln_rpc::channel::connect_traced(address).await {
+        Ok(channel) => Ok(WorkerClient::new(channel)
+            .max_decoding_message_size(256 * 1024 * 1024)
+            .max_encoding_message_size(256 * 1024 * 1024)),
+        Err(kiln_rpc::Error::Unreachable { detail, .. }) => Err(format!("unreachable: {detail}")),
+        Err(_) => return Err(Status::internal("a worker's address is malformed")),
     })
 }
 
@@ -163,7 +158,7 @@ struct CoordinatorStats {
     /// Jobs ended, by final state: succeeded, failed, cancelled.
     ended: [u64; 3],
     /// Each epoch's wall time.
-    epoch_seconds: kiln_proto::metrics::Histogram,
+    epoch_seconds: kiln_telemetry::metrics::Histogram,
 }
 
 fn status(e: kiln_registry::Error) -> Status {
@@ -312,8 +307,8 @@ impl TrainingCoordinator {
             stopping: std::sync::atomic::AtomicBool::new(false),
             stats: Mutex::new(CoordinatorStats {
                 ended: [0; 3],
-                epoch_seconds: kiln_proto::metrics::Histogram::new(
-                    kiln_proto::metrics::LONG_SECONDS_BOUNDS,
+                epoch_seconds: kiln_telemetry::metrics::Histogram::new(
+                    kiln_telemetry::metrics::LONG_SECONDS_BOUNDS,
                 ),
             }),
         });

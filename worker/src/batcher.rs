@@ -44,7 +44,7 @@ struct Pending {
     reply: oneshot::Sender<Result<BatchReply>>,
     /// The request's trace context (the worker's `Infer` call): the parent of its
     /// queue-wait span, recorded when it leaves the queue, and what its batch links to.
-    trace: Option<kiln_proto::trace::Context>,
+    trace: Option<kiln_telemetry::trace::Context>,
 }
 
 impl Pending {
@@ -142,7 +142,7 @@ impl Batcher {
         deadline: Option<Instant>,
     ) -> Result<impl std::future::Future<Output = Result<BatchReply>> + use<>> {
         let (reply, rx) = oneshot::channel();
-        let trace = kiln_proto::trace::enabled().then(kiln_proto::trace::current);
+        let trace = kiln_telemetry::trace::enabled().then(kiln_telemetry::trace::current);
         let pending = Pending {
             features,
             rows,
@@ -245,7 +245,7 @@ async fn run(
 /// here, in one pass over the batch, rather than begun when each request is queued and
 /// carried through the queue.
 fn queue_waits(batch: &[Pending], now: Instant) {
-    if !kiln_proto::trace::enabled() {
+    if !kiln_telemetry::trace::enabled() {
         return;
     }
     let clock = std::time::SystemTime::now();
@@ -254,32 +254,40 @@ fn queue_waits(batch: &[Pending], now: Instant) {
             let waited = now.saturating_duration_since(p.enqueued);
             let queued = clock.checked_sub(waited).unwrap_or(clock);
             // Recorded and ended at once.
-            drop(kiln_proto::trace::Detached::start_at(
+            drop(kiln_telemetry::trace::Detached::start_at(
                 "queue wait",
                 cx,
                 queued,
-                || vec![kiln_proto::trace::KeyValue::new("kiln.rows", p.rows as i64)],
+                || {
+                    vec![kiln_telemetry::trace::KeyValue::new(
+                        "kiln.rows",
+                        p.rows as i64,
+                    )]
+                },
             ));
         }
     }
 }
 
-/// The span of one forward pass (see `kiln_proto::trace::batch`).
+/// The span of one forward pass (see `kiln_telemetry::trace::batch`).
 fn batch_span(
     key: &VersionKey,
     batch: &[Pending],
     rows: usize,
-) -> Option<kiln_proto::trace::Detached> {
-    if !kiln_proto::trace::enabled() {
+) -> Option<kiln_telemetry::trace::Detached> {
+    if !kiln_telemetry::trace::enabled() {
         return None;
     }
-    let requests: Vec<&kiln_proto::trace::Context> =
+    let requests: Vec<&kiln_telemetry::trace::Context> =
         batch.iter().filter_map(|p| p.trace.as_ref()).collect();
-    use kiln_proto::trace::KeyValue;
+    use kiln_telemetry::trace::KeyValue;
     let served = batch.len();
-    kiln_proto::trace::batch(&requests, || {
+    kiln_telemetry::trace::batch(&requests, || {
         vec![
-            KeyValue::new("kiln.model.name", kiln_proto::trace::name_value(&key.model)),
+            KeyValue::new(
+                "kiln.model.name",
+                kiln_telemetry::trace::name_value(&key.model),
+            ),
             KeyValue::new("kiln.model.version", key.version as i64),
             KeyValue::new("kiln.batch.rows", rows as i64),
             KeyValue::new("kiln.batch.requests", served as i64),

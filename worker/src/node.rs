@@ -96,7 +96,7 @@ struct State {
     /// Bytes of weights this worker may hold (0: no limit).
     memory_bytes: u64,
     /// How long model loads took, by outcome (success, failure).
-    load_seconds: Mutex<[kiln_proto::metrics::Histogram; 2]>,
+    load_seconds: Mutex<[kiln_telemetry::metrics::Histogram; 2]>,
     /// FP32 parameter bytes of each version served.
     weight_bytes: Mutex<HashMap<VersionKey, u64>>,
 }
@@ -142,7 +142,7 @@ pub async fn serve(
         last_used: Mutex::new(HashMap::new()),
         memory_bytes: config.memory_bytes,
         load_seconds: Mutex::new(std::array::from_fn(|_| {
-            kiln_proto::metrics::Histogram::new(kiln_proto::metrics::LONG_SECONDS_BOUNDS)
+            kiln_telemetry::metrics::Histogram::new(kiln_telemetry::metrics::LONG_SECONDS_BOUNDS)
         })),
         weight_bytes: Mutex::new(HashMap::new()),
     });
@@ -153,7 +153,7 @@ pub async fn serve(
                 .await
                 .map_err(|e| Error::Invalid(format!("cannot serve metrics on {addr}: {e}")))?;
             let s = state.clone();
-            Some(tokio::spawn(kiln_proto::metrics::serve(
+            Some(tokio::spawn(kiln_telemetry::metrics::serve(
                 listener,
                 Arc::new(move || prometheus(&s)),
             )))
@@ -176,19 +176,19 @@ pub async fn serve(
     .max_decoding_message_size(256 * 1024 * 1024)
     .max_encoding_message_size(256 * 1024 * 1024);
     // A gateway in this process (`kiln up`) calls the same service without a socket.
-    kiln_proto::local::register(&state.address, service.clone());
+    kiln_rpc::local::register(&state.address, service.clone());
     let stop_state = state.clone();
     let on_shutdown = async move {
         shutdown.await;
-        kiln_proto::local::unregister(&stop_state.address);
+        kiln_rpc::local::unregister(&stop_state.address);
         health_reporter
             .set_not_serving::<WorkerServer<WorkerService>>()
             .await;
         // Leave the routing table first, so no new work arrives while draining.
         deregister(&stop_state).await;
     };
-    let reflection =
-        kiln_proto::reflection().map_err(|e| Error::Invalid(format!("reflection: {e}")))?;
+    let reflection = kiln_rpc::reflection(&["kiln.internal.v1.Worker"])
+        .map_err(|e| Error::Invalid(e.to_string()))?;
     // In-flight calls get DRAIN to finish once shutdown begins; then the server stops.
     let (draining_tx, draining) = tokio::sync::oneshot::channel::<()>();
     let on_shutdown = async move {
@@ -197,11 +197,12 @@ pub async fn serve(
     };
     let server = tonic::transport::Server::builder()
         // A server span per call, continuing the caller's trace.
-        .layer(kiln_proto::trace::ServerLayer)
+        .layer(kiln_telemetry::trace::ServerLayer)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection.v1)
+        .add_service(reflection.v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(kiln_proto::net::incoming(listener), on_shutdown);
+        .serve_with_incoming_shutdown(kiln_rpc::net::incoming(listener), on_shutdown);
     tokio::pin!(server);
     let result = tokio::select! {
         result = &mut server => result,
@@ -261,7 +262,7 @@ fn prometheus(state: &State) -> String {
         let _ = writeln!(
             out,
             "kiln_worker_queue_depth{{model=\"{}\",version=\"{}\"}} {}",
-            kiln_proto::metrics::label(&key.model),
+            kiln_telemetry::metrics::label(&key.model),
             key.version,
             served[key].batcher.queue_depth()
         );
@@ -278,7 +279,7 @@ fn prometheus(state: &State) -> String {
         out,
         "# HELP kiln_worker_device_info The device this worker computes on (always 1).\n# TYPE kiln_worker_device_info gauge\nkiln_worker_device_info{{backend=\"{}\",adapter=\"{}\"}} 1",
         state.backend,
-        kiln_proto::metrics::label(&state.adapter)
+        kiln_telemetry::metrics::label(&state.adapter)
     );
     let weights: u64 = lock(&state.weight_bytes).values().sum();
     let _ = writeln!(
@@ -303,11 +304,33 @@ fn prometheus(state: &State) -> String {
     out
 }
 
-/// The process's resident set size, from /proc (None where there is no /proc).
+/// The process's resident set size, as the kernel reports it in `/proc/self/status`
+/// (`VmRSS`, in kB whatever the page size: 4 KiB on x86, often 64 KiB on ARM servers).
 fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    vm_rss(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// The `VmRSS:` line of a `/proc/PID/status` text, in bytes.
+fn vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut parts = line["VmRSS:".len()..].split_whitespace();
+    let value: u64 = parts.next()?.parse().ok()?;
+    match parts.next() {
+        Some("kB") => value.checked_mul(1024),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod resident_tests {
+    #[test]
+    fn vm_rss_is_read_in_bytes_from_the_status_text() {
+        let status = "Name:\tkiln\nVmPeak:\t  900 kB\nVmRSS:\t  12345 kB\nThreads:\t9\n";
+        assert_eq!(super::vm_rss(status), Some(12345 * 1024));
+        assert_eq!(super::vm_rss("Name:\tkiln\n"), None);
+        // This process has a resident set, and it is more than a page.
+        assert!(super::resident_bytes().unwrap() > 64 * 1024);
+    }
 }
 
 // === registration ===
@@ -880,7 +903,7 @@ impl Worker for WorkerService {
         request: Request<pb::InferRequest>,
     ) -> Result<Response<pb::InferResponse>, Status> {
         let deadline =
-            kiln_proto::deadline::from_metadata(request.metadata()).map(|d| Instant::now() + d);
+            kiln_rpc::deadline::from_metadata(request.metadata()).map(|d| Instant::now() + d);
         // A worker whose registration lapsed is not in the routing table: it takes no work
         // until it has registered again.
         if lock(&self.state.lease).is_none() {
@@ -894,10 +917,13 @@ impl Worker for WorkerService {
             model: req.model,
             version: req.version,
         };
-        kiln_proto::trace::attributes(|| {
-            use kiln_proto::trace::KeyValue;
+        kiln_telemetry::trace::attributes(|| {
+            use kiln_telemetry::trace::KeyValue;
             vec![
-                KeyValue::new("kiln.model.name", kiln_proto::trace::name_value(&key.model)),
+                KeyValue::new(
+                    "kiln.model.name",
+                    kiln_telemetry::trace::name_value(&key.model),
+                ),
                 KeyValue::new("kiln.model.version", key.version as i64),
                 KeyValue::new("kiln.batch_size", i64::from(req.rows)),
             ]

@@ -1,4 +1,4 @@
-//! `kiln bench-floor`: the floor an Open Inference Protocol server cannot go below — a
+//! `kiln-bench floor`: the floor an Open Inference Protocol server cannot go below — a
 //! bare tonic server that answers every ModelInfer with a canned response of the right
 //! size, without decoding, routing or computing anything. It answers the metadata and
 //! config calls a client such as perf_analyzer makes first, so the same client drives it
@@ -239,6 +239,6 @@ pub async fn serve(
     .max_encoding_message_size(64 * 1024 * 1024);
     tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(kiln_proto::net::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(kiln_rpc::net::incoming(listener), shutdown)
         .await
 }

@@ -1,4 +1,4 @@
-//! `kiln bench-placement`: the placement controller on a simulated cluster — N workers and
+//! `kiln-bench placement`: the placement controller on a simulated cluster — N workers and
 //! M model versions in the in-memory registry — timing one full reconcile pass and the
 //! reaction to one worker's loss.
 

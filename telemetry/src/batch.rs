@@ -2,7 +2,7 @@
 //! sends them to the collector in batches.
 //!
 //! Both kinds of span end up here: the request path's own spans
-//! ([`kiln_proto::trace::Sink`], called as each ends) and the OpenTelemetry SDK's, from
+//! ([`crate::trace::Sink`], called as each ends) and the OpenTelemetry SDK's, from
 //! `tracing` spans (this is the SDK tracer provider's span processor). Ending a span
 //! takes an uncontended lock and a push; the thread is woken only when a full batch is
 //! waiting, otherwise it wakes on its schedule. A full queue drops the span (counted and
@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use opentelemetry::Context;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
 
 use crate::otlp::Exporter;
+use crate::{Error, Result};
 
 /// How spans are batched: the `OTEL_BSP_*` variables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,21 +50,26 @@ impl Default for BatchConfig {
 impl BatchConfig {
     /// The settings the variables `env` reads give (unset ones keep their defaults); a
     /// value that is not a whole number in range is an error naming the variable.
-    pub fn from_env(env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
-        let number = |name: &str, default: u64, least: u64| -> anyhow::Result<u64> {
+    pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let number = |name: &str, default: u64, least: u64| -> Result<u64> {
             let Some(text) = env(name).filter(|t| !t.trim().is_empty()) else {
                 return Ok(default);
             };
             let n: u64 = text
                 .trim()
                 .parse()
-                .map_err(|_| anyhow::anyhow!("{name}: `{text}` is not a whole number"))?;
-            anyhow::ensure!(n >= least, "{name}: must be at least {least}, not {n}");
-            anyhow::ensure!(
-                n <= 1 << 32,
-                "{name}: must be at most {}, not {n}",
-                1u64 << 32
-            );
+                .map_err(|_| Error::Setting(format!("{name}: `{text}` is not a whole number")))?;
+            if n < least {
+                return Err(Error::Setting(format!(
+                    "{name}: must be at least {least}, not {n}"
+                )));
+            }
+            if n > 1 << 32 {
+                return Err(Error::Setting(format!(
+                    "{name}: must be at most {}, not {n}",
+                    1u64 << 32
+                )));
+            }
             Ok(n)
         };
         let defaults = Self::default();
@@ -178,7 +183,7 @@ impl Queue {
     }
 }
 
-impl kiln_proto::trace::Sink for Queue {
+impl crate::trace::Sink for Queue {
     fn finished(&self, span: SpanData) {
         self.push(span);
     }
@@ -199,7 +204,7 @@ impl std::fmt::Debug for Batcher {
 
 impl Batcher {
     /// Start the export thread, which owns `exporter` from now on.
-    pub fn start(exporter: Exporter, config: BatchConfig) -> anyhow::Result<Self> {
+    pub fn start(exporter: Exporter, config: BatchConfig) -> Result<Self> {
         let queue = Arc::new(Queue {
             pending: Mutex::new(Pending {
                 spans: Vec::with_capacity(config.max_export_batch_size),
@@ -217,7 +222,7 @@ impl Batcher {
         std::thread::Builder::new()
             .name("kiln-span-export".into())
             .spawn(move || run(&thread_queue, &exporter))
-            .context("cannot start the span export thread")?;
+            .map_err(|e| Error::start("start the span export thread", e))?;
         Ok(Self { queue })
     }
 
@@ -451,7 +456,7 @@ mod tests {
         let queue = batcher.queue();
         let done = tokio::task::spawn_blocking(move || {
             for i in 0..5 {
-                kiln_proto::trace::Sink::finished(&*queue, span(i));
+                crate::trace::Sink::finished(&*queue, span(i));
             }
             assert_eq!(queue.dropped(), 2, "two spans past the queue's three");
             batcher.force_flush().unwrap();

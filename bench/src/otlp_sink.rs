@@ -1,4 +1,4 @@
-//! `kiln bench-otlp-sink`: an OTLP/gRPC trace receiver that counts the spans it is sent
+//! `kiln-bench otlp-sink`: an OTLP/gRPC trace receiver that counts the spans it is sent
 //! and keeps nothing, so that the tracing benchmark measures Kiln's cost of exporting,
 //! not a collector's cost of decoding and storing (it shares the serving cores).
 
@@ -166,10 +166,10 @@ pub async fn serve(
     };
     let served = tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(kiln_proto::net::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(kiln_rpc::net::incoming(listener), shutdown)
         .await;
     writer.abort();
-    crate::say!("{} spans received", spans.load(Ordering::Relaxed));
+    println!("{} spans received", spans.load(Ordering::Relaxed));
     Ok(served?)
 }
 

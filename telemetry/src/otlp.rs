@@ -15,7 +15,6 @@ use std::borrow::Borrow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context as _;
 use bytes::{Buf as _, BufMut as _, Bytes};
 use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status};
 use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
@@ -23,6 +22,8 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SpanData;
 use prost::encoding::{WireType, encoded_len_varint};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+use crate::{Error, Result};
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
@@ -67,26 +68,32 @@ impl Exporter {
     /// An exporter that connects when it first has spans to send (and again whenever the
     /// collector went away), sending them as spans of `resource` (this process). Encoding
     /// and sending run on the batch processor's thread.
-    pub fn new(config: ExportConfig, resource: &Resource) -> anyhow::Result<Self> {
+    pub fn new(config: ExportConfig, resource: &Resource) -> Result<Self> {
         let endpoint = tonic::transport::Endpoint::from_shared(config.endpoint.clone())
-            .with_context(|| format!("`{}` is not a collector address", config.endpoint))?
+            .map_err(|_| {
+                Error::Setting(format!("`{}` is not a collector address", config.endpoint))
+            })?
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
             .tcp_nodelay(true);
         let mut headers = tonic::metadata::MetadataMap::new();
         for (name, value) in &config.headers {
             let key: tonic::metadata::MetadataKey<tonic::metadata::Ascii> =
-                name.parse().with_context(|| {
-                    format!("OTEL_EXPORTER_OTLP_HEADERS: `{name}` is not a header name")
+                name.parse().map_err(|_| {
+                    Error::Setting(format!(
+                        "OTEL_EXPORTER_OTLP_HEADERS: `{name}` is not a header name"
+                    ))
                 })?;
-            let value = value.parse().with_context(|| {
-                format!("OTEL_EXPORTER_OTLP_HEADERS: the value of `{name}` is not printable ASCII")
+            let value = value.parse().map_err(|_| {
+                Error::Setting(format!(
+                    "OTEL_EXPORTER_OTLP_HEADERS: the value of `{name}` is not printable ASCII"
+                ))
             })?;
             headers.insert(key, value);
         }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .context("cannot start the trace exporter's runtime")?;
+            .map_err(|e| Error::start("start the trace exporter's runtime", e))?;
         let channel = {
             let _inside = runtime.enter();
             endpoint.connect_lazy()

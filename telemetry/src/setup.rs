@@ -9,7 +9,6 @@
 use std::fmt;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_subscriber::Layer as _;
@@ -18,6 +17,8 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::{Error, Result};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -82,20 +83,21 @@ impl Telemetry {
 const SAMPLERS: &str = "always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio";
 
 /// The sampler `name` (with ratio `arg`) stands for.
-pub fn sampler(name: &str, arg: Option<&str>) -> anyhow::Result<Sampler> {
-    let ratio = || -> anyhow::Result<f64> {
+pub fn sampler(name: &str, arg: Option<&str>) -> Result<Sampler> {
+    let ratio = || -> Result<f64> {
         let Some(arg) = arg.map(str::trim).filter(|a| !a.is_empty()) else {
             return Ok(1.0);
         };
         let ratio: f64 = arg.parse().map_err(|_| {
-            anyhow::anyhow!(
+            Error::Setting(format!(
                 "--trace-sampler-arg (OTEL_TRACES_SAMPLER_ARG): `{arg}` is not a number"
-            )
+            ))
         })?;
-        anyhow::ensure!(
-            (0.0..=1.0).contains(&ratio),
-            "--trace-sampler-arg (OTEL_TRACES_SAMPLER_ARG): {ratio} is outside 0 to 1"
-        );
+        if !(0.0..=1.0).contains(&ratio) {
+            return Err(Error::Setting(format!(
+                "--trace-sampler-arg (OTEL_TRACES_SAMPLER_ARG): {ratio} is outside 0 to 1"
+            )));
+        }
         Ok(ratio)
     };
     Ok(match name.trim() {
@@ -107,27 +109,31 @@ pub fn sampler(name: &str, arg: Option<&str>) -> anyhow::Result<Sampler> {
         "parentbased_traceidratio" => {
             Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio()?)))
         }
-        other => anyhow::bail!(
-            "--trace-sampler (OTEL_TRACES_SAMPLER): `{other}` is not one of {SAMPLERS}"
-        ),
+        other => {
+            return Err(Error::Setting(format!(
+                "--trace-sampler (OTEL_TRACES_SAMPLER): `{other}` is not one of {SAMPLERS}"
+            )));
+        }
     })
 }
 
 /// `key=value,key=value` (the W3C baggage form the SDK specification gives
 /// `OTEL_RESOURCE_ATTRIBUTES`) as key-value pairs.
-pub fn resource_attributes(text: &str) -> anyhow::Result<Vec<(String, String)>> {
+pub fn resource_attributes(text: &str) -> Result<Vec<(String, String)>> {
     pairs(text, "--resource-attributes (OTEL_RESOURCE_ATTRIBUTES)")
 }
 
 /// `key=value,key=value` with percent-encoded values; `what` names the setting in errors.
-fn pairs(text: &str, what: &str) -> anyhow::Result<Vec<(String, String)>> {
+fn pairs(text: &str, what: &str) -> Result<Vec<(String, String)>> {
     let mut pairs = Vec::new();
     for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
         let (key, value) = item
             .split_once('=')
-            .with_context(|| format!("{what}: `{item}` is not key=value"))?;
+            .ok_or_else(|| Error::Setting(format!("{what}: `{item}` is not key=value")))?;
         let key = key.trim();
-        anyhow::ensure!(!key.is_empty(), "{what}: `{item}` has an empty key");
+        if key.is_empty() {
+            return Err(Error::Setting(format!("{what}: `{item}` has an empty key")));
+        }
         pairs.push((key.to_owned(), percent_decode(value.trim())));
     }
     Ok(pairs)
@@ -156,19 +162,23 @@ fn percent_decode(text: &str) -> String {
 }
 
 /// The collector address, checked: an `http://` URL with a host.
-fn endpoint(text: &str) -> anyhow::Result<String> {
+fn endpoint(text: &str) -> Result<String> {
     let uri: http::Uri = text.parse().map_err(|e| {
-        anyhow::anyhow!("--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): `{text}` is not a URL: {e}")
+        Error::Setting(format!(
+            "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): `{text}` is not a URL: {e}"
+        ))
     })?;
-    anyhow::ensure!(
-        uri.scheme_str() != Some("https"),
-        "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): `{text}`: Kiln sends spans in plain \
-         gRPC (http://); put TLS between a local collector and the backend"
-    );
-    anyhow::ensure!(
-        uri.scheme_str() == Some("http") && uri.host().is_some(),
-        "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): `{text}` must look like http://HOST:PORT"
-    );
+    if uri.scheme_str() == Some("https") {
+        return Err(Error::Setting(format!(
+            "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): `{text}`: Kiln sends spans in plain \
+             gRPC (http://); put TLS between a local collector and the backend"
+        )));
+    }
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(Error::Setting(format!(
+            "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): `{text}` must look like http://HOST:PORT"
+        )));
+    }
     Ok(text.to_owned())
 }
 
@@ -186,7 +196,7 @@ fn first_env(names: &[&'static str]) -> Option<(&'static str, String)> {
 fn export_config_from(
     url: String,
     env: impl Fn(&[&'static str]) -> Option<(&'static str, String)>,
-) -> anyhow::Result<crate::otlp::ExportConfig> {
+) -> Result<crate::otlp::ExportConfig> {
     let timeout = match env(&[
         "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
         "OTEL_EXPORTER_OTLP_TIMEOUT",
@@ -197,8 +207,10 @@ fn export_config_from(
                 .parse()
                 .ok()
                 .filter(|ms| (1..=600_000).contains(ms))
-                .with_context(|| {
-                    format!("{name}: `{text}` is not a time in milliseconds from 1 to 600000")
+                .ok_or_else(|| {
+                    Error::Setting(format!(
+                        "{name}: `{text}` is not a time in milliseconds from 1 to 600000"
+                    ))
                 })?;
             Duration::from_millis(ms)
         }
@@ -218,7 +230,11 @@ fn export_config_from(
         Some((name, text)) => match text.as_str() {
             "gzip" => true,
             "none" => false,
-            other => anyhow::bail!("{name}: `{other}` is not one of gzip, none"),
+            other => {
+                return Err(Error::Setting(format!(
+                    "{name}: `{other}` is not one of gzip, none"
+                )));
+            }
         },
     };
     Ok(crate::otlp::ExportConfig {
@@ -237,7 +253,7 @@ struct Pipeline {
     queue: std::sync::Arc<crate::batch::Queue>,
 }
 
-fn pipeline(flags: &TraceFlags, url: String, default_service: &str) -> anyhow::Result<Pipeline> {
+fn pipeline(flags: &TraceFlags, url: String, default_service: &str) -> Result<Pipeline> {
     let sampler = sampler(&flags.trace_sampler, flags.trace_sampler_arg.as_deref())?;
     let attributes = match &flags.resource_attributes {
         Some(text) => resource_attributes(text)?,
@@ -259,8 +275,7 @@ fn pipeline(flags: &TraceFlags, url: String, default_service: &str) -> anyhow::R
     let batching = crate::batch::BatchConfig::from_env(|name| std::env::var(name).ok())?;
     let mut export = export_config_from(url, first_env)?;
     export.timeout = export.timeout.min(batching.export_timeout);
-    let exporter = crate::otlp::Exporter::new(export, &resource)
-        .context("cannot set up the trace exporter")?;
+    let exporter = crate::otlp::Exporter::new(export, &resource)?;
     // The batch processor (OTEL_BSP_* variables) holds at most its queue size of spans and
     // drops the rest while the collector is slow or away.
     let batcher = crate::batch::Batcher::start(exporter, batching)?;
@@ -284,7 +299,7 @@ pub fn init(
     format: LogFormat,
     trace: &TraceFlags,
     default_service: Option<&str>,
-) -> anyhow::Result<Telemetry> {
+) -> Result<Telemetry> {
     let filter = tracing_subscriber::EnvFilter::try_new(log).unwrap_or_else(|_| "info".into());
     let url = match (
         default_service,
@@ -337,6 +352,8 @@ pub fn init(
                 ("kiln_scheduler", info),
                 ("kiln_registry", info),
                 ("kiln_proto", info),
+                ("kiln_rpc", info),
+                ("kiln_telemetry", info),
             ]);
         // No context activation: Kiln reads a span's context from the span itself, so
         // entering one (every poll of an instrumented future) need not touch
@@ -354,11 +371,11 @@ pub fn init(
         .with(logs)
         .with(traces)
         .try_init()
-        .context("cannot install the log subscriber")?;
+        .map_err(|e| Error::start("install the log subscriber", e))?;
     if let Some(pipeline) = pipeline {
         opentelemetry::global::set_tracer_provider(pipeline.provider);
-        opentelemetry::global::set_text_map_propagator(kiln_proto::w3c::Propagator);
-        kiln_proto::trace::enable(pipeline.sampler, pipeline.queue);
+        opentelemetry::global::set_text_map_propagator(crate::w3c::Propagator);
+        crate::trace::enable(pipeline.sampler, pipeline.queue);
     }
     Ok(Telemetry { provider })
 }
@@ -381,7 +398,7 @@ where
         mut writer: Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> fmt::Result {
-        let ids = if kiln_proto::trace::enabled() {
+        let ids = if crate::trace::enabled() {
             trace_ids(event)
         } else {
             None
@@ -405,7 +422,7 @@ where
 
 /// The trace and span ids (hex) of the span `event` belongs to: its `tracing` span's
 /// (model loads, jobs), else the request path's current OpenTelemetry context (see
-/// `kiln_proto::trace`); None outside any traced span.
+/// `crate::trace`); None outside any traced span.
 fn trace_ids(event: &tracing::Event<'_>) -> Option<(String, String)> {
     let id = event
         .parent()

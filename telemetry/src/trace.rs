@@ -613,7 +613,7 @@ fn server_address(address: &Arc<str>) -> KeyValue {
 #[derive(Debug, Clone)]
 pub struct Server<S> {
     inner: S,
-    /// For a service called in this process (see `crate::local`), its address: the
+    /// For a service called in this process (see `kiln_rpc::local`), its address: the
     /// caller's span is the current context, not a `traceparent` to read.
     in_process: Option<Arc<str>>,
 }
@@ -1142,10 +1142,8 @@ mod tests {
                 .insert("grpc-status", http::HeaderValue::from_static("0"));
             Ok::<_, std::convert::Infallible>(answer)
         });
-        crate::local::register(address, service);
-        let transport = crate::local::transport(address, || {
-            unreachable!("a service in this process needs no channel")
-        });
+        // What `kiln_rpc::local` registers for a service in this process.
+        let transport = Server::in_process(service, address);
         let cx = start("caller", SpanKind::Internal, &caller(0x1a, true), Vec::new).unwrap();
         let caller_id = cx.span().span_context().span_id();
         let request = http::Request::builder()
@@ -1162,7 +1160,6 @@ mod tests {
             .is_some()
         {}
         drop(cx);
-        crate::local::unregister(address);
 
         let spans = spans_of(&kept, 0x1a);
         assert_eq!(

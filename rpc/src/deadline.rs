@@ -1,0 +1,43 @@
+//! Deadlines as gRPC carries them: the `grpc-timeout` request header.
+
+use std::time::Duration;
+
+/// The caller's remaining time budget, if it sent one. The header is digits followed by
+/// a unit: H, M, S, m (milli), u (micro), n (nano).
+pub fn from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    parse(value)
+}
+
+/// Parse one `grpc-timeout` value.
+pub fn parse(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_values_parse() {
+        assert_eq!(parse("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("5x"), None);
+        assert_eq!(parse("m"), None);
+        assert_eq!(parse("1234567890S"), None);
+    }
+}
