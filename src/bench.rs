@@ -206,6 +206,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<Cell>> {
         lease_ttl: Duration::from_secs(10),
         training_limits: Default::default(),
         worker_memory_bytes: 0,
+        metrics_addr: None,
     })
     .await?;
     let channel = kiln_rpc::channel::connect(&cluster.addr.to_string()).await?;

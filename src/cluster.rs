@@ -86,17 +86,22 @@ fn advertised(advertise: Option<String>, bound: SocketAddr, flag: &str) -> anyho
     }
 }
 
-/// Serve `render` at `http://addr/metrics`; the task runs until aborted.
-async fn serve_metrics(
+/// Serve what `collectors` describe at `http://addr/metrics`; the task runs until aborted.
+pub(crate) async fn serve_metrics(
     addr: SocketAddr,
-    render: kiln_telemetry::metrics::Render,
+    collectors: Vec<Box<dyn kiln_telemetry::metrics::Collector>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot serve metrics on {addr} (--metrics-addr)"))?;
     tracing::info!(%addr, "metrics at /metrics");
+    let mut registry = kiln_telemetry::metrics::Registry::default();
+    for collector in collectors {
+        registry.register_collector(collector);
+    }
     Ok(tokio::spawn(kiln_telemetry::metrics::serve(
-        listener, render,
+        listener,
+        Arc::new(registry),
     )))
 }
 
@@ -160,6 +165,7 @@ pub async fn worker(
     let deps = WorkerDeps {
         registry: c.registry,
         artifacts: c.artifacts,
+        metrics: Default::default(),
     };
     kiln_worker::serve(config, listener, deps, shutdown).await?;
     Ok(())
@@ -194,10 +200,7 @@ pub async fn gateway(
     };
     let stats: Arc<kiln_gateway::stats::Stats> = Default::default();
     let metrics = match args.metrics_addr {
-        Some(addr) => {
-            let s = stats.clone();
-            Some(serve_metrics(addr, Arc::new(move || s.prometheus())).await?)
-        }
+        Some(addr) => Some(serve_metrics(addr, vec![Box::new(stats.clone())]).await?),
         None => None,
     };
     let deps = GatewayDeps {
@@ -248,26 +251,8 @@ pub async fn scheduler(
     let slot: CoordinatorSlot = Arc::new(std::sync::RwLock::new(None));
     let metrics = match args.metrics_addr {
         Some(addr) => {
-            let slot = slot.clone();
-            Some(
-                serve_metrics(
-                    addr,
-                    Arc::new(move || {
-                        let coordinator = slot.read().unwrap_or_else(|p| p.into_inner()).clone();
-                        let mut out = format!(
-                            "# HELP kiln_scheduler_leader Whether this scheduler leads the cluster.\n\
-                             # TYPE kiln_scheduler_leader gauge\nkiln_scheduler_leader {}\n",
-                            u8::from(coordinator.is_some()),
-                        );
-                        match coordinator {
-                            Some(c) => out.push_str(&c.prometheus()),
-                            None => out.push_str(&kiln_scheduler::training::running_jobs_gauge(0)),
-                        }
-                        out
-                    }),
-                )
-                .await?,
-            )
+            let collector = kiln_scheduler::metrics::SchedulerMetrics(slot.clone());
+            Some(serve_metrics(addr, vec![Box::new(collector)]).await?)
         }
         None => None,
     };

@@ -45,6 +45,9 @@ pub struct UpConfig {
     /// Bytes of model weights each worker may hold (0: no limit; the least recently used
     /// versions give way).
     pub worker_memory_bytes: u64,
+    /// Serve the Prometheus metrics of every part (gateway, workers labelled by id,
+    /// scheduler) at `http://ADDR/metrics` (None: not served).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// A running embedded cluster.
@@ -57,6 +60,8 @@ pub struct Embedded {
     store: std::sync::Weak<dyn KvStore>,
     gateway: JoinHandle<Result<(), tonic::transport::Error>>,
     others: Vec<JoinHandle<()>>,
+    /// The `/metrics` endpoint, if served; it holds the coordinator, so it stops first.
+    metrics: Option<JoinHandle<()>>,
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
@@ -122,6 +127,8 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
 
     let (stop, stop_rx) = watch::channel(false);
     let mut others = Vec::new();
+    // One scrape for the whole process: every worker's samples carry its id.
+    let worker_metrics = kiln_worker::WorkerMetrics::labelled();
     for i in 0..config.workers {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let worker = WorkerConfig {
@@ -135,6 +142,7 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
         let deps = WorkerDeps {
             registry: registry.clone(),
             artifacts: artifacts.clone(),
+            metrics: worker_metrics.clone(),
         };
         let shutdown = stopped(stop_rx.clone());
         others.push(tokio::spawn(async move {
@@ -159,6 +167,9 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
         config.training_limits,
     )
     .await?;
+    let scheduler_metrics = kiln_scheduler::metrics::SchedulerMetrics(Arc::new(
+        std::sync::RwLock::new(Some(coordinator.clone())),
+    ));
     let scheduler_listener = TcpListener::bind("127.0.0.1:0").await?;
     let scheduler_addr = scheduler_listener.local_addr()?;
     {
@@ -185,11 +196,26 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
     }
     let mut gateway_config = config.gateway.clone();
     gateway_config.training = kiln_gateway::TrainingRoute::Scheduler(scheduler_addr.to_string());
+    let stats: Arc<kiln_gateway::stats::Stats> = Default::default();
+    let metrics = match config.metrics_addr {
+        Some(addr) => Some(
+            crate::cluster::serve_metrics(
+                addr,
+                vec![
+                    Box::new(stats.clone()),
+                    Box::new(worker_metrics),
+                    Box::new(scheduler_metrics),
+                ],
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let deps = GatewayDeps {
         registry: registry.clone(),
         view,
         artifacts,
-        stats: Default::default(),
+        stats,
     };
     let gateway = tokio::spawn(kiln_gateway::serve(
         gateway_config,
@@ -204,6 +230,7 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
         registry,
         gateway,
         others,
+        metrics,
     })
 }
 
@@ -220,6 +247,9 @@ impl Embedded {
     /// Stop gracefully: readiness off, workers deregister, in-flight calls finish; bounded.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
+        if let Some(metrics) = self.metrics {
+            metrics.abort();
+        }
         drop(self.registry);
         let store = self.store;
         let drain = async {

@@ -289,6 +289,10 @@ struct UpArgs {
     /// recently used versions give way.
     #[arg(long, env = "KILN_MODEL_MEMORY_MIB", default_value_t = 0)]
     model_memory_mib: u64,
+    /// Serve the Prometheus metrics of the gateway, every worker (labelled by id) and the
+    /// scheduler at http://ADDR/metrics (off unless given; Triton's port is 8002).
+    #[arg(long, env = "KILN_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -464,6 +468,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         lease_ttl: Duration::from_secs(10),
         training_limits: args.limits.limits()?,
         worker_memory_bytes: args.model_memory_mib.saturating_mul(1024 * 1024),
+        metrics_addr: args.metrics_addr,
     };
     let cluster = embedded::start(config).await?;
     let addr = cluster.addr;
@@ -474,6 +479,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     kiln::say!("Kiln is up: gRPC (Open Inference Protocol, kiln.v1) on {addr}");
     kiln::say!("  data directory: {}", args.data_dir.display());
     kiln::say!("  workers: {}", args.workers);
+    if let Some(metrics) = args.metrics_addr {
+        kiln::say!("  metrics: http://{metrics}/metrics");
+    }
     kiln::say!();
     kiln::say!("Try it from Python (pip install 'tritonclient[grpc]' numpy):");
     kiln::say!();

@@ -40,6 +40,7 @@ fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     title: &str,
     series: &[Series],
+    legend: SeriesLabelPosition,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let points: Vec<(f64, f64)> = series
         .iter()
@@ -98,7 +99,7 @@ fn panel<DB: DrawingBackend>(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(legend)
         .label_font((FONT, 16))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
@@ -135,6 +136,8 @@ fn draw<DB: DrawingBackend>(
                 points: collect(&|m| m.validation_loss),
             },
         ],
+        // Losses fall: the legend goes where the curves are not.
+        SeriesLabelPosition::UpperRight,
     )?;
     panel(
         &right,
@@ -151,6 +154,8 @@ fn draw<DB: DrawingBackend>(
                 points: collect(&|m| m.validation_accuracy),
             },
         ],
+        // Accuracies rise.
+        SeriesLabelPosition::LowerRight,
     )?;
     root.present()
 }

@@ -30,6 +30,7 @@ fn config(dir: &Path) -> UpConfig {
         lease_ttl: Duration::from_secs(10),
         training_limits: Default::default(),
         worker_memory_bytes: 0,
+        metrics_addr: None,
     }
 }
 
@@ -493,6 +494,7 @@ async fn a_full_worker_gives_way_to_a_new_version_by_evicting_the_least_recently
         workers: 1,
         // Room for two versions of this size, not three.
         worker_memory_bytes: 2 * size + size / 2,
+        metrics_addr: None,
         // Renewals every second: the worker reports use quickly.
         lease_ttl: Duration::from_secs(3),
         ..config(dir.path())

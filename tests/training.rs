@@ -37,6 +37,7 @@ async fn start_with(dir: &std::path::Path, workers: usize) -> (embedded::Embedde
             max_upload_bytes: 4 * 1024 * 1024,
         },
         worker_memory_bytes: 0,
+        metrics_addr: None,
     })
     .await
     .unwrap();

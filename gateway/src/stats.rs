@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use kiln_proto::inference as oip;
 use kiln_registry::records::{VersionKey, now_unix_ms};
-use kiln_telemetry::metrics::{Histogram, ROWS_BOUNDS, SECONDS_BOUNDS};
+use kiln_telemetry::metrics::{
+    Collector, DescriptorEncoder, Families, Histogram, Labels, ROWS_BOUNDS, SECONDS_BOUNDS,
+};
 
 #[derive(Default, Clone, Copy)]
 struct Counter {
@@ -186,139 +188,117 @@ impl Stats {
     }
 }
 
-/// A metric family: name, type, help, and the labelled values of one version.
-type Family = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&VersionStats) -> Vec<(&'static str, f64)>,
-);
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats").finish_non_exhaustive()
+    }
+}
 
-/// A histogram family: name, help, and the histograms of one version by outcome.
-type HistogramFamily = (
-    &'static str,
-    &'static str,
-    fn(&Histograms) -> Vec<(&'static str, &Histogram)>,
-);
+/// The labels of one version, and of one outcome when there is one.
+fn labels(key: &VersionKey, outcome: Option<&'static str>) -> Labels {
+    let mut labels = vec![
+        ("model", key.model.clone()),
+        ("version", key.version.to_string()),
+    ];
+    if let Some(outcome) = outcome {
+        labels.push(("outcome", outcome.to_owned()));
+    }
+    labels
+}
+
+impl Collector for Stats {
+    fn encode(&self, encoder: DescriptorEncoder) -> std::fmt::Result {
+        let map = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut versions: Vec<(&VersionKey, &VersionStats)> = map.iter().collect();
+        versions.sort_by(|a, b| a.0.cmp(b.0));
+        let mut f = Families::new(encoder);
+        let both = |get: fn(&VersionStats) -> (u64, u64)| {
+            versions.iter().flat_map(move |(k, v)| {
+                let (success, failure) = get(v);
+                [
+                    (labels(k, Some("success")), success),
+                    (labels(k, Some("failure")), failure),
+                ]
+            })
+        };
+        f.counter(
+            "kiln_gateway_requests",
+            "Inference requests answered, by model version and outcome.",
+            both(|v| (v.success.count, v.fail.count)),
+        )?;
+        f.counter(
+            "kiln_gateway_request_seconds",
+            "Time spent answering requests, end to end, by outcome.",
+            versions.iter().flat_map(|(k, v)| {
+                [
+                    (labels(k, Some("success")), v.success.ns as f64 / 1e9),
+                    (labels(k, Some("failure")), v.fail.ns as f64 / 1e9),
+                ]
+            }),
+        )?;
+        f.counter(
+            "kiln_gateway_queue_seconds",
+            "Time successful requests waited in a worker's batcher.",
+            versions
+                .iter()
+                .map(|(k, v)| (labels(k, None), v.queue.ns as f64 / 1e9)),
+        )?;
+        f.counter(
+            "kiln_gateway_rows",
+            "Rows inferred by successful requests.",
+            versions
+                .iter()
+                .map(|(k, v)| (labels(k, None), v.inference_count)),
+        )?;
+        f.counter(
+            "kiln_gateway_worker_retries",
+            "Calls to a worker repeated on another replica after the first could not take them.",
+            versions.iter().map(|(k, v)| (labels(k, None), v.retries)),
+        )?;
+        f.histogram(
+            "kiln_gateway_request_duration_seconds",
+            "Time to answer a request, end to end through the gateway, by outcome.",
+            versions.iter().flat_map(|(k, v)| {
+                [
+                    (labels(k, Some("success")), &v.histograms.success),
+                    (labels(k, Some("failure")), &v.histograms.failure),
+                ]
+            }),
+        )?;
+        f.histogram(
+            "kiln_gateway_queue_wait_seconds",
+            "Time successful requests waited in a worker's batcher.",
+            versions
+                .iter()
+                .map(|(k, v)| (labels(k, None), &v.histograms.queue)),
+        )?;
+        f.histogram(
+            "kiln_gateway_batch_rows",
+            "Rows in the batch each successful request rode in (its own and others').",
+            versions
+                .iter()
+                .map(|(k, v)| (labels(k, None), &v.histograms.batch)),
+        )?;
+        f.gauge(
+            "kiln_gateway_in_flight_requests",
+            "Requests being answered now.",
+            versions.iter().map(|(k, v)| {
+                (
+                    labels(k, None),
+                    v.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                )
+            }),
+        )
+    }
+}
 
 impl Stats {
-    /// Every version's counters in the Prometheus text format.
-    pub fn prometheus(&self) -> String {
-        use std::fmt::Write;
-        let map = self.versions.lock().unwrap_or_else(|p| p.into_inner());
-        let mut keys: Vec<&VersionKey> = map.keys().collect();
-        keys.sort();
-        let mut out = String::new();
-        let families: [Family; 5] = [
-            (
-                "kiln_gateway_requests_total",
-                "counter",
-                "Inference requests answered, by model version and outcome.",
-                |v| {
-                    vec![
-                        ("success", v.success.count as f64),
-                        ("failure", v.fail.count as f64),
-                    ]
-                },
-            ),
-            (
-                "kiln_gateway_request_seconds_total",
-                "counter",
-                "Time spent answering requests, end to end, by outcome.",
-                |v| {
-                    vec![
-                        ("success", v.success.ns as f64 / 1e9),
-                        ("failure", v.fail.ns as f64 / 1e9),
-                    ]
-                },
-            ),
-            (
-                "kiln_gateway_queue_seconds_total",
-                "counter",
-                "Time successful requests waited in a worker's batcher.",
-                |v| vec![("", v.queue.ns as f64 / 1e9)],
-            ),
-            (
-                "kiln_gateway_rows_total",
-                "counter",
-                "Rows inferred by successful requests.",
-                |v| vec![("", v.inference_count as f64)],
-            ),
-            (
-                "kiln_gateway_worker_retries_total",
-                "counter",
-                "Calls to a worker repeated on another replica after the first could not take them.",
-                |v| vec![("", v.retries as f64)],
-            ),
-        ];
-        for (name, kind, help, values) in families {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for key in &keys {
-                for (outcome, value) in values(&map[*key]) {
-                    let outcome = if outcome.is_empty() {
-                        String::new()
-                    } else {
-                        format!(",outcome=\"{outcome}\"")
-                    };
-                    let _ = writeln!(
-                        out,
-                        "{name}{{model=\"{}\",version=\"{}\"{outcome}}} {value}",
-                        kiln_telemetry::metrics::label(&key.model),
-                        key.version
-                    );
-                }
-            }
-        }
-        let histograms: [HistogramFamily; 3] = [
-            (
-                "kiln_gateway_request_duration_seconds",
-                "Time to answer a request, end to end through the gateway, by outcome.",
-                |h| vec![("success", &h.success), ("failure", &h.failure)],
-            ),
-            (
-                "kiln_gateway_queue_wait_seconds",
-                "Time successful requests waited in a worker's batcher.",
-                |h| vec![("", &h.queue)],
-            ),
-            (
-                "kiln_gateway_batch_rows",
-                "Rows in the batch each successful request rode in (its own and others').",
-                |h| vec![("", &h.batch)],
-            ),
-        ];
-        for (name, help, parts) in histograms {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-            for key in &keys {
-                for (outcome, h) in parts(&map[*key].histograms) {
-                    let mut labels = format!(
-                        "model=\"{}\",version=\"{}\"",
-                        kiln_telemetry::metrics::label(&key.model),
-                        key.version
-                    );
-                    if !outcome.is_empty() {
-                        let _ = write!(labels, ",outcome=\"{outcome}\"");
-                    }
-                    h.write(&mut out, name, &labels);
-                }
-            }
-        }
-        let name = "kiln_gateway_in_flight_requests";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Requests being answered now.\n# TYPE {name} gauge"
-        );
-        for key in &keys {
-            let _ = writeln!(
-                out,
-                "{name}{{model=\"{}\",version=\"{}\"}} {}",
-                kiln_telemetry::metrics::label(&key.model),
-                key.version,
-                map[*key]
-                    .in_flight
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            );
-        }
-        out
+    /// Every version's metrics in the Prometheus text format (what a scrape of a registry
+    /// holding these statistics returns).
+    pub fn prometheus(self: &std::sync::Arc<Self>) -> String {
+        let mut registry = kiln_telemetry::metrics::Registry::default();
+        registry.register_collector(Box::new(self.clone()));
+        kiln_telemetry::metrics::render(&registry)
     }
 }
 
@@ -328,7 +308,7 @@ mod tests {
 
     #[test]
     fn histograms_are_cumulative_and_count_every_observation() {
-        let stats = Stats::default();
+        let stats = std::sync::Arc::new(Stats::default());
         let key = VersionKey {
             model: "m".into(),
             version: 2,

@@ -14,6 +14,7 @@
 pub mod controller;
 pub mod convert;
 pub mod leader;
+pub mod metrics;
 pub mod plan;
 pub mod training;
 

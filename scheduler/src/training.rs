@@ -25,6 +25,7 @@ use kiln_registry::training::{
 };
 use kiln_registry::weights::SplitMix64;
 use kiln_registry::{ArtifactStore, MlpWeights, NewModel, NewVersion, Registry, WatchedView};
+use kiln_telemetry::metrics::Families;
 use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -146,10 +147,11 @@ pub struct TrainingCoordinator {
 
 /// The `kiln_scheduler_training_jobs_running` gauge at `running` (a standby scheduler
 /// reports 0).
-pub fn running_jobs_gauge(running: usize) -> String {
-    let name = "kiln_scheduler_training_jobs_running";
-    format!(
-        "# HELP {name} Training jobs this scheduler runs.\n# TYPE {name} gauge\n{name} {running}\n"
+pub(crate) fn running_jobs_gauge(f: &mut Families<'_>, running: usize) -> std::fmt::Result {
+    f.gauge(
+        "kiln_scheduler_training_jobs_running",
+        "Training jobs this scheduler runs.",
+        [(Vec::new(), running as u64)],
     )
 }
 
@@ -378,28 +380,24 @@ impl TrainingCoordinator {
         tokio::spawn(async move { me.run(job, spec, cancelled).await }.instrument(span));
     }
 
-    /// The coordinator's metrics in the Prometheus text format.
-    pub fn prometheus(&self) -> String {
-        use std::fmt::Write;
+    /// The coordinator's metric families (see [`crate::metrics`]).
+    pub(crate) fn describe(&self, f: &mut Families<'_>) -> std::fmt::Result {
         let running = self.running_jobs();
         let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = String::new();
-        let name = "kiln_scheduler_training_jobs_ended_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Training jobs this scheduler ran to an end, by final state.\n# TYPE {name} counter"
-        );
-        for (state, n) in ["SUCCEEDED", "FAILED", "CANCELLED"].iter().zip(stats.ended) {
-            let _ = writeln!(out, "{name}{{state=\"{state}\"}} {n}");
-        }
-        out.push_str(&running_jobs_gauge(running));
-        let name = "kiln_scheduler_epoch_duration_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Wall time of each training epoch.\n# TYPE {name} histogram"
-        );
-        stats.epoch_seconds.write(&mut out, name, "");
-        out
+        f.counter(
+            "kiln_scheduler_training_jobs_ended",
+            "Training jobs this scheduler ran to an end, by final state.",
+            ["SUCCEEDED", "FAILED", "CANCELLED"]
+                .iter()
+                .zip(stats.ended)
+                .map(|(state, n)| (vec![("state", (*state).to_owned())], n)),
+        )?;
+        running_jobs_gauge(f, running)?;
+        f.histogram(
+            "kiln_scheduler_epoch_duration_seconds",
+            "Wall time of each training epoch.",
+            [(Vec::new(), &stats.epoch_seconds)],
+        )
     }
 
     /// Jobs this coordinator runs now.

@@ -1,22 +1,41 @@
-//! The Prometheus scrape endpoint every process can serve on its own port: `GET /metrics`
-//! answers the text exposition format; anything else is 404. A deliberately small HTTP/1.1
-//! responder — one request per connection — since a scraper is all that calls it.
+//! Prometheus metrics: families written through `prometheus-client`'s encoder (the
+//! classic text format, version 0.0.4, that every scraper reads), the histograms the
+//! services keep, and the scrape endpoint every process can serve on its own port:
+//! `GET /metrics` answers the registry's families; anything else is 404. The endpoint is a
+//! deliberately small HTTP/1.1 responder (one request per connection, a bounded head,
+//! five seconds to send it), since a scraper is all that calls it.
+//!
+//! Services keep their numbers in their own structures, updated on the request path
+//! without locks shared across versions, and describe them only when scraped: each is a
+//! [`Collector`] that writes its [`Families`].
 
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// Renders the current metrics as Prometheus text.
-pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+pub use prometheus_client::collector::Collector;
+pub use prometheus_client::encoding::DescriptorEncoder;
+pub use prometheus_client::registry::Registry;
 
-/// Serve `render` at `/metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, render: Render) {
+use prometheus_client::encoding::{EncodeCounterValue, EncodeGaugeValue, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+
+/// The registry's families in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail; a collector that fails leaves its families out.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, registry);
+    out
+}
+
+/// Serve `registry` at `/metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
     loop {
         let Ok((mut socket, _)) = listener.accept().await else {
             continue;
         };
-        let render = render.clone();
+        let registry = registry.clone();
         tokio::spawn(async move {
             let mut request = Vec::with_capacity(1024);
             let mut buf = [0u8; 1024];
@@ -37,8 +56,8 @@ pub async fn serve(listener: TcpListener, render: Render) {
             let (status, body, kind) = if method == Some("GET") && path == Some("/metrics") {
                 (
                     "200 OK",
-                    render(),
-                    "text/plain; version=0.0.4; charset=utf-8",
+                    render(&registry),
+                    prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
                 )
             } else {
                 (
@@ -110,32 +129,159 @@ impl Histogram {
         self.counts.iter().sum::<u64>() + self.over
     }
 
-    /// The `_bucket`, `_sum` and `_count` lines, after `labels` (already formatted).
-    pub fn write(&self, out: &mut String, name: &str, labels: &str) {
-        use std::fmt::Write;
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (bound, n) in self.bounds.iter().zip(&self.counts) {
-            cumulative += n;
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
-            self.count()
-        );
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count());
+    /// Each bound with the observations in its bucket alone (not cumulated), as the
+    /// encoder takes them.
+    pub fn buckets(&self) -> Vec<(f64, u64)> {
+        self.bounds
+            .iter()
+            .copied()
+            .zip(self.counts.iter().copied())
+            .collect()
+    }
+
+    /// The sum of every observation.
+    pub fn sum(&self) -> f64 {
+        self.sum
     }
 }
 
-/// Escape a label value for the text format.
-pub fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// The labels of one sample: name and value pairs (values are escaped when written).
+pub type Labels = Vec<(&'static str, String)>;
+
+/// The metric families of one scrape, written through the encoder a [`Collector`] is
+/// given. Counter names leave out `_total`: the encoder adds it.
+pub struct Families<'a>(DescriptorEncoder<'a>);
+
+impl<'a> Families<'a> {
+    /// Families written into `encoder`.
+    pub fn new(encoder: DescriptorEncoder<'a>) -> Self {
+        Self(encoder)
+    }
+
+    /// A counter family: one sample per label set.
+    pub fn counter<V: EncodeCounterValue>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Labels, V)>,
+    ) -> std::fmt::Result {
+        let mut family = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (labels, value) in samples {
+            if labels.is_empty() {
+                family.encode_counter::<NoLabelSet, V, f64>(&value, None)?;
+            } else {
+                family
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, V, f64>(&value, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A gauge family: one sample per label set.
+    pub fn gauge<V: EncodeGaugeValue>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Labels, V)>,
+    ) -> std::fmt::Result {
+        let mut family = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (labels, value) in samples {
+            if labels.is_empty() {
+                family.encode_gauge(&value)?;
+            } else {
+                family.encode_family(&labels)?.encode_gauge(&value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A histogram family: one histogram per label set.
+    pub fn histogram<'h>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Labels, &'h Histogram)>,
+    ) -> std::fmt::Result {
+        let mut family = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for (labels, h) in samples {
+            let buckets = h.buckets();
+            if labels.is_empty() {
+                family.encode_histogram::<NoLabelSet>(h.sum(), h.count(), &buckets, None)?;
+            } else {
+                family
+                    .encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(h.sum(), h.count(), &buckets, None)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A collector from a function, for a few numbers that need no structure of their own.
+pub struct FnCollector<F>(pub F);
+
+impl<F> std::fmt::Debug for FnCollector<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FnCollector")
+    }
+}
+
+impl<F> Collector for FnCollector<F>
+where
+    F: Fn(&mut Families<'_>) -> std::fmt::Result + Send + Sync + 'static,
+{
+    fn encode(&self, encoder: DescriptorEncoder) -> std::fmt::Result {
+        (self.0)(&mut Families::new(encoder))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_are_written_in_the_text_format_scrapers_read() {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(FnCollector(|f: &mut Families<'_>| {
+            f.counter(
+                "kiln_test_requests",
+                "Requests.",
+                [(vec![("model", "a\"b".to_owned())], 3u64)],
+            )?;
+            f.gauge("kiln_test_up", "Up.", [(Vec::new(), 1u64)])?;
+            f.gauge("kiln_test_ratio", "A share.", [(Vec::new(), 0.25)])?;
+            let mut h = Histogram::new(&[0.1, 1.0]);
+            h.observe(0.05);
+            h.observe(0.5);
+            h.observe(5.0);
+            f.histogram(
+                "kiln_test_seconds",
+                "Time.",
+                [(vec![("outcome", "ok".into())], &h)],
+            )
+        })));
+        let text = render(&registry);
+        for line in [
+            "# TYPE kiln_test_requests_total counter",
+            "kiln_test_requests_total{model=\"a\\\"b\"} 3",
+            "# TYPE kiln_test_up gauge",
+            "kiln_test_up 1",
+            "kiln_test_ratio 0.25",
+            "# TYPE kiln_test_seconds histogram",
+            "kiln_test_seconds_bucket{outcome=\"ok\",le=\"0.1\"} 1",
+            "kiln_test_seconds_bucket{outcome=\"ok\",le=\"1\"} 2",
+            "kiln_test_seconds_bucket{outcome=\"ok\",le=\"+Inf\"} 3",
+            "kiln_test_seconds_sum{outcome=\"ok\"} 5.55",
+            "kiln_test_seconds_count{outcome=\"ok\"} 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} in\n{text}");
+        }
+    }
 }

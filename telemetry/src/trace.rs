@@ -121,6 +121,10 @@ fn start_linked(
 /// what travels on); or not made at all, under an unsampled span of this process (whose
 /// context stands in for it). Only a caller that carries the span in a context builds
 /// one from the last two.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the record moves by value on purpose: a box per span was a measured cost"
+)]
 enum Begun {
     Recording(Recording),
     SampledOut(SpanContext),
@@ -579,6 +583,10 @@ impl Names {
 
 /// The RPC attributes of a call named `name` (see [`call_name`]), with room for those the
 /// handler and the answer add.
+#[allow(
+    clippy::ptr_arg,
+    reason = "a `'static` borrowed name stays borrowed in the attributes; a `&str` loses that"
+)]
 fn rpc_attributes(name: &Cow<'static, str>) -> Vec<KeyValue> {
     let (service, method) = match name {
         Cow::Borrowed(name) => {

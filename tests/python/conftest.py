@@ -23,6 +23,7 @@ class Cluster:
         self.workers = workers
         self.proc = None
         self.addr = None
+        self.extra = []  # more `kiln up` flags
 
     def start(self):
         addr_file = self.data_dir / "addr"
@@ -32,7 +33,7 @@ class Cluster:
         self.proc = subprocess.Popen(
             [KILN, "up", "--grpc-addr", "127.0.0.1:0", "--workers", str(self.workers),
              "--data-dir", str(self.data_dir), "--device", os.environ.get("KILN_TEST_DEVICE", "cpu"),
-             "--addr-file", str(addr_file)],
+             "--addr-file", str(addr_file), *self.extra],
             stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60

@@ -55,8 +55,11 @@ def test_reflection_answers_both_protocol_versions_with_what_the_port_serves(clu
     assert WORKER not in alpha
 
     # A worker's port lists the worker API and not the public ones.
-    status = json.loads(cluster.kiln("status", "--json"))
-    worker = status["workers"][0]["address"]
+    deadline = time.monotonic() + 60
+    while not (workers := json.loads(cluster.kiln("status", "--json"))["workers"]):
+        assert time.monotonic() < deadline, "no worker registered within 60 s"
+        time.sleep(0.1)
+    worker = workers[0]["address"]
     for version in ["v1", "v1alpha"]:
         listed = list_services(worker, version)
         assert WORKER in listed and "inference.GRPCInferenceService" not in listed, listed
@@ -129,3 +132,40 @@ def test_a_plot_is_small_and_has_its_axes_and_legend(cluster, tmp_path):
     texts = {t.strip() for t in re.findall(r"<text[^>]*>([^<]*)</text>", svg)}
     for text in ["Loss", "Accuracy", "epoch", "loss", "accuracy", "train", "validation", "6"]:
         assert text in texts, (text, texts)
+
+
+def test_kiln_up_serves_every_parts_metrics_on_one_port(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+    import tritonclient.grpc as grpcclient
+    import urllib.request
+
+    from conftest import Cluster, free_port, wait_ready
+
+    port = free_port()
+    cluster = Cluster(tmp_path, workers=2)
+    cluster.extra = ["--metrics-addr", f"127.0.0.1:{port}"]
+    cluster.start()
+    try:
+        client = grpcclient.InferenceServerClient(cluster.addr)
+        wait_ready(client, "demo-mlp")
+        x = grpcclient.InferInput("input", [1, 10], "FP32")
+        x.set_data_from_numpy(np.ones((1, 10), dtype=np.float32))
+        client.infer("demo-mlp", [x])
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        cluster.stop()
+    families = list(text_string_to_metric_families(text))
+    names = [f.name for f in families]
+    # One scrape holds each family once, whatever number of workers share the process.
+    assert len(names) == len(set(names)), sorted(names)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in families for s in f.samples}
+    demo = (("model", "demo-mlp"), ("outcome", "success"), ("version", "1"))
+    assert samples[("kiln_gateway_requests_total", demo)] == 1
+    for worker in ["worker-0", "worker-1"]:
+        assert samples[("kiln_worker_registered", (("worker", worker),))] == 1
+    ready = sum(v for (name, labels), v in samples.items()
+                if name == "kiln_worker_versions" and ("state", "READY") in labels)
+    assert ready == 2, "the demo model is ready on both workers"
+    assert samples[("kiln_scheduler_leader", ())] == 1
+    assert samples[("kiln_scheduler_training_jobs_running", ())] == 0

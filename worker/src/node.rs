@@ -61,44 +61,47 @@ pub struct WorkerDeps {
     pub registry: Registry,
     /// Where weights are.
     pub artifacts: ArtifactStore,
+    /// Where the worker's Prometheus metrics are collected: its own (the default), or one
+    /// shared by every worker of a process (`kiln up`), which labels each with its id.
+    pub metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
-struct Served {
-    batcher: Batcher,
-    input_width: usize,
+pub(crate) struct Served {
+    pub(crate) batcher: Batcher,
+    pub(crate) input_width: usize,
 }
 
-struct State {
-    id: String,
-    address: String,
-    backend: &'static str,
-    adapter: String,
-    started_unix_ms: u64,
-    engine: EngineHandle,
+pub(crate) struct State {
+    pub(crate) id: String,
+    pub(crate) address: String,
+    pub(crate) backend: &'static str,
+    pub(crate) adapter: String,
+    pub(crate) started_unix_ms: u64,
+    pub(crate) engine: EngineHandle,
     /// The engine's device, for building training runs.
-    device: burn::tensor::Device,
-    deps: WorkerDeps,
-    served: RwLock<HashMap<VersionKey, Served>>,
+    pub(crate) device: burn::tensor::Device,
+    pub(crate) deps: WorkerDeps,
+    pub(crate) served: RwLock<HashMap<VersionKey, Served>>,
     /// What the worker reports in its record.
-    loaded: Mutex<BTreeMap<VersionKey, LoadedRecord>>,
-    lease: Mutex<Option<LeaseId>>,
+    pub(crate) loaded: Mutex<BTreeMap<VersionKey, LoadedRecord>>,
+    pub(crate) lease: Mutex<Option<LeaseId>>,
     /// Set when the worker shuts down: it must not register again.
-    stopping: std::sync::atomic::AtomicBool,
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
     /// The cancel flags of the training runs in progress, set when the worker shuts down:
     /// their jobs go back to the scheduler, which resumes them elsewhere.
-    runs: Mutex<Vec<std::sync::Weak<std::sync::atomic::AtomicBool>>>,
+    pub(crate) runs: Mutex<Vec<std::sync::Weak<std::sync::atomic::AtomicBool>>>,
     /// Poked whenever `loaded` changes, so the record is rewritten.
-    report: Notify,
+    pub(crate) report: Notify,
     /// The record as last written, so that renewals without news write nothing.
-    written: Mutex<Option<WorkerRecord>>,
+    pub(crate) written: Mutex<Option<WorkerRecord>>,
     /// When each version last served a request.
-    last_used: Mutex<HashMap<VersionKey, u64>>,
+    pub(crate) last_used: Mutex<HashMap<VersionKey, u64>>,
     /// Bytes of weights this worker may hold (0: no limit).
-    memory_bytes: u64,
+    pub(crate) memory_bytes: u64,
     /// How long model loads took, by outcome (success, failure).
-    load_seconds: Mutex<[kiln_telemetry::metrics::Histogram; 2]>,
+    pub(crate) load_seconds: Mutex<[kiln_telemetry::metrics::Histogram; 2]>,
     /// FP32 parameter bytes of each version served.
-    weight_bytes: Mutex<HashMap<VersionKey, u64>>,
+    pub(crate) weight_bytes: Mutex<HashMap<VersionKey, u64>>,
 }
 
 /// Run a worker on `listener` until `shutdown` resolves, then drain: deregister (revoke the
@@ -147,15 +150,17 @@ pub async fn serve(
         weight_bytes: Mutex::new(HashMap::new()),
     });
 
+    state.deps.metrics.add(&state);
     let metrics = match config.metrics_addr {
         Some(addr) => {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| Error::Invalid(format!("cannot serve metrics on {addr}: {e}")))?;
-            let s = state.clone();
+            let mut registry = kiln_telemetry::metrics::Registry::default();
+            registry.register_collector(Box::new(state.deps.metrics.clone()));
             Some(tokio::spawn(kiln_telemetry::metrics::serve(
                 listener,
-                Arc::new(move || prometheus(&s)),
+                Arc::new(registry),
             )))
         }
         None => None,
@@ -222,115 +227,6 @@ pub async fn serve(
     }
     deregister(&state).await;
     result.map_err(|e| Error::Device(format!("worker server: {e}")))
-}
-
-/// The worker's metrics in the Prometheus text format.
-fn prometheus(state: &State) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let registered = u8::from(lock(&state.lease).is_some());
-    let _ = writeln!(
-        out,
-        "# HELP kiln_worker_registered Whether the worker holds a live registration (1) or takes no work (0).\n# TYPE kiln_worker_registered gauge\nkiln_worker_registered {registered}"
-    );
-    let _ = writeln!(
-        out,
-        "# HELP kiln_worker_memory_limit_bytes Bytes of model weights the worker may hold (0: no limit).\n# TYPE kiln_worker_memory_limit_bytes gauge\nkiln_worker_memory_limit_bytes {}",
-        state.memory_bytes
-    );
-    let loaded: Vec<LoadedRecord> = lock(&state.loaded).values().cloned().collect();
-    let _ = writeln!(
-        out,
-        "# HELP kiln_worker_versions Model versions on this worker, by state.\n# TYPE kiln_worker_versions gauge"
-    );
-    for (name, s) in [
-        ("LOADING", LoadState::Loading),
-        ("READY", LoadState::Ready),
-        ("FAILED", LoadState::Failed),
-    ] {
-        let n = loaded.iter().filter(|l| l.state == s).count();
-        let _ = writeln!(out, "kiln_worker_versions{{state=\"{name}\"}} {n}");
-    }
-    let served = state.served.read().unwrap_or_else(|p| p.into_inner());
-    let _ = writeln!(
-        out,
-        "# HELP kiln_worker_queue_depth Requests waiting in a version's batcher.\n# TYPE kiln_worker_queue_depth gauge"
-    );
-    let mut keys: Vec<&VersionKey> = served.keys().collect();
-    keys.sort();
-    for key in keys {
-        let _ = writeln!(
-            out,
-            "kiln_worker_queue_depth{{model=\"{}\",version=\"{}\"}} {}",
-            kiln_telemetry::metrics::label(&key.model),
-            key.version,
-            served[key].batcher.queue_depth()
-        );
-    }
-    let runs = lock(&state.runs)
-        .iter()
-        .filter(|r| r.strong_count() > 0)
-        .count();
-    let _ = writeln!(
-        out,
-        "# HELP kiln_worker_training_runs Training runs in progress on this worker.\n# TYPE kiln_worker_training_runs gauge\nkiln_worker_training_runs {runs}"
-    );
-    let _ = writeln!(
-        out,
-        "# HELP kiln_worker_device_info The device this worker computes on (always 1).\n# TYPE kiln_worker_device_info gauge\nkiln_worker_device_info{{backend=\"{}\",adapter=\"{}\"}} 1",
-        state.backend,
-        kiln_telemetry::metrics::label(&state.adapter)
-    );
-    let weights: u64 = lock(&state.weight_bytes).values().sum();
-    let _ = writeln!(
-        out,
-        "# HELP kiln_worker_model_weight_bytes Bytes of FP32 weights of the versions loaded on the device.\n# TYPE kiln_worker_model_weight_bytes gauge\nkiln_worker_model_weight_bytes {weights}"
-    );
-    if let Some(rss) = resident_bytes() {
-        let _ = writeln!(
-            out,
-            "# HELP kiln_worker_resident_memory_bytes Resident memory of the worker process.\n# TYPE kiln_worker_resident_memory_bytes gauge\nkiln_worker_resident_memory_bytes {rss}"
-        );
-    }
-    let name = "kiln_worker_model_load_duration_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Time to fetch, check and load a model version onto the device, by outcome.\n# TYPE {name} histogram"
-    );
-    let loads = lock(&state.load_seconds);
-    for (outcome, h) in ["success", "failure"].iter().zip(loads.iter()) {
-        h.write(&mut out, name, &format!("outcome=\"{outcome}\""));
-    }
-    out
-}
-
-/// The process's resident set size, as the kernel reports it in `/proc/self/status`
-/// (`VmRSS`, in kB whatever the page size: 4 KiB on x86, often 64 KiB on ARM servers).
-fn resident_bytes() -> Option<u64> {
-    vm_rss(&std::fs::read_to_string("/proc/self/status").ok()?)
-}
-
-/// The `VmRSS:` line of a `/proc/PID/status` text, in bytes.
-fn vm_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut parts = line["VmRSS:".len()..].split_whitespace();
-    let value: u64 = parts.next()?.parse().ok()?;
-    match parts.next() {
-        Some("kB") => value.checked_mul(1024),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod resident_tests {
-    #[test]
-    fn vm_rss_is_read_in_bytes_from_the_status_text() {
-        let status = "Name:\tkiln\nVmPeak:\t  900 kB\nVmRSS:\t  12345 kB\nThreads:\t9\n";
-        assert_eq!(super::vm_rss(status), Some(12345 * 1024));
-        assert_eq!(super::vm_rss("Name:\tkiln\n"), None);
-        // This process has a resident set, and it is more than a page.
-        assert!(super::resident_bytes().unwrap() > 64 * 1024);
-    }
 }
 
 // === registration ===
@@ -576,7 +472,7 @@ async fn unload_version(state: &Arc<State>, key: &VersionKey) {
     tracing::info!(version = %key, "model unloaded");
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -1,0 +1,206 @@
+//! The worker's Prometheus metrics: registration, memory, versions by state, queue depth,
+//! training runs, device, weights, resident memory and model-load times.
+//!
+//! One [`WorkerMetrics`] describes the workers added to it when scraped. A worker process
+//! has its own, unlabelled, as it always had; `kiln up` runs several workers in one
+//! process and shares one that labels each sample with `worker="ID"`, so that one scrape
+//! holds each metric family once.
+
+use std::sync::{Arc, RwLock, Weak};
+
+use kiln_registry::records::{LoadState, VersionKey};
+use kiln_telemetry::metrics::{Collector, DescriptorEncoder, Families, Labels};
+
+use crate::node::{State, lock};
+
+/// The metrics of the workers added to it (see the module docs).
+#[derive(Default)]
+pub struct WorkerMetrics {
+    /// Whether samples carry a `worker` label (several workers in one process).
+    labelled: bool,
+    /// The workers, held weakly: a stopped worker drops out of the next scrape.
+    workers: RwLock<Vec<Weak<State>>>,
+}
+
+impl std::fmt::Debug for WorkerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerMetrics")
+            .field("labelled", &self.labelled)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerMetrics {
+    /// Metrics shared by several workers of one process, each labelled with its id.
+    pub fn labelled() -> Arc<Self> {
+        Arc::new(Self {
+            labelled: true,
+            workers: RwLock::new(Vec::new()),
+        })
+    }
+
+    /// Describe `state`'s worker from the next scrape on.
+    pub(crate) fn add(&self, state: &Arc<State>) {
+        let mut workers = self.workers.write().unwrap_or_else(|p| p.into_inner());
+        workers.retain(|w| w.strong_count() > 0);
+        workers.push(Arc::downgrade(state));
+    }
+
+    /// The live workers, by id.
+    fn live(&self) -> Vec<Arc<State>> {
+        let workers = self.workers.read().unwrap_or_else(|p| p.into_inner());
+        let mut live: Vec<Arc<State>> = workers.iter().filter_map(Weak::upgrade).collect();
+        live.sort_by(|a, b| a.id.cmp(&b.id));
+        live
+    }
+
+    /// The labels of a sample of `state`'s, before `more`.
+    fn labels(&self, state: &State, more: Labels) -> Labels {
+        let mut labels = if self.labelled {
+            vec![("worker", state.id.clone())]
+        } else {
+            Vec::new()
+        };
+        labels.extend(more);
+        labels
+    }
+}
+
+impl Collector for WorkerMetrics {
+    fn encode(&self, encoder: DescriptorEncoder) -> std::fmt::Result {
+        let workers = self.live();
+        let mut f = Families::new(encoder);
+        let each = |value: fn(&State) -> u64| {
+            workers
+                .iter()
+                .map(move |w| (self.labels(w, Vec::new()), value(w)))
+        };
+        f.gauge(
+            "kiln_worker_registered",
+            "Whether the worker holds a live registration (1) or takes no work (0).",
+            each(|w| u64::from(lock(&w.lease).is_some())),
+        )?;
+        f.gauge(
+            "kiln_worker_memory_limit_bytes",
+            "Bytes of model weights the worker may hold (0: no limit).",
+            each(|w| w.memory_bytes),
+        )?;
+        f.gauge(
+            "kiln_worker_versions",
+            "Model versions on this worker, by state.",
+            workers.iter().flat_map(|w| {
+                let loaded = lock(&w.loaded);
+                [
+                    ("LOADING", LoadState::Loading),
+                    ("READY", LoadState::Ready),
+                    ("FAILED", LoadState::Failed),
+                ]
+                .map(|(name, state)| {
+                    let n = loaded.values().filter(|l| l.state == state).count() as u64;
+                    (self.labels(w, vec![("state", name.to_owned())]), n)
+                })
+            }),
+        )?;
+        f.gauge(
+            "kiln_worker_queue_depth",
+            "Requests waiting in a version's batcher.",
+            workers.iter().flat_map(|w| {
+                let served = w.served.read().unwrap_or_else(|p| p.into_inner());
+                let mut keys: Vec<&VersionKey> = served.keys().collect();
+                keys.sort();
+                keys.into_iter()
+                    .map(|key| {
+                        let labels = vec![
+                            ("model", key.model.clone()),
+                            ("version", key.version.to_string()),
+                        ];
+                        (
+                            self.labels(w, labels),
+                            served[key].batcher.queue_depth() as u64,
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            }),
+        )?;
+        f.gauge(
+            "kiln_worker_training_runs",
+            "Training runs in progress on this worker.",
+            each(|w| {
+                lock(&w.runs)
+                    .iter()
+                    .filter(|r| r.strong_count() > 0)
+                    .count() as u64
+            }),
+        )?;
+        f.gauge(
+            "kiln_worker_device_info",
+            "The device this worker computes on (always 1).",
+            workers.iter().map(|w| {
+                let labels = vec![
+                    ("backend", w.backend.to_owned()),
+                    ("adapter", w.adapter.clone()),
+                ];
+                (self.labels(w, labels), 1u64)
+            }),
+        )?;
+        f.gauge(
+            "kiln_worker_model_weight_bytes",
+            "Bytes of FP32 weights of the versions loaded on the device.",
+            each(|w| lock(&w.weight_bytes).values().sum()),
+        )?;
+        // One process: the same figure for every worker in it.
+        if let Some(rss) = resident_bytes() {
+            f.gauge(
+                "kiln_worker_resident_memory_bytes",
+                "Resident memory of the worker process.",
+                workers.iter().map(|w| (self.labels(w, Vec::new()), rss)),
+            )?;
+        }
+        let loads: Vec<_> = workers
+            .iter()
+            .map(|w| lock(&w.load_seconds).clone())
+            .collect();
+        f.histogram(
+            "kiln_worker_model_load_duration_seconds",
+            "Time to fetch, check and load a model version onto the device, by outcome.",
+            workers
+                .iter()
+                .zip(&loads)
+                .flat_map(|(w, [success, failure])| {
+                    [
+                        (self.labels(w, vec![("outcome", "success".into())]), success),
+                        (self.labels(w, vec![("outcome", "failure".into())]), failure),
+                    ]
+                }),
+        )
+    }
+}
+
+/// The process's resident set size, as the kernel reports it in `/proc/self/status`
+/// (`VmRSS`, in kB whatever the page size: 4 KiB on x86, often 64 KiB on ARM servers).
+fn resident_bytes() -> Option<u64> {
+    vm_rss(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// The `VmRSS:` line of a `/proc/PID/status` text, in bytes.
+fn vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut parts = line["VmRSS:".len()..].split_whitespace();
+    let value: u64 = parts.next()?.parse().ok()?;
+    match parts.next() {
+        Some("kB") => value.checked_mul(1024),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod resident_tests {
+    #[test]
+    fn vm_rss_is_read_in_bytes_from_the_status_text() {
+        let status = "Name:\tkiln\nVmPeak:\t  900 kB\nVmRSS:\t  12345 kB\nThreads:\t9\n";
+        assert_eq!(super::vm_rss(status), Some(12345 * 1024));
+        assert_eq!(super::vm_rss("Name:\tkiln\n"), None);
+        // This process has a resident set, and it is more than a page.
+        assert!(super::resident_bytes().unwrap() > 64 * 1024);
+    }
+}
