@@ -8,17 +8,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
+use kiln_core::MlpWeights;
+use kiln_core::records::{BatchingSettings, DeploymentRecord, SCHEMA};
+use kiln_core::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
 use kiln_gateway::GatewayConfig;
 use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use kiln_proto::inference::model_infer_request::InferInputTensor;
 use kiln_proto::inference::{ModelInferRequest, ModelReadyRequest};
 use kiln_proto::kiln::internal::v1 as internal;
 use kiln_proto::kiln::internal::v1::worker_client::WorkerClient;
-use kiln_registry::records::{BatchingSettings, DeploymentRecord, SCHEMA};
-use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
-use kiln_registry::{
-    ArtifactStore, FileStore, KvStore, MlpWeights, NewModel, NewVersion, Registry,
-};
+use kiln_registry::{ArtifactStore, FileStore, KvStore, NewModel, NewVersion, Registry};
 use kiln_worker::DeviceChoice;
 
 use crate::embedded::{self, PREFIX, UpConfig};

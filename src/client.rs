@@ -3,13 +3,13 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use kiln_core::spec::{ModelSpec, Signature};
 use kiln_gateway::codec::fp32_input;
 use kiln_gateway::convert::{signature_to_proto, spec_to_proto};
 use kiln_proto::inference::ModelInferRequest;
 use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use kiln_proto::kiln::v1 as pb;
 use kiln_proto::kiln::v1::models_client::ModelsClient;
-use kiln_registry::spec::{ModelSpec, Signature};
 use serde::Deserialize;
 use tonic::transport::Channel;
 

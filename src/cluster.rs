@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use kiln_core::training::TrainingLimits;
 use kiln_gateway::{GatewayConfig, GatewayDeps, TrainingRoute};
-use kiln_registry::training::TrainingLimits;
 use kiln_registry::{ArtifactStore, EtcdStore, KvStore, Registry, WatchedView};
 use kiln_scheduler::training::{CoordinatorSlot, TrainingCoordinator, TrainingService};
 use kiln_worker::{DeviceChoice, WorkerConfig, WorkerDeps};
@@ -149,7 +149,7 @@ pub async fn worker(
     args: WorkerArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    kiln_registry::spec::validate_name("--id", &args.id)?;
+    kiln_core::spec::validate_name("--id", &args.id)?;
     let c = connect(&cluster).await?;
     let listener = bind(args.listen, args.addr_file.as_ref()).await?;
     let advertise = advertised(args.advertise, listener.local_addr()?, "--advertise")?;
@@ -242,7 +242,7 @@ pub async fn scheduler(
     args: SchedulerArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    kiln_registry::spec::validate_name("--id", &args.id)?;
+    kiln_core::spec::validate_name("--id", &args.id)?;
     let c = connect(&cluster).await?;
     let view = WatchedView::start(c.store.clone(), cluster.prefix.clone()).await?;
     let listener = bind(args.listen, args.addr_file.as_ref()).await?;

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use kiln_core::MlpWeights;
+use kiln_core::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
 use kiln_gateway::{GatewayConfig, GatewayDeps};
-use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
 use kiln_registry::{
-    ArtifactStore, FileStore, KvStore, MlpWeights, NewModel, NewVersion, Registry, WatchedView,
+    ArtifactStore, FileStore, KvStore, NewModel, NewVersion, Registry, WatchedView,
 };
 use kiln_worker::{DeviceChoice, WorkerConfig, WorkerDeps};
 use tokio::net::TcpListener;
@@ -41,7 +42,7 @@ pub struct UpConfig {
     /// Lease TTL of the workers' registrations.
     pub lease_ttl: Duration,
     /// Caps on what one training job or upload may ask for.
-    pub training_limits: kiln_registry::training::TrainingLimits,
+    pub training_limits: kiln_core::training::TrainingLimits,
     /// Bytes of model weights each worker may hold (0: no limit; the least recently used
     /// versions give way).
     pub worker_memory_bytes: u64,

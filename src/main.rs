@@ -248,11 +248,11 @@ struct LimitFlags {
 }
 
 impl LimitFlags {
-    fn limits(&self) -> anyhow::Result<kiln_registry::training::TrainingLimits> {
+    fn limits(&self) -> anyhow::Result<kiln_core::training::TrainingLimits> {
         if self.max_epochs == 0 || self.max_rows == 0 || self.max_upload_mib == 0 {
             anyhow::bail!("--max-epochs, --max-rows and --max-upload-mib must be at least 1");
         }
-        Ok(kiln_registry::training::TrainingLimits {
+        Ok(kiln_core::training::TrainingLimits {
             max_epochs: self.max_epochs,
             max_rows: self.max_rows,
             max_upload_bytes: self.max_upload_mib * 1024 * 1024,

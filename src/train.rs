@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use kiln_core::spec::{ModelSpec, Signature};
 use kiln_gateway::convert::{signature_to_proto, spec_to_proto};
 use kiln_proto::kiln::v1 as pb;
 use kiln_proto::kiln::v1::training_client::TrainingClient;
 use kiln_proto::kiln::v1::training_event::Event;
-use kiln_registry::spec::{ModelSpec, Signature};
 use serde::Deserialize;
 use tonic::transport::Channel;
 
@@ -174,7 +174,7 @@ pub struct Overrides {
 pub fn read_csv(path: &Path, label: &str) -> anyhow::Result<(Vec<f32>, Vec<f32>, u32)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let parsed = kiln_registry::training::parse_csv(&text, label)
+    let parsed = kiln_core::training::parse_csv(&text, label)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok((parsed.features, parsed.labels, parsed.rows as u32))
 }
@@ -184,7 +184,7 @@ pub fn read_npy(features: &Path, labels: &Path) -> anyhow::Result<(Vec<f32>, Vec
     let x =
         std::fs::read(features).with_context(|| format!("cannot read {}", features.display()))?;
     let y = std::fs::read(labels).with_context(|| format!("cannot read {}", labels.display()))?;
-    let parsed = kiln_registry::training::parse_npy(&x, &y)
+    let parsed = kiln_core::training::parse_npy(&x, &y)
         .map_err(|e| anyhow::anyhow!("{} / {}: {e}", features.display(), labels.display()))?;
     Ok((parsed.features, parsed.labels, parsed.rows as u32))
 }
@@ -471,7 +471,7 @@ pub async fn upload(
 ) -> anyhow::Result<String> {
     let mut bytes =
         std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let npy = kiln_registry::npy::is_npy(&bytes);
+    let npy = kiln_core::npy::is_npy(&bytes);
     let (format, labels_size) = match (npy, labels_file) {
         (true, Some(labels_path)) => {
             let labels = std::fs::read(labels_path)

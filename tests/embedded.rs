@@ -8,15 +8,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use kiln::embedded::{self, UpConfig};
+use kiln_core::MlpWeights;
+use kiln_core::spec::{Activation, MlpSpec, ModelSpec, Task};
+use kiln_core::weights::LayerWeights;
 use kiln_gateway::GatewayConfig;
 use kiln_gateway::codec::fp32_input;
 use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use kiln_proto::inference::{ModelInferRequest, ModelReadyRequest};
 use kiln_proto::kiln::v1 as pb;
 use kiln_proto::kiln::v1::models_client::ModelsClient;
-use kiln_registry::MlpWeights;
-use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Task};
-use kiln_registry::weights::LayerWeights;
 use kiln_worker::DeviceChoice;
 use tonic::transport::Channel;
 

@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use kiln::embedded::{self, UpConfig};
+use kiln_core::weights::SplitMix64;
 use kiln_gateway::GatewayConfig;
 use kiln_gateway::codec::fp32_input;
 use kiln_proto::inference::ModelInferRequest;
@@ -14,7 +15,6 @@ use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceCl
 use kiln_proto::kiln::v1 as pb;
 use kiln_proto::kiln::v1::training_client::TrainingClient;
 use kiln_proto::kiln::v1::training_event::Event;
-use kiln_registry::weights::SplitMix64;
 use kiln_worker::DeviceChoice;
 use tonic::transport::Channel;
 
@@ -31,7 +31,7 @@ async fn start_with(dir: &std::path::Path, workers: usize) -> (embedded::Embedde
         gateway: GatewayConfig::default(),
         lease_ttl: Duration::from_secs(10),
         // Caps below the defaults, to see that the server's settings are the ones applied.
-        training_limits: kiln_registry::training::TrainingLimits {
+        training_limits: kiln_core::training::TrainingLimits {
             max_epochs: 500,
             max_rows: 50_000,
             max_upload_bytes: 4 * 1024 * 1024,
@@ -753,15 +753,15 @@ async fn a_job_on_two_or_three_workers_trains_the_weights_of_one() {
             .await
             .unwrap()
             .into_inner();
-        let spec = kiln_registry::spec::ModelSpec::Mlp(kiln_registry::spec::MlpSpec {
+        let spec = kiln_core::spec::ModelSpec::Mlp(kiln_core::spec::MlpSpec {
             input_width: 10,
             hidden: vec![16],
-            activation: kiln_registry::spec::Activation::Relu,
+            activation: kiln_core::spec::Activation::Relu,
             output_width: 1,
-            task: kiln_registry::spec::Task::BinaryClassification,
+            task: kiln_core::spec::Task::BinaryClassification,
         });
         let weights =
-            kiln_registry::MlpWeights::from_safetensors(&spec, &exported.safetensors).unwrap();
+            kiln_core::MlpWeights::from_safetensors(&spec, &exported.safetensors).unwrap();
         let accuracy = done.history.last().unwrap().validation_accuracy.unwrap();
         results.push((weights, accuracy));
     }

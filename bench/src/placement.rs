@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_registry::records::{ArtifactRef, DeploymentRecord, SCHEMA, WorkerRecord, now_unix_ms};
-use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
+use kiln_core::records::{ArtifactRef, DeploymentRecord, SCHEMA, WorkerRecord, now_unix_ms};
+use kiln_core::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
 use kiln_registry::{KvStore, MemoryStore, NewModel, NewVersion, Registry, WatchedView};
 use kiln_scheduler::controller::desired_placements;
 

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_core::records::LoadState;
 use kiln_proto::kiln::internal::v1 as internal;
 use kiln_proto::kiln::v1 as pb;
 use kiln_proto::kiln::v1::cluster_server::Cluster;
-use kiln_registry::records::LoadState;
 use tonic::{Request, Response, Status};
 
 use crate::Shared;

@@ -8,10 +8,10 @@
 //! otherwise. BYTES is refused.
 
 use bytes::Bytes;
+use kiln_core::weights::f32_from_le;
 use kiln_proto::inference::model_infer_request::InferInputTensor;
 use kiln_proto::inference::model_infer_response::InferOutputTensor;
 use kiln_proto::inference::{InferTensorContents, ModelInferRequest, ModelInferResponse};
-use kiln_registry::weights::f32_from_le;
 
 /// Why a request's tensors were refused. Always `INVALID_ARGUMENT`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

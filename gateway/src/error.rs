@@ -44,6 +44,14 @@ impl From<kiln_registry::Error> for Error {
     }
 }
 
+impl From<kiln_core::Error> for Error {
+    fn from(e: kiln_core::Error) -> Self {
+        match e {
+            kiln_core::Error::Invalid(m) => Error::Invalid(m),
+        }
+    }
+}
+
 impl From<crate::codec::CodecError> for Error {
     fn from(e: crate::codec::CodecError) -> Self {
         Error::Invalid(e.0)

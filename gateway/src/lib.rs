@@ -15,7 +15,7 @@ pub mod cluster;
 pub mod codec;
 mod error;
 /// Wire ↔ domain conversions (they live in the scheduler crate, which both sides use).
-pub use kiln_scheduler::convert;
+pub use kiln_core::convert;
 pub mod models;
 pub mod oip;
 pub mod router;

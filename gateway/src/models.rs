@@ -3,10 +3,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use kiln_core::MlpWeights;
+use kiln_core::spec::validate_name;
 use kiln_proto::kiln::v1 as pb;
 use kiln_proto::kiln::v1::models_server::Models;
-use kiln_registry::spec::validate_name;
-use kiln_registry::{ClusterView, MlpWeights, NewModel, NewVersion};
+use kiln_registry::{ClusterView, NewModel, NewVersion};
 use tonic::{Request, Response, Status};
 
 use crate::convert::{
@@ -192,7 +193,7 @@ impl Models for ModelsService {
                     "canary_weight is set but canary_version is not",
                 ));
             }
-            (version, weight) => Some(kiln_registry::records::Canary { version, weight }),
+            (version, weight) => Some(kiln_core::records::Canary { version, weight }),
         };
         let alias = self
             .shared
@@ -213,7 +214,7 @@ impl Models for ModelsService {
         &self,
         request: Request<pb::SetDeploymentRequest>,
     ) -> Result<Response<pb::Deployment>, Status> {
-        use kiln_registry::records::DeviceClass;
+        use kiln_core::records::DeviceClass;
         let req = request.into_inner();
         validate_name("name", &req.name).map_err(Error::from)?;
         if req.replicas > 1024 {

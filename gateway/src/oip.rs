@@ -6,11 +6,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
+use kiln_core::records::{LoadState, VersionKey};
 use kiln_proto::inference as oip;
 use kiln_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use kiln_proto::inference::model_metadata_response::TensorMetadata;
 use kiln_registry::ClusterView;
-use kiln_registry::records::{LoadState, VersionKey};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::codec::{InputSpec, check_requested_outputs, decode_input, encode_output};

@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
+use kiln_core::records::VersionKey;
+use kiln_core::routing::{ReplicaLoad, choose_replica, mix64, plan_shards};
 use kiln_proto::kiln::internal::v1 as pb;
 use kiln_proto::kiln::internal::v1::worker_client::WorkerClient;
 use kiln_registry::WatchedView;
-use kiln_registry::records::VersionKey;
 use kiln_rpc::local::Transport;
-use kiln_scheduler::plan::{ReplicaLoad, choose_replica, mix64, plan_shards};
 
 use crate::{Error, Result};
 

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use kiln_core::records::{VersionKey, now_unix_ms};
 use kiln_proto::inference as oip;
-use kiln_registry::records::{VersionKey, now_unix_ms};
 use kiln_telemetry::metrics::{
     Collector, DescriptorEncoder, Families, Histogram, Labels, ROWS_BOUNDS, SECONDS_BOUNDS,
 };

@@ -9,8 +9,8 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use sha2::{Digest, Sha256};
 
-use crate::records::ArtifactRef;
 use crate::{Error, Result};
+use kiln_core::records::ArtifactRef;
 
 /// Where weights are kept: a local (or shared) directory, addressed as `file:///…`, or an
 /// S3 bucket and prefix, `s3://bucket/prefix`.

@@ -64,5 +64,13 @@ pub enum Error {
     Artifacts(String),
 }
 
+impl From<kiln_core::Error> for Error {
+    fn from(e: kiln_core::Error) -> Self {
+        match e {
+            kiln_core::Error::Invalid(m) => Error::Invalid(m),
+        }
+    }
+}
+
 /// The registry's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -8,14 +8,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::kv::{Expect, KvStore, LeaseId};
-use crate::records::{
+use crate::view::ClusterView;
+use crate::{Error, Result};
+use kiln_core::records::{
     AliasRecord, ArtifactRef, Canary, DeploymentRecord, LeaderRecord, ModelRecord, PlacementRecord,
     SCHEMA, VersionRecord, WorkerRecord, keys, now_unix_ms,
 };
-use crate::spec::{ModelSpec, Signature, validate_name};
-use crate::training::{DatasetRecord, JobRecord};
-use crate::view::ClusterView;
-use crate::{Error, Result};
+use kiln_core::spec::{ModelSpec, Signature, validate_name};
+use kiln_core::training::{DatasetRecord, JobRecord};
 
 /// Largest record Kiln writes; etcd's request limit is 1.5 MiB and records stay small.
 pub const MAX_RECORD_BYTES: usize = crate::kv::MAX_VALUE_BYTES;
@@ -40,7 +40,7 @@ pub struct NewVersion {
     /// Metrics to record (e.g. final training and validation accuracy).
     pub metrics: std::collections::BTreeMap<String, f64>,
     /// Standardisation to apply at inference.
-    pub preprocessing: Option<crate::spec::Standardization>,
+    pub preprocessing: Option<kiln_core::spec::Standardization>,
 }
 
 impl NewVersion {
@@ -503,7 +503,7 @@ pub(crate) fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> 
 mod tests {
     use super::*;
     use crate::MemoryStore;
-    use crate::spec::{Activation, MlpSpec, Task};
+    use kiln_core::spec::{Activation, MlpSpec, Task};
 
     fn registry() -> Registry {
         Registry::new(Arc::new(MemoryStore::new()), "/kiln/v1/")

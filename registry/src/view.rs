@@ -10,12 +10,12 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::kv::{KeyValue, KvStore, WatchEvent};
-use crate::records::{
+use crate::registry::decode;
+use crate::{Error, Result};
+use kiln_core::records::{
     AliasRecord, DeploymentRecord, LeaderRecord, ModelRecord, PlacementRecord, VersionRecord,
     WorkerRecord, keys,
 };
-use crate::registry::decode;
-use crate::{Error, Result};
 
 /// The alias an unqualified model name resolves to, when it exists.
 pub const DEFAULT_ALIAS: &str = "production";

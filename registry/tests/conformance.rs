@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use kiln_core::records::ArtifactRef;
+use kiln_core::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
 use kiln_registry::kv::{Expect, KvStore, MAX_VALUE_BYTES, WatchEvent};
-use kiln_registry::records::ArtifactRef;
-use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
 use kiln_registry::testing::EtcdServer;
 use kiln_registry::{Error, FileStore, MemoryStore, NewModel, NewVersion, Registry, WatchedView};
 
@@ -430,7 +430,7 @@ impl Relay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_cut_off_while_etcd_compacts_comes_back_without_stale_workers() {
-    use kiln_registry::records::{SCHEMA, WorkerRecord};
+    use kiln_core::records::{SCHEMA, WorkerRecord};
     let etcd = EtcdServer::start().await.unwrap();
     let prefix = "/relay/kiln/v1/".to_owned();
     let direct: Arc<dyn KvStore> = Arc::new(etcd.store().await.unwrap());

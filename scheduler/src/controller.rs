@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kiln_registry::records::{DeviceClass, PlacementRecord, SCHEMA, VersionKey};
+use kiln_core::records::{DeviceClass, PlacementRecord, SCHEMA, VersionKey};
 use kiln_registry::{ClusterView, Registry, WatchedView};
 
 use crate::plan::{Want, plan_placements_within};

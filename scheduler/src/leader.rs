@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use kiln_registry::records::{LeaderRecord, SCHEMA, now_unix_ms};
+use kiln_core::records::{LeaderRecord, SCHEMA, now_unix_ms};
 use kiln_registry::{LeaseId, Registry, WatchedView};
 use tokio::sync::watch;
 

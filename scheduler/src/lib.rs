@@ -1,9 +1,9 @@
 //! Kiln's scheduler.
 //!
-//! - [`plan`]: pure planning, no I/O — which workers hold which versions
-//!   ([`plan::plan_placements`]) and which replica takes a request
-//!   ([`plan::choose_replica`]). The gateway calls the latter in-process.
-//! - [`convert`]: `kiln.v1` wire messages to and from domain types;
+//! - [`plan`]: pure placement planning, no I/O — which workers hold which versions
+//!   ([`plan::plan_placements`]). (Replica choice and shard plans are the gateway's, in
+//!   `kiln_core::routing`.)
+//! - [`metrics`]: the scheduler's Prometheus metrics;
 //! - [`training`]: the training coordinator (`kiln.v1.Training`);
 //! - [`controller`]: the placement controller, which turns the cluster state into
 //!   `placements/<worker>` records;
@@ -12,7 +12,6 @@
 #![forbid(unsafe_code)]
 
 pub mod controller;
-pub mod convert;
 pub mod leader;
 pub mod metrics;
 pub mod plan;

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kiln_registry::records::{BatchingSettings, VersionKey};
-use kiln_registry::weights::f32_from_le;
+use kiln_core::records::{BatchingSettings, VersionKey};
+use kiln_core::weights::f32_from_le;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{EngineHandle, ForwardOutput};

@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Tensor, TensorData};
-use kiln_registry::MlpWeights;
-use kiln_registry::records::VersionKey;
-use kiln_registry::spec::{ModelSpec, Standardization};
+use kiln_core::MlpWeights;
+use kiln_core::records::VersionKey;
+use kiln_core::spec::{ModelSpec, Standardization};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -422,8 +422,8 @@ impl EngineHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_registry::spec::{Activation, MlpSpec, Task};
-    use kiln_registry::weights::LayerWeights;
+    use kiln_core::spec::{Activation, MlpSpec, Task};
+    use kiln_core::weights::LayerWeights;
 
     fn key() -> VersionKey {
         VersionKey {

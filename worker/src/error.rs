@@ -1,6 +1,6 @@
 //! The worker's one error type, and its mapping to gRPC status codes.
 
-use kiln_registry::records::VersionKey;
+use kiln_core::records::VersionKey;
 
 /// What can go wrong on a worker.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,14 @@ pub enum Error {
 
 /// The worker's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<kiln_core::Error> for Error {
+    fn from(e: kiln_core::Error) -> Self {
+        match e {
+            kiln_core::Error::Invalid(m) => Error::Invalid(m),
+        }
+    }
+}
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {

@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, RwLock, Weak};
 
-use kiln_registry::records::{LoadState, VersionKey};
+use kiln_core::records::{LoadState, VersionKey};
 use kiln_telemetry::metrics::{Collector, DescriptorEncoder, Families, Labels};
 
 use crate::node::{State, lock};

@@ -8,9 +8,9 @@ use burn::nn::Linear;
 use burn::optim::GradientsParams;
 use burn::tensor::activation;
 use burn::tensor::{Device, Tensor, TensorData};
-use kiln_registry::MlpWeights;
-use kiln_registry::spec::{Activation, ModelSpec, Task};
-use kiln_registry::weights::LayerWeights;
+use kiln_core::MlpWeights;
+use kiln_core::spec::{Activation, ModelSpec, Task};
+use kiln_core::weights::LayerWeights;
 
 /// A multilayer perceptron: dense layers with an activation between them and a head that
 /// fits the task (sigmoid, softmax or identity).

@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kiln_proto::kiln::internal::v1 as pb;
-use kiln_proto::kiln::internal::v1::worker_server::{Worker, WorkerServer};
-use kiln_registry::records::{
+use kiln_core::MlpWeights;
+use kiln_core::records::{
     BatchingSettings, LoadState, LoadedRecord, SCHEMA, VersionKey, WorkerRecord, keys, now_unix_ms,
 };
-use kiln_registry::{ArtifactStore, LeaseId, MlpWeights, Registry};
+use kiln_proto::kiln::internal::v1 as pb;
+use kiln_proto::kiln::internal::v1::worker_server::{Worker, WorkerServer};
+use kiln_registry::{ArtifactStore, LeaseId, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
@@ -27,9 +28,9 @@ use crate::training::{
     TrainingRun,
 };
 use crate::{Error, Result};
-use kiln_registry::parallel::{MAX_REPLICAS, f32_from_bytes, f32_to_bytes};
-use kiln_registry::spec::ModelSpec;
-use kiln_registry::training::decode_dataset;
+use kiln_core::parallel::{MAX_REPLICAS, f32_from_bytes, f32_to_bytes};
+use kiln_core::spec::ModelSpec;
+use kiln_core::training::decode_dataset;
 
 /// How often a worker retries versions that failed to load (e.g. an artifact store that was
 /// briefly unreachable), when nothing else wakes it.

@@ -13,14 +13,14 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData, activation};
-use kiln_registry::MlpWeights;
-pub use kiln_registry::parallel::{ShardGradients, ShardRole, shard_range};
-use kiln_registry::spec::{ModelSpec, Standardization, Task};
-pub use kiln_registry::training::{
+use kiln_core::MlpWeights;
+pub use kiln_core::parallel::{ShardGradients, ShardRole, shard_range};
+use kiln_core::spec::{ModelSpec, Standardization, Task};
+pub use kiln_core::training::{
     Dataset, EarlyStopping, EpochReport, EvaluationReport, JobData, Loss, Optimizer, StopMetric,
     TrainingConfig, TrainingLimits, validate,
 };
-use kiln_registry::weights::SplitMix64;
+use kiln_core::weights::SplitMix64;
 
 use crate::model::Mlp;
 use crate::{Error, Result};
@@ -320,7 +320,7 @@ impl TrainingRun {
         )?;
         let ModelSpec::Mlp(mlp) = spec;
         let (width, outputs) = (spec.input_width(), spec.output_width());
-        let label_width = kiln_registry::training::label_width(spec);
+        let label_width = kiln_core::training::label_width(spec);
         let train = data.train;
 
         // The split: a seeded permutation, the last rows of which are held out.

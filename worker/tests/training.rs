@@ -3,9 +3,9 @@
 use std::sync::atomic::AtomicBool;
 
 use burn::tensor::Device;
-use kiln_registry::MlpWeights;
-use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Task};
-use kiln_registry::weights::{LayerWeights, SplitMix64};
+use kiln_core::MlpWeights;
+use kiln_core::spec::{Activation, MlpSpec, ModelSpec, Task};
+use kiln_core::weights::{LayerWeights, SplitMix64};
 use kiln_worker::Error;
 use kiln_worker::training::{
     Dataset, EarlyStopping, JobData, Loss, Optimizer, StopMetric, TrainingConfig, TrainingLimits,
@@ -620,7 +620,7 @@ fn bad_jobs_are_refused_naming_the_field() {
     for (cfg, data, needle) in cases {
         let err = validate(&spec, &JobData::train_only(&data), &cfg, &limits).unwrap_err();
         assert!(
-            matches!(err, kiln_registry::Error::Invalid(_)),
+            matches!(err, kiln_core::Error::Invalid(_)),
             "{needle}: {err:?}"
         );
         assert!(err.to_string().contains(needle), "{needle}: {err}");
@@ -716,7 +716,7 @@ fn data_parallel(
     cfg: &TrainingConfig,
     world: u32,
 ) -> kiln_worker::training::TrainingOutcome {
-    use kiln_registry::parallel::{average_gradients, f32_from_bytes, f32_to_bytes};
+    use kiln_core::parallel::{average_gradients, f32_from_bytes, f32_to_bytes};
     use kiln_worker::training::{ShardRole, Step, TrainingRun};
     let mut replicas: Vec<TrainingRun> = (0..world)
         .map(|rank| {

@@ -2,9 +2,9 @@
 //! The same model on wgpu and on the CPU backend must agree within 1e-5.
 
 use burn::tensor::Device;
-use kiln_registry::MlpWeights;
-use kiln_registry::records::VersionKey;
-use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Task};
+use kiln_core::MlpWeights;
+use kiln_core::records::VersionKey;
+use kiln_core::spec::{Activation, MlpSpec, ModelSpec, Task};
 use kiln_worker::{DeviceChoice, Engine, select_device};
 
 #[test]

@@ -1,11 +1,11 @@
 //! prost types stop at the service edges: conversions between the wire messages of
 //! `kiln.v1` and the registry's domain types, shared by the gateway and the scheduler.
 
+use crate::records::VersionRecord;
+use crate::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
 use kiln_proto::kiln::v1 as pb;
-use kiln_registry::records::VersionRecord;
-use kiln_registry::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
 
-use kiln_registry::{Error, Result};
+use crate::{Error, Result};
 
 /// A wire spec to a domain spec; the error names the field.
 pub fn spec_from_proto(spec: Option<&pb::ArchitectureSpec>) -> Result<ModelSpec> {
