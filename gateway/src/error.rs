@@ -26,23 +26,13 @@ pub enum Error {
     /// Something failed inside Kiln; details are logged, not sent.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The cluster state failed; answered through the registry's one mapping.
+    #[error(transparent)]
+    Registry(#[from] kiln_registry::Error),
 }
 
 /// The gateway's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl From<kiln_registry::Error> for Error {
-    fn from(e: kiln_registry::Error) -> Self {
-        use kiln_registry::Error as R;
-        match e {
-            R::NotFound { .. } => Error::NotFound(e.to_string()),
-            R::AlreadyExists { .. } => Error::AlreadyExists(e.to_string()),
-            R::Invalid(m) => Error::Invalid(m),
-            R::Contention { .. } => Error::Unavailable(e.to_string()),
-            other => Error::Internal(other.to_string()),
-        }
-    }
-}
 
 impl From<kiln_core::Error> for Error {
     fn from(e: kiln_core::Error) -> Self {
@@ -67,6 +57,7 @@ impl From<Error> for Status {
             Error::Unavailable(m) => Status::unavailable(m),
             Error::Overloaded(m) => Status::resource_exhausted(m),
             Error::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+            Error::Registry(e) => e.into(),
             Error::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 Status::internal("internal error; see the gateway's log")

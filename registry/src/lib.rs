@@ -5,6 +5,7 @@
 //!   compare-and-swap, watch;
 //! - [`memory`] and [`file`]: its in-memory and embedded persistent (redb) implementations;
 //! - [`etcd`]: its etcd implementation, for cluster mode;
+//! - errors ([`Error`]) and their one mapping to gRPC statuses (`From<Error> for Status`);
 //! - [`registry`]: typed operations over a store ([`Registry`]);
 //! - [`view`]: a parsed snapshot ([`ClusterView`]) kept current by a watch ([`WatchedView`]);
 //! - [`artifacts`]: weights, content-addressed by sha256 ([`ArtifactStore`]).
@@ -18,6 +19,7 @@ pub mod file;
 pub mod kv;
 pub mod memory;
 pub mod registry;
+mod status;
 pub mod testing;
 pub mod view;
 

@@ -58,9 +58,8 @@ impl From<Error> for tonic::Status {
             Error::EngineStopped => Status::unavailable(message),
             Error::Cancelled => Status::cancelled(message),
             Error::TrainingFailed(_) => Status::failed_precondition(message),
-            Error::Registry(kiln_registry::Error::NotFound { .. }) => Status::not_found(message),
-            Error::Registry(kiln_registry::Error::Invalid(_)) => Status::invalid_argument(message),
-            Error::Registry(_) => Status::unavailable(message),
+            // The one mapping every service uses (kiln-registry).
+            Error::Registry(e) => e.into(),
         }
     }
 }

@@ -100,14 +100,8 @@ pub(super) struct CoordinatorStats {
 }
 
 pub(super) fn status(e: impl Into<kiln_registry::Error>) -> Status {
-    use kiln_registry::Error as E;
-    let e = e.into();
-    match e {
-        E::Invalid(m) => Status::invalid_argument(m),
-        E::NotFound { .. } => Status::not_found(e.to_string()),
-        E::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-        other => Status::unavailable(other.to_string()),
-    }
+    // The one mapping every service uses (kiln-registry).
+    e.into().into()
 }
 
 impl TrainingCoordinator {
