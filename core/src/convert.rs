@@ -117,6 +117,32 @@ pub fn version_to_proto(
     }
 }
 
+/// An epoch report from the wire.
+pub fn epoch_from_proto(m: &pb::EpochMetrics) -> crate::training::EpochReport {
+    crate::training::EpochReport {
+        epoch: m.epoch,
+        train_loss: m.train_loss,
+        train_accuracy: m.train_accuracy,
+        validation_loss: m.validation_loss,
+        validation_accuracy: m.validation_accuracy,
+        samples_per_second: m.samples_per_second,
+        elapsed_ms: m.elapsed_ms,
+    }
+}
+
+/// An epoch report on the wire.
+pub fn epoch_to_proto(r: &crate::training::EpochReport) -> pb::EpochMetrics {
+    pb::EpochMetrics {
+        epoch: r.epoch,
+        train_loss: r.train_loss,
+        train_accuracy: r.train_accuracy,
+        validation_loss: r.validation_loss,
+        validation_accuracy: r.validation_accuracy,
+        samples_per_second: r.samples_per_second,
+        elapsed_ms: r.elapsed_ms,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

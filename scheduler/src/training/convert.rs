@@ -12,31 +12,6 @@ pub(super) fn job_state(s: JobState) -> pb::JobState {
     }
 }
 
-/// An epoch report from the wire.
-pub fn epoch_from_proto(m: &pb::EpochMetrics) -> EpochReport {
-    EpochReport {
-        epoch: m.epoch,
-        train_loss: m.train_loss,
-        train_accuracy: m.train_accuracy,
-        validation_loss: m.validation_loss,
-        validation_accuracy: m.validation_accuracy,
-        samples_per_second: m.samples_per_second,
-        elapsed_ms: m.elapsed_ms,
-    }
-}
-
-pub(super) fn epoch_to_proto(r: &EpochReport) -> pb::EpochMetrics {
-    pb::EpochMetrics {
-        epoch: r.epoch,
-        train_loss: r.train_loss,
-        train_accuracy: r.train_accuracy,
-        validation_loss: r.validation_loss,
-        validation_accuracy: r.validation_accuracy,
-        samples_per_second: r.samples_per_second,
-        elapsed_ms: r.elapsed_ms,
-    }
-}
-
 /// A job record on the wire.
 pub fn job_to_proto(job: &JobRecord) -> pb::TrainingJob {
     pb::TrainingJob {

@@ -23,9 +23,8 @@ use kiln_core::records::{ArtifactRef, SCHEMA, now_unix_ms};
 use kiln_core::spec::{ModelSpec, Signature, Standardization, validate_name};
 use kiln_core::training::{
     CheckpointRecord, DataParallelStats, Dataset, DatasetFormat, DatasetRecord, EarlyStopping,
-    EpochReport, EvaluationReport, JobData, JobRecord, JobState, Loss, NewModelSpec, Optimizer,
-    StopMetric, TrainingConfig, TrainingLimits, decode_dataset, encode_dataset, parse_csv,
-    parse_npy, validate,
+    EvaluationReport, JobData, JobRecord, JobState, Loss, NewModelSpec, Optimizer, StopMetric,
+    TrainingConfig, TrainingLimits, decode_dataset, encode_dataset, parse_csv, parse_npy, validate,
 };
 use kiln_core::weights::SplitMix64;
 use kiln_proto::kiln::internal::v1 as internal;
@@ -55,8 +54,9 @@ mod run;
 mod service;
 mod submit;
 
+pub use convert::job_to_proto;
 use convert::*;
-pub use convert::{epoch_from_proto, job_to_proto};
+pub use kiln_core::convert::{epoch_from_proto, epoch_to_proto};
 use run::{Attempt, connect, received, worker_gone};
 pub use service::{CoordinatorSlot, TrainingService};
 
