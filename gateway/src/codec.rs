@@ -6,6 +6,9 @@
 //! copy. Other numeric types are converted when the conversion is exact (BOOL, INT8/16,
 //! UINT8/16, FP16, BF16 always; INT32/64, UINT32/64 and FP64 value by value) and refused
 //! otherwise. BYTES is refused.
+//!
+//! Over 700 lines because the typed and raw forms of every OIP datatype are checked here
+//! in one place; nearly half of the file is tests.
 
 use bytes::Bytes;
 use kiln_core::weights::f32_from_le;

@@ -10,6 +10,9 @@
 //!
 //! The encoding follows `opentelemetry/proto/trace/v1/trace.proto` and is checked against
 //! the protocol's own message types in the tests below.
+//!
+//! Why one long file: the encoder and the exporter that sends its bytes are one unit, and
+//! a third of the file is the tests that decode its output with the protocol's own types.
 
 use std::borrow::Borrow;
 use std::sync::atomic::{AtomicBool, Ordering};
