@@ -49,6 +49,13 @@ fn answer(error: &Error) -> (Code, Option<&'static str>) {
     }
 }
 
+impl Error {
+    /// The gRPC code a caller gets for this error.
+    pub fn code(&self) -> Code {
+        answer(self).0
+    }
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         match answer(&error) {

@@ -12,9 +12,12 @@
 #![forbid(unsafe_code)]
 
 pub mod controller;
+mod error;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod training;
 
 pub use controller::{reconcile, run_placement_controller};
+
+pub use error::{Error, Result};

@@ -37,6 +37,8 @@ use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::{Error, Result};
+
 use kiln_core::convert::{signature_from_proto, spec_from_proto, version_to_proto};
 
 /// How long a queued job waits for a worker to register before it fails.
@@ -97,11 +99,6 @@ pub(super) struct CoordinatorStats {
     ended: [u64; 3],
     /// Each epoch's wall time.
     epoch_seconds: kiln_telemetry::metrics::Histogram,
-}
-
-pub(super) fn status(e: impl Into<kiln_registry::Error>) -> Status {
-    // The one mapping every service uses (kiln-registry).
-    e.into().into()
 }
 
 impl TrainingCoordinator {

@@ -17,7 +17,7 @@ pub(super) struct Replica {
 /// nothing) loses the run: its id and the reason.
 pub(super) async fn replies(
     replicas: &mut [Replica],
-) -> Result<Result<Vec<internal::shard_reply::Reply>, (String, String)>, Status> {
+) -> Result<Result<Vec<internal::shard_reply::Reply>, (String, String)>> {
     let answers = futures::future::join_all(replicas.iter_mut().map(|r| r.replies.message())).await;
     let mut out = Vec::with_capacity(answers.len());
     for (r, answer) in replicas.iter().zip(answers) {
@@ -46,7 +46,7 @@ impl TrainingCoordinator {
         job: &mut JobRecord,
         spec: &ModelSpec,
         lost: &[String],
-    ) -> Result<Attempt, Status> {
+    ) -> Result<Attempt> {
         use internal::shard_command::Command;
         use internal::shard_reply::Reply;
         let wanted = job.workers as usize;
@@ -59,7 +59,7 @@ impl TrainingCoordinator {
             .await
             .ok_or_else(|| {
                 let have = available(&self.view.current());
-                Status::unavailable(format!(
+                Error::unavailable(format!(
                     "the job asks for {wanted} workers and {have} could take it within {WORKER_WAIT:?}"
                 ))
             })?;
@@ -88,7 +88,7 @@ impl TrainingCoordinator {
                 })),
             };
             if tx.send(setup).await.is_err() {
-                return Err(Status::internal("a replica's command channel closed"));
+                return Err(Error::internal("a replica's command channel closed"));
             }
             let stream = match client
                 .train_shard(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -98,7 +98,7 @@ impl TrainingCoordinator {
                 Err(s) if worker_gone(&s) => {
                     return Ok(lost_worker(&worker.id, s.message().to_owned()));
                 }
-                Err(s) => return Err(s),
+                Err(s) => return Err(s.into()),
             };
             replicas.push(Replica {
                 id: worker.id.clone(),
@@ -112,7 +112,7 @@ impl TrainingCoordinator {
         };
         for reply in ready {
             if !matches!(reply, Reply::Ready(_)) {
-                return Err(Status::internal("a replica answered its setup out of turn"));
+                return Err(Error::internal("a replica answered its setup out of turn"));
             }
         }
         let ids: Vec<String> = chosen.iter().map(|w| w.id.clone()).collect();
@@ -139,7 +139,7 @@ impl TrainingCoordinator {
             for reply in answers {
                 match reply {
                     Reply::Stepped(s) => stepped.push(s),
-                    _ => return Err(Status::internal("a replica answered a step out of turn")),
+                    _ => return Err(Error::internal("a replica answered a step out of turn")),
                 }
             }
             let lead = &mut stepped[0];
@@ -186,7 +186,7 @@ impl TrainingCoordinator {
                 continue;
             }
             if shards.len() != stepped.len() {
-                return Err(Status::internal(
+                return Err(Error::internal(
                     "the replicas disagree on where the epoch ends",
                 ));
             }
@@ -195,7 +195,7 @@ impl TrainingCoordinator {
                 .map(|g| (g.rows as usize, g.data.as_ref()))
                 .collect();
             let averaged = average_gradients(&parts).map_err(|e| {
-                Status::internal(format!("the replicas' gradients do not average: {e}"))
+                Error::internal(format!("the replicas' gradients do not average: {e}"))
             })?;
             step = internal::ShardStep {
                 gradients: Bytes::from(averaged),

@@ -29,13 +29,13 @@ pub(super) fn worker_gone(s: &Status) -> bool {
 /// the inner one says why the worker could not be reached (the worker is lost).
 pub(super) async fn connect(
     address: &str,
-) -> Result<Result<WorkerClient<kiln_telemetry::trace::TracedChannel>, String>, Status> {
+) -> Result<Result<WorkerClient<kiln_telemetry::trace::TracedChannel>, String>> {
     Ok(match kiln_rpc::channel::connect_traced(address).await {
         Ok(channel) => Ok(WorkerClient::new(channel)
             .max_decoding_message_size(256 * 1024 * 1024)
             .max_encoding_message_size(256 * 1024 * 1024)),
         Err(kiln_rpc::Error::Unreachable { detail, .. }) => Err(format!("unreachable: {detail}")),
-        Err(_) => return Err(Status::internal("a worker's address is malformed")),
+        Err(_) => return Err(Error::internal("a worker's address is malformed")),
     })
 }
 
@@ -45,12 +45,12 @@ pub(super) async fn connect(
 pub(super) fn received<T>(
     message: Result<Option<T>, Status>,
     awaited: &str,
-) -> Result<Result<T, String>, Status> {
+) -> Result<Result<T, String>> {
     match message {
         Ok(Some(m)) => Ok(Ok(m)),
         Ok(None) => Ok(Err(format!("it ended the run without {awaited}"))),
         Err(s) if worker_gone(&s) => Ok(Err(s.message().to_owned())),
-        Err(s) => Err(s),
+        Err(s) => Err(s.into()),
     }
 }
 
@@ -64,7 +64,7 @@ impl TrainingCoordinator {
         use pb::training_event::Event;
         let outcome = tokio::select! {
             result = self.execute(&mut job, &spec) => result,
-            _ = cancelled.wait_for(|c| *c) => Err(Status::cancelled("cancelled by request")),
+            _ = cancelled.wait_for(|c| *c) => Err(Error::cancelled("cancelled by request")),
         };
         if self.stopping.load(std::sync::atomic::Ordering::Relaxed)
             && matches!(&outcome, Err(s) if s.code() == tonic::Code::Cancelled)
@@ -90,7 +90,7 @@ impl TrainingCoordinator {
             }
             Err(s) => {
                 job.state = JobState::Failed;
-                job.reason = s.message().to_owned();
+                job.reason = Status::from(s).message().to_owned();
                 event(job.state, Event::Failed(job.reason.clone()))
             }
         };
@@ -121,7 +121,7 @@ impl TrainingCoordinator {
         &self,
         job: &mut JobRecord,
         spec: &ModelSpec,
-    ) -> Result<pb::ModelVersion, Status> {
+    ) -> Result<pb::ModelVersion> {
         use pb::training_event::Event;
         let mut lost: Vec<String> = Vec::new();
         let result = loop {
@@ -131,14 +131,14 @@ impl TrainingCoordinator {
                     lost.push(worker.clone());
                     let from = job.checkpoint.as_ref().map_or(0, |c| c.epoch);
                     if lost.len() > MAX_WORKER_LOSSES {
-                        return Err(Status::unavailable(format!(
+                        return Err(Error::unavailable(format!(
                             "worker {worker} was lost ({reason}); the job lost {} workers and gives up",
                             lost.len()
                         )));
                     }
                     tracing::warn!(job = %job.id, %worker, %reason, from, "worker lost; resuming the job");
                     job.history.retain(|r| r.epoch <= from);
-                    self.registry.put_job(job).await.map_err(status)?;
+                    self.registry.put_job(job).await.map_err(Error::from)?;
                     self.publish(
                         &job.id,
                         event(
@@ -164,12 +164,16 @@ impl TrainingCoordinator {
         } else {
             Some(
                 serde_json::from_slice(&result.preprocessing_json)
-                    .map_err(|e| Status::internal(e.to_string()))?,
+                    .map_err(|e| Error::internal(e.to_string()))?,
             )
         };
         // Check the weights before they are stored: the worker's answer is input too.
-        MlpWeights::from_safetensors(spec, &result.weights).map_err(status)?;
-        let artifact = self.artifacts.put(result.weights).await.map_err(status)?;
+        MlpWeights::from_safetensors(spec, &result.weights).map_err(Error::from)?;
+        let artifact = self
+            .artifacts
+            .put(result.weights)
+            .await
+            .map_err(Error::from)?;
         if let Some(new) = &job.new_model {
             let created = self
                 .registry
@@ -182,7 +186,7 @@ impl TrainingCoordinator {
                 .await;
             match created {
                 Ok(_) | Err(kiln_registry::Error::AlreadyExists { .. }) => {}
-                Err(e) => return Err(status(e)),
+                Err(e) => return Err(Error::from(e)),
             }
         }
         // The metrics of the epoch whose weights are registered, and the test metrics.
@@ -223,18 +227,18 @@ impl TrainingCoordinator {
                 },
             )
             .await
-            .map_err(status)?;
+            .map_err(Error::from)?;
         if let Some(alias) = &job.alias {
             self.registry
                 .set_alias(&job.model_name, alias, version.version)
                 .await
-                .map_err(status)?;
+                .map_err(Error::from)?;
         }
         let model = self
             .registry
             .get_model(&job.model_name)
             .await
-            .map_err(status)?;
+            .map_err(Error::from)?;
         Ok(version_to_proto(
             &version,
             &model.spec,
@@ -250,14 +254,14 @@ impl TrainingCoordinator {
         job: &mut JobRecord,
         spec: &ModelSpec,
         lost: &[String],
-    ) -> Result<Attempt, Status> {
+    ) -> Result<Attempt> {
         // A job stays queued until a worker is there (e.g. right after start-up), bounded.
         let view = self
             .view
             .wait_for(WORKER_WAIT, |v| v.workers.keys().any(|w| !lost.contains(w)))
             .await
             .ok_or_else(|| {
-                Status::unavailable(format!("no worker registered within {WORKER_WAIT:?}"))
+                Error::unavailable(format!("no worker registered within {WORKER_WAIT:?}"))
             })?;
         if job.workers > 1 {
             return self.attempt_parallel(job, spec, lost).await;
@@ -267,7 +271,7 @@ impl TrainingCoordinator {
             .least_busy(&view, lost)
             .into_iter()
             .next()
-            .ok_or_else(|| Status::unavailable("no worker is available to train"))?;
+            .ok_or_else(|| Error::unavailable("no worker is available to train"))?;
         let request = self.run_request(job, spec, &view).await?;
         let lost_worker = |reason: String| Attempt::WorkerLost {
             worker: worker.id.clone(),
@@ -280,7 +284,7 @@ impl TrainingCoordinator {
         let mut stream = match client.train(request).await {
             Ok(response) => response.into_inner(),
             Err(s) if worker_gone(&s) => return Ok(lost_worker(s.message().to_owned())),
-            Err(s) => return Err(s),
+            Err(s) => return Err(s.into()),
         };
         self.started(job, std::slice::from_ref(&worker.id)).await?;
         loop {
@@ -336,52 +340,52 @@ impl TrainingCoordinator {
         job: &JobRecord,
         spec: &ModelSpec,
         view: &kiln_registry::ClusterView,
-    ) -> Result<internal::TrainRequest, Status> {
+    ) -> Result<internal::TrainRequest> {
         let (init, resume_epoch, resume_optimizer_state) = match &job.checkpoint {
             Some(c) => (
-                self.artifacts.get(&c.weights).await.map_err(status)?,
+                self.artifacts.get(&c.weights).await.map_err(Error::from)?,
                 c.epoch,
                 self.artifacts
                     .get(&c.optimizer_state)
                     .await
-                    .map_err(status)?,
+                    .map_err(Error::from)?,
             ),
             None => {
                 let init = match &job.continue_from {
                     Some(reference) => {
                         let (name, selector) = reference.split_once(':').unwrap_or((reference, ""));
-                        let (_, version) = view.resolve(name, selector).map_err(status)?;
+                        let (_, version) = view.resolve(name, selector).map_err(Error::from)?;
                         self.artifacts
                             .get(&version.artifact)
                             .await
-                            .map_err(status)?
+                            .map_err(Error::from)?
                     }
                     None => Bytes::from(
                         MlpWeights::seeded(spec, job.config.seed)
                             .to_safetensors(spec)
-                            .map_err(status)?,
+                            .map_err(Error::from)?,
                     ),
                 };
                 (init, 0, Bytes::new())
             }
         };
-        let dataset = self.artifacts.get(&job.data).await.map_err(status)?;
+        let dataset = self.artifacts.get(&job.data).await.map_err(Error::from)?;
         let validation_dataset = match &job.validation_data {
-            Some(a) => self.artifacts.get(a).await.map_err(status)?,
+            Some(a) => self.artifacts.get(a).await.map_err(Error::from)?,
             None => Bytes::new(),
         };
         let test_dataset = match &job.test_data {
-            Some(a) => self.artifacts.get(a).await.map_err(status)?,
+            Some(a) => self.artifacts.get(a).await.map_err(Error::from)?,
             None => Bytes::new(),
         };
         Ok(internal::TrainRequest {
             job_id: job.id.clone(),
             spec_json: Bytes::from(
-                serde_json::to_vec(spec).map_err(|e| Status::internal(e.to_string()))?,
+                serde_json::to_vec(spec).map_err(|e| Error::internal(e.to_string()))?,
             ),
             init_weights: init,
             config_json: Bytes::from(
-                serde_json::to_vec(&job.config).map_err(|e| Status::internal(e.to_string()))?,
+                serde_json::to_vec(&job.config).map_err(|e| Error::internal(e.to_string()))?,
             ),
             dataset,
             validation_dataset,
@@ -392,11 +396,7 @@ impl TrainingCoordinator {
     }
 
     /// Record that the job runs now, on `workers`, and tell its watchers.
-    pub(super) async fn started(
-        &self,
-        job: &mut JobRecord,
-        workers: &[String],
-    ) -> Result<(), Status> {
+    pub(super) async fn started(&self, job: &mut JobRecord, workers: &[String]) -> Result<()> {
         job.state = JobState::Running;
         job.worker = workers.join(",");
         if let Some(r) = self
@@ -407,7 +407,7 @@ impl TrainingCoordinator {
         {
             r.workers = workers.to_vec();
         }
-        self.registry.put_job(job).await.map_err(status)?;
+        self.registry.put_job(job).await.map_err(Error::from)?;
         self.publish(
             &job.id,
             event(
@@ -424,28 +424,24 @@ impl TrainingCoordinator {
         job: &mut JobRecord,
         spec: &ModelSpec,
         c: internal::TrainCheckpoint,
-    ) -> Result<(), Status> {
-        MlpWeights::from_safetensors(spec, &c.weights).map_err(status)?;
-        let weights = self.artifacts.put(c.weights).await.map_err(status)?;
+    ) -> Result<()> {
+        MlpWeights::from_safetensors(spec, &c.weights).map_err(Error::from)?;
+        let weights = self.artifacts.put(c.weights).await.map_err(Error::from)?;
         let optimizer_state = self
             .artifacts
             .put(c.optimizer_state)
             .await
-            .map_err(status)?;
+            .map_err(Error::from)?;
         job.checkpoint = Some(CheckpointRecord {
             epoch: c.epoch,
             weights,
             optimizer_state,
         });
-        self.registry.put_job(job).await.map_err(status)
+        self.registry.put_job(job).await.map_err(Error::from)
     }
 
     /// An epoch ended: keep its report and tell the watchers.
-    pub(super) async fn epoch_ended(
-        &self,
-        job: &mut JobRecord,
-        m: pb::EpochMetrics,
-    ) -> Result<(), Status> {
+    pub(super) async fn epoch_ended(&self, job: &mut JobRecord, m: pb::EpochMetrics) -> Result<()> {
         tracing::info!(
             job = %job.id,
             epoch = m.epoch,
@@ -462,7 +458,7 @@ impl TrainingCoordinator {
             .epoch_seconds
             .observe(m.elapsed_ms.saturating_sub(previous) as f64 / 1000.0);
         job.history.push(epoch_from_proto(&m));
-        self.registry.put_job(job).await.map_err(status)?;
+        self.registry.put_job(job).await.map_err(Error::from)?;
         self.publish(
             &job.id,
             event(JobState::Running, pb::training_event::Event::Epoch(m)),

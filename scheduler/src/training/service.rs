@@ -25,9 +25,9 @@ impl TrainingService {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or_else(|| {
-                Status::unavailable(
+                Status::from(Error::unavailable(
                     "this scheduler is standing by (it does not lead the cluster); call the leader",
-                )
+                ))
             })
     }
 }
@@ -60,16 +60,16 @@ impl Training for TrainingService {
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
             .map(|r| r.events.subscribe());
-        let job = c.registry.get_job(&id).await.map_err(status)?;
+        let job = c.registry.get_job(&id).await.map_err(Error::from)?;
         let history = history_events(&job);
         let seen_epochs = job.history.len() as u32;
         let seen_start = !job.worker.is_empty();
         let completed = match (job.state, job.result_version) {
             (JobState::Succeeded, Some(v)) => {
-                let view = c.registry.view().await.map_err(status)?;
+                let view = c.registry.view().await.map_err(Error::from)?;
                 let (entry, version) = view
                     .resolve(&job.model_name, &v.to_string())
-                    .map_err(status)?;
+                    .map_err(Error::from)?;
                 Some(event(
                     JobState::Succeeded,
                     pb::training_event::Event::Completed(version_to_proto(
@@ -98,9 +98,9 @@ impl Training for TrainingService {
                             ..
                         }) if seen_start => None,
                         Ok(e) => Some(Ok(e)),
-                        Err(_) => Some(Err(Status::data_loss(
+                        Err(_) => Some(Err(Status::from(Error::data_loss(
                             "the watcher fell behind; watch again",
-                        ))),
+                        )))),
                     }
                 })
                 // Up to and including the event that ends the job.
@@ -134,7 +134,7 @@ impl Training for TrainingService {
             .registry
             .get_job(&request.into_inner().id)
             .await
-            .map_err(status)?;
+            .map_err(Error::from)?;
         Ok(Response::new(job_to_proto(&job)))
     }
 
@@ -147,7 +147,7 @@ impl Training for TrainingService {
             .registry
             .list_jobs()
             .await
-            .map_err(status)?;
+            .map_err(Error::from)?;
         Ok(Response::new(pb::ListTrainingJobsResponse {
             jobs: jobs.iter().map(job_to_proto).collect(),
         }))
@@ -157,24 +157,91 @@ impl Training for TrainingService {
         &self,
         request: Request<tonic::Streaming<pb::UploadDatasetChunk>>,
     ) -> Result<Response<pb::DatasetInfo>, Status> {
+        Ok(Response::new(self.upload(request.into_inner()).await?))
+    }
+
+    async fn list_datasets(
+        &self,
+        _: Request<pb::ListDatasetsRequest>,
+    ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        let datasets = self
+            .coordinator()?
+            .registry
+            .list_datasets()
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::ListDatasetsResponse {
+            datasets: datasets.iter().map(dataset_to_proto).collect(),
+        }))
+    }
+
+    async fn delete_dataset(
+        &self,
+        request: Request<pb::DeleteDatasetRequest>,
+    ) -> Result<Response<pb::DeleteDatasetResponse>, Status> {
+        self.coordinator()?
+            .registry
+            .delete_dataset(&request.into_inner().id)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::DeleteDatasetResponse {}))
+    }
+
+    async fn cancel_training_job(
+        &self,
+        request: Request<pb::CancelTrainingJobRequest>,
+    ) -> Result<Response<pb::TrainingJob>, Status> {
+        let id = request.into_inner().id;
+        let c = &self.coordinator()?;
+        let job = c.registry.get_job(&id).await.map_err(Error::from)?;
+        if job.state.is_final() {
+            return Ok(Response::new(job_to_proto(&job)));
+        }
+        let cancel = c
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map(|r| r.cancel.clone());
+        if let Some(cancel) = cancel {
+            let _ = cancel.send(true);
+        }
+        // The run records the end; wait briefly so the answer shows it.
+        for _ in 0..100 {
+            let job = c.registry.get_job(&id).await.map_err(Error::from)?;
+            if job.state.is_final() {
+                return Ok(Response::new(job_to_proto(&job)));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Response::new(job_to_proto(
+            &c.registry.get_job(&id).await.map_err(Error::from)?,
+        )))
+    }
+}
+
+impl TrainingService {
+    /// `UploadDataset`: read the header, then the file (bounded by the header's sizes),
+    /// parse and check it, store it, and record the dataset.
+    async fn upload(
+        &self,
+        mut chunks: tonic::Streaming<pb::UploadDatasetChunk>,
+    ) -> crate::Result<pb::DatasetInfo> {
         use pb::upload_dataset_chunk::Part;
-        let mut chunks = request.into_inner();
         let header = match chunks.message().await? {
             Some(pb::UploadDatasetChunk {
                 part: Some(Part::Header(h)),
             }) => h,
             _ => {
-                return Err(Status::invalid_argument(
-                    "the first message must be the header",
-                ));
+                return Err(Error::invalid("the first message must be the header"));
             }
         };
-        validate_name("header.name", &header.name).map_err(status)?;
+        validate_name("header.name", &header.name).map_err(Error::from)?;
         let format = match pb::DatasetFormat::try_from(header.format) {
             Ok(pb::DatasetFormat::Csv) => DatasetFormat::Csv,
             Ok(pb::DatasetFormat::Npy) => DatasetFormat::Npy,
             Err(_) => {
-                return Err(Status::invalid_argument(format!(
+                return Err(Error::invalid(format!(
                     "header.format {} is not CSV (0) or NPY (1)",
                     header.format
                 )));
@@ -182,14 +249,14 @@ impl Training for TrainingService {
         };
         let max = self.coordinator()?.limits.max_upload_bytes;
         if header.size_bytes == 0 || header.size_bytes > max {
-            return Err(Status::invalid_argument(format!(
+            return Err(Error::invalid(format!(
                 "header.size_bytes must be between 1 and {max} (the server's upload limit), got {}",
                 header.size_bytes
             )));
         }
         let labels_size = match format {
             DatasetFormat::Csv if header.labels_size_bytes != 0 => {
-                return Err(Status::invalid_argument(
+                return Err(Error::invalid(
                     "header.labels_size_bytes is for NPY uploads; a CSV file holds its labels",
                 ));
             }
@@ -197,7 +264,7 @@ impl Training for TrainingService {
             DatasetFormat::Npy => {
                 let left = max - header.size_bytes;
                 if header.labels_size_bytes == 0 || header.labels_size_bytes > left {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(Error::invalid(format!(
                         "header.labels_size_bytes must be between 1 and {left} (the server's upload limit less the features file), got {}",
                         header.labels_size_bytes
                     )));
@@ -212,17 +279,19 @@ impl Training for TrainingService {
             match chunk.part {
                 Some(Part::Data(bytes)) => {
                     if file.len() as u64 + bytes.len() as u64 > total {
-                        return Err(Status::invalid_argument(format!(
+                        return Err(Error::invalid(format!(
                             "more bytes arrived than the header announced ({total})"
                         )));
                     }
                     file.extend_from_slice(&bytes);
                 }
-                _ => return Err(Status::invalid_argument("only data may follow the header")),
+                _ => {
+                    return Err(Error::invalid("only data may follow the header"));
+                }
             }
         }
         if file.len() as u64 != total {
-            return Err(Status::invalid_argument(format!(
+            return Err(Error::invalid(format!(
                 "the upload ended after {} of the {total} bytes the header announced; nothing was kept",
                 file.len(),
             )));
@@ -232,15 +301,15 @@ impl Training for TrainingService {
         let (parsed, labels_sha256, label_column) = match format {
             DatasetFormat::Csv => {
                 let text = std::str::from_utf8(features_file).map_err(|_| {
-                    Status::invalid_argument(
+                    Error::invalid(
                         "the dataset is not UTF-8 text (CSV); for NumPy files set header.format = NPY",
                     )
                 })?;
-                let parsed = parse_csv(text, &header.label_column).map_err(status)?;
+                let parsed = parse_csv(text, &header.label_column).map_err(Error::from)?;
                 (parsed, String::new(), header.label_column)
             }
             DatasetFormat::Npy => {
-                let parsed = parse_npy(features_file, labels_file).map_err(status)?;
+                let parsed = parse_npy(features_file, labels_file).map_err(Error::from)?;
                 let label = if header.label_column.is_empty() {
                     "label".to_owned()
                 } else {
@@ -251,15 +320,19 @@ impl Training for TrainingService {
         };
         let max_rows = self.coordinator()?.limits.max_rows;
         if parsed.rows > max_rows {
-            return Err(Status::invalid_argument(format!(
+            return Err(Error::invalid(format!(
                 "the dataset has {} rows; at most {max_rows} are allowed (the server's row limit)",
                 parsed.rows
             )));
         }
         let bytes =
-            encode_dataset(&parsed.features, &parsed.labels, parsed.rows).map_err(status)?;
+            encode_dataset(&parsed.features, &parsed.labels, parsed.rows).map_err(Error::from)?;
         let c = &self.coordinator()?;
-        let artifact = c.artifacts.put(Bytes::from(bytes)).await.map_err(status)?;
+        let artifact = c
+            .artifacts
+            .put(Bytes::from(bytes))
+            .await
+            .map_err(Error::from)?;
         let created = now_unix_ms();
         let record = DatasetRecord {
             schema: SCHEMA,
@@ -275,66 +348,7 @@ impl Training for TrainingService {
             format,
             labels_sha256,
         };
-        c.registry.put_dataset(&record).await.map_err(status)?;
-        Ok(Response::new(dataset_to_proto(&record)))
-    }
-
-    async fn list_datasets(
-        &self,
-        _: Request<pb::ListDatasetsRequest>,
-    ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
-        let datasets = self
-            .coordinator()?
-            .registry
-            .list_datasets()
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::ListDatasetsResponse {
-            datasets: datasets.iter().map(dataset_to_proto).collect(),
-        }))
-    }
-
-    async fn delete_dataset(
-        &self,
-        request: Request<pb::DeleteDatasetRequest>,
-    ) -> Result<Response<pb::DeleteDatasetResponse>, Status> {
-        self.coordinator()?
-            .registry
-            .delete_dataset(&request.into_inner().id)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::DeleteDatasetResponse {}))
-    }
-
-    async fn cancel_training_job(
-        &self,
-        request: Request<pb::CancelTrainingJobRequest>,
-    ) -> Result<Response<pb::TrainingJob>, Status> {
-        let id = request.into_inner().id;
-        let c = &self.coordinator()?;
-        let job = c.registry.get_job(&id).await.map_err(status)?;
-        if job.state.is_final() {
-            return Ok(Response::new(job_to_proto(&job)));
-        }
-        let cancel = c
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .map(|r| r.cancel.clone());
-        if let Some(cancel) = cancel {
-            let _ = cancel.send(true);
-        }
-        // The run records the end; wait briefly so the answer shows it.
-        for _ in 0..100 {
-            let job = c.registry.get_job(&id).await.map_err(status)?;
-            if job.state.is_final() {
-                return Ok(Response::new(job_to_proto(&job)));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(Response::new(job_to_proto(
-            &c.registry.get_job(&id).await.map_err(status)?,
-        )))
+        c.registry.put_dataset(&record).await.map_err(Error::from)?;
+        Ok(dataset_to_proto(&record))
     }
 }

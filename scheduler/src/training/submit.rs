@@ -28,8 +28,8 @@ impl TrainingCoordinator {
         &self,
         spec: pb::TrainingJobSpec,
         rows: Rows,
-    ) -> Result<(Submission, ModelSpec), Status> {
-        validate_name("spec.model_name", &spec.model_name).map_err(status)?;
+    ) -> Result<(Submission, ModelSpec)> {
+        validate_name("spec.model_name", &spec.model_name).map_err(Error::from)?;
         let view = self.view.current();
         let existing = view.models.get(&spec.model_name);
         let (model_spec, new_model, continue_from) = if !spec.continue_from.is_empty() {
@@ -37,16 +37,16 @@ impl TrainingCoordinator {
                 .continue_from
                 .split_once(':')
                 .unwrap_or((&spec.continue_from, ""));
-            let (entry, _) = view.resolve(name, selector).map_err(status)?;
+            let (entry, _) = view.resolve(name, selector).map_err(Error::from)?;
             (
                 entry.record.spec.clone(),
                 None,
                 Some(spec.continue_from.clone()),
             )
         } else if spec.spec.is_some() {
-            let model_spec = spec_from_proto(spec.spec.as_ref()).map_err(status)?;
+            let model_spec = spec_from_proto(spec.spec.as_ref()).map_err(Error::from)?;
             let signature: Signature =
-                signature_from_proto(spec.signature.as_ref()).map_err(status)?;
+                signature_from_proto(spec.signature.as_ref()).map_err(Error::from)?;
             (
                 model_spec.clone(),
                 Some(NewModelSpec {
@@ -59,14 +59,14 @@ impl TrainingCoordinator {
             // A model that exists: a fresh start from new weights with its architecture.
             (entry.record.spec.clone(), None, None)
         } else {
-            return Err(Status::invalid_argument(
+            return Err(Error::invalid(
                 "spec.spec is missing: give the architecture of a new model, or spec.continue_from",
             ));
         };
         if let (Some(new), Some(entry)) = (&new_model, existing)
             && (entry.record.spec != new.spec || entry.record.signature != new.signature)
         {
-            return Err(Status::already_exists(format!(
+            return Err(Error::already_exists(format!(
                 "model {:?} exists with a different architecture; choose another model_name",
                 spec.model_name
             )));
@@ -78,7 +78,7 @@ impl TrainingCoordinator {
             Ok(pb::LossKind::CrossEntropy) => Loss::CrossEntropy,
             Ok(pb::LossKind::MeanSquaredError) => Loss::MeanSquaredError,
             Err(_) => {
-                return Err(Status::invalid_argument(format!(
+                return Err(Error::invalid(format!(
                     "spec.loss {} is not a known loss",
                     spec.loss
                 )));
@@ -113,7 +113,7 @@ impl TrainingCoordinator {
                     "" | "val_loss" => StopMetric::ValidationLoss,
                     "val_accuracy" => StopMetric::ValidationAccuracy,
                     other => {
-                        return Err(Status::invalid_argument(format!(
+                        return Err(Error::invalid(format!(
                             "spec.early_stopping.metric must be val_loss or val_accuracy, got {other:?}"
                         )));
                     }
@@ -138,12 +138,12 @@ impl TrainingCoordinator {
             validation: rows.validation.as_ref(),
             test: rows.test.as_ref(),
         };
-        validate(&model_spec, &job_data, &config, &self.limits).map_err(status)?;
+        validate(&model_spec, &job_data, &config, &self.limits).map_err(Error::from)?;
         if !spec.alias.is_empty() {
-            validate_name("spec.alias", &spec.alias).map_err(status)?;
+            validate_name("spec.alias", &spec.alias).map_err(Error::from)?;
         }
         if spec.workers > MAX_REPLICAS {
-            return Err(Status::invalid_argument(format!(
+            return Err(Error::invalid(format!(
                 "spec.workers must be between 1 and {MAX_REPLICAS}, got {}",
                 spec.workers
             )));
@@ -167,15 +167,13 @@ impl TrainingCoordinator {
     pub(super) async fn submit(
         self: &Arc<Self>,
         req: pb::SubmitTrainingJobRequest,
-    ) -> Result<pb::TrainingJob, Status> {
-        let mut spec = req
-            .spec
-            .ok_or_else(|| Status::invalid_argument("spec is missing"))?;
+    ) -> Result<pb::TrainingJob> {
+        let mut spec = req.spec.ok_or_else(|| Error::invalid("spec is missing"))?;
         let (train, train_stored) = self
             .rows("data", spec.data.take(), &spec.dataset_id)
             .await?
             .ok_or_else(|| {
-                Status::invalid_argument(
+                Error::invalid(
                     "spec.data is missing: give rows inline or an uploaded spec.dataset_id",
                 )
             })?;
@@ -239,7 +237,7 @@ impl TrainingCoordinator {
             workers: submission.workers,
             data_parallel: None,
         };
-        let (job, created) = self.registry.create_job(&job).await.map_err(status)?;
+        let (job, created) = self.registry.create_job(&job).await.map_err(Error::from)?;
         if created {
             self.launch(job.clone(), model_spec);
         }
@@ -253,13 +251,13 @@ impl TrainingCoordinator {
         field: &str,
         inline: Option<pb::InlineData>,
         dataset_id: &str,
-    ) -> Result<Option<(Dataset, Option<ArtifactRef>)>, Status> {
+    ) -> Result<Option<(Dataset, Option<ArtifactRef>)>> {
         let id_field = match field {
             "data" => "dataset_id".to_owned(),
             other => format!("{}_dataset_id", other.trim_end_matches("_data")),
         };
         match (inline, dataset_id.is_empty()) {
-            (Some(_), false) => Err(Status::invalid_argument(format!(
+            (Some(_), false) => Err(Error::invalid(format!(
                 "spec.{field} and spec.{id_field} are both set; give one"
             ))),
             (Some(inline), true) => Ok(Some((
@@ -278,12 +276,16 @@ impl TrainingCoordinator {
                     .await
                     .map_err(|e| match e {
                         kiln_registry::Error::NotFound { what } => {
-                            Status::not_found(format!("spec.{id_field}: {what} not found"))
+                            Error::not_found(format!("spec.{id_field}: {what} not found"))
                         }
-                        e => status(e),
+                        e => Error::from(e),
                     })?;
-                let bytes = self.artifacts.get(&record.artifact).await.map_err(status)?;
-                let (features, labels, rows) = decode_dataset(&bytes).map_err(status)?;
+                let bytes = self
+                    .artifacts
+                    .get(&record.artifact)
+                    .await
+                    .map_err(Error::from)?;
+                let (features, labels, rows) = decode_dataset(&bytes).map_err(Error::from)?;
                 Ok(Some((
                     Dataset {
                         features,
@@ -302,11 +304,14 @@ impl TrainingCoordinator {
         &self,
         rows: &Dataset,
         from: Option<ArtifactRef>,
-    ) -> Result<ArtifactRef, Status> {
+    ) -> Result<ArtifactRef> {
         if let Some(artifact) = from {
             return Ok(artifact);
         }
-        let bytes = encode_dataset(&rows.features, &rows.labels, rows.rows).map_err(status)?;
-        self.artifacts.put(Bytes::from(bytes)).await.map_err(status)
+        let bytes = encode_dataset(&rows.features, &rows.labels, rows.rows).map_err(Error::from)?;
+        self.artifacts
+            .put(Bytes::from(bytes))
+            .await
+            .map_err(Error::from)
     }
 }
