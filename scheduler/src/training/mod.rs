@@ -55,6 +55,8 @@ mod parallel;
 mod run;
 mod service;
 mod submit;
+#[cfg(test)]
+mod tests;
 
 pub use convert::job_to_proto;
 use convert::*;

@@ -8,7 +8,7 @@ pub type CoordinatorSlot = Arc<std::sync::RwLock<Option<Arc<TrainingCoordinator>
 
 /// `kiln.v1.Training` over the coordinator of the leading scheduler.
 pub struct TrainingService {
-    slot: CoordinatorSlot,
+    pub(super) slot: CoordinatorSlot,
 }
 
 impl TrainingService {
