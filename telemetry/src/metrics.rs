@@ -2,8 +2,7 @@
 //! classic text format, version 0.0.4, that every scraper reads), the histograms the
 //! services keep, and the scrape endpoint every process can serve on its own port:
 //! `GET /metrics` answers the registry's families; anything else is 404. The endpoint is a
-//! deliberately small HTTP/1.1 responder (one request per connection, a bounded head,
-//! five seconds to send it), since a scraper is all that calls it.
+//! plain HTTP/1.1 server (hyper), since a scraper is all that calls it.
 //!
 //! Services keep their numbers in their own structures, updated on the request path
 //! without locks shared across versions, and describe them only when scraped: each is a
@@ -11,7 +10,6 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 pub use prometheus_client::collector::Collector;
@@ -29,52 +27,51 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
-/// Serve `registry` at `/metrics` on `listener` until the task is dropped.
+/// Serve `registry` at `/metrics` on `listener` (HTTP/1.1 through hyper) until the task is
+/// dropped. Anything but `GET /metrics` is 404; a client gets 5 s to send its request head.
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
     loop {
-        let Ok((mut socket, _)) = listener.accept().await else {
+        let Ok((socket, _)) = listener.accept().await else {
             continue;
         };
         let registry = registry.clone();
         tokio::spawn(async move {
-            let mut request = Vec::with_capacity(1024);
-            let mut buf = [0u8; 1024];
-            // Read the request head (bounded), up to the blank line.
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-                match tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) if n > 0 => request.extend_from_slice(&buf[..n]),
-                    _ => return,
-                }
-            }
-            let line = request.split(|b| *b == b'\n').next().unwrap_or_default();
-            let line = String::from_utf8_lossy(line);
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next(), parts.next());
-            let path = path.map(|p| p.split('?').next().unwrap_or(p));
-            let (status, body, kind) = if method == Some("GET") && path == Some("/metrics") {
-                (
-                    "200 OK",
-                    render(&registry),
-                    prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-                )
-            } else {
-                (
-                    "404 Not Found",
-                    "only GET /metrics is served here\n".to_owned(),
-                    "text/plain",
-                )
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = socket.write_all(head.as_bytes()).await;
-            let _ = socket.write_all(body.as_bytes()).await;
-            let _ = socket.shutdown().await;
+            let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+                let answer = answer(&request, &registry);
+                async move { Ok::<_, std::convert::Infallible>(answer) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
+                .await;
         });
     }
+}
+
+/// The answer to one scrape request.
+fn answer<B>(request: &hyper::Request<B>, registry: &Registry) -> hyper::Response<String> {
+    let (status, kind, body) =
+        if request.method() == hyper::Method::GET && request.uri().path() == "/metrics" {
+            (
+                hyper::StatusCode::OK,
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                render(registry),
+            )
+        } else {
+            (
+                hyper::StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "only GET /metrics is served here\n".to_owned(),
+            )
+        };
+    let mut response = hyper::Response::new(body);
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(kind),
+    );
+    response
 }
 
 /// Upper bounds of the latency histograms, seconds: 100 µs to 10 s.
@@ -245,6 +242,36 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_endpoint_answers_get_metrics_and_nothing_else() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(FnCollector(|f: &mut Families<'_>| {
+            f.gauge("kiln_test_served", "Served.", [(Vec::new(), 7u64)])
+        })));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, Arc::new(registry)));
+        let get = |path: &'static str| async move {
+            let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+            let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+            socket.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            socket.read_to_string(&mut answer).await.unwrap();
+            answer
+        };
+        let ok = get("/metrics").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
+        assert!(
+            ok.contains("content-type: text/plain; version=0.0.4"),
+            "{ok}"
+        );
+        assert!(ok.lines().any(|l| l == "kiln_test_served 7"), "{ok}");
+        let other = get("/").await;
+        assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+        server.abort();
+    }
 
     #[test]
     fn families_are_written_in_the_text_format_scrapers_read() {
