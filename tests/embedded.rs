@@ -669,3 +669,132 @@ async fn a_batch_above_the_shard_threshold_is_split_across_replicas_and_answers_
     assert!(e.message().contains("max_batch_size 64"), "{}", e.message());
     cluster.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_public_service_answers_errors_with_their_code_and_a_message_that_leaks_nothing() {
+    use kiln_proto::inference::model_infer_request::InferInputTensor;
+    use kiln_proto::inference::{ModelInferRequest, ModelMetadataRequest};
+    use kiln_proto::kiln::v1::training_client::TrainingClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = embedded::start(config(dir.path())).await.unwrap();
+    let (mut oip, mut models) = clients(cluster.addr).await;
+    let channel = Channel::from_shared(format!("http://{}", cluster.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut training = TrainingClient::new(channel);
+    wait_ready(&mut oip, "demo-mlp", "").await;
+
+    let bad_shape = ModelInferRequest {
+        model_name: "demo-mlp".into(),
+        inputs: vec![InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 3],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![vec![0u8; 12].into()],
+        ..Default::default()
+    };
+    let mut answers: Vec<(&str, tonic::Status, tonic::Code, &str)> = Vec::new();
+    let mut expect = |what, result: Result<(), tonic::Status>, code, needle| {
+        answers.push((what, result.expect_err(what), code, needle));
+    };
+    expect(
+        "OIP: an unknown model",
+        oip.model_infer(ModelInferRequest {
+            model_name: "no-such-model".into(),
+            ..bad_shape.clone()
+        })
+        .await
+        .map(drop),
+        tonic::Code::NotFound,
+        "no-such-model",
+    );
+    expect(
+        "OIP: a shape the model does not take",
+        oip.model_infer(bad_shape).await.map(drop),
+        tonic::Code::InvalidArgument,
+        "input",
+    );
+    expect(
+        "OIP: metadata of an unknown version",
+        oip.model_metadata(ModelMetadataRequest {
+            name: "demo-mlp".into(),
+            version: "99".into(),
+        })
+        .await
+        .map(drop),
+        tonic::Code::NotFound,
+        "99",
+    );
+    expect(
+        "Models: an unknown version",
+        models
+            .get_model_version(pb::GetModelVersionRequest {
+                name: "demo-mlp".into(),
+                version: "42".into(),
+            })
+            .await
+            .map(drop),
+        tonic::Code::NotFound,
+        "42",
+    );
+    expect(
+        "Models: a name with a path separator",
+        models
+            .create_model(pb::CreateModelRequest {
+                name: "../etc".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        tonic::Code::InvalidArgument,
+        "name",
+    );
+    expect(
+        "Training: a job without a spec",
+        training
+            .submit_training_job(pb::SubmitTrainingJobRequest::default())
+            .await
+            .map(drop),
+        tonic::Code::InvalidArgument,
+        "spec",
+    );
+    expect(
+        "Training: an unknown job",
+        training
+            .get_training_job(pb::GetTrainingJobRequest {
+                id: "job-none".into(),
+            })
+            .await
+            .map(drop),
+        tonic::Code::NotFound,
+        "job-none",
+    );
+    expect(
+        "Training: an unknown dataset",
+        training
+            .delete_dataset(pb::DeleteDatasetRequest {
+                id: "ds-none".into(),
+            })
+            .await
+            .map(drop),
+        tonic::Code::NotFound,
+        "ds-none",
+    );
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    for (what, status, code, needle) in answers {
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(status.message().contains(needle), "{what}: {status:?}");
+        for secret in [data_dir.as_str(), "127.0.0.1", "/kiln/v1/", "state.redb"] {
+            assert!(
+                !status.message().contains(secret),
+                "{what} leaks {secret}: {status:?}"
+            );
+        }
+    }
+    cluster.stop().await.unwrap();
+}
