@@ -8,8 +8,10 @@
 pub mod bench;
 pub mod client;
 pub mod cluster;
+pub mod datasets;
 pub mod embedded;
 pub mod headless;
+pub mod jobs;
 pub mod plot;
 pub mod train;
 

@@ -612,22 +612,22 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                         name,
                         addr,
                     } => {
-                        kiln::train::upload(&addr, &file, label.as_deref(), labels.as_deref(), name)
+                        kiln::datasets::upload(&addr, &file, label.as_deref(), labels.as_deref(), name)
                             .await?
                     }
-                    DatasetsCommand::List { addr } => kiln::train::datasets(&addr).await?,
-                    DatasetsCommand::Delete { id, addr } => kiln::train::delete_dataset(&addr, &id).await?,
+                    DatasetsCommand::List { addr } => kiln::datasets::datasets(&addr).await?,
+                    DatasetsCommand::Delete { id, addr } => kiln::datasets::delete_dataset(&addr, &id).await?,
                 };
                 kiln::say!("{}", out.trim_end());
                 Ok(())
             }
             Command::Jobs { command } => {
                 let out = match command {
-                    JobsCommand::List { addr } => kiln::train::list(&addr).await?,
-                    JobsCommand::Show { id, json, addr } => kiln::train::show(&addr, &id, json).await?,
-                    JobsCommand::Watch { id, addr } => kiln::train::watch_job(&addr, &id).await?,
-                    JobsCommand::Cancel { id, addr } => kiln::train::cancel(&addr, &id).await?,
-                    JobsCommand::Plot { id, output, addr } => kiln::train::plot(&addr, &id, &output).await?,
+                    JobsCommand::List { addr } => kiln::jobs::list(&addr).await?,
+                    JobsCommand::Show { id, json, addr } => kiln::jobs::show(&addr, &id, json).await?,
+                    JobsCommand::Watch { id, addr } => kiln::jobs::watch_job(&addr, &id).await?,
+                    JobsCommand::Cancel { id, addr } => kiln::jobs::cancel(&addr, &id).await?,
+                    JobsCommand::Plot { id, output, addr } => kiln::jobs::plot(&addr, &id, &output).await?,
                 };
                 kiln::say!("{}", out.trim_end());
                 Ok(())

@@ -1,9 +1,6 @@
-//! `kiln train FILE` and `kiln jobs …`: training jobs from the command line, with a live
-//! progress bar per epoch.
-//!
-//! Over 700 lines because every `kiln train`, `kiln jobs` and `kiln datasets` command
-//! shares the job-file reading and the printing here; splitting it by command is planned
-//! with the CLI's move to one module per command group.
+//! `kiln train FILE`: job files (JSON or YAML) read into a job, submitted, and followed
+//! with a live progress bar per epoch. `kiln jobs …` is in [`crate::jobs`], `kiln datasets
+//! …` in [`crate::datasets`].
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -352,12 +349,12 @@ pub fn read_job_file(path: &Path) -> anyhow::Result<JobFile> {
     }
 }
 
-async fn client(addr: &str) -> anyhow::Result<TrainingClient<Channel>> {
+pub(crate) async fn client(addr: &str) -> anyhow::Result<TrainingClient<Channel>> {
     let channel = crate::client::channel(addr).await?;
     Ok(TrainingClient::new(channel).max_encoding_message_size(256 * 1024 * 1024))
 }
 
-fn metrics_line(m: &pb::EpochMetrics) -> String {
+pub(crate) fn metrics_line(m: &pb::EpochMetrics) -> String {
     let mut s = format!("loss {:.4}", m.train_loss);
     if let Some(a) = m.train_accuracy {
         s.push_str(&format!(" acc {a:.4}"));
@@ -423,7 +420,7 @@ pub async fn watch(addr: &str, id: &str, epochs: u32) -> anyhow::Result<pb::Trai
     bail!("the job's event stream ended before the job did")
 }
 
-fn describe_end(e: &pb::TrainingEvent) -> anyhow::Result<String> {
+pub(crate) fn describe_end(e: &pb::TrainingEvent) -> anyhow::Result<String> {
     match &e.event {
         Some(Event::Completed(v)) => Ok(format!(
             "completed: {} version {} (sha256 {})",
@@ -462,308 +459,6 @@ pub async fn train(
     }
     let end = watch(addr, &job.id, epochs).await?;
     describe_end(&end)
-}
-
-/// `kiln datasets upload FILE --label COLUMN` (CSV) or `kiln datasets upload X.npy --labels
-/// Y.npy`: stream the file(s) in 64 KiB chunks.
-pub async fn upload(
-    addr: &str,
-    path: &Path,
-    label: Option<&str>,
-    labels_file: Option<&Path>,
-    name: Option<String>,
-) -> anyhow::Result<String> {
-    let mut bytes =
-        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let npy = kiln_core::npy::is_npy(&bytes);
-    let (format, labels_size) = match (npy, labels_file) {
-        (true, Some(labels_path)) => {
-            let labels = std::fs::read(labels_path)
-                .with_context(|| format!("cannot read {}", labels_path.display()))?;
-            let size = labels.len() as u64;
-            bytes.extend_from_slice(&labels);
-            (pb::DatasetFormat::Npy, size)
-        }
-        (true, None) => bail!(
-            "{} is a NumPy file: name the labels file with --labels LABELS.npy",
-            path.display()
-        ),
-        (false, Some(_)) => bail!(
-            "--labels is for NumPy .npy uploads; {} is not one (a CSV file names its label column with --label)",
-            path.display()
-        ),
-        (false, None) if label.is_none() => {
-            bail!("name the CSV file's label column with --label COLUMN")
-        }
-        (false, None) => (pb::DatasetFormat::Csv, 0),
-    };
-    let name = name.unwrap_or_else(|| {
-        path.file_stem()
-            .map(|s| {
-                s.to_string_lossy()
-                    .chars()
-                    .filter(|c| c.is_ascii_alphanumeric() || "_.-".contains(*c))
-                    .collect()
-            })
-            .filter(|s: &String| !s.is_empty())
-            .unwrap_or_else(|| "dataset".into())
-    });
-    let header = pb::UploadDatasetChunk {
-        part: Some(pb::upload_dataset_chunk::Part::Header(pb::DatasetHeader {
-            name,
-            label_column: label.unwrap_or_default().into(),
-            size_bytes: bytes.len() as u64 - labels_size,
-            format: format as i32,
-            labels_size_bytes: labels_size,
-        })),
-    };
-    let chunks: Vec<pb::UploadDatasetChunk> = std::iter::once(header)
-        .chain(bytes.chunks(64 * 1024).map(|c| pb::UploadDatasetChunk {
-            part: Some(pb::upload_dataset_chunk::Part::Data(c.to_vec())),
-        }))
-        .collect();
-    let d = client(addr)
-        .await?
-        .upload_dataset(futures::stream::iter(chunks))
-        .await
-        .map_err(crate::client::status)?
-        .into_inner();
-    Ok(format!(
-        "dataset {} ({}): {} rows, features {}, label {}, sha256 {}{}",
-        d.id,
-        d.name,
-        d.rows,
-        d.feature_columns.join(","),
-        d.label_column,
-        d.sha256,
-        if d.labels_sha256.is_empty() {
-            String::new()
-        } else {
-            format!(", labels sha256 {}", d.labels_sha256)
-        }
-    ))
-}
-
-/// `kiln datasets list`.
-pub async fn datasets(addr: &str) -> anyhow::Result<String> {
-    let list = client(addr)
-        .await?
-        .list_datasets(pb::ListDatasetsRequest {})
-        .await
-        .map_err(crate::client::status)?
-        .into_inner()
-        .datasets;
-    let mut out = format!(
-        "{:<20} {:<20} {:>8} {:>8} {:<14}\n",
-        "DATASET", "NAME", "ROWS", "COLUMNS", "SHA256"
-    );
-    for d in list {
-        out.push_str(&format!(
-            "{:<20} {:<20} {:>8} {:>8} {:<14}\n",
-            d.id,
-            d.name,
-            d.rows,
-            d.feature_columns.len(),
-            d.sha256.get(..12).unwrap_or(&d.sha256)
-        ));
-    }
-    Ok(out)
-}
-
-/// `kiln datasets delete ID`.
-pub async fn delete_dataset(addr: &str, id: &str) -> anyhow::Result<String> {
-    client(addr)
-        .await?
-        .delete_dataset(pb::DeleteDatasetRequest { id: id.into() })
-        .await
-        .map_err(crate::client::status)?;
-    Ok(format!("deleted dataset {id}"))
-}
-
-/// `kiln jobs plot ID -o FILE`: the loss and accuracy curves as a PNG (SVG for `.svg`).
-pub async fn plot(addr: &str, id: &str, out: &Path) -> anyhow::Result<String> {
-    let j = client(addr)
-        .await?
-        .get_training_job(pb::GetTrainingJobRequest { id: id.into() })
-        .await
-        .map_err(crate::client::status)?
-        .into_inner();
-    if j.history.is_empty() {
-        bail!("job {id} has no finished epoch to plot yet");
-    }
-    let svg = out
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
-    let bytes = if svg {
-        crate::plot::svg(&j.history).map(String::into_bytes)
-    } else {
-        crate::plot::png(&j.history)
-    }
-    .map_err(|e| anyhow::anyhow!(e))?;
-    std::fs::write(out, bytes).with_context(|| format!("cannot write {}", out.display()))?;
-    Ok(format!(
-        "wrote {} epochs of job {id} to {}",
-        j.history.len(),
-        out.display()
-    ))
-}
-
-/// `kiln jobs watch ID`.
-pub async fn watch_job(addr: &str, id: &str) -> anyhow::Result<String> {
-    let job = client(addr)
-        .await?
-        .get_training_job(pb::GetTrainingJobRequest { id: id.into() })
-        .await
-        .map_err(crate::client::status)?
-        .into_inner();
-    let end = watch(addr, id, job.epochs).await?;
-    describe_end(&end)
-}
-
-fn state_name(state: i32) -> &'static str {
-    match pb::JobState::try_from(state) {
-        Ok(pb::JobState::Queued) => "QUEUED",
-        Ok(pb::JobState::Running) => "RUNNING",
-        Ok(pb::JobState::Succeeded) => "SUCCEEDED",
-        Ok(pb::JobState::Failed) => "FAILED",
-        Ok(pb::JobState::Cancelled) => "CANCELLED",
-        _ => "UNKNOWN",
-    }
-}
-
-/// `kiln jobs list`.
-pub async fn list(addr: &str) -> anyhow::Result<String> {
-    let jobs = client(addr)
-        .await?
-        .list_training_jobs(pb::ListTrainingJobsRequest {})
-        .await
-        .map_err(crate::client::status)?
-        .into_inner()
-        .jobs;
-    let mut out = format!(
-        "{:<26} {:<10} {:<20} {:>11} {:>8}\n",
-        "JOB", "STATE", "MODEL", "EPOCHS", "VERSION"
-    );
-    for j in jobs {
-        let version = if j.result_version > 0 {
-            j.result_version.to_string()
-        } else {
-            "-".into()
-        };
-        out.push_str(&format!(
-            "{:<26} {:<10} {:<20} {:>11} {:>8}\n",
-            j.id,
-            state_name(j.state),
-            j.model_name,
-            format!("{}/{}", j.history.len(), j.epochs),
-            version
-        ));
-    }
-    Ok(out)
-}
-
-/// `kiln jobs show ID [--json]`: the job and its epochs.
-pub async fn show(addr: &str, id: &str, json: bool) -> anyhow::Result<String> {
-    let j = client(addr)
-        .await?
-        .get_training_job(pb::GetTrainingJobRequest { id: id.into() })
-        .await
-        .map_err(crate::client::status)?
-        .into_inner();
-    if json {
-        let history: Vec<serde_json::Value> = j
-            .history
-            .iter()
-            .map(|m| {
-                serde_json::json!({
-                    "epoch": m.epoch,
-                    "train_loss": m.train_loss,
-                    "train_accuracy": m.train_accuracy,
-                    "validation_loss": m.validation_loss,
-                    "validation_accuracy": m.validation_accuracy,
-                    "samples_per_second": m.samples_per_second,
-                    "elapsed_ms": m.elapsed_ms,
-                })
-            })
-            .collect();
-        let out = serde_json::json!({
-            "id": j.id,
-            "state": state_name(j.state),
-            "model_name": j.model_name,
-            "worker": j.worker,
-            "epochs": j.epochs,
-            "result_version": j.result_version,
-            "reason": j.reason,
-            "stopped_early": j.stopped_early,
-            "best_epoch": j.best_epoch,
-            "checkpoint_epoch": j.checkpoint_epoch,
-            "workers": j.workers,
-            "data_parallel": j.data_parallel.map(|d| serde_json::json!({
-                "workers": d.workers,
-                "steps": d.steps,
-                "mean_step_ms": d.mean_step_ms,
-                "mean_communication_ms": d.mean_communication_ms,
-            })),
-            "test": j.test.map(|t| serde_json::json!({
-                "loss": t.loss,
-                "accuracy": t.accuracy,
-                "rows": t.rows,
-            })),
-            "history": history,
-        });
-        return Ok(serde_json::to_string_pretty(&out)?);
-    }
-    let mut out = format!(
-        "job {}\n  state: {}\n  model: {}\n  worker: {}\n  epochs: {}/{}{}\n",
-        j.id,
-        state_name(j.state),
-        j.model_name,
-        if j.worker.is_empty() { "-" } else { &j.worker },
-        j.history.len(),
-        j.epochs,
-        if j.stopped_early {
-            " (stopped early)"
-        } else {
-            ""
-        }
-    );
-    if j.result_version > 0 {
-        out.push_str(&format!("  version: {}\n", j.result_version));
-    }
-    if let Some(d) = &j.data_parallel {
-        out.push_str(&format!(
-            "  data parallel: {} workers, {} steps, {:.2} ms a step ({:.2} ms communication)\n",
-            d.workers, d.steps, d.mean_step_ms, d.mean_communication_ms
-        ));
-    }
-    if !j.reason.is_empty() {
-        out.push_str(&format!("  reason: {}\n", j.reason));
-    }
-    if j.best_epoch > 0 && j.best_epoch as usize != j.history.len() {
-        out.push_str(&format!("  weights from epoch: {}\n", j.best_epoch));
-    }
-    if let Some(t) = &j.test {
-        out.push_str(&format!("  test: loss {:.4}", t.loss));
-        if let Some(a) = t.accuracy {
-            out.push_str(&format!(" acc {a:.4}"));
-        }
-        out.push_str(&format!(" ({} rows)\n", t.rows));
-    }
-    for m in &j.history {
-        out.push_str(&format!("  epoch {:>4} {}\n", m.epoch, metrics_line(m)));
-    }
-    Ok(out)
-}
-
-/// `kiln jobs cancel ID`.
-pub async fn cancel(addr: &str, id: &str) -> anyhow::Result<String> {
-    let j = client(addr)
-        .await?
-        .cancel_training_job(pb::CancelTrainingJobRequest { id: id.into() })
-        .await
-        .map_err(crate::client::status)?
-        .into_inner();
-    Ok(format!("job {} is {}", j.id, state_name(j.state)))
 }
 
 #[cfg(test)]
