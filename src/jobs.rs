@@ -8,14 +8,19 @@ use kiln_proto::kiln::v1 as pb;
 use crate::client::status;
 use crate::train::{client, describe_end, metrics_line, watch};
 
-/// `kiln jobs plot ID -o FILE`: the loss and accuracy curves as a PNG (SVG for `.svg`).
-pub async fn plot(addr: &str, id: &str, out: &Path) -> anyhow::Result<String> {
-    let j = client(addr)
+/// The job `id` as the gateway reports it.
+async fn get_job(addr: &str, id: &str) -> anyhow::Result<pb::TrainingJob> {
+    Ok(client(addr)
         .await?
         .get_training_job(pb::GetTrainingJobRequest { id: id.into() })
         .await
         .map_err(status)?
-        .into_inner();
+        .into_inner())
+}
+
+/// `kiln jobs plot ID -o FILE`: the loss and accuracy curves as a PNG (SVG for `.svg`).
+pub async fn plot(addr: &str, id: &str, out: &Path) -> anyhow::Result<String> {
+    let j = get_job(addr, id).await?;
     if j.history.is_empty() {
         bail!("job {id} has no finished epoch to plot yet");
     }
@@ -38,12 +43,7 @@ pub async fn plot(addr: &str, id: &str, out: &Path) -> anyhow::Result<String> {
 
 /// `kiln jobs watch ID`.
 pub async fn watch_job(addr: &str, id: &str) -> anyhow::Result<String> {
-    let job = client(addr)
-        .await?
-        .get_training_job(pb::GetTrainingJobRequest { id: id.into() })
-        .await
-        .map_err(status)?
-        .into_inner();
+    let job = get_job(addr, id).await?;
     let end = watch(addr, id, job.epochs).await?;
     describe_end(&end)
 }
@@ -92,12 +92,7 @@ pub async fn list(addr: &str) -> anyhow::Result<String> {
 
 /// `kiln jobs show ID [--json]`: the job and its epochs.
 pub async fn show(addr: &str, id: &str, json: bool) -> anyhow::Result<String> {
-    let j = client(addr)
-        .await?
-        .get_training_job(pb::GetTrainingJobRequest { id: id.into() })
-        .await
-        .map_err(status)?
-        .into_inner();
+    let j = get_job(addr, id).await?;
     if json {
         let history: Vec<serde_json::Value> = j
             .history

@@ -103,6 +103,13 @@ enum Command {
     },
 }
 
+/// The `--listen` address, bound.
+async fn bind(listen: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (--listen)"))
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Oip {
@@ -145,9 +152,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             outputs,
             max_batch_size,
         } => {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
+            let listener = bind(listen).await?;
             println!("floor server on {}", listener.local_addr()?);
             let config = floor::FloorConfig {
                 model,
@@ -159,9 +164,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::OtlpSink { listen, count_file } => {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
+            let listener = bind(listen).await?;
             println!("OTLP sink on {}", listener.local_addr()?);
             otlp_sink::serve(listener, count_file, kiln::shutdown_signal()).await
         }

@@ -292,10 +292,11 @@ impl Collector for Stats {
     }
 }
 
+#[cfg(test)]
 impl Stats {
     /// Every version's metrics in the Prometheus text format (what a scrape of a registry
     /// holding these statistics returns).
-    pub fn prometheus(self: &std::sync::Arc<Self>) -> String {
+    fn prometheus(self: &std::sync::Arc<Self>) -> String {
         let mut registry = kiln_telemetry::metrics::Registry::default();
         registry.register_collector(Box::new(self.clone()));
         kiln_telemetry::metrics::render(&registry)

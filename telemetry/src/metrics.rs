@@ -221,27 +221,27 @@ impl<'a> Families<'a> {
     }
 }
 
-/// A collector from a function, for a few numbers that need no structure of their own.
-pub struct FnCollector<F>(pub F);
-
-impl<F> std::fmt::Debug for FnCollector<F> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FnCollector")
-    }
-}
-
-impl<F> Collector for FnCollector<F>
-where
-    F: Fn(&mut Families<'_>) -> std::fmt::Result + Send + Sync + 'static,
-{
-    fn encode(&self, encoder: DescriptorEncoder) -> std::fmt::Result {
-        (self.0)(&mut Families::new(encoder))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A collector from a function, for the tests' few numbers.
+    struct FnCollector<F>(F);
+
+    impl<F> std::fmt::Debug for FnCollector<F> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("FnCollector")
+        }
+    }
+
+    impl<F> Collector for FnCollector<F>
+    where
+        F: Fn(&mut Families<'_>) -> std::fmt::Result + Send + Sync + 'static,
+    {
+        fn encode(&self, encoder: DescriptorEncoder) -> std::fmt::Result {
+            (self.0)(&mut Families::new(encoder))
+        }
+    }
 
     #[tokio::test]
     async fn the_endpoint_answers_get_metrics_and_nothing_else() {
