@@ -798,3 +798,270 @@ async fn each_public_service_answers_errors_with_their_code_and_a_message_that_l
     }
     cluster.stop().await.unwrap();
 }
+
+/// Weights and inputs on a grid of powers of two (weights and biases k/16, inputs k/8,
+/// |k| ≤ 16), small enough that every sum in the network is exact in FP32: the answers do
+/// not depend on the order a backend sums in, only on Kiln's path from request to answer.
+fn grid_model(
+    seed: u64,
+    input: u32,
+    hidden: &[u32],
+    output: u32,
+    task: Task,
+) -> (ModelSpec, MlpWeights) {
+    let spec = ModelSpec::Mlp(MlpSpec {
+        input_width: input,
+        hidden: hidden.to_vec(),
+        activation: Activation::Relu,
+        output_width: output,
+        task,
+    });
+    let mut state = seed;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % 33) as f32 - 16.0
+    };
+    let layers = spec
+        .layer_shapes()
+        .into_iter()
+        .map(|(inputs, outputs)| LayerWeights {
+            inputs,
+            outputs,
+            weight: (0..inputs * outputs).map(|_| next() / 16.0).collect(),
+            bias: (0..outputs).map(|_| next() / 16.0).collect(),
+        })
+        .collect();
+    (spec, MlpWeights { layers })
+}
+
+fn grid_rows(seed: u64, rows: usize, width: usize) -> Vec<f32> {
+    (0..rows * width)
+        .map(|i| ((i as u64 * 7 + seed * 13) % 33) as f32 / 8.0 - 2.0)
+        .collect()
+}
+
+/// One request in each form a client may send, as (label, request).
+fn golden_requests(name: &str, width: usize) -> Vec<(String, ModelInferRequest)> {
+    use kiln_proto::inference::InferTensorContents;
+    use kiln_proto::inference::model_infer_request::{
+        InferInputTensor, InferRequestedOutputTensor,
+    };
+    let tensor =
+        |datatype: &str, rows: usize, contents: Option<InferTensorContents>| InferInputTensor {
+            name: "input".into(),
+            datatype: datatype.into(),
+            shape: vec![rows as i64, width as i64],
+            contents,
+            ..Default::default()
+        };
+    let request = |inputs, raw: Vec<Vec<u8>>| ModelInferRequest {
+        model_name: name.into(),
+        inputs: vec![inputs],
+        raw_input_contents: raw.into_iter().map(Into::into).collect(),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    for rows in [1usize, 3, 100] {
+        let values = grid_rows(rows as u64, rows, width);
+        out.push((
+            format!("typed FP32 × {rows}"),
+            request(
+                tensor(
+                    "FP32",
+                    rows,
+                    Some(InferTensorContents {
+                        fp32_contents: values.clone(),
+                        ..Default::default()
+                    }),
+                ),
+                vec![],
+            ),
+        ));
+        out.push((
+            format!("raw FP32 × {rows}"),
+            request(
+                tensor("FP32", rows, None),
+                vec![values.iter().flat_map(|v| v.to_le_bytes()).collect()],
+            ),
+        ));
+    }
+    let values = grid_rows(5, 2, width);
+    out.push((
+        "typed FP64 × 2".into(),
+        request(
+            tensor(
+                "FP64",
+                2,
+                Some(InferTensorContents {
+                    fp64_contents: values.iter().map(|v| f64::from(*v)).collect(),
+                    ..Default::default()
+                }),
+            ),
+            vec![],
+        ),
+    ));
+    out.push((
+        "raw FP16 × 2".into(),
+        request(
+            tensor("FP16", 2, None),
+            vec![
+                values
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ],
+        ),
+    ));
+    let ints: Vec<i32> = (0..2 * width as i32).map(|i| i % 5 - 2).collect();
+    out.push((
+        "typed INT32 × 2".into(),
+        request(
+            tensor(
+                "INT32",
+                2,
+                Some(InferTensorContents {
+                    int_contents: ints.clone(),
+                    ..Default::default()
+                }),
+            ),
+            vec![],
+        ),
+    ));
+    out.push((
+        "raw INT64 × 2".into(),
+        request(
+            tensor("INT64", 2, None),
+            vec![
+                ints.iter()
+                    .flat_map(|v| i64::from(*v).to_le_bytes())
+                    .collect(),
+            ],
+        ),
+    ));
+    out.push((
+        "raw BOOL × 2".into(),
+        request(
+            tensor("BOOL", 2, None),
+            vec![ints.iter().map(|v| u8::from(*v > 0)).collect()],
+        ),
+    ));
+    let mut named = request(
+        tensor(
+            "FP32",
+            1,
+            Some(InferTensorContents {
+                fp32_contents: grid_rows(9, 1, width),
+                ..Default::default()
+            }),
+        ),
+        vec![],
+    );
+    named.outputs = vec![InferRequestedOutputTensor {
+        name: "output".into(),
+        ..Default::default()
+    }];
+    out.push(("typed FP32 × 1, output requested by name".into(), named));
+    out
+}
+
+/// What a client sees of one answer: every output's name, datatype, shape and value bits.
+fn describe_answer(response: &kiln_proto::inference::ModelInferResponse) -> String {
+    let mut text = String::new();
+    for (i, o) in response.outputs.iter().enumerate() {
+        let bits: Vec<String> = match response.raw_output_contents.get(i) {
+            Some(raw) => raw
+                .chunks(4)
+                .map(|c| format!("{:08x}", u32::from_le_bytes(c.try_into().unwrap())))
+                .collect(),
+            None => o
+                .contents
+                .as_ref()
+                .unwrap()
+                .fp32_contents
+                .iter()
+                .map(|v| format!("{:08x}", v.to_bits()))
+                .collect(),
+        };
+        let form = if response.raw_output_contents.is_empty() {
+            "typed"
+        } else {
+            "raw"
+        };
+        text += &format!(
+            "{} {} {:?} {form} {}\n",
+            o.name,
+            o.datatype,
+            o.shape,
+            bits.join(" ")
+        );
+    }
+    text
+}
+
+/// The MLP's answers, metadata and configuration, recorded before the worker's engine,
+/// batcher and codec moved to named tensors behind the model-family seam
+/// (`tests/data/mlp-answers.txt`), must stay bit for bit what they were.
+/// `KILN_RECORD_ANSWERS=1` rewrites the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mlp_answers_stay_bit_identical_to_those_recorded_before_the_family_seam() {
+    use kiln_proto::inference::{ModelConfigRequest, ModelMetadataRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = embedded::start(config(dir.path())).await.unwrap();
+    let (mut oip, mut models) = clients(cluster.addr).await;
+    let cases = [
+        ("regression", grid_model(1, 3, &[5, 4], 2, Task::Regression)),
+        (
+            "binary",
+            grid_model(2, 4, &[6], 1, Task::BinaryClassification),
+        ),
+        (
+            "multiclass",
+            grid_model(3, 4, &[3], 5, Task::MulticlassClassification),
+        ),
+    ];
+    let mut record = String::new();
+    for (name, (spec, weights)) in &cases {
+        models
+            .create_model(create_request(name, spec, weights))
+            .await
+            .unwrap();
+        wait_ready(&mut oip, name, "1").await;
+        let request = || ModelMetadataRequest {
+            name: (*name).into(),
+            version: String::new(),
+        };
+        let metadata = oip.model_metadata(request()).await.unwrap().into_inner();
+        record += &format!("## {name}\nmetadata {metadata:?}\n");
+        let config = oip
+            .model_config(ModelConfigRequest {
+                name: (*name).into(),
+                version: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .config
+            .unwrap();
+        record += &format!(
+            "config max_batch_size {} input {:?} output {:?}\n",
+            config.max_batch_size, config.input, config.output
+        );
+        for (label, request) in golden_requests(name, spec.input_width()) {
+            let response = oip.model_infer(request).await.unwrap().into_inner();
+            record += &format!("# {label}\n{}", describe_answer(&response));
+        }
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mlp-answers.txt");
+    if std::env::var_os("KILN_RECORD_ANSWERS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &record).unwrap();
+    }
+    let recorded = std::fs::read_to_string(&path).unwrap();
+    for (line, (want, got)) in recorded.lines().zip(record.lines()).enumerate() {
+        assert_eq!(want, got, "line {} of {} differs", line + 1, path.display());
+    }
+    assert_eq!(recorded.lines().count(), record.lines().count());
+    cluster.stop().await.unwrap();
+}
