@@ -275,8 +275,12 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<Cell>> {
                         let request = internal::InferRequest {
                             model: name.clone(),
                             version: 1,
-                            rows: batch as u32,
-                            features: raw.clone(),
+                            inputs: vec![internal::Tensor {
+                                name: "input".into(),
+                                datatype: "FP32".into(),
+                                shape: vec![batch as u64, 10],
+                                data: raw.clone(),
+                            }],
                         };
                         run_cell(concurrency, config.duration, move || {
                             let mut client = client.clone();

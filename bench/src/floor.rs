@@ -8,7 +8,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use kiln_gateway::oip::fp32_tensor;
+use kiln_core::tensor::{DataType, TensorSpec};
+use kiln_gateway::oip::tensor_metadata;
 use kiln_proto::inference as oip;
 use kiln_proto::inference::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
@@ -120,8 +121,8 @@ impl GrpcInferenceService for Floor {
             name: self.config.model.clone(),
             versions: vec!["1".into()],
             platform: "kiln_floor".into(),
-            inputs: vec![fp32_tensor("input", self.config.inputs)],
-            outputs: vec![fp32_tensor("output", self.config.outputs)],
+            inputs: vec![fp32_metadata("input", self.config.inputs)],
+            outputs: vec![fp32_metadata("output", self.config.outputs)],
         }))
     }
 
@@ -241,4 +242,16 @@ pub async fn serve(
         .add_service(service)
         .serve_with_incoming_shutdown(kiln_rpc::net::incoming(listener), shutdown)
         .await
+}
+
+/// An FP32 tensor `[batch, width]` as `ModelMetadata` gives it.
+fn fp32_metadata(
+    name: &str,
+    width: usize,
+) -> kiln_proto::inference::model_metadata_response::TensorMetadata {
+    tensor_metadata(&TensorSpec {
+        name: name.into(),
+        datatype: DataType::F32,
+        shape: vec![-1, width as i64],
+    })
 }

@@ -2,6 +2,8 @@
 //! and of the wire, and the pure functions over it.
 //!
 //! - [`spec`]: model specs (the MLP family), signatures, standardisation, name rules;
+//! - [`tensor`]: named, typed tensors (every OIP datatype) and model interfaces;
+//! - [`family`]: the device-free half of the model-family seam (interface, batching);
 //! - [`weights`]: the safetensors weight format and seeded initial weights;
 //! - [`records`]: the records of the cluster state (models, versions, workers, placements,
 //!   deployments, jobs) and their key layout;
@@ -16,11 +18,13 @@
 
 pub mod convert;
 mod error;
+pub mod family;
 pub mod npy;
 pub mod parallel;
 pub mod records;
 pub mod routing;
 pub mod spec;
+pub mod tensor;
 pub mod training;
 pub mod weights;
 

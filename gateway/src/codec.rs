@@ -1,17 +1,18 @@
-//! Tensor encoding of the Open Inference Protocol: turn a request's input into rows of
-//! FP32 features (checking every rule first, naming the tensor in every error), and an
-//! output back into the form the request used.
+//! Tensor encoding of the Open Inference Protocol: turn a request's inputs into the named,
+//! typed tensors of the model's interface (`kiln_core::tensor`), checking every rule first
+//! and naming the tensor in every error, and the model's outputs back into the form the
+//! request used.
 //!
-//! FP32 arrives and leaves without conversion; raw FP32 input is passed on without even a
-//! copy. Other numeric types are converted when the conversion is exact (BOOL, INT8/16,
-//! UINT8/16, FP16, BF16 always; INT32/64, UINT32/64 and FP64 value by value) and refused
-//! otherwise. BYTES is refused.
+//! An input arrives in the datatype its interface declares without conversion (raw
+//! contents are passed on without even a copy), BYTES included. An FP32 input also takes
+//! the other numeric types when the conversion is exact (BOOL, INT8/16, UINT8/16, FP16,
+//! BF16 always; INT32/64, UINT32/64 and FP64 value by value) and refuses them otherwise.
 //!
 //! Over 700 lines because the typed and raw forms of every OIP datatype are checked here
-//! in one place; nearly half of the file is tests.
+//! in one place; over half of the file is tests.
 
-use bytes::Bytes;
-use kiln_core::weights::f32_from_le;
+use bytes::{BufMut, Bytes, BytesMut};
+use kiln_core::tensor::{DataType, Interface, Tensor, TensorSpec, element_count};
 use kiln_proto::inference::model_infer_request::InferInputTensor;
 use kiln_proto::inference::model_infer_response::InferOutputTensor;
 use kiln_proto::inference::{InferTensorContents, ModelInferRequest, ModelInferResponse};
@@ -25,139 +26,119 @@ fn err<T>(message: String) -> Result<T, CodecError> {
     Err(CodecError(message))
 }
 
-/// The datatypes of the protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DataType {
-    /// BOOL.
-    Bool,
-    /// UINT8.
-    U8,
-    /// UINT16.
-    U16,
-    /// UINT32.
-    U32,
-    /// UINT64.
-    U64,
-    /// INT8.
-    I8,
-    /// INT16.
-    I16,
-    /// INT32.
-    I32,
-    /// INT64.
-    I64,
-    /// FP16.
-    F16,
-    /// BF16.
-    Bf16,
-    /// FP32.
-    F32,
-    /// FP64.
-    F64,
-    /// BYTES.
-    Bytes,
-}
-
-impl DataType {
-    /// Parse a datatype string.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "BOOL" => Self::Bool,
-            "UINT8" => Self::U8,
-            "UINT16" => Self::U16,
-            "UINT32" => Self::U32,
-            "UINT64" => Self::U64,
-            "INT8" => Self::I8,
-            "INT16" => Self::I16,
-            "INT32" => Self::I32,
-            "INT64" => Self::I64,
-            "FP16" => Self::F16,
-            "BF16" => Self::Bf16,
-            "FP32" => Self::F32,
-            "FP64" => Self::F64,
-            "BYTES" => Self::Bytes,
-            _ => return None,
-        })
-    }
-
-    /// Bytes per element (None for BYTES).
-    pub fn size(self) -> Option<usize> {
-        Some(match self {
-            Self::Bool | Self::U8 | Self::I8 => 1,
-            Self::U16 | Self::I16 | Self::F16 | Self::Bf16 => 2,
-            Self::U32 | Self::I32 | Self::F32 => 4,
-            Self::U64 | Self::I64 | Self::F64 => 8,
-            Self::Bytes => return None,
-        })
-    }
-}
-
-/// What the model expects of its one input.
-#[derive(Debug, Clone)]
-pub struct InputSpec<'a> {
-    /// Tensor name.
-    pub name: &'a str,
-    /// Features per row.
-    pub width: usize,
-    /// Most rows per forward pass (the batcher's `max_batch_size`), named in errors.
+/// How many rows a request may hold (named in errors).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most rows per forward pass (the batcher's `max_batch_size`).
     pub max_batch: usize,
     /// Most rows per request: larger ones than `max_batch` are split.
     pub max_rows: usize,
 }
 
-/// A decoded input: rows of little-endian FP32 features.
+/// A request's decoded inputs.
 #[derive(Debug, Clone)]
-pub struct Features {
-    /// Rows.
+pub struct Decoded {
+    /// The inputs, in the interface's order, each of the model's datatype.
+    pub inputs: Vec<Tensor>,
+    /// Rows (the batch dimension every input shares).
     pub rows: usize,
-    /// `rows × width` FP32 values, little-endian.
-    pub bytes: Bytes,
     /// Whether the request used raw contents (the answer will too).
     pub raw: bool,
 }
 
-/// Check and decode a request's input. Never panics, whatever the request holds.
-pub fn decode_input(
+/// Check and decode a request's inputs against the model's interface. Never panics,
+/// whatever the request holds.
+pub fn decode_inputs(
     request: &ModelInferRequest,
-    spec: &InputSpec<'_>,
-) -> Result<Features, CodecError> {
+    interface: &Interface,
+    limits: &Limits,
+) -> Result<Decoded, CodecError> {
     let raw = !request.raw_input_contents.is_empty();
+    let first = interface.inputs.first().map_or("", |s| s.name.as_str());
     if request.inputs.is_empty() {
         return err(format!(
-            "input {:?} is missing: the request has no inputs",
-            spec.name
+            "input {first:?} is missing: the request has no inputs"
         ));
     }
     for input in &request.inputs {
-        if input.name != spec.name {
+        if !interface.inputs.iter().any(|s| s.name == input.name) {
+            return err(match interface.inputs.as_slice() {
+                [only] => format!(
+                    "input {:?} is unknown: the model's only input is {:?}",
+                    input.name, only.name
+                ),
+                _ => format!(
+                    "input {:?} is unknown: the model's inputs are {}",
+                    input.name,
+                    interface.input_names()
+                ),
+            });
+        }
+    }
+    for spec in &interface.inputs {
+        let given = request
+            .inputs
+            .iter()
+            .filter(|i| i.name == spec.name)
+            .count();
+        if given > 1 {
+            return err(format!("input {:?} is given {given} times", spec.name));
+        }
+        if given == 0 {
             return err(format!(
-                "input {:?} is unknown: the model's only input is {:?}",
-                input.name, spec.name
+                "input {:?} is missing: the model's inputs are {}",
+                spec.name,
+                interface.input_names()
             ));
         }
     }
-    if request.inputs.len() > 1 {
+    if raw && request.raw_input_contents.len() != request.inputs.len() {
         return err(format!(
-            "input {:?} is given {} times",
-            spec.name,
+            "raw_input_contents has {} entries for {} inputs",
+            request.raw_input_contents.len(),
             request.inputs.len()
         ));
     }
-    let input = &request.inputs[0];
+    let mut inputs = Vec::with_capacity(interface.inputs.len());
+    let mut rows: Option<(usize, &str)> = None;
+    for spec in &interface.inputs {
+        let Some(at) = request.inputs.iter().position(|i| i.name == spec.name) else {
+            return err(format!("input {:?} is missing", spec.name));
+        };
+        let data = raw.then(|| &request.raw_input_contents[at]);
+        let tensor = decode_one(&request.inputs[at], data, spec, limits)?;
+        match rows {
+            None => rows = Some((tensor.rows(), spec.name.as_str())),
+            Some((n, other)) if n != tensor.rows() => {
+                return err(format!(
+                    "input {:?} has {} rows; input {other:?} has {n}",
+                    spec.name,
+                    tensor.rows()
+                ));
+            }
+            Some(_) => {}
+        }
+        inputs.push(tensor);
+    }
+    Ok(Decoded {
+        inputs,
+        rows: rows.map_or(0, |(n, _)| n),
+        raw,
+    })
+}
+
+/// Check and decode one input: `data` is its raw contents when the request is raw.
+fn decode_one(
+    input: &InferInputTensor,
+    data: Option<&Bytes>,
+    spec: &TensorSpec,
+    limits: &Limits,
+) -> Result<Tensor, CodecError> {
     let name = &input.name;
-    if raw {
-        if request.raw_input_contents.len() != request.inputs.len() {
-            return err(format!(
-                "raw_input_contents has {} entries for {} inputs",
-                request.raw_input_contents.len(),
-                request.inputs.len()
-            ));
-        }
-        if input.contents.as_ref().is_some_and(has_values) {
-            return err(format!(
-                "input {name:?}: raw_input_contents and typed contents are mixed in one request"
-            ));
-        }
+    if data.is_some() && input.contents.as_ref().is_some_and(has_values) {
+        return err(format!(
+            "input {name:?}: raw_input_contents and typed contents are mixed in one request"
+        ));
     }
     let Some(dtype) = DataType::parse(&input.datatype) else {
         return err(format!(
@@ -165,67 +146,96 @@ pub fn decode_input(
             input.datatype
         ));
     };
-    let Some(size) = dtype.size() else {
+    let converts =
+        dtype == spec.datatype || (spec.datatype == DataType::F32 && dtype != DataType::Bytes);
+    if !converts {
         return err(format!(
-            "input {name:?}: datatype BYTES is not accepted; send FP32"
+            "input {name:?}: datatype {dtype} is not accepted; the model takes {}",
+            spec.datatype
         ));
-    };
-    // Shape: non-negative, product without overflow, [batch, width].
+    }
+    // Shape: non-negative, product without overflow, the interface's rank and dimensions.
     if let Some(d) = input.shape.iter().find(|d| **d < 0) {
         return err(format!(
             "input {name:?}: shape {:?} has a negative dimension {d}",
             input.shape
         ));
     }
-    let elements = input
-        .shape
-        .iter()
-        .try_fold(1usize, |acc, d| acc.checked_mul(usize::try_from(*d).ok()?));
-    let Some(elements) = elements else {
+    let shape: Vec<usize> = input.shape.iter().map(|d| *d as usize).collect();
+    let Some(elements) = element_count(&shape) else {
         return err(format!("input {name:?}: shape {:?} overflows", input.shape));
     };
-    if input.shape.len() != 2 {
+    if shape.len() != spec.shape.len() {
         return err(format!(
-            "input {name:?}: shape {:?} must be [batch, {}]",
-            input.shape, spec.width
+            "input {name:?}: shape {:?} must be {}",
+            input.shape,
+            spec.describe()
         ));
     }
-    let (rows, width) = (input.shape[0] as usize, input.shape[1] as usize);
-    if width != spec.width {
-        return err(format!(
-            "input {name:?}: shape {:?} has width {width}; the model takes {}",
-            input.shape, spec.width
-        ));
+    for (i, (want, got)) in spec.shape.iter().zip(&shape).enumerate().skip(1) {
+        if *want >= 0 && *want as u64 != *got as u64 {
+            return err(if spec.shape.len() == 2 {
+                format!(
+                    "input {name:?}: shape {:?} has width {got}; the model takes {want}",
+                    input.shape
+                )
+            } else {
+                format!(
+                    "input {name:?}: shape {:?} has {got} in dimension {i}; the model takes {want}",
+                    input.shape
+                )
+            });
+        }
     }
-    if rows == 0 || rows > spec.max_rows {
+    let rows = shape[0];
+    if rows == 0 || rows > limits.max_rows {
         return err(format!(
             "input {name:?}: batch size {rows} is outside 1..={} (max_batch_size {} × max_queue_size: larger batches are split across replicas and passes)",
-            spec.max_rows, spec.max_batch
+            limits.max_rows, limits.max_batch
         ));
     }
-    let bytes = if raw {
-        let data = &request.raw_input_contents[0];
-        let expected = elements.checked_mul(size);
-        if expected != Some(data.len()) {
-            return err(format!(
-                "input {name:?}: raw contents hold {} bytes; shape {:?} of {} needs {}",
-                data.len(),
-                input.shape,
-                input.datatype,
-                elements.saturating_mul(size)
-            ));
+    // The elements in the request's own datatype, in the raw layout.
+    let given = match data {
+        Some(data) => {
+            if let Some(size) = dtype.size() {
+                let expected = elements.checked_mul(size);
+                if expected != Some(data.len()) {
+                    return err(format!(
+                        "input {name:?}: raw contents hold {} bytes; shape {:?} of {} needs {}",
+                        data.len(),
+                        input.shape,
+                        input.datatype,
+                        elements.saturating_mul(size)
+                    ));
+                }
+            }
+            data.clone()
         }
-        raw_to_f32(name, dtype, data)?
-    } else {
-        let empty = InferTensorContents::default();
-        typed_to_f32(
-            name,
-            dtype,
-            input.contents.as_ref().unwrap_or(&empty),
-            elements,
-        )?
+        None => {
+            let empty = InferTensorContents::default();
+            typed_to_raw(
+                name,
+                dtype,
+                input.contents.as_ref().unwrap_or(&empty),
+                elements,
+            )?
+        }
     };
-    Ok(Features { rows, bytes, raw })
+    if dtype == DataType::Bool
+        && let Some(i) = given.iter().position(|b| *b > 1)
+    {
+        return err(format!(
+            "input {name:?}: element {i} of BOOL is neither 0 nor 1"
+        ));
+    }
+    let data = if dtype == spec.datatype {
+        given
+    } else {
+        raw_to_f32(name, dtype, &given)?
+    };
+    // Messages of kiln-core name a "tensor"; to the caller it is an input.
+    Tensor::new(name, spec.datatype, shape, data)
+        .map_err(|e| CodecError(e.to_string().replacen("tensor ", "input ", 1)))
 }
 
 fn has_values(c: &InferTensorContents) -> bool {
@@ -290,6 +300,7 @@ impl Exact for bool {
     }
 }
 
+/// Raw elements of `dtype` as FP32, refusing the first value with no exact FP32 equal.
 fn raw_to_f32(name: &str, dtype: DataType, data: &Bytes) -> Result<Bytes, CodecError> {
     macro_rules! le {
         ($t:ty, $n:expr) => {
@@ -346,7 +357,8 @@ fn raw_to_f32(name: &str, dtype: DataType, data: &Bytes) -> Result<Bytes, CodecE
     }
 }
 
-fn typed_to_f32(
+/// A typed input's values in the raw layout of its own datatype, range-checked.
+fn typed_to_raw(
     name: &str,
     dtype: DataType,
     c: &InferTensorContents,
@@ -360,19 +372,19 @@ fn typed_to_f32(
         DataType::U64 => ("uint64_contents", c.uint64_contents.len()),
         DataType::F32 => ("fp32_contents", c.fp32_contents.len()),
         DataType::F64 => ("fp64_contents", c.fp64_contents.len()),
+        DataType::Bytes => ("bytes_contents", c.bytes_contents.len()),
         DataType::F16 | DataType::Bf16 => {
             return err(format!(
                 "input {name:?}: {dtype:?} has no typed field; send it in raw_input_contents"
             ));
         }
-        DataType::Bytes => return err(format!("input {name:?}: datatype BYTES is not accepted")),
     };
     if count != elements {
         return err(format!(
             "input {name:?}: {field} holds {count} values; the shape needs {elements}"
         ));
     }
-    let narrow = |v: i64, lo: i64, hi: i64, i: usize| {
+    let in_range = |v: i64, lo: i64, hi: i64, i: usize| {
         if (lo..=hi).contains(&v) {
             Ok(v)
         } else {
@@ -381,85 +393,147 @@ fn typed_to_f32(
             ))
         }
     };
+    let mut out = BytesMut::with_capacity(elements * dtype.size().unwrap_or(8));
     match dtype {
-        DataType::Bool => exact(name, dtype, c.bool_contents.iter().copied()),
-        DataType::I8 | DataType::I16 => {
-            let (lo, hi) = if dtype == DataType::I8 {
-                (-128, 127)
-            } else {
-                (-32768, 32767)
-            };
+        DataType::Bool => c
+            .bool_contents
+            .iter()
+            .for_each(|v| out.put_u8(u8::from(*v))),
+        DataType::I8 => {
             for (i, v) in c.int_contents.iter().enumerate() {
-                narrow(*v as i64, lo, hi, i)?;
+                out.put_i8(in_range(i64::from(*v), -128, 127, i)? as i8);
             }
-            exact(name, dtype, c.int_contents.iter().copied())
         }
-        DataType::I32 => exact(name, dtype, c.int_contents.iter().copied()),
-        DataType::I64 => exact(name, dtype, c.int64_contents.iter().copied()),
-        DataType::U8 | DataType::U16 => {
-            let hi = if dtype == DataType::U8 { 255 } else { 65535 };
+        DataType::I16 => {
+            for (i, v) in c.int_contents.iter().enumerate() {
+                out.put_i16_le(in_range(i64::from(*v), -32768, 32767, i)? as i16);
+            }
+        }
+        DataType::I32 => c.int_contents.iter().for_each(|v| out.put_i32_le(*v)),
+        DataType::I64 => c.int64_contents.iter().for_each(|v| out.put_i64_le(*v)),
+        DataType::U8 => {
             for (i, v) in c.uint_contents.iter().enumerate() {
-                narrow(*v as i64, 0, hi, i)?;
+                out.put_u8(in_range(i64::from(*v), 0, 255, i)? as u8);
             }
-            exact(name, dtype, c.uint_contents.iter().copied())
         }
-        DataType::U32 => exact(name, dtype, c.uint_contents.iter().copied()),
-        DataType::U64 => exact(name, dtype, c.uint64_contents.iter().copied()),
-        DataType::F32 => Ok(Bytes::from(
-            c.fp32_contents
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>(),
-        )),
-        DataType::F64 => exact(name, dtype, c.fp64_contents.iter().copied()),
-        DataType::F16 | DataType::Bf16 | DataType::Bytes => unreachable_dtype(name),
+        DataType::U16 => {
+            for (i, v) in c.uint_contents.iter().enumerate() {
+                out.put_u16_le(in_range(i64::from(*v), 0, 65535, i)? as u16);
+            }
+        }
+        DataType::U32 => c.uint_contents.iter().for_each(|v| out.put_u32_le(*v)),
+        DataType::U64 => c.uint64_contents.iter().for_each(|v| out.put_u64_le(*v)),
+        DataType::F32 => c.fp32_contents.iter().for_each(|v| out.put_f32_le(*v)),
+        DataType::F64 => c.fp64_contents.iter().for_each(|v| out.put_f64_le(*v)),
+        DataType::Bytes => {
+            for (i, v) in c.bytes_contents.iter().enumerate() {
+                let Ok(len) = u32::try_from(v.len()) else {
+                    return err(format!("input {name:?}: element {i} is over 4 GiB"));
+                };
+                out.put_u32_le(len);
+                out.put_slice(v);
+            }
+        }
+        DataType::F16 | DataType::Bf16 => {}
     }
+    Ok(out.freeze())
 }
 
-fn unreachable_dtype(name: &str) -> Result<Bytes, CodecError> {
-    err(format!("input {name:?}: datatype not accepted"))
-}
-
-/// Check that every requested output exists.
-pub fn check_requested_outputs(
+/// The outputs a request asked for, as indices into the interface's outputs, in the
+/// request's order; all of them, in the interface's order, when it named none.
+pub fn requested_outputs(
     request: &ModelInferRequest,
-    output_name: &str,
-) -> Result<(), CodecError> {
-    for out in &request.outputs {
-        if out.name != output_name {
-            return err(format!(
-                "output {:?} is unknown: the model's only output is {output_name:?}",
-                out.name
-            ));
-        }
+    interface: &Interface,
+) -> Result<Vec<usize>, CodecError> {
+    if request.outputs.is_empty() {
+        return Ok((0..interface.outputs.len()).collect());
     }
-    Ok(())
+    request
+        .outputs
+        .iter()
+        .map(|out| {
+            interface
+                .outputs
+                .iter()
+                .position(|s| s.name == out.name)
+                .ok_or_else(|| {
+                    CodecError(match interface.outputs.as_slice() {
+                        [only] => format!(
+                            "output {:?} is unknown: the model's only output is {:?}",
+                            out.name, only.name
+                        ),
+                        _ => format!(
+                            "output {:?} is unknown: the model's outputs are {}",
+                            out.name,
+                            interface.output_names()
+                        ),
+                    })
+                })
+        })
+        .collect()
 }
 
-/// Put FP32 outputs into a response, raw when the request was raw.
-pub fn encode_output(
-    response: &mut ModelInferResponse,
-    name: &str,
-    rows: usize,
-    cols: usize,
-    outputs: Bytes,
-    raw: bool,
-) {
-    let mut tensor = InferOutputTensor {
-        name: name.to_owned(),
-        datatype: "FP32".into(),
-        shape: vec![rows as i64, cols as i64],
-        ..Default::default()
-    };
-    if raw {
-        response.raw_output_contents.push(outputs);
-    } else {
-        tensor.contents = Some(InferTensorContents {
-            fp32_contents: f32_from_le(&outputs).collect(),
+/// Put `outputs` into a response, raw when the request was raw (and always when one of
+/// them is FP16 or BF16, which have no typed field: the protocol has all outputs raw or
+/// none).
+pub fn encode_outputs(response: &mut ModelInferResponse, outputs: Vec<Tensor>, raw: bool) {
+    let raw = raw
+        || outputs
+            .iter()
+            .any(|t| matches!(t.datatype, DataType::F16 | DataType::Bf16));
+    for t in outputs {
+        let mut tensor = InferOutputTensor {
+            name: t.name.clone(),
+            datatype: t.datatype.name().into(),
+            shape: t.shape.iter().map(|d| *d as i64).collect(),
             ..Default::default()
-        });
+        };
+        if raw {
+            response.raw_output_contents.push(t.data);
+        } else {
+            tensor.contents = Some(typed_contents(&t));
+        }
+        response.outputs.push(tensor);
     }
-    response.outputs.push(tensor);
+}
+
+/// A tensor's elements in the typed field of its datatype.
+fn typed_contents(t: &Tensor) -> InferTensorContents {
+    let mut c = InferTensorContents::default();
+    let d = &t.data[..];
+    macro_rules! le {
+        ($t:ty, $n:expr) => {
+            d.chunks_exact($n).map(|b| {
+                let mut a = [0u8; $n];
+                a.copy_from_slice(b);
+                <$t>::from_le_bytes(a)
+            })
+        };
+    }
+    match t.datatype {
+        DataType::Bool => c.bool_contents = d.iter().map(|b| *b != 0).collect(),
+        DataType::I8 => c.int_contents = le!(i8, 1).map(i32::from).collect(),
+        DataType::I16 => c.int_contents = le!(i16, 2).map(i32::from).collect(),
+        DataType::I32 => c.int_contents = le!(i32, 4).collect(),
+        DataType::I64 => c.int64_contents = le!(i64, 8).collect(),
+        DataType::U8 => c.uint_contents = d.iter().map(|b| u32::from(*b)).collect(),
+        DataType::U16 => c.uint_contents = le!(u16, 2).map(u32::from).collect(),
+        DataType::U32 => c.uint_contents = le!(u32, 4).collect(),
+        DataType::U64 => c.uint64_contents = le!(u64, 8).collect(),
+        DataType::F32 => c.fp32_contents = le!(f32, 4).collect(),
+        DataType::F64 => c.fp64_contents = le!(f64, 8).collect(),
+        DataType::Bytes => {
+            c.bytes_contents = t
+                .byte_strings()
+                .unwrap_or_default()
+                .into_iter()
+                .map(<[u8]>::to_vec)
+                .collect();
+        }
+        // No typed field: `encode_outputs` sends these raw.
+        DataType::F16 | DataType::Bf16 => {}
+    }
+    c
 }
 
 /// Build an input tensor (used by the CLI and tests).
@@ -481,12 +555,52 @@ pub fn fp32_input(name: &str, rows: usize, values: Vec<f32>) -> InferInputTensor
 mod tests {
     use super::*;
 
-    const SPEC: InputSpec<'static> = InputSpec {
-        name: "input",
-        width: 2,
+    const LIMITS: Limits = Limits {
         max_batch: 8,
         max_rows: 16,
     };
+
+    /// The MLP's interface: one FP32 input "input" of width 2.
+    struct MlpInput;
+    const SPEC: MlpInput = MlpInput;
+
+    fn tensor(name: &str, datatype: DataType, shape: Vec<i64>) -> TensorSpec {
+        TensorSpec {
+            name: name.into(),
+            datatype,
+            shape,
+        }
+    }
+
+    fn mlp_interface() -> Interface {
+        Interface {
+            inputs: vec![tensor("input", DataType::F32, vec![-1, 2])],
+            outputs: vec![tensor("output", DataType::F32, vec![-1, 1])],
+        }
+    }
+
+    /// One FP32 input decoded, as the MLP takes it.
+    #[derive(Debug)]
+    struct Features {
+        rows: usize,
+        raw: bool,
+        bytes: Bytes,
+    }
+
+    fn decode_input(request: &ModelInferRequest, _: &MlpInput) -> Result<Features, CodecError> {
+        let mut d = decode_inputs(request, &mlp_interface(), &LIMITS)?;
+        assert_eq!(d.inputs.len(), 1);
+        let t = d.inputs.remove(0);
+        assert_eq!(
+            (t.datatype, t.shape.clone()),
+            (DataType::F32, vec![d.rows, 2])
+        );
+        Ok(Features {
+            rows: d.rows,
+            raw: d.raw,
+            bytes: t.data,
+        })
+    }
 
     fn typed(datatype: &str, shape: Vec<i64>, contents: InferTensorContents) -> ModelInferRequest {
         ModelInferRequest {
@@ -515,7 +629,7 @@ mod tests {
     }
 
     fn floats(f: &Features) -> Vec<f32> {
-        f32_from_le(&f.bytes).collect()
+        kiln_core::weights::f32_from_le(&f.bytes).collect()
     }
 
     #[test]
@@ -806,14 +920,9 @@ mod tests {
 
     #[test]
     fn outputs_answer_in_the_form_of_the_request() {
-        let bytes = Bytes::from(
-            [0.5f32, 1.5]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>(),
-        );
+        let output = Tensor::from_f32("output", vec![2, 1], &[0.5, 1.5]).unwrap();
         let mut typed_resp = ModelInferResponse::default();
-        encode_output(&mut typed_resp, "output", 2, 1, bytes.clone(), false);
+        encode_outputs(&mut typed_resp, vec![output.clone()], false);
         assert_eq!(
             typed_resp.outputs[0]
                 .contents
@@ -824,8 +933,190 @@ mod tests {
         );
         assert!(typed_resp.raw_output_contents.is_empty());
         let mut raw_resp = ModelInferResponse::default();
-        encode_output(&mut raw_resp, "output", 2, 1, bytes.clone(), true);
-        assert_eq!(raw_resp.raw_output_contents[0], bytes);
+        encode_outputs(&mut raw_resp, vec![output.clone()], true);
+        assert_eq!(raw_resp.raw_output_contents[0], output.data);
         assert_eq!(raw_resp.outputs[0].shape, vec![2, 1]);
+        assert_eq!(raw_resp.outputs[0].datatype, "FP32");
+    }
+
+    #[test]
+    fn typed_outputs_use_the_field_of_their_datatype_and_half_floats_go_raw() {
+        let ids = Tensor::new(
+            "ids",
+            DataType::I64,
+            vec![1, 2],
+            Bytes::from(
+                [7i64, -3]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
+        )
+        .unwrap();
+        let text = Tensor::from_byte_strings("text", vec![2], &[&b"hi"[..], b""]).unwrap();
+        let mut resp = ModelInferResponse::default();
+        encode_outputs(&mut resp, vec![ids.clone(), text], false);
+        let c = |i: usize| resp.outputs[i].contents.clone().unwrap();
+        assert_eq!(c(0).int64_contents, vec![7, -3]);
+        assert_eq!(c(1).bytes_contents, vec![b"hi".to_vec(), Vec::new()]);
+        assert_eq!(resp.outputs[1].datatype, "BYTES");
+        let half = Tensor::new("h", DataType::F16, vec![1, 1], Bytes::from(vec![0u8, 60])).unwrap();
+        let mut resp = ModelInferResponse::default();
+        encode_outputs(&mut resp, vec![ids, half], false);
+        assert_eq!(resp.raw_output_contents.len(), 2, "all raw, or none");
+    }
+
+    /// A model of two inputs (token ids, INT64 of any length, and a BYTES text) and two
+    /// outputs: what later families' interfaces look like.
+    fn two_input_interface() -> Interface {
+        Interface {
+            inputs: vec![
+                tensor("ids", DataType::I64, vec![-1, -1]),
+                tensor("text", DataType::Bytes, vec![-1, 1]),
+            ],
+            outputs: vec![
+                tensor("a", DataType::F32, vec![-1, 4]),
+                tensor("b", DataType::I64, vec![-1]),
+            ],
+        }
+    }
+
+    #[test]
+    fn several_inputs_decode_by_name_into_the_interface_order_bytes_included() {
+        let text = InferInputTensor {
+            name: "text".into(),
+            datatype: "BYTES".into(),
+            shape: vec![2, 1],
+            contents: Some(InferTensorContents {
+                bytes_contents: vec![b"one".to_vec(), "zwei ü".as_bytes().to_vec()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let ids = InferInputTensor {
+            name: "ids".into(),
+            datatype: "INT64".into(),
+            shape: vec![2, 3],
+            contents: Some(InferTensorContents {
+                int64_contents: vec![1, 2, 3, 4, 5, 6],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // Given in the other order; decoded in the interface's.
+        let request = ModelInferRequest {
+            inputs: vec![text.clone(), ids.clone()],
+            ..Default::default()
+        };
+        let d = decode_inputs(&request, &two_input_interface(), &LIMITS).unwrap();
+        assert_eq!(d.rows, 2);
+        assert_eq!(d.inputs[0].name, "ids");
+        assert_eq!(d.inputs[0].datatype, DataType::I64);
+        assert_eq!(&d.inputs[0].data[8..16], &2i64.to_le_bytes());
+        assert_eq!(
+            d.inputs[1].byte_strings().unwrap(),
+            vec![&b"one"[..], "zwei ü".as_bytes()]
+        );
+        // The same BYTES raw: a 4-byte length before each element.
+        let mut raw_text = Vec::new();
+        for s in [&b"one"[..], "zwei ü".as_bytes()] {
+            raw_text.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            raw_text.extend_from_slice(s);
+        }
+        let raw_ids: Vec<u8> = (1i64..=6).flat_map(|v| v.to_le_bytes()).collect();
+        let strip = |mut t: InferInputTensor| {
+            t.contents = None;
+            t
+        };
+        let raw_request = ModelInferRequest {
+            inputs: vec![strip(ids.clone()), strip(text.clone())],
+            raw_input_contents: vec![Bytes::from(raw_ids), Bytes::from(raw_text.clone())],
+            ..Default::default()
+        };
+        let r = decode_inputs(&raw_request, &two_input_interface(), &LIMITS).unwrap();
+        assert_eq!((r.raw, &r.inputs), (true, &d.inputs));
+
+        // Every rule names the tensor it is about.
+        let only_ids = ModelInferRequest {
+            inputs: vec![ids.clone()],
+            ..Default::default()
+        };
+        let e = decode_inputs(&only_ids, &two_input_interface(), &LIMITS)
+            .unwrap_err()
+            .0;
+        assert!(e.contains("\"text\" is missing"), "{e}");
+        let mut three_rows = text.clone();
+        three_rows.shape = vec![3, 1];
+        three_rows
+            .contents
+            .as_mut()
+            .unwrap()
+            .bytes_contents
+            .push(b"x".to_vec());
+        let uneven = ModelInferRequest {
+            inputs: vec![ids.clone(), three_rows],
+            ..Default::default()
+        };
+        let e = decode_inputs(&uneven, &two_input_interface(), &LIMITS)
+            .unwrap_err()
+            .0;
+        assert!(e.contains("\"text\" has 3 rows"), "{e}");
+        let mut bad_raw = raw_text;
+        bad_raw[0] = 250;
+        let truncated = ModelInferRequest {
+            inputs: vec![strip(ids.clone()), strip(text.clone())],
+            raw_input_contents: vec![
+                Bytes::from(
+                    (1i64..=6)
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect::<Vec<u8>>(),
+                ),
+                Bytes::from(bad_raw),
+            ],
+            ..Default::default()
+        };
+        let e = decode_inputs(&truncated, &two_input_interface(), &LIMITS)
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("\"text\"") && e.contains("claims 250 bytes"),
+            "{e}"
+        );
+        let mut as_fp32 = ids.clone();
+        as_fp32.datatype = "FP32".into();
+        as_fp32.contents = Some(InferTensorContents {
+            fp32_contents: vec![0.0; 6],
+            ..Default::default()
+        });
+        let wrong_type = ModelInferRequest {
+            inputs: vec![as_fp32, text],
+            ..Default::default()
+        };
+        let e = decode_inputs(&wrong_type, &two_input_interface(), &LIMITS)
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("FP32 is not accepted; the model takes INT64"),
+            "{e}"
+        );
+        // Requested outputs by name, in the request's order; unknown names refused.
+        let mut asked = ModelInferRequest::default();
+        for n in ["b", "a"] {
+            asked.outputs.push(
+                kiln_proto::inference::model_infer_request::InferRequestedOutputTensor {
+                    name: n.into(),
+                    ..Default::default()
+                },
+            );
+        }
+        assert_eq!(
+            requested_outputs(&asked, &two_input_interface()).unwrap(),
+            vec![1, 0]
+        );
+        asked.outputs[0].name = "c".into();
+        let e = requested_outputs(&asked, &two_input_interface())
+            .unwrap_err()
+            .0;
+        assert!(e.contains("outputs are \"a\", \"b\""), "{e}");
     }
 }

@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use kiln_core::records::{LoadState, VersionKey};
+use kiln_core::tensor::{DataType, TensorSpec};
 use kiln_proto::inference as oip;
 use kiln_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use kiln_proto::inference::model_metadata_response::TensorMetadata;
 use kiln_registry::ClusterView;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::codec::{InputSpec, check_requested_outputs, decode_input, encode_output};
+use crate::codec::{Limits, decode_inputs, encode_outputs, requested_outputs};
 use crate::router::Sharding;
 use crate::stats::Success;
 use crate::{Error, Result, Shared};
@@ -86,24 +87,24 @@ impl Shared {
             ]
         });
         let _in_flight = self.stats.in_flight(&key);
-        let signature = &entry.record.signature;
+        let interface = entry.record.spec.interface(&entry.record.signature);
         let deployment = view.deployment(&key.model);
         let batching = deployment.batching;
         let result = async {
             let decoding = Instant::now();
-            check_requested_outputs(&req, &signature.output_name)?;
-            let features = decode_input(
+            let wanted = requested_outputs(&req, &interface)?;
+            let decoded = decode_inputs(
                 &req,
-                &InputSpec {
-                    name: &signature.input_name,
-                    width: entry.record.spec.input_width(),
+                &interface,
+                &Limits {
                     max_batch: batching.max_batch_size as usize,
                     max_rows: batching.max_batch_size as usize
                         * batching.max_queue_size.max(1) as usize,
                 },
             )?;
             let input = decoding.elapsed();
-            kiln_telemetry::trace::attribute("kiln.batch_size", features.rows as i64);
+            let rows = decoded.rows;
+            kiln_telemetry::trace::attribute("kiln.batch_size", rows as i64);
             let sharding = Sharding {
                 threshold: deployment
                     .shard_rows
@@ -113,7 +114,7 @@ impl Shared {
             };
             let answer = self
                 .router
-                .infer(&key, features.rows, features.bytes, sharding, deadline)
+                .infer(&key, decoded.inputs, rows, sharding, deadline)
                 .await?;
             let mut response = oip::ModelInferResponse {
                 model_name: req.model_name.clone(),
@@ -122,21 +123,19 @@ impl Shared {
                 ..Default::default()
             };
             let encoding = Instant::now();
-            encode_output(
-                &mut response,
-                &signature.output_name,
-                answer.rows as usize,
-                answer.cols as usize,
-                answer.outputs,
-                features.raw,
-            );
+            let mut outputs = answer.outputs.into_iter().map(Some).collect::<Vec<_>>();
+            let outputs = wanted
+                .iter()
+                .filter_map(|i| outputs.get_mut(*i).and_then(Option::take))
+                .collect();
+            encode_outputs(&mut response, outputs, decoded.raw);
             let success = Success {
                 total: Duration::ZERO,
                 queue: Duration::from_nanos(answer.queue_ns),
                 input,
                 compute: Duration::from_nanos(answer.compute_ns),
                 output: encoding.elapsed(),
-                rows: features.rows as u64,
+                rows: rows as u64,
                 batch_rows: u64::from(answer.batch_rows),
             };
             Ok::<_, Error>((response, success))
@@ -162,11 +161,31 @@ impl Shared {
 }
 
 /// ModelMetadata's description of an FP32 `[batch, width]` tensor.
-pub fn fp32_tensor(name: &str, width: usize) -> TensorMetadata {
+pub fn tensor_metadata(spec: &TensorSpec) -> TensorMetadata {
     TensorMetadata {
-        name: name.to_owned(),
-        datatype: "FP32".into(),
-        shape: vec![-1, width as i64],
+        name: spec.name.clone(),
+        datatype: spec.datatype.name().into(),
+        shape: spec.shape.clone(),
+    }
+}
+
+/// A datatype as `ModelConfig` names it.
+pub fn config_datatype(datatype: DataType) -> oip::DataType {
+    match datatype {
+        DataType::Bool => oip::DataType::TypeBool,
+        DataType::U8 => oip::DataType::TypeUint8,
+        DataType::U16 => oip::DataType::TypeUint16,
+        DataType::U32 => oip::DataType::TypeUint32,
+        DataType::U64 => oip::DataType::TypeUint64,
+        DataType::I8 => oip::DataType::TypeInt8,
+        DataType::I16 => oip::DataType::TypeInt16,
+        DataType::I32 => oip::DataType::TypeInt32,
+        DataType::I64 => oip::DataType::TypeInt64,
+        DataType::F16 => oip::DataType::TypeFp16,
+        DataType::Bf16 => oip::DataType::TypeBf16,
+        DataType::F32 => oip::DataType::TypeFp32,
+        DataType::F64 => oip::DataType::TypeFp64,
+        DataType::Bytes => oip::DataType::TypeString,
     }
 }
 
@@ -219,12 +238,13 @@ impl GrpcInferenceService for InferenceService {
         let view = self.shared.view.current();
         let (entry, _) = view.resolve(&req.name, &req.version).map_err(Error::from)?;
         let r = &entry.record;
+        let interface = r.spec.interface(&r.signature);
         Ok(Response::new(oip::ModelMetadataResponse {
             name: r.name.clone(),
             versions: entry.versions.keys().map(|v| v.to_string()).collect(),
             platform: "kiln_burn".into(),
-            inputs: vec![fp32_tensor(&r.signature.input_name, r.spec.input_width())],
-            outputs: vec![fp32_tensor(&r.signature.output_name, r.spec.output_width())],
+            inputs: interface.inputs.iter().map(tensor_metadata).collect(),
+            outputs: interface.outputs.iter().map(tensor_metadata).collect(),
         }))
     }
 
@@ -297,6 +317,7 @@ impl GrpcInferenceService for InferenceService {
         let view = self.shared.view.current();
         let (entry, _) = view.resolve(&req.name, &req.version).map_err(Error::from)?;
         let r = &entry.record;
+        let interface = r.spec.interface(&r.signature);
         let batching = view.deployment(&r.name).batching;
         let runtime = view
             .workers
@@ -314,16 +335,25 @@ impl GrpcInferenceService for InferenceService {
                 )),
             }),
             max_batch_size: batching.max_batch_size as i32,
-            input: vec![oip::ModelInput {
-                name: r.signature.input_name.clone(),
-                data_type: oip::DataType::TypeFp32 as i32,
-                dims: vec![r.spec.input_width() as i64],
-            }],
-            output: vec![oip::ModelOutput {
-                name: r.signature.output_name.clone(),
-                data_type: oip::DataType::TypeFp32 as i32,
-                dims: vec![r.spec.output_width() as i64],
-            }],
+            // The batch dimension is implied by max_batch_size, as Triton reports it.
+            input: interface
+                .inputs
+                .iter()
+                .map(|t| oip::ModelInput {
+                    name: t.name.clone(),
+                    data_type: config_datatype(t.datatype) as i32,
+                    dims: t.shape.get(1..).unwrap_or_default().to_vec(),
+                })
+                .collect(),
+            output: interface
+                .outputs
+                .iter()
+                .map(|t| oip::ModelOutput {
+                    name: t.name.clone(),
+                    data_type: config_datatype(t.datatype) as i32,
+                    dims: t.shape.get(1..).unwrap_or_default().to_vec(),
+                })
+                .collect(),
             scheduling_choice: Some(oip::model_config::SchedulingChoice::DynamicBatching(
                 oip::ModelDynamicBatching {
                     preferred_batch_size: vec![],

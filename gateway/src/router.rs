@@ -10,9 +10,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use bytes::Bytes;
 use kiln_core::records::VersionKey;
 use kiln_core::routing::{ReplicaLoad, choose_replica, mix64, plan_shards};
+use kiln_core::tensor::{Tensor, tensor_from_proto, tensor_to_proto};
 use kiln_proto::kiln::internal::v1 as pb;
 use kiln_proto::kiln::internal::v1::worker_client::WorkerClient;
 use kiln_registry::WatchedView;
@@ -52,6 +52,19 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A replica's answer to a request (or to the shards of one, joined).
+#[derive(Debug)]
+pub struct Answer {
+    /// The model's outputs, in its interface's order, one row per input row.
+    pub outputs: Vec<Tensor>,
+    /// Nanoseconds the request waited in the batcher's queue (the longest of its shards).
+    pub queue_ns: u64,
+    /// Nanoseconds its batch took on the device (the longest of its shards).
+    pub compute_ns: u64,
+    /// Rows in the largest batch it rode in.
+    pub batch_rows: u32,
 }
 
 /// How a request's rows may be split (see [`Router::infer`]).
@@ -132,7 +145,8 @@ impl Router {
             .collect()
     }
 
-    /// Run rows through the ready replicas of `key` before `deadline`: on one replica, or,
+    /// Run a request's inputs (`rows` rows each) through the ready replicas of `key` before
+    /// `deadline`: on one replica, or,
     /// above `sharding.threshold` rows with two or more ready, split across all of them
     /// in proportion to their free queue slots. Each shard (or the whole request) is
     /// retried once on another replica if its first could not take it; the answer is the
@@ -140,11 +154,11 @@ impl Router {
     pub async fn infer(
         &self,
         key: &VersionKey,
+        inputs: Vec<Tensor>,
         rows: usize,
-        features: Bytes,
         sharding: Sharding,
         deadline: Instant,
-    ) -> Result<pb::InferResponse> {
+    ) -> Result<Answer> {
         let addresses = self.ready_addresses(key);
         if addresses.is_empty() {
             return Err(Error::Unavailable(format!(
@@ -153,9 +167,7 @@ impl Router {
             )));
         }
         if rows <= sharding.threshold || addresses.len() < 2 {
-            return self
-                .infer_on(key, rows, features, addresses, None, deadline)
-                .await;
+            return self.infer_on(key, inputs, addresses, None, deadline).await;
         }
         let capacities: Vec<u64> = self
             .loads(&addresses)
@@ -163,19 +175,18 @@ impl Router {
             .map(|l| sharding.queue_capacity.saturating_sub(l.outstanding()))
             .collect();
         let plan = plan_shards(rows, &capacities);
-        let row_bytes = features.len() / rows;
-        let calls = plan.shards.iter().map(|shard| {
-            // A view of the caller's bytes, not a copy.
-            let part =
-                features.slice(shard.start * row_bytes..(shard.start + shard.rows) * row_bytes);
-            self.infer_on(
-                key,
-                shard.rows,
-                part,
-                addresses.clone(),
-                Some(shard.replica),
-                deadline,
-            )
+        // Views of the caller's tensors, not copies.
+        let mut parts = Vec::with_capacity(plan.shards.len());
+        for shard in &plan.shards {
+            let part = inputs
+                .iter()
+                .map(|t| t.slice_rows(shard.start, shard.rows))
+                .collect::<kiln_core::Result<Vec<_>>>()
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            parts.push((part, shard.replica));
+        }
+        let calls = parts.into_iter().map(|(part, replica)| {
+            self.infer_on(key, part, addresses.clone(), Some(replica), deadline)
         });
         let fan_out = kiln_telemetry::trace::start(
             "shard fan-out",
@@ -191,39 +202,48 @@ impl Router {
         // The first shard that fails for good fails the request; the others are dropped.
         let answers =
             kiln_telemetry::trace::scoped(fan_out, futures::future::try_join_all(calls)).await?;
-        let cols = answers.first().map_or(0, |a| a.cols);
-        if answers.iter().any(|a| a.cols != cols) {
-            return Err(Error::Internal(
-                "replicas of one version answered with different output widths".into(),
-            ));
+        let queue_ns = answers.iter().map(|a| a.queue_ns).max().unwrap_or(0);
+        let compute_ns = answers.iter().map(|a| a.compute_ns).max().unwrap_or(0);
+        let batch_rows = answers.iter().map(|a| a.batch_rows).max().unwrap_or(0);
+        let count = answers.first().map_or(0, |a| a.outputs.len());
+        let mut columns: Vec<Vec<Tensor>> = (0..count).map(|_| Vec::new()).collect();
+        for a in answers {
+            if a.outputs.len() != count {
+                return Err(Error::Internal(
+                    "replicas of one version answered with different outputs".into(),
+                ));
+            }
+            for (column, t) in columns.iter_mut().zip(a.outputs) {
+                column.push(t);
+            }
         }
-        let mut outputs =
-            bytes::BytesMut::with_capacity(answers.iter().map(|a| a.outputs.len()).sum());
-        for a in &answers {
-            outputs.extend_from_slice(&a.outputs);
-        }
-        Ok(pb::InferResponse {
-            rows: rows as u32,
-            cols,
-            outputs: outputs.freeze(),
-            queue_ns: answers.iter().map(|a| a.queue_ns).max().unwrap_or(0),
-            compute_ns: answers.iter().map(|a| a.compute_ns).max().unwrap_or(0),
-            batch_rows: answers.iter().map(|a| a.batch_rows).max().unwrap_or(0),
-            queue_depth: 0,
+        let outputs = columns
+            .into_iter()
+            .map(Tensor::concat_rows)
+            .collect::<kiln_core::Result<Vec<_>>>()
+            .map_err(|e| {
+                Error::Internal(format!("replicas of one version answered differently: {e}"))
+            })?;
+        Ok(Answer {
+            outputs,
+            queue_ns,
+            compute_ns,
+            batch_rows,
         })
     }
 
-    /// Run rows on one of `addresses`: `first` if given, else the power-of-two choice;
+    /// Run a request on one of `addresses`: `first` if given, else the power-of-two choice;
     /// then, if that replica could not take the call, once more on another.
     async fn infer_on(
         &self,
         key: &VersionKey,
-        rows: usize,
-        features: Bytes,
+        inputs: Vec<Tensor>,
         mut addresses: Vec<String>,
         mut first: Option<usize>,
         deadline: Instant,
-    ) -> Result<pb::InferResponse> {
+    ) -> Result<Answer> {
+        let rows = inputs.first().map_or(0, Tensor::rows);
+        let inputs: Vec<pb::Tensor> = inputs.into_iter().map(tensor_to_proto).collect();
         let mut last_error = None;
         for _ in 0..2 {
             if addresses.is_empty() {
@@ -252,8 +272,7 @@ impl Router {
             let mut request = tonic::Request::new(pb::InferRequest {
                 model: key.model.clone(),
                 version: key.version,
-                rows: rows as u32,
-                features: features.clone(),
+                inputs: inputs.clone(),
             });
             request.set_timeout(remaining);
             match client.infer(request).await {
@@ -263,7 +282,7 @@ impl Router {
                         .0
                         .queue_depth
                         .store(u64::from(response.queue_depth), Ordering::Relaxed);
-                    return Ok(response);
+                    return answer(response, rows);
                 }
                 Err(status) => {
                     // A replica that went away (refused, reset, or its stream cancelled
@@ -292,6 +311,29 @@ impl Router {
         Err(last_error
             .unwrap_or_else(|| Error::Unavailable("no replica could take the request".into())))
     }
+}
+
+/// A worker's response, checked: every output well-formed with the request's rows.
+fn answer(response: pb::InferResponse, rows: usize) -> Result<Answer> {
+    let outputs = response
+        .outputs
+        .into_iter()
+        .map(tensor_from_proto)
+        .collect::<kiln_core::Result<Vec<_>>>()
+        .map_err(|e| Error::Internal(format!("a worker answered a malformed tensor: {e}")))?;
+    if let Some(t) = outputs.iter().find(|t| t.rows() != rows) {
+        return Err(Error::Internal(format!(
+            "a worker answered {} rows of {:?} for {rows}",
+            t.rows(),
+            t.name
+        )));
+    }
+    Ok(Answer {
+        outputs,
+        queue_ns: response.queue_ns,
+        compute_ns: response.compute_ns,
+        batch_rows: response.batch_rows,
+    })
 }
 
 fn map_worker_status(status: tonic::Status) -> Error {

@@ -1,7 +1,10 @@
-//! The dynamic batcher of one loaded version: callers enqueue rows; one task gathers them
-//! into batches of at most `max_batch_size` rows, drops callers whose deadline passed or
-//! who went away, and hands each batch to the engine as one forward pass. The queue is
-//! bounded: full means RESOURCE_EXHAUSTED.
+//! The dynamic batcher of one loaded version: callers enqueue requests (named tensors,
+//! `rows` rows each); one task gathers them into batches of at most `max_batch_size` rows,
+//! drops callers whose deadline passed or who went away, joins the batch's tensors along
+//! the batch dimension, hands them to the engine as one forward pass and splits the
+//! answers back by rows. It never looks inside a tensor, so every family whose batching is
+//! `Rows` (see `kiln_core::family`) goes through it. The queue is bounded: full means
+//! RESOURCE_EXHAUSTED.
 //!
 //! A batch is everything queued when the previous one finishes (up to `max_batch_size`
 //! rows): an idle model answers a lone request at once, and under load batches grow by
@@ -12,9 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use kiln_core::records::{BatchingSettings, VersionKey};
-use kiln_core::weights::f32_from_le;
+use kiln_core::tensor::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{EngineHandle, ForwardOutput};
@@ -23,10 +25,8 @@ use crate::{Error, Result};
 /// One caller's answer.
 #[derive(Debug)]
 pub struct BatchReply {
-    /// Row-major little-endian FP32 outputs of this caller's rows.
-    pub outputs: Bytes,
-    /// Outputs per row.
-    pub cols: usize,
+    /// The model's outputs for this caller's rows.
+    pub outputs: Vec<Tensor>,
     /// How long the caller waited before its batch went to the device.
     pub queue: Duration,
     /// How long that batch took on the device.
@@ -36,8 +36,8 @@ pub struct BatchReply {
 }
 
 struct Pending {
-    /// Row-major little-endian FP32 features, as they came off the wire.
-    features: Bytes,
+    /// The request's inputs, in the model's interface order, `rows` rows each.
+    inputs: Vec<Tensor>,
     rows: usize,
     deadline: Option<Instant>,
     enqueued: Instant,
@@ -84,12 +84,12 @@ impl Batcher {
         self.settings
     }
 
-    /// Queue `rows` rows and wait for their outputs. More rows than `max_batch_size` go
-    /// in as several requests of at most that many rows (the batcher packs them with the
-    /// others), as long as they fit in the queue.
+    /// Queue a request of `rows` rows and wait for its outputs. More rows than
+    /// `max_batch_size` go in as several requests of at most that many rows (the batcher
+    /// packs them with the others), as long as they fit in the queue.
     pub async fn infer(
         &self,
-        features: Bytes,
+        inputs: Vec<Tensor>,
         rows: usize,
         deadline: Option<Instant>,
     ) -> Result<BatchReply> {
@@ -98,7 +98,7 @@ impl Batcher {
             return Err(Error::Invalid("a request needs at least 1 row".into()));
         }
         if rows <= max {
-            return self.enqueue(features, rows, deadline)?.await;
+            return self.enqueue(inputs, rows, deadline)?.await;
         }
         let pieces = rows.div_ceil(max);
         let slots = self.settings.max_queue_size as usize;
@@ -108,25 +108,22 @@ impl Batcher {
                 slots * max
             )));
         }
-        let row_bytes = features.len() / rows;
         // Every piece is queued before any is awaited, so they ride in consecutive
         // batches; a piece that cannot be queued drops those before it (their callers
         // are gone, so the batcher skips them).
         let mut waits = Vec::with_capacity(pieces);
         for start in (0..rows).step_by(max) {
             let n = max.min(rows - start);
-            let piece = features.slice(start * row_bytes..(start + n) * row_bytes);
+            let piece = inputs
+                .iter()
+                .map(|t| t.slice_rows(start, n))
+                .collect::<kiln_core::Result<Vec<_>>>()?;
             waits.push(self.enqueue(piece, n, deadline)?);
         }
         let replies = futures::future::try_join_all(waits).await?;
-        let mut outputs =
-            bytes::BytesMut::with_capacity(replies.iter().map(|r| r.outputs.len()).sum());
-        for r in &replies {
-            outputs.extend_from_slice(&r.outputs);
-        }
+        let outputs = join_outputs(replies.iter().map(|r| r.outputs.clone()).collect())?;
         Ok(BatchReply {
-            outputs: outputs.freeze(),
-            cols: replies.first().map_or(0, |r| r.cols),
+            outputs,
             queue: replies.iter().map(|r| r.queue).max().unwrap_or_default(),
             compute: replies.iter().map(|r| r.compute).sum(),
             batch_rows: replies.iter().map(|r| r.batch_rows).max().unwrap_or(0),
@@ -137,14 +134,14 @@ impl Batcher {
     /// returned future.
     fn enqueue(
         &self,
-        features: Bytes,
+        inputs: Vec<Tensor>,
         rows: usize,
         deadline: Option<Instant>,
     ) -> Result<impl std::future::Future<Output = Result<BatchReply>> + use<>> {
         let (reply, rx) = oneshot::channel();
         let trace = kiln_telemetry::trace::enabled().then(kiln_telemetry::trace::current);
         let pending = Pending {
-            features,
+            inputs,
             rows,
             deadline,
             enqueued: Instant::now(),
@@ -217,7 +214,7 @@ async fn run(
         let now = Instant::now();
         queue_waits(&batch, now);
         // Callers whose deadline passed, or who left, are dropped before compute.
-        let (batch, abandoned): (Vec<Pending>, Vec<Pending>) =
+        let (mut batch, abandoned): (Vec<Pending>, Vec<Pending>) =
             batch.into_iter().partition(|p| !p.abandoned(now));
         for p in abandoned {
             let _ = p.reply.send(Err(Error::DeadlineExceeded));
@@ -227,14 +224,20 @@ async fn run(
         }
         let rows: usize = batch.iter().map(|p| p.rows).sum();
         let span = batch_span(&key, &batch, rows);
-        let mut features = Vec::with_capacity(batch.iter().map(|p| p.features.len() / 4).sum());
-        for p in &batch {
-            features.extend(f32_from_le(&p.features));
-        }
+        let inputs = match join_inputs(&mut batch) {
+            Ok(inputs) => inputs,
+            Err(e) => {
+                let message = e.to_string();
+                for p in batch {
+                    let _ = p.reply.send(Err(Error::Invalid(message.clone())));
+                }
+                continue;
+            }
+        };
         let started = Instant::now();
         // While the engine works on this batch, new requests pile up in the queue and form
         // the next one: waiting here is what makes batches grow under load.
-        let result = engine.forward(key.clone(), features, rows).await;
+        let result = engine.forward(key.clone(), inputs, rows).await;
         drop(span);
         deliver(batch, result, started, rows);
     }
@@ -295,28 +298,72 @@ fn batch_span(
     })
 }
 
+/// The batch's inputs, each joined along the batch dimension in the batch's order (the
+/// requests' tensors move out; one request's are used as they are).
+fn join_inputs(batch: &mut [Pending]) -> Result<Vec<Tensor>> {
+    let count = batch.first().map_or(0, |p| p.inputs.len());
+    let mut columns: Vec<Vec<Tensor>> = (0..count)
+        .map(|_| Vec::with_capacity(batch.len()))
+        .collect();
+    for p in batch.iter_mut() {
+        if p.inputs.len() != count {
+            return Err(Error::Invalid(format!(
+                "requests of one batch hold {count} and {} inputs",
+                p.inputs.len()
+            )));
+        }
+        for (column, t) in columns.iter_mut().zip(p.inputs.drain(..)) {
+            column.push(t);
+        }
+    }
+    Ok(columns
+        .into_iter()
+        .map(Tensor::concat_rows)
+        .collect::<kiln_core::Result<_>>()?)
+}
+
+/// The outputs of consecutive pieces of one request, joined back in row order.
+fn join_outputs(pieces: Vec<Vec<Tensor>>) -> Result<Vec<Tensor>> {
+    let count = pieces.first().map_or(0, Vec::len);
+    let mut columns: Vec<Vec<Tensor>> = (0..count).map(|_| Vec::new()).collect();
+    for piece in pieces {
+        for (column, t) in columns.iter_mut().zip(piece) {
+            column.push(t);
+        }
+    }
+    Ok(columns
+        .into_iter()
+        .map(Tensor::concat_rows)
+        .collect::<kiln_core::Result<_>>()?)
+}
+
 fn deliver(
     batch: Vec<Pending>,
     result: Result<ForwardOutput>,
     started: Instant,
     batch_rows: usize,
 ) {
-    match result {
-        Ok(output) => {
-            let mut offset = 0;
+    let counts: Vec<usize> = batch.iter().map(|p| p.rows).collect();
+    // Each output split by the requests' rows: `split[o][r]` is output o of request r.
+    let split = result.and_then(|output| {
+        let split = output
+            .outputs
+            .iter()
+            .map(|t| t.split_rows(&counts))
+            .collect::<kiln_core::Result<Vec<_>>>()
+            .map_err(|e| Error::Device(format!("the model answered a malformed batch: {e}")))?;
+        Ok((split, output.compute))
+    });
+    match split {
+        Ok((split, compute)) => {
+            let mut per_output: Vec<std::vec::IntoIter<Tensor>> =
+                split.into_iter().map(Vec::into_iter).collect();
             for p in batch {
-                let n = p.rows * output.cols;
-                let slice = output.values.get(offset..offset + n).unwrap_or_default();
-                offset += n;
-                let mut bytes = Vec::with_capacity(n * 4);
-                for v in slice {
-                    bytes.extend_from_slice(&v.to_le_bytes());
-                }
+                let outputs = per_output.iter_mut().filter_map(Iterator::next).collect();
                 let _ = p.reply.send(Ok(BatchReply {
-                    outputs: Bytes::from(bytes),
-                    cols: output.cols,
+                    outputs,
                     queue: started.saturating_duration_since(p.enqueued),
-                    compute: output.compute,
+                    compute,
                     batch_rows,
                 }));
             }
@@ -326,6 +373,12 @@ fn deliver(
         Err(Error::NotLoaded(key)) => {
             for p in batch {
                 let _ = p.reply.send(Err(Error::NotLoaded(key.clone())));
+            }
+        }
+        // A batch the model refused: every request in it hears why.
+        Err(Error::Invalid(message)) => {
+            for p in batch {
+                let _ = p.reply.send(Err(Error::Invalid(message.clone())));
             }
         }
         Err(e) => {
@@ -349,8 +402,19 @@ mod tests {
         }
     }
 
-    fn rows(n: usize) -> Bytes {
-        Bytes::from(vec![0u8; n * 2 * 4])
+    /// `n` rows of two zero features.
+    fn rows(n: usize) -> Vec<Tensor> {
+        features(&vec![0.0; n * 2])
+    }
+
+    /// Rows of two features from `values`.
+    fn features(values: &[f32]) -> Vec<Tensor> {
+        vec![Tensor::from_f32("input", vec![values.len() / 2, 2], values).unwrap()]
+    }
+
+    /// The first (only) output's values.
+    fn values(reply: &BatchReply) -> Vec<f32> {
+        reply.outputs[0].f32_values().unwrap()
     }
 
     /// A batcher whose engine is the test: forward passes arrive on the returned channel
@@ -369,15 +433,20 @@ mod tests {
     async fn answer(commands: &mut mpsc::Receiver<Command>) -> usize {
         match commands.recv().await {
             Some(Command::Forward {
-                features,
+                inputs,
                 rows,
                 reply,
                 ..
             }) => {
-                let values = features.chunks(2).map(|r| r[0] + 1.0).collect();
+                let values: Vec<f32> = inputs[0]
+                    .f32_values()
+                    .unwrap()
+                    .chunks(2)
+                    .map(|r| r[0] + 1.0)
+                    .collect();
+                let output = Tensor::from_f32("output", vec![rows, 1], &values).unwrap();
                 let _ = reply.send(Ok(ForwardOutput {
-                    values,
-                    cols: 1,
+                    outputs: vec![output],
                     compute: Duration::from_micros(5),
                 }));
                 rows
@@ -398,11 +467,8 @@ mod tests {
         let mut waiting = Vec::new();
         for i in 0..3u8 {
             let b = batcher.clone();
-            let mut features = vec![0u8; 2 * 4];
-            features[..4].copy_from_slice(&(f32::from(i) * 10.0).to_le_bytes());
-            waiting.push(tokio::spawn(async move {
-                b.infer(Bytes::from(features), 1, None).await
-            }));
+            let row = features(&[f32::from(i) * 10.0, 0.0]);
+            waiting.push(tokio::spawn(async move { b.infer(row, 1, None).await }));
         }
         while batcher.queue_depth() < 3 {
             tokio::task::yield_now().await;
@@ -414,7 +480,7 @@ mod tests {
         for (i, task) in waiting.into_iter().enumerate() {
             let reply = task.await.unwrap().unwrap();
             assert_eq!(reply.batch_rows, 3);
-            let out = f32::from_le_bytes(reply.outputs[..4].try_into().unwrap());
+            let out = values(&reply)[0];
             assert_eq!(
                 out,
                 i as f32 * 10.0 + 1.0,
@@ -427,13 +493,10 @@ mod tests {
     async fn a_request_above_max_batch_size_runs_in_pieces_and_keeps_its_row_order() {
         let (batcher, mut commands) = batcher(2, 3);
         // Five rows whose first features are 0, 10, 20, 30, 40.
-        let features: Vec<u8> = (0..5)
-            .flat_map(|r| [r as f32 * 10.0, 0.0])
-            .flat_map(f32::to_le_bytes)
-            .collect();
+        let five: Vec<f32> = (0..5).flat_map(|r| [r as f32 * 10.0, 0.0]).collect();
         let task = tokio::spawn({
             let b = batcher.clone();
-            async move { b.infer(Bytes::from(features), 5, None).await }
+            async move { b.infer(features(&five), 5, None).await }
         });
         let mut passes = Vec::new();
         for _ in 0..3 {
@@ -443,12 +506,8 @@ mod tests {
         assert!(passes.iter().all(|&n| n <= 2), "{passes:?}");
         assert_eq!(passes.iter().sum::<usize>(), 5);
         let reply = task.await.unwrap().unwrap();
-        let out: Vec<f32> = reply
-            .outputs
-            .chunks(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        assert_eq!(out, vec![1.0, 11.0, 21.0, 31.0, 41.0]);
+        assert_eq!(values(&reply), vec![1.0, 11.0, 21.0, 31.0, 41.0]);
+        assert_eq!(reply.outputs[0].shape, vec![5, 1]);
         // Seven rows would need 4 pieces; the queue holds 3: refused, naming the limit.
         let e = batcher.infer(rows(7), 7, None).await.unwrap_err();
         assert!(matches!(e, Error::Invalid(_)), "{e}");

@@ -5,43 +5,34 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use burn::tensor::{Device, Tensor, TensorData};
-use kiln_core::MlpWeights;
+use burn::tensor::Device;
 use kiln_core::records::VersionKey;
-use kiln_core::spec::{ModelSpec, Standardization};
+use kiln_core::tensor::Tensor;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::model::Mlp;
+use crate::family::{Loaded, Prepared};
 use crate::training::{EpochReport, Step, TrainingOutcome, TrainingRun};
 use crate::{Error, Result};
+use kiln_core::MlpWeights;
 
 /// Commands waiting for the engine beyond this make senders wait (backpressure): while the
 /// engine is busy, the batchers keep filling their next batch instead.
 const ENGINE_QUEUE: usize = 8;
 
-struct LoadedModel {
-    mlp: Mlp,
-    spec: ModelSpec,
-    /// Applied to the features before the network (a trained version's standardisation).
-    preprocessing: Option<Standardization>,
-}
-
-/// What the engine holds and computes: the models loaded on one device.
+/// What the engine holds and computes: the models loaded on one device, of any family.
 pub struct Engine {
     device: Device,
-    models: HashMap<VersionKey, LoadedModel>,
+    models: HashMap<VersionKey, Box<dyn Loaded>>,
 }
 
 /// A finished forward pass.
 #[derive(Debug)]
 pub struct ForwardOutput {
-    /// Row-major outputs, `rows × cols`.
-    pub values: Vec<f32>,
-    /// Outputs per row.
-    pub cols: usize,
+    /// The outputs, in the model's interface order, one row per input row.
+    pub outputs: Vec<Tensor>,
     /// Time the pass took on the device, readback included.
     pub compute: Duration,
 }
@@ -55,26 +46,10 @@ impl Engine {
         }
     }
 
-    /// Build `weights` into a module on the device; replaces any earlier copy of `key`.
-    pub fn load(
-        &mut self,
-        key: VersionKey,
-        spec: ModelSpec,
-        weights: &MlpWeights,
-        preprocessing: Option<Standardization>,
-    ) -> Result<()> {
-        if let Some(p) = &preprocessing {
-            p.validate(spec.input_width())?;
-        }
-        let mlp = guarded(|| Mlp::from_weights(&spec, weights, &self.device))?;
-        self.models.insert(
-            key,
-            LoadedModel {
-                mlp,
-                spec,
-                preprocessing,
-            },
-        );
+    /// Build a prepared version on the device; replaces any earlier copy of `key`.
+    pub fn load(&mut self, key: VersionKey, prepared: Box<dyn Prepared>) -> Result<()> {
+        let loaded = guarded(|| prepared.build(&self.device))??;
+        self.models.insert(key, loaded);
         Ok(())
     }
 
@@ -83,47 +58,30 @@ impl Engine {
         self.models.remove(key).is_some()
     }
 
-    /// Run `rows` rows of features through a loaded model.
+    /// Run a batch of `rows` rows through a loaded model. The inputs are checked against
+    /// its interface first: nothing malformed reaches the device.
     pub fn forward(
         &self,
         key: &VersionKey,
-        mut features: Vec<f32>,
+        inputs: Vec<Tensor>,
         rows: usize,
     ) -> Result<ForwardOutput> {
         let model = self
             .models
             .get(key)
             .ok_or_else(|| Error::NotLoaded(key.clone()))?;
-        let width = model.spec.input_width();
-        if rows == 0 || features.len() != rows * width {
+        let found = model.interface().check_inputs(&inputs)?;
+        if found != rows {
             return Err(Error::Invalid(format!(
-                "features: {} values do not make {rows} rows of {width}",
-                features.len()
+                "the batch holds {found} rows, not {rows}"
             )));
         }
         let start = Instant::now();
-        if let Some(p) = &model.preprocessing {
-            p.apply(&mut features);
-        }
-        let values = guarded(|| {
-            let x = Tensor::<2>::from_data(TensorData::new(features, [rows, width]), &self.device);
-            model.mlp.forward(x).into_data().try_into_vec::<f32>()
-        })?
-        .map_err(|e| Error::Device(format!("{e:?}")))?;
+        let outputs = guarded(|| model.run(inputs, rows))??;
         Ok(ForwardOutput {
-            values,
-            cols: model.spec.output_width(),
+            outputs,
             compute: start.elapsed(),
         })
-    }
-
-    /// Read a loaded model's weights back from the device.
-    pub fn weights(&self, key: &VersionKey) -> Result<MlpWeights> {
-        let model = self
-            .models
-            .get(key)
-            .ok_or_else(|| Error::NotLoaded(key.clone()))?;
-        guarded(|| model.mlp.to_weights())
     }
 }
 
@@ -149,9 +107,7 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 pub(crate) enum Command {
     Load {
         key: VersionKey,
-        spec: ModelSpec,
-        weights: MlpWeights,
-        preprocessing: Option<Standardization>,
+        prepared: Box<dyn Prepared>,
         reply: oneshot::Sender<Result<()>>,
     },
     Unload {
@@ -160,7 +116,7 @@ pub(crate) enum Command {
     },
     Forward {
         key: VersionKey,
-        features: Vec<f32>,
+        inputs: Vec<Tensor>,
         rows: usize,
         reply: oneshot::Sender<Result<ForwardOutput>>,
     },
@@ -291,26 +247,24 @@ impl EngineHandle {
                     match command {
                         Command::Load {
                             key,
-                            spec,
-                            weights,
-                            preprocessing,
+                            prepared,
                             reply,
                         } => {
-                            let _ = reply.send(engine.load(key, spec, &weights, preprocessing));
+                            let _ = reply.send(engine.load(key, prepared));
                         }
                         Command::Unload { key, reply } => {
                             let _ = reply.send(engine.unload(&key));
                         }
                         Command::Forward {
                             key,
-                            features,
+                            inputs,
                             rows,
                             reply,
                         } => {
                             if reply.is_closed() {
                                 continue;
                             }
-                            let _ = reply.send(engine.forward(&key, features, rows));
+                            let _ = reply.send(engine.forward(&key, inputs, rows));
                         }
                         Command::Train {
                             run,
@@ -346,19 +300,11 @@ impl EngineHandle {
         rx.await.map_err(|_| Error::EngineStopped)
     }
 
-    /// Load a model version.
-    pub async fn load(
-        &self,
-        key: VersionKey,
-        spec: ModelSpec,
-        weights: MlpWeights,
-        preprocessing: Option<Standardization>,
-    ) -> Result<()> {
+    /// Load a prepared model version (see [`crate::family`]).
+    pub async fn load(&self, key: VersionKey, prepared: Box<dyn Prepared>) -> Result<()> {
         self.call(|reply| Command::Load {
             key,
-            spec,
-            weights,
-            preprocessing,
+            prepared,
             reply,
         })
         .await?
@@ -402,16 +348,16 @@ impl EngineHandle {
         .await?
     }
 
-    /// Run a forward pass.
+    /// Run a forward pass over a batch of `rows` rows.
     pub async fn forward(
         &self,
         key: VersionKey,
-        features: Vec<f32>,
+        inputs: Vec<Tensor>,
         rows: usize,
     ) -> Result<ForwardOutput> {
         self.call(|reply| Command::Forward {
             key,
-            features,
+            inputs,
             rows,
             reply,
         })
@@ -422,8 +368,33 @@ impl EngineHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_core::spec::{Activation, MlpSpec, Task};
+    use crate::family::mlp;
+    use kiln_core::spec::{Activation, MlpSpec, ModelSpec, Signature, Standardization, Task};
     use kiln_core::weights::LayerWeights;
+
+    /// The MLP family's prepared form of `weights`, under the default tensor names.
+    fn prepared(
+        spec: &ModelSpec,
+        weights: MlpWeights,
+        preprocessing: Option<Standardization>,
+    ) -> Result<Box<dyn Prepared>> {
+        mlp::prepare(
+            spec,
+            spec.interface(&Signature::default()),
+            weights,
+            preprocessing,
+        )
+    }
+
+    /// `rows` rows of FP32 features as the model's input tensor.
+    fn input(rows: usize, values: &[f32]) -> Vec<Tensor> {
+        let width = values.len() / rows.max(1);
+        vec![Tensor::from_f32("input", vec![rows, width], values).unwrap()]
+    }
+
+    fn values(out: &ForwardOutput) -> Vec<f32> {
+        out.outputs[0].f32_values().unwrap()
+    }
 
     fn key() -> VersionKey {
         VersionKey {
@@ -471,15 +442,17 @@ mod tests {
     fn forward_matches_a_hand_computation() {
         let (spec, weights) = hand_model();
         let mut engine = Engine::new(Device::flex());
-        engine.load(key(), spec, &weights, None).unwrap();
+        engine
+            .load(key(), prepared(&spec, weights.clone(), None).unwrap())
+            .unwrap();
         // Row 1: x = (1, 2): h = (relu(-0.5), relu(7)) = (0, 7); y = sigmoid(-3.4).
         // Row 2: x = (3, -1): h = (relu(4.5), relu(2)) = (4.5, 2); y = sigmoid(1.125 - 1 + 0.1).
         let out = engine
-            .forward(&key(), vec![1.0, 2.0, 3.0, -1.0], 2)
+            .forward(&key(), input(2, &[1.0, 2.0, 3.0, -1.0]), 2)
             .unwrap();
-        assert_eq!(out.cols, 1);
+        assert_eq!(out.outputs[0].shape, vec![2, 1]);
         let expected = [sigmoid(-3.4), sigmoid(0.225)];
-        for (got, want) in out.values.iter().zip(expected) {
+        for (got, want) in values(&out).iter().zip(expected) {
             assert!((got - want).abs() < 1e-6, "got {got}, want {want}");
         }
     }
@@ -495,13 +468,15 @@ mod tests {
         });
         let weights = MlpWeights::seeded(&spec, 3);
         let mut engine = Engine::new(Device::flex());
-        engine.load(key(), spec, &weights, None).unwrap();
-        let out = engine.forward(&key(), vec![0.1; 6], 2).unwrap();
-        for row in out.values.chunks(5) {
+        engine
+            .load(key(), prepared(&spec, weights.clone(), None).unwrap())
+            .unwrap();
+        let out = engine.forward(&key(), input(2, &[0.1; 6]), 2).unwrap();
+        for row in values(&out).chunks(5) {
             assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         }
         assert!(matches!(
-            engine.forward(&key(), vec![0.1; 5], 2),
+            engine.forward(&key(), input(2, &[0.1; 4]), 2),
             Err(Error::Invalid(_))
         ));
         let other = VersionKey {
@@ -509,7 +484,7 @@ mod tests {
             version: 2,
         };
         assert!(matches!(
-            engine.forward(&other, vec![0.1; 3], 1),
+            engine.forward(&other, input(1, &[0.1; 3]), 1),
             Err(Error::NotLoaded(_))
         ));
     }
@@ -522,20 +497,25 @@ mod tests {
             mean: vec![1.0, -1.0],
             std: vec![2.0, 0.5],
         };
-        engine.load(key(), spec, &weights, Some(scale)).unwrap();
+        engine
+            .load(
+                key(),
+                prepared(&spec, weights.clone(), Some(scale)).unwrap(),
+            )
+            .unwrap();
         // Raw (3, 0) becomes ((3 - 1) / 2, (0 + 1) / 0.5) = (1, 2): row 1 of the hand case.
-        let out = engine.forward(&key(), vec![3.0, 0.0], 1).unwrap();
+        let out = engine.forward(&key(), input(1, &[3.0, 0.0]), 1).unwrap();
         assert!(
-            (out.values[0] - sigmoid(-3.4)).abs() < 1e-6,
+            (values(&out)[0] - sigmoid(-3.4)).abs() < 1e-6,
             "{:?}",
-            out.values
+            values(&out)
         );
         let bad = Standardization {
             mean: vec![0.0],
             std: vec![1.0],
         };
         let (spec, weights) = hand_model();
-        assert!(engine.load(key(), spec, &weights, Some(bad)).is_err());
+        assert!(prepared(&spec, weights, Some(bad)).is_err());
     }
 
     #[tokio::test]
@@ -543,7 +523,10 @@ mod tests {
         use crate::training::{Dataset, JobData, Loss, Optimizer, TrainingConfig};
         let engine = EngineHandle::spawn(Device::flex(), "test").unwrap();
         let (spec, weights) = hand_model();
-        engine.load(key(), spec, weights, None).await.unwrap();
+        engine
+            .load(key(), prepared(&spec, weights, None).unwrap())
+            .await
+            .unwrap();
 
         let train_spec = ModelSpec::Mlp(MlpSpec {
             input_width: 2,
@@ -587,8 +570,11 @@ mod tests {
         let mut events = engine.train(run, cancel.clone()).await.unwrap();
         // The run has 10,000 epochs of 200 batches ahead of it; inference still answers.
         for _ in 0..20 {
-            let out = engine.forward(key(), vec![1.0, 2.0], 1).await.unwrap();
-            assert!((out.values[0] - sigmoid(-3.4)).abs() < 1e-6);
+            let out = engine
+                .forward(key(), input(1, &[1.0, 2.0]), 1)
+                .await
+                .unwrap();
+            assert!((values(&out)[0] - sigmoid(-3.4)).abs() < 1e-6);
         }
         let first = events.recv().await.unwrap();
         assert!(
@@ -652,13 +638,5 @@ mod tests {
             MlpWeights::seeded(&train_spec, 1),
             "the weights moved"
         );
-    }
-
-    #[test]
-    fn weights_read_back_from_the_device_unchanged() {
-        let (spec, weights) = hand_model();
-        let mut engine = Engine::new(Device::flex());
-        engine.load(key(), spec, &weights, None).unwrap();
-        assert_eq!(engine.weights(&key()).unwrap(), weights);
     }
 }

@@ -1,7 +1,9 @@
 //! A Kiln worker: runs Burn models on one device.
 //!
 //! - [`device`]: run-time device choice (`--device auto|cpu|wgpu[:N|:cpu]`);
-//! - [`model`]: the MLP family as a Burn module;
+//! - [`family`]: the device half of the model-family seam (loading a version, running a
+//!   batch) and its implementations (the MLP);
+//! - [`model`]: the MLP as a Burn module;
 //! - [`engine`]: the one thread per device that owns the models and runs all compute;
 //! - [`batcher`]: the dynamic batcher per loaded version;
 //! - [`training`]: mini-batch training of an MLP (autodiff, SGD/Adam, validation, early
@@ -15,6 +17,7 @@ pub mod batcher;
 pub mod device;
 pub mod engine;
 mod error;
+pub mod family;
 pub mod metrics;
 pub mod model;
 pub mod node;

@@ -4,7 +4,9 @@
 use burn::tensor::Device;
 use kiln_core::MlpWeights;
 use kiln_core::records::VersionKey;
-use kiln_core::spec::{Activation, MlpSpec, ModelSpec, Task};
+use kiln_core::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
+use kiln_core::tensor::Tensor;
+use kiln_worker::family::mlp;
 use kiln_worker::{DeviceChoice, Engine, select_device};
 
 #[test]
@@ -39,18 +41,26 @@ fn wgpu_through_lavapipe_agrees_with_the_cpu_backend() {
             .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
             .collect();
 
+        let prepared = || {
+            let interface = spec.interface(&Signature::default());
+            mlp::prepare(&spec, interface, weights.clone(), None).unwrap()
+        };
         let mut cpu = Engine::new(Device::flex());
-        cpu.load(key.clone(), spec.clone(), &weights, None).unwrap();
+        cpu.load(key.clone(), prepared()).unwrap();
         let mut gpu = Engine::new(selected.device.clone());
-        gpu.load(key.clone(), spec.clone(), &weights, None).unwrap();
+        gpu.load(key.clone(), prepared()).unwrap();
 
-        let a = cpu.forward(&key, features.clone(), rows).unwrap();
-        let b = gpu.forward(&key, features, rows).unwrap();
-        assert_eq!(a.values.len(), rows * 4);
+        let input = vec![Tensor::from_f32("input", vec![rows, 10], &features).unwrap()];
+        let a = cpu.forward(&key, input.clone(), rows).unwrap().outputs[0]
+            .f32_values()
+            .unwrap();
+        let b = gpu.forward(&key, input, rows).unwrap().outputs[0]
+            .f32_values()
+            .unwrap();
+        assert_eq!(a.len(), rows * 4);
         let worst = a
-            .values
             .iter()
-            .zip(&b.values)
+            .zip(&b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0f32, f32::max);
         assert!(

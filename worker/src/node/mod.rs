@@ -36,6 +36,7 @@ use crate::{Error, Result};
 use kiln_core::convert::epoch_to_proto;
 use kiln_core::parallel::{MAX_REPLICAS, f32_from_bytes, f32_to_bytes};
 use kiln_core::spec::ModelSpec;
+use kiln_core::tensor::{Interface, tensor_from_proto, tensor_to_proto};
 use kiln_core::training::decode_dataset;
 
 /// How often a worker retries versions that failed to load (e.g. an artifact store that was
@@ -75,7 +76,8 @@ pub struct WorkerDeps {
 
 pub(crate) struct Served {
     pub(crate) batcher: Batcher,
-    pub(crate) input_width: usize,
+    /// What its requests must hold (checked before they are queued).
+    pub(crate) interface: Interface,
 }
 
 pub(crate) struct State {

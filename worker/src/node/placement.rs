@@ -101,35 +101,27 @@ pub(super) async fn fetch_and_build(
     let (entry, version) = view.resolve(&key.model, &key.version.to_string())?;
     let spec = entry.record.spec.clone();
     let bytes = state.deps.artifacts.get(&version.artifact).await?;
-    let weights = {
+    let interface = spec.interface(&entry.record.signature);
+    // Decoded and checked by the version's family off the device thread; built on it.
+    let prepared = {
         let spec = spec.clone();
-        tokio::task::spawn_blocking(move || MlpWeights::from_safetensors(&spec, &bytes))
-            .await
-            .map_err(|e| Error::Device(e.to_string()))??
+        let interface = interface.clone();
+        let version = version.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::family::family(&spec).prepare(&spec, interface, &version, bytes)
+        })
+        .await
+        .map_err(|e| Error::Device(e.to_string()))??
     };
     let batching = batching.unwrap_or_else(|| view.deployment(&key.model).batching);
-    state
-        .engine
-        .load(
-            key.clone(),
-            spec.clone(),
-            weights,
-            version.preprocessing.clone(),
-        )
-        .await?;
+    state.engine.load(key.clone(), prepared).await?;
     let batcher = Batcher::spawn(key.clone(), batching, state.engine.clone());
     lock(&state.weight_bytes).insert(key.clone(), spec.parameter_count() * 4);
     state
         .served
         .write()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(
-            key.clone(),
-            Served {
-                batcher,
-                input_width: spec.input_width(),
-            },
-        );
+        .insert(key.clone(), Served { batcher, interface });
     Ok(())
 }
 

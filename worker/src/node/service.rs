@@ -27,6 +27,21 @@ impl Worker for WorkerService {
             model: req.model,
             version: req.version,
         };
+        let inputs = req
+            .inputs
+            .into_iter()
+            .map(tensor_from_proto)
+            .collect::<kiln_core::Result<Vec<_>>>()
+            .map_err(Error::from)?;
+        let (batcher, rows) = {
+            let served = self.state.served.read().unwrap_or_else(|p| p.into_inner());
+            let s = served
+                .get(&key)
+                .ok_or_else(|| Error::NotLoaded(key.clone()))?;
+            // Checked here, per request, so that a malformed one never joins a batch.
+            let rows = s.interface.check_inputs(&inputs).map_err(Error::from)?;
+            (s.batcher.clone(), rows)
+        };
         kiln_telemetry::trace::attributes(|| {
             use kiln_telemetry::trace::KeyValue;
             vec![
@@ -35,31 +50,13 @@ impl Worker for WorkerService {
                     kiln_telemetry::trace::name_value(&key.model),
                 ),
                 KeyValue::new("kiln.model.version", key.version as i64),
-                KeyValue::new("kiln.batch_size", i64::from(req.rows)),
+                KeyValue::new("kiln.batch_size", rows as i64),
             ]
         });
-        let (batcher, width) = {
-            let served = self.state.served.read().unwrap_or_else(|p| p.into_inner());
-            let s = served
-                .get(&key)
-                .ok_or_else(|| Error::NotLoaded(key.clone()))?;
-            (s.batcher.clone(), s.input_width)
-        };
-        let rows = req.rows as usize;
-        let expected = rows.checked_mul(width).and_then(|n| n.checked_mul(4));
-        if expected != Some(req.features.len()) {
-            return Err(Error::Invalid(format!(
-                "features: {} bytes do not make {rows} rows of {width} FP32 values",
-                req.features.len()
-            ))
-            .into());
-        }
-        let reply = batcher.infer(req.features, rows, deadline).await?;
+        let reply = batcher.infer(inputs, rows, deadline).await?;
         lock(&self.state.last_used).insert(key, now_unix_ms());
         Ok(Response::new(pb::InferResponse {
-            rows: req.rows,
-            cols: reply.cols as u32,
-            outputs: reply.outputs,
+            outputs: reply.outputs.into_iter().map(tensor_to_proto).collect(),
             queue_ns: reply.queue.as_nanos() as u64,
             compute_ns: reply.compute.as_nanos() as u64,
             batch_rows: reply.batch_rows as u32,

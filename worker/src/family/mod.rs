@@ -1,0 +1,56 @@
+//! The device half of the model-family seam (`docs/architecture.md`, "Model families"):
+//! how a family's weights become a module on the device and how a batch runs through it.
+//! The device-free half — interface, batching — is `kiln_core::family`.
+//!
+//! A version loads in two steps: [`Family::prepare`] decodes and checks its artifacts on
+//! a blocking thread (no device), then [`Prepared::build`] puts them on the device on the
+//! engine thread. The engine holds the result as a [`Loaded`] and runs batches through it;
+//! the batcher joins requests along the batch dimension before and splits answers after,
+//! so neither knows which family a version is.
+
+pub mod mlp;
+
+use burn::tensor::Device;
+use bytes::Bytes;
+use kiln_core::records::VersionRecord;
+use kiln_core::spec::ModelSpec;
+use kiln_core::tensor::{Interface, Tensor};
+
+use crate::Result;
+
+/// A family's device code.
+pub trait Family: Send + Sync {
+    /// Decode and check a version's weights (the artifact's bytes) for `spec`, served
+    /// under `interface`. Runs off the device thread; nothing touches the device yet.
+    fn prepare(
+        &self,
+        spec: &ModelSpec,
+        interface: Interface,
+        version: &VersionRecord,
+        weights: Bytes,
+    ) -> Result<Box<dyn Prepared>>;
+}
+
+/// A version's artifacts, decoded and checked, ready to go on a device.
+pub trait Prepared: Send {
+    /// Build the module on `device` (on the engine thread).
+    fn build(self: Box<Self>, device: &Device) -> Result<Box<dyn Loaded>>;
+}
+
+/// A version on a device.
+pub trait Loaded: Send {
+    /// The inputs its batches hold and the outputs its answers hold.
+    fn interface(&self) -> &Interface;
+
+    /// Run one batch: `inputs` in the interface's order, each of `rows` rows (already
+    /// checked against the interface). Returns the outputs in the interface's order, each
+    /// of `rows` rows, row `i` answering input row `i`.
+    fn run(&self, inputs: Vec<Tensor>, rows: usize) -> Result<Vec<Tensor>>;
+}
+
+/// The family that serves `spec`.
+pub fn family(spec: &ModelSpec) -> &'static dyn Family {
+    match spec {
+        ModelSpec::Mlp(_) => &mlp::MlpFamily,
+    }
+}
