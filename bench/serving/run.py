@@ -26,8 +26,9 @@ import tritonclient.grpc as grpcclient
 ROOT = Path(__file__).resolve().parents[2]
 KILN = os.environ["KILN_BIN"]
 KILN_BENCH = os.environ["KILN_BENCH_BIN"]
-MLSERVER_PY = os.environ["KILN_BENCH_MLSERVER_PY"]
-PYTRITON_PY = os.environ["KILN_BENCH_PYTRITON_PY"]
+# Set by run.sh; ab.sh, which reuses this module's helpers, runs neither.
+MLSERVER_PY = os.environ.get("KILN_BENCH_MLSERVER_PY", "")
+PYTRITON_PY = os.environ.get("KILN_BENCH_PYTRITON_PY", "")
 SECONDS = int(os.environ.get("KILN_BENCH_SECONDS", "5"))
 CONCURRENCY = [1, 8, 32]
 BATCH = [1, 32]
@@ -122,10 +123,10 @@ def load(server, output=None, concurrency=CONCURRENCY, batch=BATCH, seconds=SECO
     return cells
 
 
-def serve_kiln(work, model_dir, tag, workers=1):
+def serve_kiln(work, model_dir, tag, workers=1, binary=KILN, weights=True):
     data = work / f"kiln-data-{tag}"
     addr_file = work / f"kiln-{tag}.addr"
-    server = Server("Kiln", [KILN, "up", "--grpc-addr", "127.0.0.1:0", "--workers",
+    server = Server("Kiln", [binary, "up", "--grpc-addr", "127.0.0.1:0", "--workers",
                              str(workers), "--device", "cpu", "--data-dir", str(data),
                              "--addr-file", str(addr_file)],
                     None, open(work / f"kiln-{tag}.log", "wb"))
@@ -134,9 +135,11 @@ def serve_kiln(work, model_dir, tag, workers=1):
         assert server.proc.poll() is None and time.monotonic() < deadline, "kiln up failed"
         time.sleep(0.05)
     server.addr = addr_file.read_text().strip()
-    subprocess.run([KILN, "models", "create", "--spec", str(model_dir / "spec.json"),
-                    "--weights", str(model_dir / "weights.safetensors"), "--addr", server.addr],
-                   check=True, capture_output=True)
+    create = [binary, "models", "create", "--spec", str(model_dir / "spec.json"),
+              "--addr", server.addr]
+    if weights:
+        create += ["--weights", str(model_dir / "weights.safetensors")]
+    subprocess.run(create, check=True, capture_output=True)
     server.wait_ready("mlp")
     return server
 
@@ -262,11 +265,8 @@ def data_parallel(work):
     return out
 
 
-def versions():
-    def pip_version(py, pkg):
-        out = subprocess.run([py, "-c", f"import importlib.metadata as m; print(m.version('{pkg}'))"],
-                             capture_output=True, text=True)
-        return out.stdout.strip() or "?"
+def machine():
+    """This machine and the Kiln under test."""
     cpu = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -278,10 +278,20 @@ def versions():
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
         "os": platform.platform(),
         "kiln": subprocess.run([KILN, "--version"], capture_output=True, text=True).stdout.strip(),
+        "seconds_per_cell": SECONDS,
+    }
+
+
+def versions():
+    def pip_version(py, pkg):
+        out = subprocess.run([py, "-c", f"import importlib.metadata as m; print(m.version('{pkg}'))"],
+                             capture_output=True, text=True)
+        return out.stdout.strip() or "?"
+    return {
+        **machine(),
         "mlserver": pip_version(MLSERVER_PY, "mlserver"),
         "scikit-learn": pip_version(MLSERVER_PY, "scikit-learn"),
         "nvidia-pytriton": pip_version(PYTRITON_PY, "nvidia-pytriton"),
-        "seconds_per_cell": SECONDS,
     }
 
 
