@@ -64,12 +64,14 @@ pub fn traced(address: &str) -> Result<kiln_telemetry::trace::TracedChannel> {
     ))
 }
 
-/// A connected channel to `address` whose calls get client spans.
-pub async fn connect_traced(address: &str) -> Result<kiln_telemetry::trace::TracedChannel> {
-    Ok(kiln_telemetry::trace::TracedChannel::new(
-        connect(address).await?,
-        address,
-    ))
+/// The transport to the worker at `address`, connected now: its service in this process if
+/// it runs here (see [`crate::local`]), else a traced channel that has connected, so that
+/// an unreachable peer is an error here rather than at the first call.
+pub async fn connect_transport(address: &str) -> Result<Transport> {
+    if let Some(local) = crate::local::lookup(address) {
+        return Ok(local);
+    }
+    Ok(crate::local::traced(connect(address).await?, address))
 }
 
 /// The transport to the worker at `address`: its service in this process if it runs here

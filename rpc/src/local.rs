@@ -53,19 +53,26 @@ pub fn unregister(address: &str) {
         .remove(address);
 }
 
-/// The transport to `address`: the in-process service if there is one, else `channel()`.
-pub fn transport(address: &str, channel: impl FnOnce() -> tonic::transport::Channel) -> Transport {
-    let local = SERVICES
+/// The in-process service registered as `address`, if there is one.
+pub fn lookup(address: &str) -> Option<Transport> {
+    SERVICES
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .get(address)
-        .cloned();
-    local.unwrap_or_else(|| {
-        Transport::new(kiln_telemetry::trace::Client::new(
-            Transport::new(channel()),
-            address,
-        ))
-    })
+        .cloned()
+}
+
+/// A channel to `address` as a transport whose calls get client spans.
+pub fn traced(channel: tonic::transport::Channel, address: &str) -> Transport {
+    Transport::new(kiln_telemetry::trace::Client::new(
+        Transport::new(channel),
+        address,
+    ))
+}
+
+/// The transport to `address`: the in-process service if there is one, else `channel()`.
+pub fn transport(address: &str, channel: impl FnOnce() -> tonic::transport::Channel) -> Transport {
+    lookup(address).unwrap_or_else(|| traced(channel(), address))
 }
 
 #[cfg(test)]

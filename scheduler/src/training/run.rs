@@ -25,12 +25,13 @@ pub(super) fn worker_gone(s: &Status) -> bool {
     )
 }
 
-/// Connect to the worker at `address`. The outer error is a bad address (a job error);
-/// the inner one says why the worker could not be reached (the worker is lost).
+/// Connect to the worker at `address` (in this process without a socket, when it runs
+/// here). The outer error is a bad address (a job error); the inner one says why the worker
+/// could not be reached (the worker is lost).
 pub(super) async fn connect(
     address: &str,
-) -> Result<Result<WorkerClient<kiln_telemetry::trace::TracedChannel>, String>> {
-    Ok(match kiln_rpc::channel::connect_traced(address).await {
+) -> Result<Result<WorkerClient<kiln_rpc::local::Transport>, String>> {
+    Ok(match kiln_rpc::channel::connect_transport(address).await {
         Ok(channel) => Ok(WorkerClient::new(channel)
             .max_decoding_message_size(256 * 1024 * 1024)
             .max_encoding_message_size(256 * 1024 * 1024)),

@@ -1,8 +1,8 @@
 //! The coordinator against fake workers: gRPC services that answer `Worker/Train` as a
-//! script says, served on loopback. No Burn: these tests check the coordinator's own part
+//! script says, reached through the in-process transport (`kiln_rpc::local`) as `kiln up`
+//! reaches its workers: no socket, the same handlers and codec. No Burn: these tests check the coordinator's own part
 //! (records, events, retries on another worker, the registered version), not training.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use kiln_proto::kiln::internal::v1::worker_server::{Worker, WorkerServer};
@@ -125,6 +125,12 @@ impl Worker for FakeWorker {
     }
 }
 
+/// A number no other fixture in this process has.
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A cluster state in memory with the fake workers registered, and a coordinator on it.
 struct Fixture {
     coordinator: Arc<TrainingCoordinator>,
@@ -140,25 +146,24 @@ async fn fixture(scripts: &[Script]) -> Fixture {
     let artifacts = ArtifactStore::open(&dir.path().to_string_lossy()).unwrap();
     let mut runs = Vec::new();
     for (i, script) in scripts.iter().enumerate() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address: SocketAddr = listener.local_addr().unwrap();
+        // Unique per fixture: tests run in parallel in one process, and the in-process
+        // registry is the process's.
+        let address = format!("fake-{}-{i}.in-process:1", unique());
         let worker_runs = Arc::new(Mutex::new(Vec::new()));
         runs.push(worker_runs.clone());
-        let service = WorkerServer::new(FakeWorker {
-            script: *script,
-            runs: worker_runs,
-        });
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(kiln_rpc::net::incoming(listener)),
+        kiln_rpc::local::register(
+            &address,
+            WorkerServer::new(FakeWorker {
+                script: *script,
+                runs: worker_runs,
+            }),
         );
         let lease = registry.grant_lease(Duration::from_secs(60)).await.unwrap();
         let record = kiln_core::records::WorkerRecord {
             schema: SCHEMA,
             // Ids sort in script order: the coordinator takes the least busy, then by id.
             id: format!("fake-{i}"),
-            address: address.to_string(),
+            address,
             backend: "cpu".into(),
             adapter: "fake".into(),
             loaded: Vec::new(),
