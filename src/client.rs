@@ -366,3 +366,74 @@ pub async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<String> {
     }
     Ok(out)
 }
+
+/// Bytes per message of an import stream.
+const IMPORT_CHUNK: usize = 1024 * 1024;
+
+/// `kiln models import DIR --name N`: send the files of a Hugging Face directory that Kiln
+/// reads (see `kiln_core::hf`), with a progress bar over the bytes.
+pub async fn models_import(
+    addr: &str,
+    dir: &Path,
+    name: &str,
+    description: &str,
+) -> anyhow::Result<pb::ModelVersion> {
+    use futures::StreamExt;
+    use pb::import_model_request::Part;
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    let modules = std::fs::read(dir.join(kiln_core::hf::MODULES)).ok();
+    let mut files = Vec::new();
+    for path in kiln_core::hf::wanted_files(modules.as_deref()) {
+        let full = dir.join(&path);
+        if full.is_file() {
+            let bytes =
+                std::fs::read(&full).with_context(|| format!("cannot read {}", full.display()))?;
+            files.push((path, bytes::Bytes::from(bytes)));
+        }
+    }
+    let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+    let mut messages = vec![pb::ImportModelRequest {
+        part: Some(Part::Header(pb::ImportHeader {
+            name: name.to_owned(),
+            description: description.to_owned(),
+        })),
+    }];
+    for (path, bytes) in &files {
+        let mut start = 0;
+        // An empty file still sends one (empty) chunk, so the server knows it exists.
+        loop {
+            let end = (start + IMPORT_CHUNK).min(bytes.len());
+            messages.push(pb::ImportModelRequest {
+                part: Some(Part::Chunk(pb::ImportChunk {
+                    path: path.clone(),
+                    data: bytes.slice(start..end).to_vec(),
+                })),
+            });
+            start = end;
+            if start >= bytes.len() {
+                break;
+            }
+        }
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("importing {name}"));
+    let progress = bar.clone();
+    let stream = futures::stream::iter(messages).inspect(move |m| {
+        if let Some(Part::Chunk(c)) = &m.part {
+            progress.inc(c.data.len() as u64);
+        }
+    });
+    let mut client = ModelsClient::new(channel(addr).await?).max_encoding_message_size(MAX_MESSAGE);
+    let response = client.import_model(stream).await.map_err(status);
+    bar.finish_and_clear();
+    response?
+        .into_inner()
+        .version
+        .context("the server answered without a version")
+}

@@ -401,6 +401,23 @@ enum ModelsCommand {
         #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
         addr: String,
     },
+    /// Import a pretrained model from a Hugging Face directory (config.json,
+    /// model.safetensors, tokenizer.json; the sentence-transformers configs when present).
+    /// Served families: BERT encoders (sentence embeddings). See docs/models.md.
+    Import {
+        /// The model directory.
+        dir: PathBuf,
+        /// Name to register it under (a new version when the model exists with the same
+        /// architecture).
+        #[arg(long)]
+        name: String,
+        /// Free text shown in listings.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
     /// Export a version's weights as safetensors.
     Export {
         /// `NAME` or `NAME:VERSION`.
@@ -645,6 +662,11 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                 ModelsCommand::Create { spec, weights, seed, addr } => {
                     let v = client::models_create(&addr, &spec, weights.as_deref(), seed).await?;
                     kiln::say!("created {} version {} (sha256 {})", v.model, v.version, v.sha256);
+                    Ok(())
+                }
+                ModelsCommand::Import { dir, name, description, addr } => {
+                    let v = client::models_import(&addr, &dir, &name, &description).await?;
+                    kiln::say!("imported {} version {} (sha256 {})", v.model, v.version, v.sha256);
                     Ok(())
                 }
                 ModelsCommand::Export { model, output, addr } => {

@@ -2,18 +2,21 @@
 //! `kiln.v1` and the registry's domain types, shared by the gateway and the scheduler.
 
 use crate::records::VersionRecord;
-use crate::spec::{Activation, MlpSpec, ModelSpec, Signature, Task};
+use crate::spec::{Activation, MlpSpec, ModelSpec, Pooling, Signature, Task};
 use kiln_proto::kiln::v1 as pb;
 
 use crate::{Error, Result};
 
 /// A wire spec to a domain spec; the error names the field.
 pub fn spec_from_proto(spec: Option<&pb::ArchitectureSpec>) -> Result<ModelSpec> {
-    let Some(pb::ArchitectureSpec {
-        family: Some(pb::architecture_spec::Family::Mlp(mlp)),
-    }) = spec
-    else {
-        return Err(Error::Invalid("spec is missing: set spec.mlp".into()));
+    let mlp = match spec.and_then(|s| s.family.as_ref()) {
+        Some(pb::architecture_spec::Family::Mlp(mlp)) => mlp,
+        Some(pb::architecture_spec::Family::Bert(_)) => {
+            return Err(Error::Invalid(
+                "spec.bert: encoders are imported from a Hugging Face directory (ImportModel, `kiln models import`), not created".into(),
+            ));
+        }
+        None => return Err(Error::Invalid("spec is missing: set spec.mlp".into())),
     };
     let task = match pb::Task::try_from(mlp.task) {
         Ok(pb::Task::BinaryClassification) => Task::BinaryClassification,
@@ -51,7 +54,29 @@ pub fn spec_from_proto(spec: Option<&pb::ArchitectureSpec>) -> Result<ModelSpec>
 
 /// A domain spec on the wire.
 pub fn spec_to_proto(spec: &ModelSpec) -> pb::ArchitectureSpec {
-    let ModelSpec::Mlp(mlp) = spec;
+    let mlp = match spec {
+        ModelSpec::Mlp(mlp) => mlp,
+        ModelSpec::Bert(b) => {
+            return pb::ArchitectureSpec {
+                family: Some(pb::architecture_spec::Family::Bert(pb::BertSpec {
+                    vocab_size: b.vocab_size,
+                    hidden_size: b.hidden_size,
+                    num_hidden_layers: b.num_hidden_layers,
+                    num_attention_heads: b.num_attention_heads,
+                    intermediate_size: b.intermediate_size,
+                    max_position_embeddings: b.max_position_embeddings,
+                    type_vocab_size: b.type_vocab_size,
+                    layer_norm_eps: b.layer_norm_eps,
+                    max_seq_length: b.max_seq_length,
+                    pooling: match b.pooling {
+                        Pooling::Mean => "mean".into(),
+                        Pooling::Cls => "cls".into(),
+                    },
+                    normalize: b.normalize,
+                })),
+            };
+        }
+    };
     pb::ArchitectureSpec {
         family: Some(pb::architecture_spec::Family::Mlp(pb::MlpSpec {
             input_width: mlp.input_width,

@@ -5,8 +5,9 @@
 //! its requests share a forward pass. The device half (loading weights, running a batch) is
 //! `kiln_worker::family`.
 
-use crate::spec::{MlpSpec, ModelSpec, Signature};
-use crate::tensor::{DataType, Interface, TensorSpec};
+use crate::spec::{BertSpec, MlpSpec, ModelSpec, Signature};
+use crate::tensor::{DataType, Interface, Tensor, TensorSpec};
+use crate::{Error, Result};
 
 /// How the requests of one family share a forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +27,13 @@ pub trait FamilySpec {
 
     /// How its requests are batched.
     fn batching(&self) -> Batching;
+
+    /// Check what the interface cannot say of a request's inputs (already checked against
+    /// it), so that a request that would fail its batch is refused alone, before it joins
+    /// one. The error names the input and the element.
+    fn check_request(&self, _inputs: &[Tensor]) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl FamilySpec for MlpSpec {
@@ -51,11 +59,61 @@ impl FamilySpec for MlpSpec {
     }
 }
 
+/// Input text of an encoder: one UTF-8 string per row.
+pub const TEXT_INPUT: &str = "text";
+/// Output of an encoder: one embedding per row.
+pub const EMBEDDING_OUTPUT: &str = "embedding";
+
+impl FamilySpec for BertSpec {
+    fn family(&self) -> &'static str {
+        "bert"
+    }
+
+    /// One BYTES input `text` `[batch]` (a UTF-8 string per row), one FP32 output
+    /// `embedding` `[batch, hidden_size]`. The tensor names are fixed: the signature's names
+    /// are the MLP's.
+    fn interface(&self, _: &Signature) -> Interface {
+        Interface {
+            inputs: vec![TensorSpec {
+                name: TEXT_INPUT.into(),
+                datatype: DataType::Bytes,
+                shape: vec![-1],
+            }],
+            outputs: vec![TensorSpec {
+                name: EMBEDDING_OUTPUT.into(),
+                datatype: DataType::F32,
+                shape: vec![-1, i64::from(self.hidden_size)],
+            }],
+        }
+    }
+
+    /// Texts are rows; the worker pads each batch to its longest text.
+    fn batching(&self) -> Batching {
+        Batching::Rows
+    }
+
+    /// Every text is UTF-8.
+    fn check_request(&self, inputs: &[Tensor]) -> Result<()> {
+        for t in inputs {
+            for (i, item) in t.byte_strings()?.iter().enumerate() {
+                if std::str::from_utf8(item).is_err() {
+                    return Err(Error::Invalid(format!(
+                        "input {:?}: element {i} is not valid UTF-8",
+                        t.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ModelSpec {
     /// The family this spec belongs to.
     pub fn family(&self) -> &dyn FamilySpec {
         match self {
             ModelSpec::Mlp(mlp) => mlp,
+            ModelSpec::Bert(bert) => bert,
         }
     }
 

@@ -4,6 +4,7 @@
 //! - [`spec`]: model specs (the MLP family), signatures, standardisation, name rules;
 //! - [`tensor`]: named, typed tensors (every OIP datatype) and model interfaces;
 //! - [`family`]: the device-free half of the model-family seam (interface, batching);
+//! - [`hf`]: Hugging Face model directories: the files Kiln reads and the import check;
 //! - [`weights`]: the safetensors weight format and seeded initial weights;
 //! - [`records`]: the records of the cluster state (models, versions, workers, placements,
 //!   deployments, jobs) and their key layout;
@@ -19,6 +20,7 @@
 pub mod convert;
 mod error;
 pub mod family;
+pub mod hf;
 pub mod npy;
 pub mod parallel;
 pub mod records;

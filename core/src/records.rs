@@ -78,6 +78,10 @@ pub struct VersionRecord {
     /// Feature standardisation applied before the network at inference (set by training).
     #[serde(default)]
     pub preprocessing: Option<Standardization>,
+    /// The version's other files by name (an imported encoder's `tokenizer.json`), stored
+    /// content-addressed like the weights.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, ArtifactRef>,
 }
 
 impl VersionRecord {

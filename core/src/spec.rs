@@ -57,18 +57,152 @@ pub struct MlpSpec {
     pub task: Task,
 }
 
+/// How an encoder turns its token states into one vector per text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// The mean over the text's tokens (padding excluded).
+    Mean,
+    /// The first token's state (`[CLS]`).
+    Cls,
+}
+
+/// A BERT-family encoder imported from a Hugging Face directory (`config.json`, and the
+/// sentence-transformers module configs when present): what the worker needs to build it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BertSpec {
+    /// Tokens in the vocabulary.
+    pub vocab_size: u32,
+    /// Width of every token state.
+    pub hidden_size: u32,
+    /// Transformer layers.
+    pub num_hidden_layers: u32,
+    /// Attention heads per layer (they split `hidden_size`).
+    pub num_attention_heads: u32,
+    /// Width of the feed-forward layer.
+    pub intermediate_size: u32,
+    /// Positions the position embeddings cover.
+    pub max_position_embeddings: u32,
+    /// Token types the type embeddings cover.
+    pub type_vocab_size: u32,
+    /// Epsilon of every layer norm.
+    pub layer_norm_eps: f64,
+    /// Longest text in tokens, special tokens included; longer texts are truncated.
+    pub max_seq_length: u32,
+    /// How token states become the embedding.
+    pub pooling: Pooling,
+    /// Whether the embedding is scaled to unit length.
+    pub normalize: bool,
+}
+
+/// Most layers of an imported encoder.
+pub const MAX_ENCODER_LAYERS: u32 = 64;
+/// Largest hidden width of an imported encoder.
+pub const MAX_ENCODER_WIDTH: u32 = 8_192;
+
+impl BertSpec {
+    /// Check every limit; the error names the `config.json` field.
+    pub fn validate(&self) -> Result<()> {
+        let positive = |field: &str, v: u32, max: u32| {
+            if v == 0 || v > max {
+                Err(Error::Invalid(format!(
+                    "config.json: {field} must be between 1 and {max}, got {v}"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        positive("vocab_size", self.vocab_size, 1 << 22)?;
+        positive("hidden_size", self.hidden_size, MAX_ENCODER_WIDTH)?;
+        positive(
+            "num_hidden_layers",
+            self.num_hidden_layers,
+            MAX_ENCODER_LAYERS,
+        )?;
+        positive("num_attention_heads", self.num_attention_heads, 1024)?;
+        positive(
+            "intermediate_size",
+            self.intermediate_size,
+            8 * MAX_ENCODER_WIDTH,
+        )?;
+        positive(
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            1 << 16,
+        )?;
+        positive("type_vocab_size", self.type_vocab_size, 1024)?;
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::Invalid(format!(
+                "config.json: hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps < 1.0) {
+            return Err(Error::Invalid(format!(
+                "config.json: layer_norm_eps must be in (0, 1), got {}",
+                self.layer_norm_eps
+            )));
+        }
+        if self.max_seq_length < 2 || self.max_seq_length > self.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "max_seq_length {} must be between 2 and max_position_embeddings {}",
+                self.max_seq_length, self.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
+
+    /// Number of weights (embeddings, layers; no pooler).
+    pub fn parameter_count(&self) -> u64 {
+        let h = u64::from(self.hidden_size);
+        let i = u64::from(self.intermediate_size);
+        let embeddings = (u64::from(self.vocab_size)
+            + u64::from(self.max_position_embeddings)
+            + u64::from(self.type_vocab_size))
+            * h
+            + 2 * h;
+        let layer = 4 * (h * h + h) + 2 * (h * i) + i + h + 4 * h;
+        embeddings + u64::from(self.num_hidden_layers) * layer
+    }
+}
+
 /// A model architecture; new families go beside `Mlp`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelSpec {
     /// A multilayer perceptron.
     Mlp(MlpSpec),
+    /// A BERT-family encoder serving sentence embeddings.
+    Bert(BertSpec),
 }
 
 impl ModelSpec {
+    /// The MLP spec, for what only the MLP has (training, Kiln's weight layout); the error
+    /// says which family the model is.
+    pub fn mlp(&self) -> Result<&MlpSpec> {
+        match self {
+            ModelSpec::Mlp(mlp) => Ok(mlp),
+            other => Err(Error::Invalid(format!(
+                "this is a {} model; only MLP models can do that",
+                other.family_name()
+            ))),
+        }
+    }
+
+    /// The family's name (`"mlp"`, `"bert"`).
+    pub fn family_name(&self) -> &'static str {
+        match self {
+            ModelSpec::Mlp(_) => "mlp",
+            ModelSpec::Bert(_) => "bert",
+        }
+    }
+
     /// Check every limit; the error names the field.
     pub fn validate(&self) -> Result<()> {
-        let ModelSpec::Mlp(mlp) = self;
+        let mlp = match self {
+            ModelSpec::Mlp(mlp) => mlp,
+            ModelSpec::Bert(bert) => return bert.validate(),
+        };
         let width = |field: &str, w: u32| {
             if w == 0 || w > MAX_WIDTH {
                 Err(Error::Invalid(format!(
@@ -98,21 +232,28 @@ impl ModelSpec {
         Ok(())
     }
 
-    /// Input features per row.
+    /// Input features per row (an MLP's input width; an encoder's hidden width).
     pub fn input_width(&self) -> usize {
-        let ModelSpec::Mlp(mlp) = self;
-        mlp.input_width as usize
+        match self {
+            ModelSpec::Mlp(mlp) => mlp.input_width as usize,
+            ModelSpec::Bert(bert) => bert.hidden_size as usize,
+        }
     }
 
-    /// Outputs per row.
+    /// Outputs per row (an MLP's output width; an encoder's embedding width).
     pub fn output_width(&self) -> usize {
-        let ModelSpec::Mlp(mlp) = self;
-        mlp.output_width as usize
+        match self {
+            ModelSpec::Mlp(mlp) => mlp.output_width as usize,
+            ModelSpec::Bert(bert) => bert.hidden_size as usize,
+        }
     }
 
-    /// `(in, out)` of every dense layer, input side first.
+    /// `(in, out)` of every dense layer of an MLP, input side first (none for other
+    /// families).
     pub fn layer_shapes(&self) -> Vec<(usize, usize)> {
-        let ModelSpec::Mlp(mlp) = self;
+        let ModelSpec::Mlp(mlp) = self else {
+            return Vec::new();
+        };
         let mut widths = vec![mlp.input_width as usize];
         widths.extend(mlp.hidden.iter().map(|w| *w as usize));
         widths.push(mlp.output_width as usize);
@@ -121,6 +262,9 @@ impl ModelSpec {
 
     /// Number of weights and biases.
     pub fn parameter_count(&self) -> u64 {
+        if let ModelSpec::Bert(bert) = self {
+            return bert.parameter_count();
+        }
         self.layer_shapes()
             .iter()
             .map(|(i, o)| (*i as u64) * (*o as u64) + *o as u64)

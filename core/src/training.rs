@@ -202,7 +202,7 @@ pub fn validate(
     config: &TrainingConfig,
     limits: &TrainingLimits,
 ) -> Result<()> {
-    let ModelSpec::Mlp(mlp) = spec;
+    let mlp = spec.mlp()?;
     if config.epochs == 0 || config.epochs > limits.max_epochs {
         return invalid(format!(
             "epochs must be between 1 and {}, got {}",
@@ -312,8 +312,10 @@ fn check_weight_decay(weight_decay: f64) -> Result<()> {
 
 /// The label columns a task's rows carry: one class index for multiclass, else one per output.
 pub fn label_width(spec: &ModelSpec) -> usize {
-    let ModelSpec::Mlp(mlp) = spec;
-    if mlp.task == Task::MulticlassClassification {
+    if spec
+        .mlp()
+        .is_ok_and(|mlp| mlp.task == Task::MulticlassClassification)
+    {
         1
     } else {
         spec.output_width()
@@ -328,7 +330,7 @@ fn check_rows(
     data: &Dataset,
     limits: &TrainingLimits,
 ) -> Result<()> {
-    let ModelSpec::Mlp(mlp) = spec;
+    let mlp = spec.mlp()?;
     let (width, outputs) = (spec.input_width(), spec.output_width());
     if data.rows == 0 {
         return invalid(format!("{field}: the dataset is empty"));

@@ -88,8 +88,148 @@ impl ModelsService {
     }
 }
 
+/// A broken upload stream, as the caller sees it.
+fn stream_failed(status: Status) -> Error {
+    Error::Invalid(format!("the import stream failed: {}", status.message()))
+}
+
+/// Most bytes one import may upload (every file together).
+pub const MAX_IMPORT_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
+impl ModelsService {
+    /// Gather an import stream into its files, checking names and sizes as they come.
+    async fn receive_import(
+        stream: &mut tonic::Streaming<pb::ImportModelRequest>,
+    ) -> Result<(pb::ImportHeader, std::collections::BTreeMap<String, Bytes>)> {
+        use pb::import_model_request::Part;
+        let header = match stream.message().await.map_err(stream_failed)? {
+            Some(pb::ImportModelRequest {
+                part: Some(Part::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Error::Invalid(
+                    "an import starts with its header (name, description)".into(),
+                ));
+            }
+        };
+        validate_name("name", &header.name)?;
+        if header.description.len() > 1024 {
+            return Err(Error::Invalid(format!(
+                "description is {} bytes; at most 1024 are allowed",
+                header.description.len()
+            )));
+        }
+        let mut files: std::collections::BTreeMap<String, bytes::BytesMut> = Default::default();
+        let mut total = 0u64;
+        let mut current = String::new();
+        while let Some(message) = stream.message().await.map_err(stream_failed)? {
+            let Some(Part::Chunk(chunk)) = message.part else {
+                return Err(Error::Invalid("an import has one header, first".into()));
+            };
+            let path = chunk.path;
+            if path != current {
+                let known =
+                    kiln_core::hf::wanted_files(files.get(kiln_core::hf::MODULES).map(|b| &b[..]));
+                let safe = !path.is_empty()
+                    && path.len() <= 256
+                    && !path.starts_with('/')
+                    && path
+                        .split('/')
+                        .all(|p| !p.is_empty() && p != "." && p != "..");
+                if !safe {
+                    return Err(Error::Invalid(format!(
+                        "file path {path:?} must be relative, without . or .. parts, at most 256 bytes"
+                    )));
+                }
+                if files.contains_key(&path) {
+                    return Err(Error::Invalid(format!(
+                        "file {path:?} is sent twice; send each file's chunks together"
+                    )));
+                }
+                if !known.contains(&path) || files.len() >= kiln_core::hf::MAX_FILES {
+                    return Err(Error::Invalid(format!(
+                        "file {path:?} is not one Kiln reads ({})",
+                        known.join(", ")
+                    )));
+                }
+                current = path.clone();
+            }
+            total += chunk.data.len() as u64;
+            if total > MAX_IMPORT_BYTES {
+                return Err(Error::Overloaded(format!(
+                    "the import is over {} GiB",
+                    MAX_IMPORT_BYTES >> 30
+                )));
+            }
+            files
+                .entry(path)
+                .or_default()
+                .extend_from_slice(&chunk.data);
+        }
+        Ok((
+            header,
+            files.into_iter().map(|(k, v)| (k, v.freeze())).collect(),
+        ))
+    }
+
+    async fn import(
+        &self,
+        mut stream: tonic::Streaming<pb::ImportModelRequest>,
+    ) -> Result<pb::ModelVersion> {
+        let (header, files) = Self::receive_import(&mut stream).await?;
+        // Checked in full before anything is stored: a refusal registers nothing.
+        let imported = kiln_core::hf::import(&files)?;
+        let spec = imported.spec;
+        let signature = kiln_core::spec::Signature::default();
+        let shared = &self.shared;
+        match shared.registry.get_model(&header.name).await {
+            Ok(existing) => {
+                if existing.spec != spec {
+                    return Err(Error::AlreadyExists(format!(
+                        "model {:?} exists with a different architecture; choose another name",
+                        header.name
+                    )));
+                }
+            }
+            Err(kiln_registry::Error::NotFound { .. }) => {
+                let created = shared
+                    .registry
+                    .create_model(NewModel {
+                        name: header.name.clone(),
+                        spec: spec.clone(),
+                        signature: signature.clone(),
+                        description: header.description.clone(),
+                    })
+                    .await;
+                match created {
+                    Ok(_) | Err(kiln_registry::Error::AlreadyExists { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let artifact = shared.artifacts.put(imported.weights).await?;
+        let mut new = NewVersion::new(artifact, "import");
+        for (name, bytes) in imported.files {
+            new.files.insert(name, shared.artifacts.put(bytes).await?);
+        }
+        let version = shared.registry.register_version(&header.name, new).await?;
+        Ok(version_to_proto(&version, &spec, &signature, "LOADING"))
+    }
+}
+
 #[tonic::async_trait]
 impl Models for ModelsService {
+    async fn import_model(
+        &self,
+        request: Request<tonic::Streaming<pb::ImportModelRequest>>,
+    ) -> Result<Response<pb::CreateModelResponse>, Status> {
+        let version = self.import(request.into_inner()).await?;
+        Ok(Response::new(pb::CreateModelResponse {
+            version: Some(version),
+        }))
+    }
+
     async fn create_model(
         &self,
         request: Request<pb::CreateModelRequest>,

@@ -102,6 +102,12 @@ impl Shared {
                         * batching.max_queue_size.max(1) as usize,
                 },
             )?;
+            entry
+                .record
+                .spec
+                .family()
+                .check_request(&decoded.inputs)
+                .map_err(|e| Error::Invalid(e.to_string()))?;
             let input = decoding.elapsed();
             let rows = decoded.rows;
             kiln_telemetry::trace::attribute("kiln.batch_size", rows as i64);

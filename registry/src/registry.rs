@@ -41,6 +41,8 @@ pub struct NewVersion {
     pub metrics: std::collections::BTreeMap<String, f64>,
     /// Standardisation to apply at inference.
     pub preprocessing: Option<kiln_core::spec::Standardization>,
+    /// Other files of the version by name (an encoder's tokenizer).
+    pub files: std::collections::BTreeMap<String, ArtifactRef>,
 }
 
 impl NewVersion {
@@ -51,6 +53,7 @@ impl NewVersion {
             source: source.into(),
             metrics: Default::default(),
             preprocessing: None,
+            files: Default::default(),
         }
     }
 }
@@ -207,6 +210,7 @@ impl Registry {
                 created_unix_ms: now_unix_ms(),
                 metrics: new.metrics.clone(),
                 preprocessing: new.preprocessing.clone(),
+                files: new.files.clone(),
             };
             self.write(&keys::version(model, version.version), &version, None)
                 .await?;

@@ -9,7 +9,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::activation;
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln_core::MlpWeights;
-use kiln_core::spec::{Activation, ModelSpec, Task};
+use kiln_core::spec::{Activation, MlpSpec, Task};
 use kiln_core::weights::LayerWeights;
 
 /// A multilayer perceptron: dense layers with an activation between them and a head that
@@ -32,8 +32,7 @@ impl Mlp {
     /// Parameter ids are fixed by position (layer `i`: weight `2i`, bias `2i + 1`, above a
     /// constant base), so an optimizer state recorded for one build of a model applies to
     /// another — what resuming a training run from its checkpoint on another worker needs.
-    pub fn from_weights(spec: &ModelSpec, weights: &MlpWeights, device: &Device) -> Self {
-        let ModelSpec::Mlp(mlp) = spec;
+    pub fn from_weights(mlp: &MlpSpec, weights: &MlpWeights, device: &Device) -> Self {
         let layers = weights
             .layers
             .iter()

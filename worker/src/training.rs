@@ -186,14 +186,14 @@ fn evaluate(
     loss: Loss,
     device: &Device,
 ) -> Result<(f64, Option<f64>)> {
-    let ModelSpec::Mlp(mlp) = spec;
+    let mlp = spec.mlp()?;
     let (width, outputs) = (spec.input_width(), spec.output_width());
     let label_width = if mlp.task == Task::MulticlassClassification {
         1
     } else {
         outputs
     };
-    let model = Mlp::from_weights(spec, weights, device);
+    let model = Mlp::from_weights(mlp, weights, device);
     let (mut total, mut right) = (0.0f64, 0usize);
     for chunk in rows.chunks(4096) {
         let b = gather(data, chunk, width, label_width);
@@ -322,7 +322,7 @@ impl TrainingRun {
                 max_upload_bytes: u64::MAX,
             },
         )?;
-        let ModelSpec::Mlp(mlp) = spec;
+        let mlp = spec.mlp()?;
         let (width, outputs) = (spec.input_width(), spec.output_width());
         let label_width = kiln_core::training::label_width(spec);
         let train = data.train;
@@ -355,7 +355,7 @@ impl TrainingRun {
             stats
         });
         let train_device = device.clone().autodiff();
-        let model = Mlp::from_weights(spec, init, &train_device);
+        let model = Mlp::from_weights(mlp, init, &train_device);
         let mut optimizer = build_optimizer(&config.optimizer);
         let mut epoch = 0;
         if let Some(r) = resume {

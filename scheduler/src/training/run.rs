@@ -225,6 +225,7 @@ impl TrainingCoordinator {
                     source: format!("job:{}", job.id),
                     metrics,
                     preprocessing,
+                    files: Default::default(),
                 },
             )
             .await

@@ -71,7 +71,9 @@ impl TrainingCoordinator {
                 spec.model_name
             )));
         }
-        let ModelSpec::Mlp(mlp) = &model_spec;
+        let mlp = model_spec
+            .mlp()
+            .map_err(|e| Error::invalid(e.to_string()))?;
         let loss = match pb::LossKind::try_from(spec.loss) {
             Ok(pb::LossKind::Unspecified) => Loss::for_task(mlp.task),
             Ok(pb::LossKind::BinaryCrossEntropy) => Loss::BinaryCrossEntropy,

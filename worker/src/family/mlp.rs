@@ -2,13 +2,11 @@
 //! input and one FP32 output, rows batched by concatenation.
 
 use burn::tensor::{Device, Tensor as BurnTensor, TensorData};
-use bytes::Bytes;
 use kiln_core::MlpWeights;
-use kiln_core::records::VersionRecord;
 use kiln_core::spec::{ModelSpec, Standardization};
 use kiln_core::tensor::{Interface, Tensor};
 
-use super::{Family, Loaded, Prepared};
+use super::{Artifacts, Family, Loaded, Prepared};
 use crate::model::Mlp;
 use crate::{Error, Result};
 
@@ -20,11 +18,10 @@ impl Family for MlpFamily {
         &self,
         spec: &ModelSpec,
         interface: Interface,
-        version: &VersionRecord,
-        weights: Bytes,
+        artifacts: Artifacts,
     ) -> Result<Box<dyn Prepared>> {
-        let weights = MlpWeights::from_safetensors(spec, &weights)?;
-        prepare(spec, interface, weights, version.preprocessing.clone())
+        let weights = MlpWeights::from_safetensors(spec, &artifacts.weights)?;
+        prepare(spec, interface, weights, artifacts.preprocessing)
     }
 }
 
@@ -56,7 +53,7 @@ struct PreparedMlp {
 
 impl Prepared for PreparedMlp {
     fn build(self: Box<Self>, device: &Device) -> Result<Box<dyn Loaded>> {
-        let mlp = Mlp::from_weights(&self.spec, &self.weights, device);
+        let mlp = Mlp::from_weights(self.spec.mlp()?, &self.weights, device);
         Ok(Box::new(LoadedMlp {
             mlp,
             device: device.clone(),
@@ -145,7 +142,7 @@ mod tests {
             preprocessing: None,
         };
         let device = Device::flex();
-        let mlp = Mlp::from_weights(&prepared.spec, &prepared.weights, &device);
+        let mlp = Mlp::from_weights(prepared.spec.mlp().unwrap(), &prepared.weights, &device);
         assert_eq!(mlp.to_weights(), weights);
     }
 

@@ -8,26 +8,38 @@
 //! the batcher joins requests along the batch dimension before and splits answers after,
 //! so neither knows which family a version is.
 
+pub mod bert;
 pub mod mlp;
+
+use std::collections::BTreeMap;
 
 use burn::tensor::Device;
 use bytes::Bytes;
-use kiln_core::records::VersionRecord;
-use kiln_core::spec::ModelSpec;
+use kiln_core::spec::{ModelSpec, Standardization};
 use kiln_core::tensor::{Interface, Tensor};
 
 use crate::Result;
 
+/// What a version stores, fetched from the artifact store and checked against its sha256.
+#[derive(Debug, Clone, Default)]
+pub struct Artifacts {
+    /// The weights file.
+    pub weights: Bytes,
+    /// The version's other files by name (an encoder's `tokenizer.json`).
+    pub files: BTreeMap<String, Bytes>,
+    /// A trained MLP version's standardisation.
+    pub preprocessing: Option<Standardization>,
+}
+
 /// A family's device code.
 pub trait Family: Send + Sync {
-    /// Decode and check a version's weights (the artifact's bytes) for `spec`, served
-    /// under `interface`. Runs off the device thread; nothing touches the device yet.
+    /// Decode and check a version's artifacts for `spec`, served under `interface`. Runs
+    /// off the device thread; nothing touches the device yet.
     fn prepare(
         &self,
         spec: &ModelSpec,
         interface: Interface,
-        version: &VersionRecord,
-        weights: Bytes,
+        artifacts: Artifacts,
     ) -> Result<Box<dyn Prepared>>;
 }
 
@@ -52,5 +64,6 @@ pub trait Loaded: Send {
 pub fn family(spec: &ModelSpec) -> &'static dyn Family {
     match spec {
         ModelSpec::Mlp(_) => &mlp::MlpFamily,
+        ModelSpec::Bert(_) => &bert::BertFamily,
     }
 }

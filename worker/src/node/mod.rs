@@ -78,6 +78,8 @@ pub(crate) struct Served {
     pub(crate) batcher: Batcher,
     /// What its requests must hold (checked before they are queued).
     pub(crate) interface: Interface,
+    /// Its spec: the family's own request checks.
+    pub(crate) spec: ModelSpec,
 }
 
 pub(crate) struct State {

@@ -100,15 +100,22 @@ pub(super) async fn fetch_and_build(
     let view = registry.view().await?;
     let (entry, version) = view.resolve(&key.model, &key.version.to_string())?;
     let spec = entry.record.spec.clone();
-    let bytes = state.deps.artifacts.get(&version.artifact).await?;
+    let mut artifacts = crate::family::Artifacts {
+        weights: state.deps.artifacts.get(&version.artifact).await?,
+        files: Default::default(),
+        preprocessing: version.preprocessing.clone(),
+    };
+    for (name, artifact) in &version.files {
+        let bytes = state.deps.artifacts.get(artifact).await?;
+        artifacts.files.insert(name.clone(), bytes);
+    }
     let interface = spec.interface(&entry.record.signature);
     // Decoded and checked by the version's family off the device thread; built on it.
     let prepared = {
         let spec = spec.clone();
         let interface = interface.clone();
-        let version = version.clone();
         tokio::task::spawn_blocking(move || {
-            crate::family::family(&spec).prepare(&spec, interface, &version, bytes)
+            crate::family::family(&spec).prepare(&spec, interface, artifacts)
         })
         .await
         .map_err(|e| Error::Device(e.to_string()))??
@@ -121,7 +128,14 @@ pub(super) async fn fetch_and_build(
         .served
         .write()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(key.clone(), Served { batcher, interface });
+        .insert(
+            key.clone(),
+            Served {
+                batcher,
+                interface,
+                spec: spec.clone(),
+            },
+        );
     Ok(())
 }
 

@@ -40,6 +40,10 @@ impl Worker for WorkerService {
                 .ok_or_else(|| Error::NotLoaded(key.clone()))?;
             // Checked here, per request, so that a malformed one never joins a batch.
             let rows = s.interface.check_inputs(&inputs).map_err(Error::from)?;
+            s.spec
+                .family()
+                .check_request(&inputs)
+                .map_err(Error::from)?;
             (s.batcher.clone(), rows)
         };
         kiln_telemetry::trace::attributes(|| {
