@@ -131,7 +131,7 @@ impl BertSpec {
             1 << 16,
         )?;
         positive("type_vocab_size", self.type_vocab_size, 1024)?;
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::Invalid(format!(
                 "config.json: hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads

@@ -194,7 +194,7 @@ impl Prepared for PreparedBert {
             word,
             position,
             // Single-text inputs: every token has type 0.
-            token_type: token_type.slice([0..1]),
+            token_type: token_type.narrow(0, 0, 1),
             embedding_norm,
             layers,
         }))
@@ -266,7 +266,7 @@ impl LoadedBert {
         }
         let ids = BurnTensor::<2, Int>::from_data(TensorData::new(tokens.ids, [rows, s]), device);
         let mask = BurnTensor::<2>::from_data(TensorData::new(tokens.mask, [rows, s]), device);
-        let positions = self.position.clone().slice([0..s]).unsqueeze_dim::<3>(0);
+        let positions = self.position.clone().narrow(0, 0, s).unsqueeze_dim::<3>(0);
         let mut x = embedding(self.word.clone(), ids)
             + positions
             + self.token_type.clone().unsqueeze_dim::<3>(0);
