@@ -1,0 +1,139 @@
+"""Kiln's encoder against candle-transformers on all-MiniLM-L6-v2, same machine, same run:
+sentences per second and latency for short (~12-token) sentences and ~128-token passages,
+at batch 1 and 32. Kiln is measured through the gateway (`kiln up --workers 1 --device
+cpu`, tritonclient over gRPC, closed loops of 1, 8 and 32 callers); candle in-process (its
+own program, one caller). Writes bench/embeddings/results.json and the "Sentence
+embeddings" section of docs/benchmarks.md.
+
+Run by bench/embeddings/run.sh, which builds both and exports what this reads.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+ROOT = Path(__file__).resolve().parents[2]
+KILN = os.environ["KILN_BIN"]
+CANDLE = os.environ["KILN_BENCH_CANDLE_BIN"]
+MODEL = Path(os.environ["KILN_BENCH_MINILM_DIR"])
+SECONDS = float(os.environ.get("KILN_BENCH_SECONDS", "5"))
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
+         "boxing matches in old harbour towns near bright mountain lakes every summer").split()
+
+
+def texts():
+    """Short sentences (~12 tokens with [CLS]/[SEP]) and passages (~128 tokens)."""
+    rng = np.random.default_rng(3)
+    short = [" ".join(rng.choice(WORDS, 10)).capitalize() + "." for _ in range(256)]
+    passage = [" ".join(rng.choice(WORDS, 120)).capitalize() + "." for _ in range(64)]
+    return {"short": short, "passage": passage}
+
+
+def kiln_cells(addr, pool):
+    cells = []
+    for kind in ("short", "passage"):
+        for batch in (1, 32):
+            for concurrency in (1, 8, 32):
+                latencies, count, stop = [], [0], time.monotonic() + 0.3 + SECONDS
+                lock = threading.Lock()
+                measure_from = time.monotonic() + 0.3
+
+                def caller(seed):
+                    client = grpcclient.InferenceServerClient(addr)
+                    i = seed
+                    while True:
+                        chunk = [pool[kind][(i + j) % len(pool[kind])] for j in range(batch)]
+                        i += batch * 7
+                        inp = grpcclient.InferInput("text", [batch], "BYTES")
+                        inp.set_data_from_numpy(np.array([t.encode() for t in chunk], dtype=object))
+                        t0 = time.monotonic()
+                        if t0 >= stop:
+                            return
+                        client.infer("minilm", [inp])
+                        t1 = time.monotonic()
+                        if t0 >= measure_from and t1 <= stop:
+                            with lock:
+                                latencies.append((t1 - t0) * 1e3)
+                                count[0] += batch
+
+                threads = [threading.Thread(target=caller, args=(k * 31,)) for k in range(concurrency)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                lat = np.array(latencies)
+                cell = {"peer": "kiln", "kind": kind, "batch": batch, "concurrency": concurrency,
+                        "sentences_per_s": count[0] / SECONDS,
+                        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+                        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None}
+                print(json.dumps(cell), flush=True)
+                cells.append(cell)
+    return cells
+
+
+def main():
+    work = Path(tempfile.mkdtemp(prefix="kiln-bench-embeddings-"))
+    pool = texts()
+    (work / "texts.json").write_text(json.dumps(pool))
+    out = subprocess.run([CANDLE, str(MODEL), str(work / "texts.json"), str(SECONDS)],
+                         capture_output=True, text=True, check=True)
+    candle = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    for c in candle:
+        print(json.dumps(c), flush=True)
+    addr_file = work / "addr"
+    proc = subprocess.Popen([KILN, "up", "--grpc-addr", "127.0.0.1:0", "--workers", "1",
+                             "--device", "cpu", "--data-dir", str(work / "data"),
+                             "--addr-file", str(addr_file)],
+                            stdout=open(work / "kiln.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        while not addr_file.exists() or not addr_file.read_text():
+            assert proc.poll() is None, "kiln up exited"
+            time.sleep(0.05)
+        addr = addr_file.read_text().strip()
+        subprocess.run([KILN, "models", "import", str(MODEL), "--name", "minilm", "--addr", addr],
+                       check=True, capture_output=True)
+        client = grpcclient.InferenceServerClient(addr)
+        while not client.is_model_ready("minilm"):
+            time.sleep(0.2)
+        kiln = kiln_cells(addr, pool)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    (ROOT / "bench/embeddings/results.json").write_text(
+        json.dumps({"seconds_per_cell": SECONDS, "candle": candle, "kiln": kiln}, indent=1) + "\n")
+    lines = [f"Run {time.strftime('%Y-%m-%d')} by `bench/embeddings/run.sh`, {SECONDS:g} s per cell, "
+             "all-MiniLM-L6-v2 (FP32) on this machine's CPU. Raw numbers: "
+             "`bench/embeddings/results.json`.\n",
+             "| texts | batch | candle sentences/s (1 caller, in-process) | candle p50 / p99 ms "
+             "| Kiln sentences/s at 1 / 8 / 32 callers | Kiln p50 / p99 ms at 1 caller |",
+             "|---|---|---|---|---|---|"]
+    for kind in ("short", "passage"):
+        for batch in (1, 32):
+            c = next(x for x in candle if x["kind"] == kind and x["batch"] == batch)
+            k = {x["concurrency"]: x for x in kiln if x["kind"] == kind and x["batch"] == batch}
+            rates = " / ".join("%.0f" % k[n]["sentences_per_s"] for n in (1, 8, 32))
+            lines.append(
+                f"| {kind} | {batch} | {c['sentences_per_s']:.0f} | {c['p50_ms']:.1f} / {c['p99_ms']:.1f} "
+                f"| {rates} | {k[1]['p50_ms']:.1f} / {k[1]['p99_ms']:.1f} |")
+    section = "\n".join(lines) + "\n"
+    doc = ROOT / "docs/benchmarks.md"
+    text = doc.read_text()
+    begin, end = "<!-- embeddings:begin -->", "<!-- embeddings:end -->"
+    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{section}{end}",
+                  text, flags=re.S)
+    doc.write_text(text)
+    print(section)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
