@@ -174,6 +174,7 @@ impl GrpcInferenceService for Floor {
                     name: "input".into(),
                     data_type: oip::DataType::TypeFp32 as i32,
                     dims: vec![self.config.inputs as i64],
+                    optional: false,
                 }],
                 output: vec![oip::ModelOutput {
                     name: "output".into(),
@@ -253,5 +254,6 @@ fn fp32_metadata(
         name: name.into(),
         datatype: DataType::F32,
         shape: vec![-1, width as i64],
+        optional: false,
     })
 }

@@ -73,6 +73,7 @@ pub fn spec_to_proto(spec: &ModelSpec) -> pb::ArchitectureSpec {
                         Pooling::Cls => "cls".into(),
                     },
                     normalize: b.normalize,
+                    labels: b.labels.clone(),
                 })),
             };
         }

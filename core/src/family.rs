@@ -34,6 +34,12 @@ pub trait FamilySpec {
     fn check_request(&self, _inputs: &[Tensor]) -> Result<()> {
         Ok(())
     }
+
+    /// Whether the model cuts inputs longer than it takes (an encoder's texts past its
+    /// longest sequence); its answers then say how many rows were cut.
+    fn truncates(&self) -> bool {
+        false
+    }
 }
 
 impl FamilySpec for MlpSpec {
@@ -47,6 +53,7 @@ impl FamilySpec for MlpSpec {
             name: name.to_owned(),
             datatype: DataType::F32,
             shape: vec![-1, i64::from(width)],
+            optional: false,
         };
         Interface {
             inputs: vec![tensor(&names.input_name, self.input_width)],
@@ -61,29 +68,63 @@ impl FamilySpec for MlpSpec {
 
 /// Input text of an encoder: one UTF-8 string per row.
 pub const TEXT_INPUT: &str = "text";
-/// Output of an encoder: one embedding per row.
+/// Pre-tokenised input of an encoder: token ids, `[batch, tokens]`.
+pub const IDS_INPUT: &str = "input_ids";
+/// With `input_ids`: 1 for a token, 0 for padding after the row's tokens.
+pub const MASK_INPUT: &str = "attention_mask";
+/// With `input_ids`: each token's segment (all 0 for single texts).
+pub const TYPES_INPUT: &str = "token_type_ids";
+/// Output of an embedding model: one embedding per row.
 pub const EMBEDDING_OUTPUT: &str = "embedding";
+/// Output of a sequence classifier: one score per class per row.
+pub const LOGITS_OUTPUT: &str = "logits";
+/// Output of a sequence classifier: the label of the highest score per row.
+pub const LABEL_OUTPUT: &str = "label";
 
 impl FamilySpec for BertSpec {
     fn family(&self) -> &'static str {
         "bert"
     }
 
-    /// One BYTES input `text` `[batch]` (a UTF-8 string per row), one FP32 output
-    /// `embedding` `[batch, hidden_size]`. The tensor names are fixed: the signature's names
-    /// are the MLP's.
+    /// Either `text` BYTES `[batch]` (a UTF-8 string per row, tokenised by the worker) or
+    /// `input_ids` INT64 `[batch, tokens]` with optional `attention_mask` and
+    /// `token_type_ids` of the same shape (tokenised by the client). Out: `embedding` FP32
+    /// `[batch, hidden_size]`, or for a classifier `logits` FP32 `[batch, classes]` and
+    /// `label` BYTES `[batch]`. The tensor names are fixed: the signature's names are the
+    /// MLP's.
     fn interface(&self, _: &Signature) -> Interface {
+        let tensor = |name: &str, datatype: DataType, shape: Vec<i64>, optional: bool| TensorSpec {
+            name: name.into(),
+            datatype,
+            shape,
+            optional,
+        };
+        let outputs = if self.is_classifier() {
+            vec![
+                tensor(
+                    LOGITS_OUTPUT,
+                    DataType::F32,
+                    vec![-1, self.labels.len() as i64],
+                    false,
+                ),
+                tensor(LABEL_OUTPUT, DataType::Bytes, vec![-1], false),
+            ]
+        } else {
+            vec![tensor(
+                EMBEDDING_OUTPUT,
+                DataType::F32,
+                vec![-1, i64::from(self.hidden_size)],
+                false,
+            )]
+        };
         Interface {
-            inputs: vec![TensorSpec {
-                name: TEXT_INPUT.into(),
-                datatype: DataType::Bytes,
-                shape: vec![-1],
-            }],
-            outputs: vec![TensorSpec {
-                name: EMBEDDING_OUTPUT.into(),
-                datatype: DataType::F32,
-                shape: vec![-1, i64::from(self.hidden_size)],
-            }],
+            inputs: vec![
+                tensor(TEXT_INPUT, DataType::Bytes, vec![-1], true),
+                tensor(IDS_INPUT, DataType::I64, vec![-1, -1], true),
+                tensor(MASK_INPUT, DataType::I64, vec![-1, -1], true),
+                tensor(TYPES_INPUT, DataType::I64, vec![-1, -1], true),
+            ],
+            outputs,
         }
     }
 
@@ -92,20 +133,145 @@ impl FamilySpec for BertSpec {
         Batching::Rows
     }
 
-    /// Every text is UTF-8.
+    /// Texts past `max_seq_length` tokens are cut there.
+    fn truncates(&self) -> bool {
+        true
+    }
+
+    /// `text` alone, every element UTF-8; or `input_ids` (with `attention_mask` and
+    /// `token_type_ids` of its shape, if given), every id in the vocabulary, every mask
+    /// 1s then 0s with at least one token, every type within `type_vocab_size`, and no
+    /// row longer than `max_position_embeddings`.
     fn check_request(&self, inputs: &[Tensor]) -> Result<()> {
-        for t in inputs {
-            for (i, item) in t.byte_strings()?.iter().enumerate() {
-                if std::str::from_utf8(item).is_err() {
+        let find = |name: &str| inputs.iter().find(|t| t.name == name);
+        match (find(TEXT_INPUT), find(IDS_INPUT)) {
+            (Some(text), None) => {
+                if inputs.len() > 1 {
                     return Err(Error::Invalid(format!(
-                        "input {:?}: element {i} is not valid UTF-8",
-                        t.name
+                        "input {TEXT_INPUT:?} goes alone: {MASK_INPUT:?} and {TYPES_INPUT:?} go with {IDS_INPUT:?}"
                     )));
                 }
+                for (i, item) in text.byte_strings()?.iter().enumerate() {
+                    if std::str::from_utf8(item).is_err() {
+                        return Err(Error::Invalid(format!(
+                            "input {TEXT_INPUT:?}: element {i} is not valid UTF-8"
+                        )));
+                    }
+                }
+                Ok(())
             }
+            (None, Some(ids)) => {
+                token_rows(self, ids, find(MASK_INPUT), find(TYPES_INPUT)).map(|_| ())
+            }
+            (Some(_), Some(_)) => Err(Error::Invalid(format!(
+                "give either {TEXT_INPUT:?} or {IDS_INPUT:?}, not both"
+            ))),
+            (None, None) => Err(Error::Invalid(format!(
+                "input {TEXT_INPUT:?} or {IDS_INPUT:?} is needed"
+            ))),
         }
-        Ok(())
     }
+}
+
+/// One pre-tokenised row: its real tokens (the mask's 1s) and their types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Segment of each token.
+    pub types: Vec<u32>,
+}
+
+/// The rows of a pre-tokenised request, checked against `spec` (see
+/// [`BertSpec::check_request`](FamilySpec::check_request)); padding is dropped.
+pub fn token_rows(
+    spec: &BertSpec,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    types: Option<&Tensor>,
+) -> Result<Vec<TokenRow>> {
+    let shape = ids.shape.clone();
+    for t in [mask, types].into_iter().flatten() {
+        if t.shape != shape {
+            return Err(Error::Invalid(format!(
+                "input {:?} has shape {:?}; {IDS_INPUT:?} has {shape:?}",
+                t.name, t.shape
+            )));
+        }
+    }
+    let (rows, width) = (shape[0], shape.get(1).copied().unwrap_or(0));
+    let ids = ids.i64_values()?;
+    let mask = mask.map(Tensor::i64_values).transpose()?;
+    let types = types.map(Tensor::i64_values).transpose()?;
+    let mut out = Vec::with_capacity(rows);
+    for r in 0..rows {
+        let at = r * width..(r + 1) * width;
+        let len = match &mask {
+            None => width,
+            Some(mask) => {
+                let row = &mask[at.clone()];
+                if let Some(bad) = row.iter().find(|v| **v != 0 && **v != 1) {
+                    return Err(Error::Invalid(format!(
+                        "input {MASK_INPUT:?}: row {r} holds {bad}; a mask holds 0 and 1"
+                    )));
+                }
+                let len = row.iter().take_while(|v| **v == 1).count();
+                if row[len..].contains(&1) {
+                    return Err(Error::Invalid(format!(
+                        "input {MASK_INPUT:?}: row {r} has padding before a token; pad after the tokens"
+                    )));
+                }
+                len
+            }
+        };
+        if len == 0 {
+            return Err(Error::Invalid(format!(
+                "input {IDS_INPUT:?}: row {r} has no tokens"
+            )));
+        }
+        if len > spec.max_position_embeddings as usize {
+            return Err(Error::Invalid(format!(
+                "input {IDS_INPUT:?}: row {r} has {len} tokens; the model takes at most {}",
+                spec.max_position_embeddings
+            )));
+        }
+        let row_ids = ids[at.start..at.start + len]
+            .iter()
+            .map(|id| {
+                u32::try_from(*id)
+                    .ok()
+                    .filter(|id| *id < spec.vocab_size)
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "input {IDS_INPUT:?}: row {r} holds id {id}, outside the vocabulary of {}",
+                            spec.vocab_size
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let row_types = match &types {
+            None => vec![0; len],
+            Some(types) => types[at.start..at.start + len]
+                .iter()
+                .map(|t| {
+                    u32::try_from(*t)
+                        .ok()
+                        .filter(|t| *t < spec.type_vocab_size)
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "input {TYPES_INPUT:?}: row {r} holds type {t}; the model has {} types",
+                                spec.type_vocab_size
+                            ))
+                        })
+                })
+                .collect::<Result<Vec<u32>>>()?,
+        };
+        out.push(TokenRow {
+            ids: row_ids,
+            types: row_types,
+        });
+    }
+    Ok(out)
 }
 
 impl ModelSpec {
@@ -127,6 +293,70 @@ impl ModelSpec {
 mod tests {
     use super::*;
     use crate::spec::{Activation, Task};
+
+    fn bert() -> BertSpec {
+        BertSpec {
+            vocab_size: 10,
+            hidden_size: 4,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            intermediate_size: 8,
+            max_position_embeddings: 4,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            max_seq_length: 4,
+            pooling: crate::spec::Pooling::Mean,
+            normalize: true,
+            labels: Vec::new(),
+        }
+    }
+
+    fn ints(name: &str, rows: usize, values: &[i64]) -> Tensor {
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let shape = vec![rows, values.len() / rows];
+        Tensor::new(name, DataType::I64, shape, data.into()).unwrap()
+    }
+
+    #[test]
+    fn token_ids_drop_their_padding_and_what_the_model_cannot_take_is_named() {
+        let spec = bert();
+        let ids = ints(IDS_INPUT, 2, &[2, 5, 3, 2, 3, 0]);
+        let mask = ints(MASK_INPUT, 2, &[1, 1, 1, 1, 1, 0]);
+        let rows = token_rows(&spec, &ids, Some(&mask), None).unwrap();
+        assert_eq!(rows[0].ids, vec![2, 5, 3]);
+        assert_eq!(rows[1].ids, vec![2, 3]);
+        assert_eq!(rows[1].types, vec![0, 0]);
+        assert!(spec.check_request(&[ids.clone(), mask]).is_ok());
+        let refusals = [
+            (
+                vec![ints(IDS_INPUT, 1, &[2, 10])],
+                "id 10, outside the vocabulary of 10",
+            ),
+            (
+                vec![ids.clone(), ints(MASK_INPUT, 2, &[1, 0, 1, 1, 1, 0])],
+                "row 0 has padding before a token",
+            ),
+            (
+                vec![ids.clone(), ints(TYPES_INPUT, 2, &[0, 0, 2, 0, 0, 0])],
+                "row 0 holds type 2; the model has 2 types",
+            ),
+            (
+                vec![ints(IDS_INPUT, 1, &[1, 1, 1, 1, 1])],
+                "row 0 has 5 tokens; the model takes at most 4",
+            ),
+            (
+                vec![ints(MASK_INPUT, 1, &[1])],
+                "\"text\" or \"input_ids\" is needed",
+            ),
+        ];
+        for (inputs, needle) in refusals {
+            let e = spec.check_request(&inputs).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        let text = Tensor::from_byte_strings(TEXT_INPUT, vec![1], &["hi"]).unwrap();
+        let e = spec.check_request(&[text, ids]).unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
+    }
 
     #[test]
     fn the_mlp_interface_is_one_fp32_input_and_output_of_its_widths() {

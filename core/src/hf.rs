@@ -112,7 +112,13 @@ pub fn import(files: &BTreeMap<String, Bytes>) -> Result<Imported> {
     };
     let max_position_embeddings = number("max_position_embeddings")?;
     let modules = files.get(MODULES).map(|b| &b[..]);
-    let (pooling, normalize) = pooling(files, modules)?;
+    let labels = labels(&config)?;
+    // A classifier's head reads the `[CLS]` state through its pooler; nothing is scaled.
+    let (pooling, normalize) = if labels.is_empty() {
+        pooling(files, modules)?
+    } else {
+        (Pooling::Cls, false)
+    };
     let max_seq_length = match json(files, SENTENCE_CONFIG)? {
         Some(st) => st
             .get("max_seq_length")
@@ -140,6 +146,7 @@ pub fn import(files: &BTreeMap<String, Bytes>) -> Result<Imported> {
         max_seq_length,
         pooling,
         normalize,
+        labels,
     };
     bert.validate()?;
     let weights = files.get(WEIGHTS).ok_or_else(|| missing(WEIGHTS))?.clone();
@@ -233,6 +240,72 @@ fn pooling(files: &BTreeMap<String, Bytes>, modules: Option<&[u8]>) -> Result<(P
     Ok((pooling, normalize))
 }
 
+/// The architectures Kiln serves, for messages.
+pub const SERVED_ARCHITECTURES: &str = "BertModel, BertForSequenceClassification";
+
+/// A sequence classifier's labels from `config.json`: none for `BertModel`; for
+/// `BertForSequenceClassification`, `id2label` in class order (`LABEL_i` where it is
+/// absent, sized by `num_labels`).
+fn labels(config: &Value) -> Result<Vec<String>> {
+    let architectures: Vec<&str> = config
+        .get("architectures")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let classifier = match architectures.as_slice() {
+        [] | ["BertModel"] => false,
+        ["BertForSequenceClassification"] => true,
+        other => {
+            return Err(Error::Invalid(format!(
+                "{CONFIG}: architectures {other:?} is not served; Kiln serves {SERVED_ARCHITECTURES}"
+            )));
+        }
+    };
+    if !classifier {
+        return Ok(Vec::new());
+    }
+    let by_id = config.get("id2label").and_then(Value::as_object);
+    let count = match (by_id, config.get("num_labels").and_then(Value::as_u64)) {
+        (Some(map), _) => map.len(),
+        (None, Some(n)) => usize::try_from(n).unwrap_or(usize::MAX),
+        (None, None) => 2,
+    };
+    if count == 0 || count > crate::spec::MAX_LABELS {
+        return Err(Error::Invalid(format!(
+            "{CONFIG}: a classifier needs 1 to {} labels, got {count}",
+            crate::spec::MAX_LABELS
+        )));
+    }
+    let mut labels = Vec::with_capacity(count);
+    for i in 0..count {
+        let label = match by_id {
+            None => format!("LABEL_{i}"),
+            Some(map) => map
+                .get(&i.to_string())
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{CONFIG}: id2label has no string for class {i} (classes are numbered 0 to {})",
+                        count - 1
+                    ))
+                })?
+                .to_owned(),
+        };
+        labels.push(label);
+    }
+    Ok(labels)
+}
+
+/// A tensor's name in the checkpoint: the encoder's under `prefix`, the classifier head's
+/// (`classifier.*`) at the top level.
+pub fn checkpoint_name(prefix: &str, name: &str) -> String {
+    if name.starts_with("classifier.") {
+        name.to_owned()
+    } else {
+        format!("{prefix}{name}")
+    }
+}
+
 /// The prefix the checkpoint's tensor names carry: none for `BertModel`, `bert.` for the
 /// task models (`BertForSequenceClassification`, ...).
 pub fn tensor_prefix(names: &[&str]) -> &'static str {
@@ -287,6 +360,13 @@ pub fn bert_tensors(spec: &BertSpec) -> Vec<(String, Vec<usize>)> {
             out.push((format!("{p}{name}"), shape));
         }
     }
+    let n = spec.labels.len();
+    if n > 0 {
+        out.push(("pooler.dense.weight".to_owned(), vec![h, h]));
+        out.push(("pooler.dense.bias".to_owned(), vec![h]));
+        out.push(("classifier.weight".to_owned(), vec![n, h]));
+        out.push(("classifier.bias".to_owned(), vec![n]));
+    }
     out
 }
 
@@ -298,7 +378,7 @@ fn check_tensors(spec: &BertSpec, weights: &[u8]) -> Result<()> {
     let names: Vec<&str> = names.iter().map(|s| &s[..]).collect();
     let prefix = tensor_prefix(&names);
     for (name, shape) in bert_tensors(spec) {
-        let full = format!("{prefix}{name}");
+        let full = checkpoint_name(prefix, &name);
         let view = file
             .tensor(&full)
             .map_err(|_| Error::Invalid(format!("{WEIGHTS}: tensor {full} is missing")))?;
@@ -335,6 +415,16 @@ mod tests {
     }
 
     fn tiny_weights(skip: Option<&str>, reshape: Option<&str>) -> Bytes {
+        tiny_checkpoint(&[], "", skip, reshape)
+    }
+
+    /// A zero checkpoint of the tiny spec with `labels`, encoder tensors under `prefix`.
+    fn tiny_checkpoint(
+        labels: &[&str],
+        prefix: &str,
+        skip: Option<&str>,
+        reshape: Option<&str>,
+    ) -> Bytes {
         let spec = BertSpec {
             vocab_size: 10,
             hidden_size: 4,
@@ -347,6 +437,7 @@ mod tests {
             max_seq_length: 16,
             pooling: Pooling::Mean,
             normalize: false,
+            labels: labels.iter().map(|l| (*l).to_owned()).collect(),
         };
         let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = bert_tensors(&spec)
             .into_iter()
@@ -356,7 +447,7 @@ mod tests {
                     shape[0] += 1;
                 }
                 let bytes = vec![0u8; shape.iter().product::<usize>() * 4];
-                (n, shape, bytes)
+                (checkpoint_name(prefix, &n), shape, bytes)
             })
             .collect();
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
@@ -424,6 +515,57 @@ mod tests {
             (b.pooling, b.normalize, b.max_seq_length),
             (Pooling::Cls, true, 8)
         );
+    }
+
+    fn classifier_config(extra: serde_json::Value) -> Bytes {
+        let mut config: serde_json::Value = serde_json::from_slice(&tiny_config("bert")).unwrap();
+        config["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        Bytes::from(config.to_string())
+    }
+
+    #[test]
+    fn a_sequence_classifier_imports_with_its_labels_in_class_order() {
+        let files = directory(
+            classifier_config(serde_json::json!({"id2label": {"1": "POS", "0": "NEG"}})),
+            tiny_checkpoint(&["NEG", "POS"], "bert.", None, None),
+        );
+        let ModelSpec::Bert(b) = import(&files).unwrap().spec else {
+            panic!("not bert")
+        };
+        assert_eq!(b.labels, vec!["NEG", "POS"]);
+        assert!(b.is_classifier());
+        assert_eq!((b.pooling, b.normalize), (Pooling::Cls, false));
+        // The head must be there, and sized by the labels.
+        let headless = directory(
+            classifier_config(serde_json::json!({"id2label": {"0": "NEG", "1": "POS"}})),
+            tiny_weights(None, None),
+        );
+        let e = import(&headless).unwrap_err().to_string();
+        assert!(
+            e.contains("tensor bert.embeddings") || e.contains("pooler"),
+            "{e}"
+        );
+        let three = directory(
+            classifier_config(serde_json::json!({"num_labels": 3})),
+            tiny_checkpoint(&["a", "b"], "bert.", None, None),
+        );
+        let e = import(&three).unwrap_err().to_string();
+        assert!(e.contains("classifier.weight has shape [2, 4]"), "{e}");
+        let gap = directory(
+            classifier_config(serde_json::json!({"id2label": {"0": "a", "2": "c"}})),
+            tiny_checkpoint(&["a", "b"], "bert.", None, None),
+        );
+        let e = import(&gap).unwrap_err().to_string();
+        assert!(e.contains("id2label has no string for class 1"), "{e}");
+        let other = directory(
+            classifier_config(serde_json::json!({"architectures": ["BertForMaskedLM"]})),
+            tiny_weights(None, None),
+        );
+        let e = import(&other).unwrap_err().to_string();
+        assert!(e.contains("BertForMaskedLM"), "{e}");
     }
 
     #[test]

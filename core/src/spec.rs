@@ -93,12 +93,21 @@ pub struct BertSpec {
     pub pooling: Pooling,
     /// Whether the embedding is scaled to unit length.
     pub normalize: bool,
+    /// A sequence classifier's labels, by class index (`id2label` of a
+    /// `BertForSequenceClassification` checkpoint): its answers are logits and the label
+    /// of the largest. Empty for an embedding model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
 }
 
 /// Most layers of an imported encoder.
 pub const MAX_ENCODER_LAYERS: u32 = 64;
 /// Largest hidden width of an imported encoder.
 pub const MAX_ENCODER_WIDTH: u32 = 8_192;
+/// Most classes of an imported sequence classifier.
+pub const MAX_LABELS: usize = 4_096;
+/// Longest label of a sequence classifier, in bytes.
+pub const MAX_LABEL_BYTES: usize = 256;
 
 impl BertSpec {
     /// Check every limit; the error names the `config.json` field.
@@ -149,10 +158,28 @@ impl BertSpec {
                 self.max_seq_length, self.max_position_embeddings
             )));
         }
+        if self.labels.len() > MAX_LABELS {
+            return Err(Error::Invalid(format!(
+                "config.json: {} labels; at most {MAX_LABELS} are served",
+                self.labels.len()
+            )));
+        }
+        if let Some(long) = self.labels.iter().find(|l| l.len() > MAX_LABEL_BYTES) {
+            return Err(Error::Invalid(format!(
+                "config.json: label {:?}… is longer than {MAX_LABEL_BYTES} bytes",
+                long.chars().take(16).collect::<String>()
+            )));
+        }
         Ok(())
     }
 
-    /// Number of weights (embeddings, layers; no pooler).
+    /// Whether this is a sequence classifier (logits and labels) rather than an embedding
+    /// model.
+    pub fn is_classifier(&self) -> bool {
+        !self.labels.is_empty()
+    }
+
+    /// Number of weights (embeddings, layers, and a classifier's pooler and head).
     pub fn parameter_count(&self) -> u64 {
         let h = u64::from(self.hidden_size);
         let i = u64::from(self.intermediate_size);
@@ -162,7 +189,9 @@ impl BertSpec {
             * h
             + 2 * h;
         let layer = 4 * (h * h + h) + 2 * (h * i) + i + h + 4 * h;
-        embeddings + u64::from(self.num_hidden_layers) * layer
+        let n = self.labels.len() as u64;
+        let head = if n > 0 { h * h + h + n * h + n } else { 0 };
+        embeddings + u64::from(self.num_hidden_layers) * layer + head
     }
 }
 

@@ -261,6 +261,21 @@ impl Tensor {
         Ok(crate::weights::f32_from_le(&self.data).collect())
     }
 
+    /// The values of an INT64 tensor, row-major.
+    pub fn i64_values(&self) -> Result<Vec<i64>> {
+        if self.datatype != DataType::I64 {
+            return Err(Error::Invalid(format!(
+                "tensor {:?} is {}, not INT64",
+                self.name, self.datatype
+            )));
+        }
+        Ok(self
+            .data
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+            .collect())
+    }
+
     /// Byte offset of the start of row `row` (`row == rows()` gives the end).
     fn row_offset(&self, row: usize) -> Result<usize> {
         match self.datatype.size() {
@@ -366,6 +381,9 @@ pub struct TensorSpec {
     /// Its shape as the protocol's metadata gives it: `-1` for a dimension of any size;
     /// the first is the batch and is always `-1`.
     pub shape: Vec<i64>,
+    /// Whether a request may leave the input out (inputs only; the family says which
+    /// combinations it takes).
+    pub optional: bool,
 }
 
 impl TensorSpec {
@@ -405,9 +423,9 @@ pub struct Interface {
 }
 
 impl Interface {
-    /// Check a request's tensors: every input once, in the interface's order, with its
-    /// datatype and shape, and all of them with the same rows (at least one). Returns the
-    /// rows.
+    /// Check a request's tensors: every required input and any optional ones, each once,
+    /// in the interface's order, with its datatype and shape, and all of them with the
+    /// same rows (at least one). Returns the rows.
     pub fn check_inputs(&self, tensors: &[Tensor]) -> Result<usize> {
         for t in tensors {
             if !self.inputs.iter().any(|s| s.name == t.name) {
@@ -418,22 +436,28 @@ impl Interface {
                 )));
             }
         }
-        if tensors.len() != self.inputs.len() {
+        if let Some(missing) = self
+            .inputs
+            .iter()
+            .find(|s| !s.optional && !tensors.iter().any(|t| t.name == s.name))
+        {
             return Err(Error::Invalid(format!(
-                "{} inputs given; the model's inputs are {}",
-                tensors.len(),
+                "input {:?} is missing: the model's inputs are {}",
+                missing.name,
                 self.input_names()
             )));
         }
+        // Each given tensor matched, in order, to the spec of its name.
+        let mut specs = self.inputs.iter();
         let mut rows = None;
-        for (spec, t) in self.inputs.iter().zip(tensors) {
-            if spec.name != t.name {
+        for t in tensors {
+            let Some(spec) = specs.find(|s| s.name == t.name) else {
                 return Err(Error::Invalid(format!(
-                    "input {:?} is out of order: the model's inputs are {}",
+                    "input {:?} is given twice or out of order: the model's inputs are {}",
                     t.name,
                     self.input_names()
                 )));
-            }
+            };
             if spec.datatype != t.datatype {
                 return Err(Error::Invalid(format!(
                     "input {:?} is {}; the model takes {}",
@@ -456,7 +480,7 @@ impl Interface {
                         "input {:?} has {} rows; {:?} has {r}",
                         t.name,
                         t.rows(),
-                        self.inputs[0].name
+                        tensors[0].name
                     )));
                 }
                 Some(_) => {}
@@ -577,11 +601,13 @@ mod tests {
                     name: "ids".into(),
                     datatype: DataType::I64,
                     shape: vec![-1, -1],
+                    optional: false,
                 },
                 TensorSpec {
                     name: "x".into(),
                     datatype: DataType::F32,
                     shape: vec![-1, 2],
+                    optional: false,
                 },
             ],
             outputs: vec![],
@@ -608,7 +634,13 @@ mod tests {
         let e = interface.check_inputs(&[ids, one]).unwrap_err();
         assert!(e.to_string().contains("has 1 rows"), "{e}");
         let other = Tensor::from_f32("y", vec![2, 2], &[0.0; 4]).unwrap();
-        let e = interface.check_inputs(&[other, x]).unwrap_err();
+        let e = interface.check_inputs(&[other, x.clone()]).unwrap_err();
         assert!(e.to_string().contains("unknown"), "{e}");
+        // An optional input may be left out, but not given twice.
+        let mut optional = interface.clone();
+        optional.inputs[0].optional = true;
+        assert_eq!(optional.check_inputs(std::slice::from_ref(&x)).unwrap(), 2);
+        let e = optional.check_inputs(&[x.clone(), x]).unwrap_err();
+        assert!(e.to_string().contains("given twice"), "{e}");
     }
 }

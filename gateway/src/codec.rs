@@ -84,7 +84,7 @@ pub fn decode_inputs(
         if given > 1 {
             return err(format!("input {:?} is given {given} times", spec.name));
         }
-        if given == 0 {
+        if given == 0 && !spec.optional {
             return err(format!(
                 "input {:?} is missing: the model's inputs are {}",
                 spec.name,
@@ -103,7 +103,8 @@ pub fn decode_inputs(
     let mut rows: Option<(usize, &str)> = None;
     for spec in &interface.inputs {
         let Some(at) = request.inputs.iter().position(|i| i.name == spec.name) else {
-            return err(format!("input {:?} is missing", spec.name));
+            // Left out, and optional (checked above).
+            continue;
         };
         let data = raw.then(|| &request.raw_input_contents[at]);
         let tensor = decode_one(&request.inputs[at], data, spec, limits)?;
@@ -569,6 +570,7 @@ mod tests {
             name: name.into(),
             datatype,
             shape,
+            optional: false,
         }
     }
 
@@ -1045,6 +1047,12 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(e.contains("\"text\" is missing"), "{e}");
+        // An optional input may be left out; the others keep the interface's order.
+        let mut optional = two_input_interface();
+        optional.inputs[1].optional = true;
+        let d = decode_inputs(&only_ids, &optional, &LIMITS).unwrap();
+        assert_eq!((d.rows, d.inputs.len()), (2, 1));
+        assert_eq!(d.inputs[0].name, "ids");
         let mut three_rows = text.clone();
         three_rows.shape = vec![3, 1];
         three_rows

@@ -19,6 +19,10 @@ use crate::router::Sharding;
 use crate::stats::Success;
 use crate::{Error, Result, Shared};
 
+/// Response parameter of families that cut long inputs (encoders): how many of the
+/// request's rows were cut to the model's longest sequence.
+pub const TRUNCATED_ROWS: &str = "truncated_rows";
+
 /// Extensions this server answers (ServerMetadata lists them).
 pub const EXTENSIONS: &[&str] = &["model_configuration", "statistics", "model_repository"];
 /// How many requests of one ModelStreamInfer stream run at once (answers keep their order).
@@ -135,6 +139,16 @@ impl Shared {
                 .filter_map(|i| outputs.get_mut(*i).and_then(Option::take))
                 .collect();
             encode_outputs(&mut response, outputs, decoded.raw);
+            if entry.record.spec.family().truncates() {
+                response.parameters.insert(
+                    TRUNCATED_ROWS.into(),
+                    oip::InferParameter {
+                        parameter_choice: Some(oip::infer_parameter::ParameterChoice::Int64Param(
+                            i64::from(answer.truncated_rows),
+                        )),
+                    },
+                );
+            }
             let success = Success {
                 total: Duration::ZERO,
                 queue: Duration::from_nanos(answer.queue_ns),
@@ -349,6 +363,7 @@ impl GrpcInferenceService for InferenceService {
                     name: t.name.clone(),
                     data_type: config_datatype(t.datatype) as i32,
                     dims: t.shape.get(1..).unwrap_or_default().to_vec(),
+                    optional: t.optional,
                 })
                 .collect(),
             output: interface

@@ -65,6 +65,8 @@ pub struct Answer {
     pub compute_ns: u64,
     /// Rows in the largest batch it rode in.
     pub batch_rows: u32,
+    /// Rows whose input the model cut to fit (summed over its shards).
+    pub truncated_rows: u32,
 }
 
 /// How a request's rows may be split (see [`Router::infer`]).
@@ -205,6 +207,7 @@ impl Router {
         let queue_ns = answers.iter().map(|a| a.queue_ns).max().unwrap_or(0);
         let compute_ns = answers.iter().map(|a| a.compute_ns).max().unwrap_or(0);
         let batch_rows = answers.iter().map(|a| a.batch_rows).max().unwrap_or(0);
+        let truncated_rows = answers.iter().map(|a| a.truncated_rows).sum();
         let count = answers.first().map_or(0, |a| a.outputs.len());
         let mut columns: Vec<Vec<Tensor>> = (0..count).map(|_| Vec::new()).collect();
         for a in answers {
@@ -229,6 +232,7 @@ impl Router {
             queue_ns,
             compute_ns,
             batch_rows,
+            truncated_rows,
         })
     }
 
@@ -333,6 +337,7 @@ fn answer(response: pb::InferResponse, rows: usize) -> Result<Answer> {
         queue_ns: response.queue_ns,
         compute_ns: response.compute_ns,
         batch_rows: response.batch_rows,
+        truncated_rows: response.truncated_rows,
     })
 }
 

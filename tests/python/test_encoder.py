@@ -52,8 +52,8 @@ def layer_norm(x, g, b, eps):
     return (x - mu) / np.sqrt(var + eps) * g + b
 
 
-def bert_embedding(w, cfg, ids, pooling="mean", normalize=True):
-    """One text's embedding: BERT (post-norm, exact GELU), then pooling, then L2."""
+def bert_states(w, cfg, ids, types=None):
+    """One text's token states: BERT (post-norm, exact GELU)."""
     w = {k.removeprefix("bert."): v.astype(np.float64) for k, v in w.items()
          if v.dtype != np.int64}
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -62,7 +62,7 @@ def bert_embedding(w, cfg, ids, pooling="mean", normalize=True):
     n = len(ids)
     x = (w["embeddings.word_embeddings.weight"][ids]
          + w["embeddings.position_embeddings.weight"][:n]
-         + w["embeddings.token_type_embeddings.weight"][0])
+         + w["embeddings.token_type_embeddings.weight"][types if types is not None else 0])
     x = layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
 
     def dense(x, name):
@@ -83,8 +83,22 @@ def bert_embedding(w, cfg, ids, pooling="mean", normalize=True):
         inner = 0.5 * inner * (1.0 + erf(inner / math.sqrt(2.0)))
         x = layer_norm(x + dense(inner, p + "output.dense"), w[p + "output.LayerNorm.weight"],
                        w[p + "output.LayerNorm.bias"], eps)
+    return x
+
+
+def bert_embedding(w, cfg, ids, pooling="mean", normalize=True, types=None):
+    """One text's embedding: its states, pooled, then scaled to unit length."""
+    x = bert_states(w, cfg, ids, types)
     e = x.mean(0) if pooling == "mean" else x[0]
     return e / np.linalg.norm(e) if normalize else e
+
+
+def bert_logits(w, cfg, ids):
+    """A sequence classifier's logits: tanh(pooler([CLS])), then the classifier."""
+    x = bert_states(w, cfg, ids)
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    pooled = np.tanh(x[0] @ w["bert.pooler.dense.weight"].T + w["bert.pooler.dense.bias"])
+    return pooled @ w["classifier.weight"].T + w["classifier.bias"]
 
 
 def reference(model_dir, texts, max_length, pooling="mean", normalize=True):
@@ -126,9 +140,15 @@ TINY = {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 0,
         "layer_norm_eps": 1e-12, "hidden_act": "gelu"}
 
 
-def tiny_model(directory, drop=None, reshape=None, model_type="bert", cls_pooling=False):
+LABELS = ["negative", "neutral", "positive"]
+
+
+def tiny_model(directory, drop=None, reshape=None, model_type="bert", cls_pooling=False,
+               classifier=False):
     """A randomly initialised BERT under the Hugging Face names, with a WordPiece tokenizer
-    trained on the spot, as a sentence-transformers directory."""
+    trained on the spot, as a sentence-transformers directory; or, with `classifier`, a
+    BertForSequenceClassification directory (encoder under `bert.`, pooler and a head over
+    LABELS)."""
     directory.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -139,10 +159,14 @@ def tiny_model(directory, drop=None, reshape=None, model_type="bert", cls_poolin
                             trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     tok.save(str(directory / "tokenizer.json"))
     cfg = dict(TINY, model_type=model_type, vocab_size=tok.get_vocab_size())
+    if classifier:
+        cfg.update(architectures=["BertForSequenceClassification"],
+                   id2label={str(i): label for i, label in enumerate(LABELS)},
+                   label2id={label: i for i, label in enumerate(LABELS)})
     (directory / "config.json").write_text(json.dumps(cfg))
     rng = np.random.default_rng(7)
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
@@ -162,6 +186,11 @@ def tiny_model(directory, drop=None, reshape=None, model_type="bert", cls_poolin
                        p + "intermediate.dense.weight": (i, h), p + "intermediate.dense.bias": (i,),
                        p + "output.dense.weight": (h, i), p + "output.dense.bias": (h,),
                        p + "output.LayerNorm.weight": (h,), p + "output.LayerNorm.bias": (h,)})
+    if classifier:
+        shapes = {"bert." + k: v for k, v in shapes.items()}
+        shapes.update({"bert.pooler.dense.weight": (h, h), "bert.pooler.dense.bias": (h,),
+                       "classifier.weight": (len(LABELS), h),
+                       "classifier.bias": (len(LABELS),)})
     tensors = {}
     for name, shape in shapes.items():
         if name == drop:
@@ -172,6 +201,8 @@ def tiny_model(directory, drop=None, reshape=None, model_type="bert", cls_poolin
         base = 1.0 if "LayerNorm.weight" in name else 0.0
         tensors[name] = (base + scale * rng.standard_normal(shape)).astype(np.float32)
     save_file(tensors, str(directory / "model.safetensors"))
+    if classifier:
+        return directory
     (directory / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling",
@@ -196,7 +227,10 @@ def test_minilm_answers_as_the_numpy_reference_and_the_quickstart(cluster):
     wait_ready(client, "minilm", timeout=120)
     meta = client.get_model_metadata("minilm", as_json=True)
     assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == \
-        [("text", "BYTES", ["-1"])]
+        [("text", "BYTES", ["-1"]), ("input_ids", "INT64", ["-1", "-1"]),
+         ("attention_mask", "INT64", ["-1", "-1"]), ("token_type_ids", "INT64", ["-1", "-1"])]
+    config = client.get_model_config("minilm", as_json=True)["config"]
+    assert all(i.get("optional") for i in config["input"]), config["input"]
     assert [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]] == \
         [("embedding", "FP32", ["-1", "384"])]
 
@@ -213,6 +247,27 @@ def test_minilm_answers_as_the_numpy_reference_and_the_quickstart(cluster):
     for i, text in enumerate(SENTENCES):
         alone = embed(client, "minilm", [text])[0]
         np.testing.assert_allclose(alone, got[i], atol=1e-5)
+    # The same texts tokenised by the client, padded to their longest, answer the same.
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok.enable_truncation(256)
+    tok.enable_padding()
+    encodings = tok.encode_batch(SENTENCES)
+    tensors = []
+    for name, field in (("input_ids", "ids"), ("attention_mask", "attention_mask"),
+                        ("token_type_ids", "type_ids")):
+        values = np.array([getattr(e, field) for e in encodings], dtype=np.int64)
+        t = grpcclient.InferInput(name, list(values.shape), "INT64")
+        t.set_data_from_numpy(values)
+        tensors.append(t)
+    ids = client.infer("minilm", tensors)
+    np.testing.assert_allclose(ids.as_numpy("embedding"), got, atol=1e-5)
+    assert ids.get_response().parameters["truncated_rows"].int64_param == 0
+    # A text past max_seq_length (256 tokens) is cut there, and the answer says so.
+    long_text = "word " * 400
+    result = client.infer("minilm", [text_input([long_text, "short", long_text])])
+    assert result.get_response().parameters["truncated_rows"].int64_param == 2
+    want = reference(model_dir, [long_text], max_length=256)[0]
+    assert cosine(result.as_numpy("embedding")[0], want) >= 1 - 1e-5
 
 
 def test_bad_text_inputs_are_refused_naming_the_input_and_the_worker_serves_on(cluster):
@@ -246,6 +301,35 @@ def test_bad_text_inputs_are_refused_naming_the_input_and_the_worker_serves_on(c
     with pytest.raises(InferenceServerException) as err:
         client.infer("tiny-bad", [wrong])
     assert "FP32 is not accepted; the model takes BYTES" in err.value.message()
+    # Token ids the model cannot take, each named.
+    def ints(name, rows):
+        t = grpcclient.InferInput(name, list(np.shape(rows)), "INT64")
+        t.set_data_from_numpy(np.array(rows, dtype=np.int64))
+        return t
+
+    vocab = json.loads((tiny_dir / "config.json").read_text())["vocab_size"]
+    cases = [
+        ([ints("input_ids", [[2, vocab, 3]])], f"id {vocab}, outside the vocabulary"),
+        ([ints("input_ids", [[2, -1, 3]])], "id -1, outside the vocabulary"),
+        ([ints("input_ids", [[2, 5, 3]]), ints("attention_mask", [[0, 1, 1]])],
+         "padding before a token"),
+        ([ints("input_ids", [[2, 5, 3]]), ints("attention_mask", [[1, 2, 1]])],
+         "a mask holds 0 and 1"),
+        ([ints("input_ids", [[2, 5, 3]]), ints("attention_mask", [[0, 0, 0]])],
+         "row 0 has no tokens"),
+        ([ints("input_ids", [[2, 5, 3]]), ints("attention_mask", [[1, 1]])],
+         'input "attention_mask" has shape [1, 2]'),
+        ([ints("input_ids", [[2, 5, 3]]), ints("token_type_ids", [[0, 0, 7]])],
+         "type 7; the model has 2 types"),
+        ([ints("input_ids", [[5] * 65])], "65 tokens; the model takes at most 64"),
+        ([ints("attention_mask", [[1, 1]])], '"text" or "input_ids" is needed'),
+        ([text_input(["x"]), ints("input_ids", [[2, 3]])], "not both"),
+    ]
+    for inputs, needle in cases:
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("tiny-bad", inputs)
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT", needle
+        assert needle in err.value.message(), (needle, err.value.message())
     # The worker still serves, empty and over-long texts included.
     out = embed(client, "tiny-bad", ["", "the lazy dog " * 100])
     assert out.shape == (2, 16) and np.all(np.isfinite(out))
@@ -264,6 +348,55 @@ def test_a_tiny_random_bert_equals_the_numpy_reference_on_this_device(cluster, t
         got = embed(client, name, SENTENCES)
         want = reference(directory, SENTENCES, max_length=24, pooling=pooling)
         np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_a_tiny_sequence_classifier_answers_logits_and_labels_on_this_device(cluster, tmp_path):
+    client = grpcclient.InferenceServerClient(cluster.addr)
+    directory = tiny_model(tmp_path / "tiny-classifier", classifier=True)
+    out = kiln_import(cluster, directory, "tiny-classifier")
+    assert out.returncode == 0, out.stderr
+    wait_ready(client, "tiny-classifier")
+    meta = client.get_model_metadata("tiny-classifier", as_json=True)
+    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]] == \
+        [("logits", "FP32", ["-1", "3"]), ("label", "BYTES", ["-1"])]
+    result = client.infer("tiny-classifier", [text_input(SENTENCES)])
+    logits, labels = result.as_numpy("logits"), result.as_numpy("label")
+    cfg = json.loads((directory / "config.json").read_text())
+    weights = load_file(str(directory / "model.safetensors"))
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(cfg["max_position_embeddings"])
+    want = np.stack([bert_logits(weights, cfg, tok.encode(t).ids) for t in SENTENCES])
+    np.testing.assert_allclose(logits, want, atol=1e-4)
+    assert [label.decode() for label in labels] == [LABELS[i] for i in want.argmax(1)]
+
+
+def test_token_ids_with_segments_answer_as_the_reference_on_this_device(cluster, tmp_path):
+    """Pre-tokenised pairs (token types 0 and 1) through the embedding model."""
+    client = grpcclient.InferenceServerClient(cluster.addr)
+    directory = tiny_model(tmp_path / "tiny-ids", cls_pooling=True)
+    assert kiln_import(cluster, directory, "tiny-ids").returncode == 0
+    wait_ready(client, "tiny-ids")
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tok.enable_padding()
+    pairs = [("the quick brown fox", "jumps over the lazy dog"), ("A", "He drove.")]
+    encodings = tok.encode_batch(pairs)
+    tensors = []
+    for name, field in (("input_ids", "ids"), ("attention_mask", "attention_mask"),
+                        ("token_type_ids", "type_ids")):
+        values = np.array([getattr(e, field) for e in encodings], dtype=np.int64)
+        t = grpcclient.InferInput(name, list(values.shape), "INT64")
+        t.set_data_from_numpy(values)
+        tensors.append(t)
+    got = client.infer("tiny-ids", tensors).as_numpy("embedding")
+    cfg = json.loads((directory / "config.json").read_text())
+    weights = load_file(str(directory / "model.safetensors"))
+    for row, e in enumerate(encodings):
+        n = sum(e.attention_mask)
+        assert 1 in e.type_ids[:n]
+        want = bert_embedding(weights, cfg, e.ids[:n], pooling="cls",
+                              types=np.array(e.type_ids[:n]))
+        np.testing.assert_allclose(got[row], want, atol=1e-4)
 
 
 def test_import_refusals_name_the_problem_and_register_nothing(cluster, tmp_path):

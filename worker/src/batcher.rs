@@ -33,6 +33,9 @@ pub struct BatchReply {
     pub compute: Duration,
     /// Rows in that batch.
     pub batch_rows: usize,
+    /// How many of this caller's rows the model cut to fit (texts past an encoder's
+    /// longest sequence).
+    pub truncated: usize,
 }
 
 struct Pending {
@@ -127,6 +130,7 @@ impl Batcher {
             queue: replies.iter().map(|r| r.queue).max().unwrap_or_default(),
             compute: replies.iter().map(|r| r.compute).sum(),
             batch_rows: replies.iter().map(|r| r.batch_rows).max().unwrap_or(0),
+            truncated: replies.iter().map(|r| r.truncated).sum(),
         })
     }
 
@@ -203,7 +207,7 @@ async fn run(
             };
             let Some(p) = next else { break };
             depth.fetch_sub(1, Ordering::Relaxed);
-            if rows + p.rows > max_rows {
+            if rows + p.rows > max_rows || !joinable(&batch[0], &p) {
                 carry = Some(p);
                 break;
             }
@@ -241,6 +245,17 @@ async fn run(
         drop(span);
         deliver(batch, result, started, rows);
     }
+}
+
+/// Whether two requests' inputs can be joined along the batch dimension: the same inputs
+/// (a family may take optional ones), each with the same shape past the batch (requests of
+/// token ids padded to different widths ride in different batches).
+fn joinable(a: &Pending, b: &Pending) -> bool {
+    a.inputs.len() == b.inputs.len()
+        && a.inputs
+            .iter()
+            .zip(&b.inputs)
+            .all(|(x, y)| x.name == y.name && x.shape.get(1..) == y.shape.get(1..))
 }
 
 /// The queue-wait span of each traced request of a batch that has just formed (those
@@ -352,19 +367,23 @@ fn deliver(
             .map(|t| t.split_rows(&counts))
             .collect::<kiln_core::Result<Vec<_>>>()
             .map_err(|e| Error::Device(format!("the model answered a malformed batch: {e}")))?;
-        Ok((split, output.compute))
+        Ok((split, output.truncated, output.compute))
     });
     match split {
-        Ok((split, compute)) => {
+        Ok((split, truncated, compute)) => {
             let mut per_output: Vec<std::vec::IntoIter<Tensor>> =
                 split.into_iter().map(Vec::into_iter).collect();
+            let mut start = 0;
             for p in batch {
                 let outputs = per_output.iter_mut().filter_map(Iterator::next).collect();
+                let rows = start..start + p.rows;
+                start += p.rows;
                 let _ = p.reply.send(Ok(BatchReply {
                     outputs,
                     queue: started.saturating_duration_since(p.enqueued),
                     compute,
                     batch_rows,
+                    truncated: truncated.iter().filter(|r| rows.contains(r)).count(),
                 }));
             }
         }
@@ -438,15 +457,19 @@ mod tests {
                 reply,
                 ..
             }) => {
-                let values: Vec<f32> = inputs[0]
+                let firsts: Vec<f32> = inputs[0]
                     .f32_values()
                     .unwrap()
-                    .chunks(2)
-                    .map(|r| r[0] + 1.0)
+                    .chunks(inputs[0].row_elements())
+                    .map(|r| r[0])
                     .collect();
+                let values: Vec<f32> = firsts.iter().map(|v| v + 1.0).collect();
                 let output = Tensor::from_f32("output", vec![rows, 1], &values).unwrap();
+                // Rows whose first feature is 100 or more count as cut.
+                let truncated = (0..rows).filter(|r| firsts[*r] >= 100.0).collect();
                 let _ = reply.send(Ok(ForwardOutput {
                     outputs: vec![output],
+                    truncated,
                     compute: Duration::from_micros(5),
                 }));
                 rows
@@ -487,6 +510,51 @@ mod tests {
                 "caller {i} got someone else's row"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn requests_of_other_shapes_wait_for_a_batch_of_their_own_and_cut_rows_are_counted_per_caller()
+     {
+        let (batcher, mut commands) = batcher(16, 64);
+        let first = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.infer(rows(1), 1, None).await }
+        });
+        tokio::task::yield_now().await;
+        // Two requests of two features (one with a cut row), then one of three features.
+        let mut waiting = Vec::new();
+        for inputs in [
+            features(&[100.0, 0.0, 5.0, 0.0]),
+            features(&[7.0, 0.0]),
+            vec![Tensor::from_f32("input", vec![1, 3], &[200.0, 0.0, 0.0]).unwrap()],
+        ] {
+            let b = batcher.clone();
+            let rows = inputs[0].rows();
+            waiting.push(tokio::spawn(
+                async move { b.infer(inputs, rows, None).await },
+            ));
+            while batcher.queue_depth() < waiting.len() {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(answer(&mut commands).await, 1);
+        first.await.unwrap().unwrap();
+        assert_eq!(answer(&mut commands).await, 3);
+        assert_eq!(answer(&mut commands).await, 1);
+        let replies: Vec<BatchReply> = futures::future::join_all(waiting)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().unwrap())
+            .collect();
+        assert_eq!(values(&replies[0]), vec![101.0, 6.0]);
+        assert_eq!(values(&replies[1]), vec![8.0]);
+        assert_eq!(values(&replies[2]), vec![201.0]);
+        let cut: Vec<usize> = replies.iter().map(|r| r.truncated).collect();
+        assert_eq!(cut, vec![1, 0, 1]);
+        assert_eq!(
+            replies.iter().map(|r| r.batch_rows).collect::<Vec<_>>(),
+            vec![3, 3, 1]
+        );
     }
 
     #[tokio::test]

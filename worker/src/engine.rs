@@ -33,6 +33,8 @@ pub struct Engine {
 pub struct ForwardOutput {
     /// The outputs, in the model's interface order, one row per input row.
     pub outputs: Vec<Tensor>,
+    /// The batch's rows whose input the model cut to fit, ascending.
+    pub truncated: Vec<usize>,
     /// Time the pass took on the device, readback included.
     pub compute: Duration,
 }
@@ -77,9 +79,10 @@ impl Engine {
             )));
         }
         let start = Instant::now();
-        let outputs = guarded(|| model.run(inputs, rows))??;
+        let ran = guarded(|| model.run(inputs, rows))??;
         Ok(ForwardOutput {
-            outputs,
+            outputs: ran.outputs,
+            truncated: ran.truncated,
             compute: start.elapsed(),
         })
     }

@@ -6,7 +6,7 @@ use kiln_core::MlpWeights;
 use kiln_core::spec::{ModelSpec, Standardization};
 use kiln_core::tensor::{Interface, Tensor};
 
-use super::{Artifacts, Family, Loaded, Prepared};
+use super::{Artifacts, Family, Loaded, Prepared, Ran};
 use crate::model::Mlp;
 use crate::{Error, Result};
 
@@ -80,7 +80,7 @@ impl Loaded for LoadedMlp {
         &self.interface
     }
 
-    fn run(&self, inputs: Vec<Tensor>, rows: usize) -> Result<Vec<Tensor>> {
+    fn run(&self, inputs: Vec<Tensor>, rows: usize) -> Result<Ran> {
         let [input] = <[Tensor; 1]>::try_from(inputs).map_err(|inputs| {
             Error::Invalid(format!("the MLP takes 1 input, got {}", inputs.len()))
         })?;
@@ -108,11 +108,11 @@ impl Loaded for LoadedMlp {
             .outputs
             .first()
             .map_or("output", |o| o.name.as_str());
-        Ok(vec![Tensor::from_f32(
+        Ok(Ran::outputs(vec![Tensor::from_f32(
             name,
             vec![rows, self.output_width],
             &values,
-        )?])
+        )?]))
     }
 }
 
@@ -160,6 +160,8 @@ mod tests {
             .unwrap();
         let x = Tensor::from_f32("x", vec![2, 3], &[0.5; 6]).unwrap();
         let out = loaded.run(vec![x], 2).unwrap();
+        assert!(out.truncated.is_empty());
+        let out = out.outputs;
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].name, "y");
         assert_eq!(out[0].shape, vec![2, 2]);

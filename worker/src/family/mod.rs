@@ -57,7 +57,27 @@ pub trait Loaded: Send {
     /// Run one batch: `inputs` in the interface's order, each of `rows` rows (already
     /// checked against the interface). Returns the outputs in the interface's order, each
     /// of `rows` rows, row `i` answering input row `i`.
-    fn run(&self, inputs: Vec<Tensor>, rows: usize) -> Result<Vec<Tensor>>;
+    fn run(&self, inputs: Vec<Tensor>, rows: usize) -> Result<Ran>;
+}
+
+/// A batch's answer.
+#[derive(Debug, Default)]
+pub struct Ran {
+    /// The outputs, in the interface's order, one row per input row.
+    pub outputs: Vec<Tensor>,
+    /// The rows whose input the model cut to fit (an encoder's texts past its longest
+    /// sequence), ascending; the response tells each caller how many of its rows were.
+    pub truncated: Vec<usize>,
+}
+
+impl Ran {
+    /// Outputs with nothing cut.
+    pub fn outputs(outputs: Vec<Tensor>) -> Self {
+        Ran {
+            outputs,
+            truncated: Vec::new(),
+        }
+    }
 }
 
 /// The family that serves `spec`.

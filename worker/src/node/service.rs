@@ -65,6 +65,7 @@ impl Worker for WorkerService {
             compute_ns: reply.compute.as_nanos() as u64,
             batch_rows: reply.batch_rows as u32,
             queue_depth: batcher.queue_depth() as u32,
+            truncated_rows: reply.truncated as u32,
         }))
     }
 
