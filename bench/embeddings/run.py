@@ -1,6 +1,7 @@
 """Kiln's encoder against candle-transformers on all-MiniLM-L6-v2, same machine, same run:
 sentences per second and latency for short (~12-token) sentences and ~128-token passages,
-at batch 1 and 32. Kiln is measured through the gateway (`kiln up --workers 1 --device
+at batch 1 and 32, and for mixed batches of 32 (31 sentences and a passage: what padding
+to the longest text costs). Kiln is measured through the gateway (`kiln up --workers 1 --device
 cpu`, tritonclient over gRPC, closed loops of 1, 8 and 32 callers); candle in-process (its
 own program, one caller). Writes bench/embeddings/results.json and the "Sentence
 embeddings" section of docs/benchmarks.md.
@@ -32,52 +33,67 @@ WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly 
 
 
 def texts():
-    """Short sentences (~12 tokens with [CLS]/[SEP]) and passages (~128 tokens)."""
+    """Short sentences (~12 tokens with [CLS]/[SEP]), passages (~128 tokens), and a mixed
+    pool in which every window of 32 consecutive texts holds one passage."""
     rng = np.random.default_rng(3)
     short = [" ".join(rng.choice(WORDS, 10)).capitalize() + "." for _ in range(256)]
     passage = [" ".join(rng.choice(WORDS, 120)).capitalize() + "." for _ in range(64)]
-    return {"short": short, "passage": passage}
+    mixed = [passage[i // 32] if i % 32 == 0 else short[i] for i in range(256)]
+    return {"short": short, "passage": passage, "mixed": mixed}
+
+
+CELLS = [(kind, batch) for kind in ("short", "passage") for batch in (1, 32)] + [("mixed", 32)]
 
 
 def kiln_cells(addr, pool):
     cells = []
-    for kind in ("short", "passage"):
-        for batch in (1, 32):
-            for concurrency in (1, 8, 32):
-                latencies, count, stop = [], [0], time.monotonic() + 0.3 + SECONDS
-                lock = threading.Lock()
-                measure_from = time.monotonic() + 0.3
+    for kind, batch in CELLS:
+        for concurrency in (1, 8, 32):
+            latencies, count, stop = [], [0], time.monotonic() + 0.3 + SECONDS
+            errors = []
+            lock = threading.Lock()
+            measure_from = time.monotonic() + 0.3
 
-                def caller(seed):
-                    client = grpcclient.InferenceServerClient(addr)
-                    i = seed
-                    while True:
-                        chunk = [pool[kind][(i + j) % len(pool[kind])] for j in range(batch)]
-                        i += batch * 7
-                        inp = grpcclient.InferInput("text", [batch], "BYTES")
-                        inp.set_data_from_numpy(np.array([t.encode() for t in chunk], dtype=object))
-                        t0 = time.monotonic()
-                        if t0 >= stop:
-                            return
+            def caller(seed):
+                client = grpcclient.InferenceServerClient(addr)
+                i = seed
+                while True:
+                    chunk = [pool[kind][(i + j) % len(pool[kind])] for j in range(batch)]
+                    i += batch * 7
+                    inp = grpcclient.InferInput("text", [batch], "BYTES")
+                    inp.set_data_from_numpy(np.array([t.encode() for t in chunk], dtype=object))
+                    t0 = time.monotonic()
+                    if t0 >= stop:
+                        return
+                    try:
                         client.infer("minilm", [inp])
-                        t1 = time.monotonic()
-                        if t0 >= measure_from and t1 <= stop:
-                            with lock:
-                                latencies.append((t1 - t0) * 1e3)
-                                count[0] += batch
+                    except Exception as e:  # counted and reported, not fatal
+                        with lock:
+                            errors.append(str(e)[:120])
+                        time.sleep(0.01)
+                        continue
+                    t1 = time.monotonic()
+                    if t0 >= measure_from and t1 <= stop:
+                        with lock:
+                            latencies.append((t1 - t0) * 1e3)
+                            count[0] += batch
 
-                threads = [threading.Thread(target=caller, args=(k * 31,)) for k in range(concurrency)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                lat = np.array(latencies)
-                cell = {"peer": "kiln", "kind": kind, "batch": batch, "concurrency": concurrency,
-                        "sentences_per_s": count[0] / SECONDS,
-                        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-                        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None}
-                print(json.dumps(cell), flush=True)
-                cells.append(cell)
+            threads = [threading.Thread(target=caller, args=(k * 31,)) for k in range(concurrency)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            lat = np.array(latencies)
+            # A request that began in the window but ended after it is not counted: a
+            # cell whose every request takes longer than the window reports none.
+            cell = {"peer": "kiln", "kind": kind, "batch": batch, "concurrency": concurrency,
+                    "sentences_per_s": count[0] / SECONDS,
+                    "requests": len(lat), "errors": len(errors),
+                    "first_error": errors[0] if errors else None,
+                    "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+                    "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None}
+            print(json.dumps(cell), flush=True)
+            cells.append(cell)
     return cells
 
 
@@ -117,14 +133,23 @@ def main():
              "| texts | batch | candle sentences/s (1 caller, in-process) | candle p50 / p99 ms "
              "| Kiln sentences/s at 1 / 8 / 32 callers | Kiln p50 / p99 ms at 1 caller |",
              "|---|---|---|---|---|---|"]
-    for kind in ("short", "passage"):
-        for batch in (1, 32):
-            c = next(x for x in candle if x["kind"] == kind and x["batch"] == batch)
-            k = {x["concurrency"]: x for x in kiln if x["kind"] == kind and x["batch"] == batch}
-            rates = " / ".join("%.0f" % k[n]["sentences_per_s"] for n in (1, 8, 32))
-            lines.append(
-                f"| {kind} | {batch} | {c['sentences_per_s']:.0f} | {c['p50_ms']:.1f} / {c['p99_ms']:.1f} "
-                f"| {rates} | {k[1]['p50_ms']:.1f} / {k[1]['p99_ms']:.1f} |")
+    def rate(cell):
+        if cell["requests"] == 0:
+            return "— (none within %gs)" % SECONDS
+        return "%.0f" % cell["sentences_per_s"]
+
+    for kind, batch in CELLS:
+        c = next(x for x in candle if x["kind"] == kind and x["batch"] == batch)
+        k = {x["concurrency"]: x for x in kiln if x["kind"] == kind and x["batch"] == batch}
+        rates = " / ".join(rate(k[n]) for n in (1, 8, 32))
+        lines.append(
+            f"| {kind} | {batch} | {c['sentences_per_s']:.0f} | {c['p50_ms']:.1f} / {c['p99_ms']:.1f} "
+            f"| {rates} | {k[1]['p50_ms']:.1f} / {k[1]['p99_ms']:.1f} |")
+    failed = [x for x in kiln if x["errors"]]
+    if failed:
+        lines.append("\nErrors: " + "; ".join(
+            f"{x['kind']} batch {x['batch']} × {x['concurrency']} callers: {x['errors']} "
+            f"({x['first_error']})" for x in failed))
     section = "\n".join(lines) + "\n"
     doc = ROOT / "docs/benchmarks.md"
     text = doc.read_text()

@@ -1,5 +1,6 @@
 //! all-MiniLM-L6-v2 in candle-transformers: sentence embeddings (mean pooling, L2) of the
-//! benchmark's texts at batch 1 and 32, timed per batch, on the CPU. One JSON line per
+//! benchmark's texts at batch 1 and 32 (the mixed texts at 32 only), timed per batch, on
+//! the CPU. One JSON line per
 //! cell on stdout: the peer Kiln's encoder is measured against (bench/embeddings/run.py).
 //!
 //! Usage: kiln-bench-candle-embeddings MODEL_DIR TEXTS_JSON SECONDS
@@ -28,16 +29,17 @@ fn main() -> Result<()> {
     tokenizer
         .with_truncation(Some(TruncationParams { max_length: 256, ..Default::default() }))
         .map_err(anyhow::Error::msg)?;
-    for kind in ["short", "passage"] {
+    for kind in ["short", "passage", "mixed"] {
         let pool: Vec<String> = texts[kind]
             .as_array()
             .context("texts")?
             .iter()
             .filter_map(|t| t.as_str().map(str::to_owned))
             .collect();
-        for batch in [1usize, 32] {
+        let batches: &[usize] = if kind == "mixed" { &[32] } else { &[1, 32] };
+        for &batch in batches {
             let mut latencies = Vec::new();
-            let mut sentences = 0usize;
+            let mut sentences: usize;
             let mut next = 0usize;
             // Warm-up, then the measured time.
             for phase in [0.3, seconds] {
