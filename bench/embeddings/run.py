@@ -73,7 +73,7 @@ def kiln_cells(addr, pool):
                         time.sleep(0.01)
                         continue
                     t1 = time.monotonic()
-                    if t0 >= measure_from and t1 <= stop:
+                    if measure_from <= t1 <= stop:
                         with lock:
                             latencies.append((t1 - t0) * 1e3)
                             count[0] += batch
@@ -84,8 +84,8 @@ def kiln_cells(addr, pool):
             for t in threads:
                 t.join()
             lat = np.array(latencies)
-            # A request that began in the window but ended after it is not counted: a
-            # cell whose every request takes longer than the window reports none.
+            # Requests that end in the window count (latency and sentences); a cell in
+            # which none ends in the window reports none.
             cell = {"peer": "kiln", "kind": kind, "batch": batch, "concurrency": concurrency,
                     "sentences_per_s": count[0] / SECONDS,
                     "requests": len(lat), "errors": len(errors),
@@ -142,9 +142,10 @@ def main():
         c = next(x for x in candle if x["kind"] == kind and x["batch"] == batch)
         k = {x["concurrency"]: x for x in kiln if x["kind"] == kind and x["batch"] == batch}
         rates = " / ".join(rate(k[n]) for n in (1, 8, 32))
+        latency = ("%.1f / %.1f" % (k[1]["p50_ms"], k[1]["p99_ms"])) if k[1]["requests"] else "—"
         lines.append(
             f"| {kind} | {batch} | {c['sentences_per_s']:.0f} | {c['p50_ms']:.1f} / {c['p99_ms']:.1f} "
-            f"| {rates} | {k[1]['p50_ms']:.1f} / {k[1]['p99_ms']:.1f} |")
+            f"| {rates} | {latency} |")
     failed = [x for x in kiln if x["errors"]]
     if failed:
         lines.append("\nErrors: " + "; ".join(
