@@ -403,7 +403,8 @@ enum ModelsCommand {
     },
     /// Import a pretrained model from a Hugging Face directory (config.json,
     /// model.safetensors, tokenizer.json; the sentence-transformers configs when present).
-    /// Served families: BERT encoders (sentence embeddings). See docs/models.md.
+    /// Served families: BERT encoders (sentence embeddings) and BERT sequence classifiers
+    /// (logits and labels). See docs/models.md.
     Import {
         /// The model directory.
         dir: PathBuf,

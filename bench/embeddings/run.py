@@ -23,10 +23,12 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 ROOT = Path(__file__).resolve().parents[2]
-KILN = os.environ["KILN_BIN"]
-CANDLE = os.environ["KILN_BENCH_CANDLE_BIN"]
-MODEL = Path(os.environ["KILN_BENCH_MINILM_DIR"])
+RESULTS = ROOT / "bench/embeddings/results.json"
+KILN = os.environ.get("KILN_BIN", "kiln")
+CANDLE = os.environ.get("KILN_BENCH_CANDLE_BIN", "")
+MODEL = Path(os.environ.get("KILN_BENCH_MINILM_DIR", "."))
 SECONDS = float(os.environ.get("KILN_BENCH_SECONDS", "5"))
+PROFILE = os.environ.get("KILN_BENCH_PROFILE", "release")
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
          "boxing matches in old harbour towns near bright mountain lakes every summer").split()
@@ -125,27 +127,38 @@ def main():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    (ROOT / "bench/embeddings/results.json").write_text(
-        json.dumps({"seconds_per_cell": SECONDS, "candle": candle, "kiln": kiln}, indent=1) + "\n")
-    lines = [f"Run {time.strftime('%Y-%m-%d')} by `bench/embeddings/run.sh`, {SECONDS:g} s per cell, "
-             "all-MiniLM-L6-v2 (FP32) on this machine's CPU. Raw numbers: "
-             "`bench/embeddings/results.json`.\n",
+    results = {"date": time.strftime("%Y-%m-%d"), "seconds_per_cell": SECONDS,
+               "kiln_profile": PROFILE, "candle": candle, "kiln": kiln}
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    render(results)
+
+
+def render(results):
+    """Write the results as the "Sentence embeddings" section of docs/benchmarks.md."""
+    seconds, candle, kiln = results["seconds_per_cell"], results["candle"], results["kiln"]
+    lines = [f"Run {results['date']} by `bench/embeddings/run.sh`, {seconds:g} s per cell, "
+             f"all-MiniLM-L6-v2 (FP32) on this machine's CPU, Kiln's {results['kiln_profile']} "
+             "build. Raw numbers: `bench/embeddings/results.json`.\n",
              "| texts | batch | candle sentences/s (1 caller, in-process) | candle p50 / p99 ms "
-             "| Kiln sentences/s at 1 / 8 / 32 callers | Kiln p50 / p99 ms at 1 caller |",
-             "|---|---|---|---|---|---|"]
+             "| Kiln sentences/s at 1 / 8 / 32 callers "
+             "| Kiln p50 / p99 ms at 1 caller | at 8 callers | at 32 callers |",
+             "|---|---|---|---|---|---|---|---|"]
+
     def rate(cell):
         if cell["requests"] == 0:
-            return "— (none within %gs)" % SECONDS
+            return "— (none within %gs)" % seconds
         return "%.0f" % cell["sentences_per_s"]
+
+    def latency(cell):
+        return "%.1f / %.1f" % (cell["p50_ms"], cell["p99_ms"]) if cell["requests"] else "—"
 
     for kind, batch in CELLS:
         c = next(x for x in candle if x["kind"] == kind and x["batch"] == batch)
         k = {x["concurrency"]: x for x in kiln if x["kind"] == kind and x["batch"] == batch}
         rates = " / ".join(rate(k[n]) for n in (1, 8, 32))
-        latency = ("%.1f / %.1f" % (k[1]["p50_ms"], k[1]["p99_ms"])) if k[1]["requests"] else "—"
         lines.append(
             f"| {kind} | {batch} | {c['sentences_per_s']:.0f} | {c['p50_ms']:.1f} / {c['p99_ms']:.1f} "
-            f"| {rates} | {latency} |")
+            f"| {rates} | {latency(k[1])} | {latency(k[8])} | {latency(k[32])} |")
     failed = [x for x in kiln if x["errors"]]
     if failed:
         lines.append("\nErrors: " + "; ".join(
@@ -162,4 +175,8 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `run.py --render`: rewrite the section from results.json without measuring.
+    if sys.argv[1:] == ["--render"]:
+        render(json.loads(RESULTS.read_text()))
+    else:
+        sys.exit(main())

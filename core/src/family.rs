@@ -173,6 +173,19 @@ impl FamilySpec for BertSpec {
     }
 }
 
+/// `values` as `u32`, each below `limit`; `refuse` words the error for one that is not.
+fn bounded(values: &[i64], limit: u32, refuse: impl Fn(i64) -> String) -> Result<Vec<u32>> {
+    values
+        .iter()
+        .map(|v| {
+            u32::try_from(*v)
+                .ok()
+                .filter(|v| *v < limit)
+                .ok_or_else(|| Error::Invalid(refuse(*v)))
+        })
+        .collect()
+}
+
 /// One pre-tokenised row: its real tokens (the mask's 1s) and their types.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRow {
@@ -235,36 +248,21 @@ pub fn token_rows(
                 spec.max_position_embeddings
             )));
         }
-        let row_ids = ids[at.start..at.start + len]
-            .iter()
-            .map(|id| {
-                u32::try_from(*id)
-                    .ok()
-                    .filter(|id| *id < spec.vocab_size)
-                    .ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "input {IDS_INPUT:?}: row {r} holds id {id}, outside the vocabulary of {}",
-                            spec.vocab_size
-                        ))
-                    })
-            })
-            .collect::<Result<Vec<u32>>>()?;
+        let tokens = at.start..at.start + len;
+        let row_ids = bounded(&ids[tokens.clone()], spec.vocab_size, |id| {
+            format!(
+                "input {IDS_INPUT:?}: row {r} holds id {id}, outside the vocabulary of {}",
+                spec.vocab_size
+            )
+        })?;
         let row_types = match &types {
             None => vec![0; len],
-            Some(types) => types[at.start..at.start + len]
-                .iter()
-                .map(|t| {
-                    u32::try_from(*t)
-                        .ok()
-                        .filter(|t| *t < spec.type_vocab_size)
-                        .ok_or_else(|| {
-                            Error::Invalid(format!(
-                                "input {TYPES_INPUT:?}: row {r} holds type {t}; the model has {} types",
-                                spec.type_vocab_size
-                            ))
-                        })
-                })
-                .collect::<Result<Vec<u32>>>()?,
+            Some(types) => bounded(&types[tokens], spec.type_vocab_size, |t| {
+                format!(
+                    "input {TYPES_INPUT:?}: row {r} holds type {t}; the model has {} types",
+                    spec.type_vocab_size
+                )
+            })?,
         };
         out.push(TokenRow {
             ids: row_ids,

@@ -119,6 +119,18 @@ def text_input(texts):
     return inp
 
 
+def token_inputs(encodings):
+    """`input_ids`, `attention_mask` and `token_type_ids` INT64 from padded encodings."""
+    tensors = []
+    for name, field in (("input_ids", "ids"), ("attention_mask", "attention_mask"),
+                        ("token_type_ids", "type_ids")):
+        values = np.array([getattr(e, field) for e in encodings], dtype=np.int64)
+        t = grpcclient.InferInput(name, list(values.shape), "INT64")
+        t.set_data_from_numpy(values)
+        tensors.append(t)
+    return tensors
+
+
 def embed(client, model, texts):
     return client.infer(model, [text_input(texts)]).as_numpy("embedding")
 
@@ -252,13 +264,7 @@ def test_minilm_answers_as_the_numpy_reference_and_the_quickstart(cluster):
     tok.enable_truncation(256)
     tok.enable_padding()
     encodings = tok.encode_batch(SENTENCES)
-    tensors = []
-    for name, field in (("input_ids", "ids"), ("attention_mask", "attention_mask"),
-                        ("token_type_ids", "type_ids")):
-        values = np.array([getattr(e, field) for e in encodings], dtype=np.int64)
-        t = grpcclient.InferInput(name, list(values.shape), "INT64")
-        t.set_data_from_numpy(values)
-        tensors.append(t)
+    tensors = token_inputs(encodings)
     ids = client.infer("minilm", tensors)
     np.testing.assert_allclose(ids.as_numpy("embedding"), got, atol=1e-5)
     assert ids.get_response().parameters["truncated_rows"].int64_param == 0
@@ -381,13 +387,7 @@ def test_token_ids_with_segments_answer_as_the_reference_on_this_device(cluster,
     tok.enable_padding()
     pairs = [("the quick brown fox", "jumps over the lazy dog"), ("A", "He drove.")]
     encodings = tok.encode_batch(pairs)
-    tensors = []
-    for name, field in (("input_ids", "ids"), ("attention_mask", "attention_mask"),
-                        ("token_type_ids", "type_ids")):
-        values = np.array([getattr(e, field) for e in encodings], dtype=np.int64)
-        t = grpcclient.InferInput(name, list(values.shape), "INT64")
-        t.set_data_from_numpy(values)
-        tensors.append(t)
+    tensors = token_inputs(encodings)
     got = client.infer("tiny-ids", tensors).as_numpy("embedding")
     cfg = json.loads((directory / "config.json").read_text())
     weights = load_file(str(directory / "model.safetensors"))
@@ -415,3 +415,33 @@ def test_import_refusals_name_the_problem_and_register_nothing(cluster, tmp_path
         as_json=True)
     names = {m["name"] for m in index.get("models", [])}
     assert "demo-mlp" in names and not names & set(cases), names
+
+
+def test_an_encoder_is_sharded_aliased_and_counted_like_any_model(cluster, tmp_path):
+    """A request of more texts than the shard threshold is split across the two workers'
+    replicas and joined back in order; the cut texts of both shards are counted; an alias
+    reaches the version; statistics count the request."""
+    client = grpcclient.InferenceServerClient(cluster.addr)
+    directory = tiny_model(tmp_path / "tiny-shard")
+    assert kiln_import(cluster, directory, "tiny-shard").returncode == 0
+    wait_ready(client, "tiny-shard")
+    out = cluster.kiln("models", "deploy", "tiny-shard", "--replicas", "2", "--shard-rows", "3")
+    assert "2 replicas" in out, out
+    cluster.kiln("models", "alias", "tiny-shard", "production", "1")
+    long_text = "the lazy dog " * 40  # past max_seq_length (24 tokens)
+    texts = [long_text] + SENTENCES + [long_text]
+    before = client.get_inference_statistics("tiny-shard", as_json=True)
+    result = client.infer("tiny-shard", [text_input(texts)], model_version="production")
+    got = result.as_numpy("embedding")
+    want = reference(directory, texts, max_length=24)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    cut = sum(1 for t in texts if len(Tokenizer.from_file(
+        str(directory / "tokenizer.json")).encode(t).ids) > 24)
+    assert cut >= 2
+    assert result.get_response().parameters["truncated_rows"].int64_param == cut
+    after = client.get_inference_statistics("tiny-shard", as_json=True)
+
+    def successes(stats):
+        return int(stats["model_stats"][0]["inference_stats"].get("success", {}).get("count", 0))
+
+    assert successes(after) == successes(before) + 1

@@ -478,14 +478,17 @@ mod tests {
         }
     }
 
+    /// A first request of one row, for the test's engine to hold while others queue.
+    fn occupy(batcher: &Batcher) -> tokio::task::JoinHandle<Result<BatchReply>> {
+        let b = batcher.clone();
+        tokio::spawn(async move { b.infer(rows(1), 1, None).await })
+    }
+
     #[tokio::test]
     async fn queued_requests_ride_one_batch_and_get_their_own_rows() {
         let (batcher, mut commands) = batcher(16, 64);
         // The first request occupies the engine; the next three queue behind it.
-        let first = tokio::spawn({
-            let b = batcher.clone();
-            async move { b.infer(rows(1), 1, None).await }
-        });
+        let first = occupy(&batcher);
         tokio::task::yield_now().await;
         let mut waiting = Vec::new();
         for i in 0..3u8 {
@@ -516,10 +519,7 @@ mod tests {
     async fn requests_of_other_shapes_wait_for_a_batch_of_their_own_and_cut_rows_are_counted_per_caller()
      {
         let (batcher, mut commands) = batcher(16, 64);
-        let first = tokio::spawn({
-            let b = batcher.clone();
-            async move { b.infer(rows(1), 1, None).await }
-        });
+        let first = occupy(&batcher);
         tokio::task::yield_now().await;
         // Two requests of two features (one with a cut row), then one of three features.
         let mut waiting = Vec::new();
