@@ -156,7 +156,7 @@ LABELS = ["negative", "neutral", "positive"]
 
 
 def tiny_model(directory, drop=None, reshape=None, model_type="bert", cls_pooling=False,
-               classifier=False):
+               classifier=False, special_tokens=True):
     """A randomly initialised BERT under the Hugging Face names, with a WordPiece tokenizer
     trained on the spot, as a sentence-transformers directory; or, with `classifier`, a
     BertForSequenceClassification directory (encoder under `bert.`, pooler and a head over
@@ -170,9 +170,10 @@ def tiny_model(directory, drop=None, reshape=None, model_type="bert", cls_poolin
     tok.train_from_iterator(SENTENCES * 4 + ["the quick brown fox jumps over the lazy dog"],
                             trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    if special_tokens:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     tok.save(str(directory / "tokenizer.json"))
     cfg = dict(TINY, model_type=model_type, vocab_size=tok.get_vocab_size())
     if classifier:
@@ -339,6 +340,15 @@ def test_bad_text_inputs_are_refused_naming_the_input_and_the_worker_serves_on(c
     # The worker still serves, empty and over-long texts included.
     out = embed(client, "tiny-bad", ["", "the lazy dog " * 100])
     assert out.shape == (2, 16) and np.all(np.isfinite(out))
+    # A tokenizer that adds no special tokens: an empty text makes no tokens and answers
+    # zeros, without failing the text batched with it.
+    bare = tiny_model(cluster.data_dir / "tiny-bare", special_tokens=False, cls_pooling=True)
+    assert kiln_import(cluster, bare, "tiny-bare").returncode == 0
+    wait_ready(client, "tiny-bare")
+    out = embed(client, "tiny-bare", ["", "the lazy dog"])
+    assert not out[0].any()
+    want = reference(bare, ["the lazy dog"], max_length=24, pooling="cls")[0]
+    np.testing.assert_allclose(out[1], want, atol=1e-4)
 
 
 def test_a_tiny_random_bert_equals_the_numpy_reference_on_this_device(cluster, tmp_path):

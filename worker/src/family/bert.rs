@@ -251,15 +251,17 @@ const TOKEN_BUDGET: usize = 8_192;
 /// The rows of a batch in forward passes: sorted by length, a pass closes before a row
 /// that would take it past [`TOKEN_BUDGET`] padded tokens or make more than a third of
 /// its tokens padding. So one long text does not make every short one in its batch pay
-/// for its length. Each pass lists row indices, shortest first.
+/// for its length. Each pass lists row indices, shortest first. A row of no tokens (a
+/// tokenizer that adds no special tokens, given an empty text) gets no pass: attention
+/// over no keys is undefined, and its answer stays zeros.
 pub(crate) fn passes(lengths: &[usize]) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    let mut order: Vec<usize> = (0..lengths.len()).filter(|r| lengths[*r] > 0).collect();
     order.sort_by_key(|r| lengths[*r]);
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
     let mut real = 0;
     for r in order {
-        let len = lengths[r].max(1);
+        let len = lengths[r];
         let padded = (current.len() + 1) * len;
         if !current.is_empty() && (padded > TOKEN_BUDGET || 2 * padded > 3 * (real + len)) {
             out.push(std::mem::take(&mut current));
@@ -470,6 +472,7 @@ impl Loaded for LoadedBert {
             self.spec.hidden_size as usize
         };
         let lengths: Vec<usize> = batch.iter().map(|r| r.ids.len()).collect();
+        // Rows that get no pass (no tokens) answer zeros.
         let mut values = vec![0f32; rows * width];
         for pass in passes(&lengths) {
             let members: Vec<&Row> = pass.iter().map(|r| &batch[*r]).collect();
@@ -523,5 +526,6 @@ mod tests {
         // A row longer than the budget still gets a pass of its own.
         assert_eq!(passes(&[10_000, 3]), vec![vec![1], vec![0]]);
         assert!(passes(&[]).is_empty());
+        assert_eq!(passes(&[0, 3, 0]), vec![vec![1]]);
     }
 }
