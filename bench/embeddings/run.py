@@ -11,7 +11,6 @@ Run by bench/embeddings/run.sh, which builds both and exports what this reads.
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from docs_section import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench/embeddings/results.json"
@@ -165,12 +167,7 @@ def render(results):
             f"{x['kind']} batch {x['batch']} × {x['concurrency']} callers: {x['errors']} "
             f"({x['first_error']})" for x in failed))
     section = "\n".join(lines) + "\n"
-    doc = ROOT / "docs/benchmarks.md"
-    text = doc.read_text()
-    begin, end = "<!-- embeddings:begin -->", "<!-- embeddings:end -->"
-    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{section}{end}",
-                  text, flags=re.S)
-    doc.write_text(text)
+    write_section("embeddings", section)
     print(section)
 
 

@@ -9,7 +9,6 @@ Run by bench/serving/ab.sh, which builds both binaries.
 
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -84,12 +83,7 @@ def main():
     (bench.ROOT / "bench/serving/ab.json").write_text(json.dumps(
         {"machine": bench.machine(), "baseline": BASELINE_COMMIT, "current": CURRENT_COMMIT,
          "summary": summary, "cells": rounds}, indent=1) + "\n")
-    doc = bench.ROOT / "docs/benchmarks.md"
-    text = doc.read_text()
-    begin, end = "<!-- ab:begin -->", "<!-- ab:end -->"
-    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{section}{end}",
-                  text, flags=re.S)
-    doc.write_text(text)
+    bench.write_section("ab", section)
     print(section)
     shutil.rmtree(work, ignore_errors=True)
 

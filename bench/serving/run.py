@@ -10,7 +10,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import socket
@@ -22,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from docs_section import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 KILN = os.environ["KILN_BIN"]
@@ -362,12 +364,7 @@ def main():
     (ROOT / "bench/serving/results.json").write_text(json.dumps(
         {"machine": meta, "serving": serve, "sharding": shards, "data_parallel": dp}, indent=1) + "\n")
     section = report(meta, serve, shards, dp)
-    doc = ROOT / "docs/benchmarks.md"
-    text = doc.read_text()
-    begin, end = "<!-- serving:begin -->", "<!-- serving:end -->"
-    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{section}\n{end}",
-                  text, flags=re.S)
-    doc.write_text(text)
+    write_section("serving", section + "\n")
     print(section)
     shutil.rmtree(work, ignore_errors=True)
 
