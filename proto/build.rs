@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "kiln/v1/models.proto",
         "kiln/v1/training.proto",
         "kiln/v1/cluster.proto",
+        "kiln/v1/generate.proto",
         "kiln/internal/v1/worker.proto",
     ];
     for proto in protos {

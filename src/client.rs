@@ -367,6 +367,60 @@ pub async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// `kiln generate`: stream a generation's text to standard output as it comes; with
+/// `stats`, the counts and timings after it.
+pub async fn generate(
+    addr: &str,
+    model: &str,
+    version: u64,
+    prompt: String,
+    messages: Vec<(String, String)>,
+    sampling: kiln_proto::kiln::v1::SamplingParameters,
+    stats: bool,
+) -> anyhow::Result<()> {
+    use kiln_proto::kiln::v1::generation_client::GenerationClient;
+    use std::io::Write;
+    let mut client = GenerationClient::new(channel(addr).await?);
+    let request = kiln_proto::kiln::v1::GenerateRequest {
+        model: model.to_owned(),
+        version,
+        prompt,
+        messages: messages
+            .into_iter()
+            .map(|(role, content)| kiln_proto::kiln::v1::ChatMessage { role, content })
+            .collect(),
+        sampling: Some(sampling),
+    };
+    let mut stream = client.generate(request).await.map_err(status)?.into_inner();
+    let mut out = std::io::stdout().lock();
+    let mut first_ns = None;
+    while let Some(r) = stream.message().await.map_err(status)? {
+        if !r.token_ids.is_empty() && first_ns.is_none() {
+            first_ns = Some(r.elapsed_ns);
+        }
+        write!(out, "{}", r.text)?;
+        out.flush()?;
+        if !r.finish_reason.is_empty() {
+            writeln!(out)?;
+            if stats {
+                let total = r.elapsed_ns as f64 / 1e9;
+                let first = first_ns.unwrap_or(r.elapsed_ns) as f64 / 1e9;
+                let rate = if total > first && r.completion_tokens > 1 {
+                    f64::from(r.completion_tokens - 1) / (total - first)
+                } else {
+                    0.0
+                };
+                writeln!(
+                    out,
+                    "-- {} prompt tokens, {} generated ({}), first token after {:.3} s, {:.1} tokens/s after it",
+                    r.prompt_tokens, r.completion_tokens, r.finish_reason, first, rate
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Bytes per message of an import stream.
 const IMPORT_CHUNK: usize = 1024 * 1024;
 
@@ -380,12 +434,25 @@ pub async fn models_import(
 ) -> anyhow::Result<pb::ModelVersion> {
     use futures::StreamExt;
     use pb::import_model_request::Part;
-    if !dir.is_dir() {
-        bail!("{} is not a directory", dir.display());
+    let mut files = Vec::new();
+    let gguf = dir.is_file()
+        && dir
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if gguf {
+        let bytes = std::fs::read(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        files.push((kiln_core::hf::GGUF.to_owned(), bytes::Bytes::from(bytes)));
+    } else if !dir.is_dir() {
+        bail!(
+            "{} is neither a model directory nor a .gguf file",
+            dir.display()
+        );
     }
     let modules = std::fs::read(dir.join(kiln_core::hf::MODULES)).ok();
-    let mut files = Vec::new();
-    for path in kiln_core::hf::wanted_files(modules.as_deref()) {
+    for path in kiln_core::hf::wanted_files(modules.as_deref())
+        .into_iter()
+        .filter(|_| !gguf)
+    {
         let full = dir.join(&path);
         if full.is_file() {
             let bytes =

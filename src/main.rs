@@ -115,6 +115,44 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Generate text with a decoder model, streaming the tokens to the terminal.
+    Generate {
+        /// Model name or alias (`NAME:VERSION` for one version).
+        model: String,
+        /// The prompt. With --chat it is the user's message, rendered with the model's chat
+        /// template.
+        prompt: String,
+        /// Send the prompt as a user message of a conversation (the model's chat template).
+        #[arg(long)]
+        chat: bool,
+        /// A system message before it (with --chat).
+        #[arg(long)]
+        system: Option<String>,
+        /// Most tokens to generate.
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// 0 for greedy decoding.
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Nucleus sampling probability.
+        #[arg(long)]
+        top_p: Option<f64>,
+        /// Keep only the k most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: u32,
+        /// Seed of the sampler (the same seed gives the same text).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stop at this text (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Print the token count and timings after the text.
+        #[arg(long)]
+        stats: bool,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
     /// Measure ModelInfer throughput and latency (starts its own embedded cluster).
     Bench {
         /// Concurrent callers, comma-separated.
@@ -402,11 +440,12 @@ enum ModelsCommand {
         addr: String,
     },
     /// Import a pretrained model from a Hugging Face directory (config.json,
-    /// model.safetensors, tokenizer.json; the sentence-transformers configs when present).
-    /// Served families: BERT encoders (sentence embeddings) and BERT sequence classifiers
-    /// (logits and labels). See docs/models.md.
+    /// model.safetensors, tokenizer.json; the sentence-transformers configs and
+    /// tokenizer_config.json when present) or a GGUF file (llama.cpp's format). Served
+    /// families: BERT encoders (sentence embeddings), BERT sequence classifiers (logits and
+    /// labels) and Llama decoders (text generation). See docs/models.md.
     Import {
-        /// The model directory.
+        /// The model directory, or a `.gguf` file.
         dir: PathBuf,
         /// Name to register it under (a new version when the model exists with the same
         /// architecture).
@@ -654,6 +693,36 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                 let out = client::infer(&addr, &model, &input).await?;
                 kiln::say!("{}", serde_json::to_string_pretty(&out)?);
                 Ok(())
+            }
+            Command::Generate {
+                model, prompt, chat, system, max_tokens, temperature, top_p, top_k, seed, stop,
+                stats, addr,
+            } => {
+                let sampling = kiln_proto::kiln::v1::SamplingParameters {
+                    temperature,
+                    top_p,
+                    top_k,
+                    max_tokens,
+                    stop,
+                    seed,
+                    ignore_eos: false,
+                };
+                let (name, version) = match model.split_once(':') {
+                    Some((n, v)) => (n.to_owned(), v.parse::<u64>().context("VERSION must be a number")?),
+                    None => (model.clone(), 0),
+                };
+                let messages = if chat {
+                    let mut m = Vec::new();
+                    if let Some(system) = system {
+                        m.push(("system".to_owned(), system));
+                    }
+                    m.push(("user".to_owned(), prompt.clone()));
+                    m
+                } else {
+                    Vec::new()
+                };
+                let prompt = if chat { String::new() } else { prompt };
+                client::generate(&addr, &name, version, prompt, messages, sampling, stats).await
             }
             Command::Models { command } => match command {
                 ModelsCommand::List { addr } => {

@@ -16,6 +16,11 @@ pub fn spec_from_proto(spec: Option<&pb::ArchitectureSpec>) -> Result<ModelSpec>
                 "spec.bert: encoders are imported from a Hugging Face directory (ImportModel, `kiln models import`), not created".into(),
             ));
         }
+        Some(pb::architecture_spec::Family::Llama(_)) => {
+            return Err(Error::Invalid(
+                "spec.llama: decoders are imported from a Hugging Face directory or a GGUF file (ImportModel, `kiln models import`), not created".into(),
+            ));
+        }
         None => return Err(Error::Invalid("spec is missing: set spec.mlp".into())),
     };
     let task = match pb::Task::try_from(mlp.task) {
@@ -56,6 +61,25 @@ pub fn spec_from_proto(spec: Option<&pb::ArchitectureSpec>) -> Result<ModelSpec>
 pub fn spec_to_proto(spec: &ModelSpec) -> pb::ArchitectureSpec {
     let mlp = match spec {
         ModelSpec::Mlp(mlp) => mlp,
+        ModelSpec::Llama(l) => {
+            return pb::ArchitectureSpec {
+                family: Some(pb::architecture_spec::Family::Llama(pb::LlamaSpec {
+                    vocab_size: l.vocab_size,
+                    hidden_size: l.hidden_size,
+                    intermediate_size: l.intermediate_size,
+                    num_hidden_layers: l.num_hidden_layers,
+                    num_attention_heads: l.num_attention_heads,
+                    num_key_value_heads: l.num_key_value_heads,
+                    rms_norm_eps: l.rms_norm_eps,
+                    rope_theta: l.rope_theta,
+                    max_position_embeddings: l.max_position_embeddings,
+                    tie_word_embeddings: l.tie_word_embeddings,
+                    bos_token_id: l.bos_token_id,
+                    add_bos_token: l.add_bos_token,
+                    eos_token_ids: l.eos_token_ids.clone(),
+                })),
+            };
+        }
         ModelSpec::Bert(b) => {
             return pb::ArchitectureSpec {
                 family: Some(pb::architecture_spec::Family::Bert(pb::BertSpec {
@@ -166,6 +190,40 @@ pub fn epoch_to_proto(r: &crate::training::EpochReport) -> pb::EpochMetrics {
         validation_accuracy: r.validation_accuracy,
         samples_per_second: r.samples_per_second,
         elapsed_ms: r.elapsed_ms,
+    }
+}
+
+/// Wire sampling parameters to the domain's, checked; absent means the defaults.
+pub fn sampling_from_proto(
+    s: Option<&pb::SamplingParameters>,
+) -> Result<crate::generation::Sampling> {
+    let defaults = crate::generation::Sampling::default();
+    let Some(s) = s else {
+        return Ok(defaults);
+    };
+    let sampling = crate::generation::Sampling {
+        temperature: s.temperature.unwrap_or(defaults.temperature),
+        top_p: s.top_p.unwrap_or(defaults.top_p),
+        top_k: s.top_k,
+        max_tokens: s.max_tokens,
+        stop: s.stop.clone(),
+        seed: s.seed,
+        ignore_eos: s.ignore_eos,
+    };
+    sampling.validate()?;
+    Ok(sampling)
+}
+
+/// Domain sampling parameters on the wire.
+pub fn sampling_to_proto(s: &crate::generation::Sampling) -> pb::SamplingParameters {
+    pb::SamplingParameters {
+        temperature: Some(s.temperature),
+        top_p: Some(s.top_p),
+        top_k: s.top_k,
+        max_tokens: s.max_tokens,
+        stop: s.stop.clone(),
+        seed: s.seed,
+        ignore_eos: s.ignore_eos,
     }
 }
 

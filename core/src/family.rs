@@ -5,7 +5,11 @@
 //! its requests share a forward pass. The device half (loading weights, running a batch) is
 //! `kiln_worker::family`.
 
-use crate::spec::{BertSpec, MlpSpec, ModelSpec, Signature};
+use crate::generation::{
+    EXCLUDE_INPUT, FINISH_OUTPUT, INPUT_TOKENS_OUTPUT, OUTPUT_TOKENS_OUTPUT, SAMPLING_INPUT,
+    STREAM_INPUT, Sampling, TEXT_INPUT as PROMPT_INPUT, TEXT_OUTPUT,
+};
+use crate::spec::{BertSpec, LlamaSpec, MlpSpec, ModelSpec, Signature};
 use crate::tensor::{DataType, Interface, Tensor, TensorSpec};
 use crate::{Error, Result};
 
@@ -15,6 +19,10 @@ pub enum Batching {
     /// Requests' rows are joined along the batch dimension, run as one pass and split back
     /// (the MLP). The batcher counts rows against `max_batch_size`.
     Rows,
+    /// Each request is one generation: it joins the worker's running sequences at the next
+    /// step and leaves when it finishes (continuous batching); its answer may be a stream
+    /// (a decoupled model).
+    Generate,
 }
 
 /// What a family says of a model from its spec alone.
@@ -272,12 +280,118 @@ pub fn token_rows(
     Ok(out)
 }
 
+impl FamilySpec for LlamaSpec {
+    fn family(&self) -> &'static str {
+        "llama"
+    }
+
+    /// The tensors of Triton's vLLM backend, without a batch dimension: `text_input` BYTES
+    /// `[1]`, optional `stream` BOOL `[1]`, `sampling_parameters` BYTES `[1]` (JSON) and
+    /// `exclude_input_in_output` BOOL `[1]`. Out: `text_output` BYTES `[1]`,
+    /// `finish_reason` BYTES `[1]` (empty until the last response), `num_input_tokens` and
+    /// `num_output_tokens` UINT32 `[1]`.
+    fn interface(&self, _: &Signature) -> Interface {
+        let tensor = |name: &str, datatype: DataType, optional: bool| TensorSpec {
+            name: name.into(),
+            datatype,
+            shape: vec![1],
+            optional,
+        };
+        Interface {
+            inputs: vec![
+                tensor(PROMPT_INPUT, DataType::Bytes, false),
+                tensor(STREAM_INPUT, DataType::Bool, true),
+                tensor(SAMPLING_INPUT, DataType::Bytes, true),
+                tensor(EXCLUDE_INPUT, DataType::Bool, true),
+            ],
+            outputs: vec![
+                tensor(TEXT_OUTPUT, DataType::Bytes, false),
+                tensor(FINISH_OUTPUT, DataType::Bytes, false),
+                tensor(INPUT_TOKENS_OUTPUT, DataType::U32, false),
+                tensor(OUTPUT_TOKENS_OUTPUT, DataType::U32, false),
+            ],
+        }
+    }
+
+    fn batching(&self) -> Batching {
+        Batching::Generate
+    }
+
+    /// The prompt is UTF-8 and the sampling parameters are a valid JSON object.
+    fn check_request(&self, inputs: &[Tensor]) -> Result<()> {
+        GenerateInputs::read(inputs).map(|_| ())
+    }
+}
+
+/// The inputs of one generation request on the OIP interface, read and checked.
+#[derive(Debug, Clone)]
+pub struct GenerateInputs {
+    /// The prompt.
+    pub prompt: String,
+    /// Answer token by token.
+    pub stream: bool,
+    /// How to sample.
+    pub sampling: Sampling,
+    /// Leave the prompt out of a whole (not streamed) answer.
+    pub exclude_input: bool,
+}
+
+impl GenerateInputs {
+    /// Read the inputs of a request already checked against the interface.
+    pub fn read(inputs: &[Tensor]) -> Result<Self> {
+        let find = |name: &str| inputs.iter().find(|t| t.name == name);
+        let one_string = |t: &Tensor| -> Result<Vec<u8>> {
+            let strings = t.byte_strings()?;
+            match strings.as_slice() {
+                [one] => Ok(one.to_vec()),
+                _ => Err(Error::Invalid(format!(
+                    "input {:?} must hold exactly one element",
+                    t.name
+                ))),
+            }
+        };
+        let flag = |name: &str| -> Result<bool> {
+            match find(name) {
+                None => Ok(false),
+                Some(t) => match t.data.first() {
+                    Some(b) if t.data.len() == 1 => Ok(*b != 0),
+                    _ => Err(Error::Invalid(format!(
+                        "input {name:?} must hold exactly one element"
+                    ))),
+                },
+            }
+        };
+        let prompt = find(PROMPT_INPUT)
+            .ok_or_else(|| Error::Invalid(format!("input {PROMPT_INPUT:?} is missing")))?;
+        let prompt = String::from_utf8(one_string(prompt)?)
+            .map_err(|_| Error::Invalid(format!("input {PROMPT_INPUT:?} is not valid UTF-8")))?;
+        let sampling = match find(SAMPLING_INPUT) {
+            Some(t) => {
+                let text = one_string(t)?;
+                if text.iter().all(u8::is_ascii_whitespace) {
+                    Sampling::default()
+                } else {
+                    Sampling::from_json(&text)?
+                }
+            }
+            None => Sampling::default(),
+        };
+        Ok(GenerateInputs {
+            prompt,
+            stream: flag(STREAM_INPUT)?,
+            sampling,
+            exclude_input: flag(EXCLUDE_INPUT)?,
+        })
+    }
+}
+
 impl ModelSpec {
     /// The family this spec belongs to.
     pub fn family(&self) -> &dyn FamilySpec {
         match self {
             ModelSpec::Mlp(mlp) => mlp,
             ModelSpec::Bert(bert) => bert,
+            ModelSpec::Llama(llama) => llama,
         }
     }
 

@@ -31,7 +31,10 @@ pub const SENTENCE_CONFIG: &str = "sentence_bert_config.json";
 pub const DEFAULT_POOLING: &str = "1_Pooling/config.json";
 
 /// The model types Kiln serves, for messages.
-pub const SERVED_TYPES: &str = "bert";
+pub const SERVED_TYPES: &str = "bert, llama";
+
+/// A GGUF file, as `kiln models import FILE.gguf` sends it (see [`crate::gguf`]).
+pub const GGUF: &str = "model.gguf";
 
 /// Most files one import may carry.
 pub const MAX_FILES: usize = 16;
@@ -39,10 +42,21 @@ pub const MAX_FILES: usize = 16;
 /// The files of a directory Kiln reads, by relative path: `config.json` and `modules.json`
 /// first, then the pooling config `modules.json` names.
 pub fn wanted_files(modules_json: Option<&[u8]>) -> Vec<String> {
-    let mut files: Vec<String> = [CONFIG, WEIGHTS, TOKENIZER, MODULES, SENTENCE_CONFIG]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
+    use crate::llama::{CHAT_TEMPLATE, GENERATION_CONFIG, TOKENIZER_CONFIG};
+    let mut files: Vec<String> = [
+        CONFIG,
+        WEIGHTS,
+        TOKENIZER,
+        MODULES,
+        SENTENCE_CONFIG,
+        TOKENIZER_CONFIG,
+        GENERATION_CONFIG,
+        CHAT_TEMPLATE,
+        GGUF,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
     files.push(pooling_path(modules_json).unwrap_or_else(|| DEFAULT_POOLING.to_owned()));
     files
 }
@@ -70,11 +84,22 @@ pub struct Imported {
 
 /// Check an uploaded directory and read its spec. `files` maps relative paths to contents.
 pub fn import(files: &BTreeMap<String, Bytes>) -> Result<Imported> {
+    if let Some(gguf) = files.get(GGUF) {
+        if files.len() > 1 {
+            return Err(Error::Invalid(format!(
+                "a GGUF import is the {GGUF} file alone"
+            )));
+        }
+        return crate::gguf::import(gguf);
+    }
     let config = json(files, CONFIG)?.ok_or_else(|| missing(CONFIG))?;
     let model_type = config
         .get("model_type")
         .and_then(Value::as_str)
         .unwrap_or("");
+    if crate::llama::is_decoder(model_type) {
+        return crate::llama::import(&config, files);
+    }
     if model_type != "bert" {
         return Err(Error::Invalid(format!(
             "{CONFIG}: model_type {model_type:?} is not served; Kiln serves: {SERVED_TYPES}"

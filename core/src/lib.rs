@@ -4,6 +4,9 @@
 //! - [`spec`]: model specs (the MLP family), signatures, standardisation, name rules;
 //! - [`tensor`]: named, typed tensors (every OIP datatype) and model interfaces;
 //! - [`family`]: the device-free half of the model-family seam (interface, batching);
+//! - [`generation`]: text generation's sampling parameters and tensor names;
+//! - [`gguf`]: GGUF files (llama.cpp's format) turned into a Hugging Face Llama import;
+//! - [`llama`]: Llama-family decoders from Hugging Face directories;
 //! - [`hf`]: Hugging Face model directories: the files Kiln reads and the import check;
 //! - [`weights`]: the safetensors weight format and seeded initial weights;
 //! - [`records`]: the records of the cluster state (models, versions, workers, placements,
@@ -20,7 +23,10 @@
 pub mod convert;
 mod error;
 pub mod family;
+pub mod generation;
+pub mod gguf;
 pub mod hf;
+pub mod llama;
 pub mod npy;
 pub mod parallel;
 pub mod records;

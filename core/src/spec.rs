@@ -195,6 +195,167 @@ impl BertSpec {
     }
 }
 
+/// A Llama-architecture decoder (RMSNorm, rotate-half rotary embeddings, grouped-query
+/// attention, SwiGLU) imported from a Hugging Face directory or a GGUF file: what the worker
+/// needs to build it and to generate with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaSpec {
+    /// Tokens in the vocabulary.
+    pub vocab_size: u32,
+    /// Width of every token state.
+    pub hidden_size: u32,
+    /// Width of the SwiGLU feed-forward layer.
+    pub intermediate_size: u32,
+    /// Decoder layers.
+    pub num_hidden_layers: u32,
+    /// Query heads per layer.
+    pub num_attention_heads: u32,
+    /// Key/value heads per layer (fewer than the query heads under grouped-query
+    /// attention; each serves `num_attention_heads / num_key_value_heads` query heads).
+    pub num_key_value_heads: u32,
+    /// Epsilon of every RMS norm.
+    pub rms_norm_eps: f64,
+    /// Base of the rotary embeddings' frequencies.
+    pub rope_theta: f64,
+    /// Longest sequence, prompt and completion together.
+    pub max_position_embeddings: u32,
+    /// Whether the output head is the token embedding (no `lm_head.weight`).
+    pub tie_word_embeddings: bool,
+    /// The beginning-of-sequence token, put before every prompt when `add_bos_token`.
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// Whether prompts start with the beginning-of-sequence token.
+    #[serde(default)]
+    pub add_bos_token: bool,
+    /// Tokens that end a generation.
+    #[serde(default)]
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Sequences one loaded decoder runs at once (its key/value cache slots).
+pub const GENERATION_SLOTS: usize = 16;
+/// Positions per slot that placement reserves cache memory for; longer sequences grow the
+/// cache past the reservation (docs/models.md, "Memory").
+pub const CACHE_RESERVED_POSITIONS: u64 = 2_048;
+
+/// Most layers of an imported decoder.
+pub const MAX_DECODER_LAYERS: u32 = 256;
+/// Largest hidden width of an imported decoder.
+pub const MAX_DECODER_WIDTH: u32 = 32_768;
+
+impl LlamaSpec {
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> u32 {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    /// Check every limit; the error names the `config.json` field.
+    pub fn validate(&self) -> Result<()> {
+        let positive = |field: &str, v: u32, max: u32| {
+            if v == 0 || v > max {
+                Err(Error::Invalid(format!(
+                    "config.json: {field} must be between 1 and {max}, got {v}"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        positive("vocab_size", self.vocab_size, 1 << 22)?;
+        positive("hidden_size", self.hidden_size, MAX_DECODER_WIDTH)?;
+        positive(
+            "intermediate_size",
+            self.intermediate_size,
+            8 * MAX_DECODER_WIDTH,
+        )?;
+        positive(
+            "num_hidden_layers",
+            self.num_hidden_layers,
+            MAX_DECODER_LAYERS,
+        )?;
+        positive("num_attention_heads", self.num_attention_heads, 1024)?;
+        positive(
+            "num_key_value_heads",
+            self.num_key_value_heads,
+            self.num_attention_heads,
+        )?;
+        positive(
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            1 << 20,
+        )?;
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(Error::Invalid(format!(
+                "config.json: hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(Error::Invalid(format!(
+                "config.json: the head width {} is odd; rotary embeddings rotate pairs",
+                self.head_dim()
+            )));
+        }
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
+            return Err(Error::Invalid(format!(
+                "config.json: num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads, self.num_key_value_heads
+            )));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
+            return Err(Error::Invalid(format!(
+                "config.json: rms_norm_eps must be in (0, 1), got {}",
+                self.rms_norm_eps
+            )));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return Err(Error::Invalid(format!(
+                "config.json: rope_theta must be a finite number above 1, got {}",
+                self.rope_theta
+            )));
+        }
+        for id in self.bos_token_id.iter().chain(&self.eos_token_ids) {
+            if *id >= self.vocab_size {
+                return Err(Error::Invalid(format!(
+                    "config.json: special token id {id} is outside the vocabulary of {}",
+                    self.vocab_size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Width of the keys (and of the values) of one layer: key/value heads × head width.
+    pub fn kv_width(&self) -> u32 {
+        self.num_key_value_heads * self.head_dim()
+    }
+
+    /// Number of weights (embedding, layers, final norm, and an untied output head).
+    pub fn parameter_count(&self) -> u64 {
+        let h = u64::from(self.hidden_size);
+        let i = u64::from(self.intermediate_size);
+        let kv = u64::from(self.kv_width());
+        let v = u64::from(self.vocab_size);
+        let layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + u64::from(self.num_hidden_layers) * layer + h + head
+    }
+
+    /// Bytes of key/value cache one token takes (FP32 keys and values of every layer).
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        2 * u64::from(self.num_hidden_layers) * u64::from(self.kv_width()) * 4
+    }
+
+    /// Bytes of key/value cache placement counts for one loaded version: every slot
+    /// holding [`CACHE_RESERVED_POSITIONS`] positions (or the whole context, if shorter).
+    pub fn cache_reservation_bytes(&self) -> u64 {
+        let positions = u64::from(self.max_position_embeddings).min(CACHE_RESERVED_POSITIONS);
+        GENERATION_SLOTS as u64 * positions * self.kv_bytes_per_token()
+    }
+}
+
 /// A model architecture; new families go beside `Mlp`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -203,6 +364,8 @@ pub enum ModelSpec {
     Mlp(MlpSpec),
     /// A BERT-family encoder serving sentence embeddings.
     Bert(BertSpec),
+    /// A Llama-family decoder generating text.
+    Llama(LlamaSpec),
 }
 
 impl ModelSpec {
@@ -223,6 +386,7 @@ impl ModelSpec {
         match self {
             ModelSpec::Mlp(_) => "mlp",
             ModelSpec::Bert(_) => "bert",
+            ModelSpec::Llama(_) => "llama",
         }
     }
 
@@ -231,6 +395,7 @@ impl ModelSpec {
         let mlp = match self {
             ModelSpec::Mlp(mlp) => mlp,
             ModelSpec::Bert(bert) => return bert.validate(),
+            ModelSpec::Llama(llama) => return llama.validate(),
         };
         let width = |field: &str, w: u32| {
             if w == 0 || w > MAX_WIDTH {
@@ -266,6 +431,7 @@ impl ModelSpec {
         match self {
             ModelSpec::Mlp(mlp) => mlp.input_width as usize,
             ModelSpec::Bert(bert) => bert.hidden_size as usize,
+            ModelSpec::Llama(llama) => llama.hidden_size as usize,
         }
     }
 
@@ -274,6 +440,7 @@ impl ModelSpec {
         match self {
             ModelSpec::Mlp(mlp) => mlp.output_width as usize,
             ModelSpec::Bert(bert) => bert.hidden_size as usize,
+            ModelSpec::Llama(llama) => llama.vocab_size as usize,
         }
     }
 
@@ -289,10 +456,20 @@ impl ModelSpec {
         widths.windows(2).map(|w| (w[0], w[1])).collect()
     }
 
+    /// Bytes a loaded version takes beside its weights: a decoder's key/value cache.
+    pub fn cache_reservation_bytes(&self) -> u64 {
+        match self {
+            ModelSpec::Llama(llama) => llama.cache_reservation_bytes(),
+            _ => 0,
+        }
+    }
+
     /// Number of weights and biases.
     pub fn parameter_count(&self) -> u64 {
-        if let ModelSpec::Bert(bert) = self {
-            return bert.parameter_count();
+        match self {
+            ModelSpec::Bert(bert) => return bert.parameter_count(),
+            ModelSpec::Llama(llama) => return llama.parameter_count(),
+            ModelSpec::Mlp(_) => {}
         }
         self.layer_shapes()
             .iter()

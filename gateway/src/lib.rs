@@ -14,6 +14,7 @@
 pub mod cluster;
 pub mod codec;
 mod error;
+mod generate;
 /// Wire ↔ domain conversions (they live in the scheduler crate, which both sides use).
 pub use kiln_core::convert;
 pub mod models;
@@ -153,6 +154,7 @@ pub async fn serve(
         "inference.GRPCInferenceService",
         "kiln.v1.Models",
         "kiln.v1.Cluster",
+        "kiln.v1.Generation",
     ];
     if !matches!(config.training, TrainingRoute::Off) {
         served.push("kiln.v1.Training");
@@ -170,6 +172,7 @@ pub async fn serve(
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
     let shared_for_cluster = shared.clone();
+    let shared_for_generation = shared.clone();
     let proxy = match &config.training {
         TrainingRoute::Off => None,
         TrainingRoute::Scheduler(addr) => {
@@ -214,6 +217,13 @@ pub async fn serve(
         .add_service(inference)
         .add_service(models)
         .add_optional_service(training)
+        .add_service(
+            kiln_proto::kiln::v1::generation_server::GenerationServer::new(
+                generate::GenerationService {
+                    shared: shared_for_generation,
+                },
+            ),
+        )
         .add_service(kiln_proto::kiln::v1::cluster_server::ClusterServer::new(
             cluster::ClusterService {
                 shared: shared_for_cluster,

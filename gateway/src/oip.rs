@@ -273,7 +273,15 @@ impl GrpcInferenceService for InferenceService {
         request: Request<oip::ModelInferRequest>,
     ) -> Result<Response<oip::ModelInferResponse>, Status> {
         let timeout = kiln_rpc::deadline::from_metadata(request.metadata());
-        let response = self.shared.infer(request.into_inner(), timeout).await?;
+        let req = request.into_inner();
+        if self
+            .shared
+            .is_generator(&req.model_name, &req.model_version)
+        {
+            let response = self.shared.infer_generation(req).await?;
+            return Ok(Response::new(response));
+        }
+        let response = self.shared.infer(req, timeout).await?;
         Ok(Response::new(response))
     }
 
@@ -288,19 +296,46 @@ impl GrpcInferenceService for InferenceService {
         // The call's context, taken now: the answers are made as the response body is
         // read, outside the call's own future.
         let call = kiln_telemetry::trace::current();
-        let answers = request
-            .into_inner()
-            .map(move |item| {
-                let shared = shared.clone();
-                // Each request of the stream is a span of its own under the call's.
+        let mut requests = request.into_inner();
+        // Two lanes: answers of ordinary models keep their requests' order; generations
+        // (decoupled models) stream their responses as they come, interleaved.
+        type Answer = Result<oip::ModelStreamInferResponse, Status>;
+        let (ordered_tx, ordered_rx) = tokio::sync::mpsc::channel::<
+            Pin<Box<dyn std::future::Future<Output = Answer> + Send>>,
+        >(STREAM_CONCURRENCY);
+        let (streams_tx, streams_rx) = tokio::sync::mpsc::channel::<
+            Pin<Box<dyn Stream<Item = Answer> + Send>>,
+        >(STREAM_CONCURRENCY);
+        tokio::spawn(async move {
+            while let Some(item) = requests.next().await {
+                let req = match item {
+                    Ok(req) => req,
+                    Err(status) => {
+                        let _ = ordered_tx
+                            .send(Box::pin(futures::future::ready(Err(status))))
+                            .await;
+                        return;
+                    }
+                };
                 let cx = kiln_telemetry::trace::start(
                     "ModelStreamInfer request",
                     kiln_telemetry::trace::SpanKind::Internal,
                     &call,
                     Vec::new,
                 );
-                async move {
-                    let req = item?;
+                if shared.is_generator(&req.model_name, &req.model_version) {
+                    let stream = kiln_telemetry::trace::scoped(cx, {
+                        let shared = shared.clone();
+                        async move { shared.stream_generation(req) }
+                    })
+                    .await;
+                    if streams_tx.send(stream).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                let shared = shared.clone();
+                let answer = async move {
                     let id = req.id.clone();
                     let recorded = cx.clone();
                     let answer = kiln_telemetry::trace::scoped(cx, shared.infer(req, None))
@@ -323,9 +358,17 @@ impl GrpcInferenceService for InferenceService {
                             }),
                         },
                     })
+                };
+                if ordered_tx.send(Box::pin(answer)).await.is_err() {
+                    return;
                 }
-            })
-            .buffered(STREAM_CONCURRENCY);
+            }
+        });
+        let ordered =
+            tokio_stream::wrappers::ReceiverStream::new(ordered_rx).buffered(STREAM_CONCURRENCY);
+        let generated = tokio_stream::wrappers::ReceiverStream::new(streams_rx)
+            .flatten_unordered(STREAM_CONCURRENCY);
+        let answers = futures::stream::select(ordered, generated);
         Ok(Response::new(Box::pin(answers)))
     }
 
@@ -339,6 +382,16 @@ impl GrpcInferenceService for InferenceService {
         let r = &entry.record;
         let interface = r.spec.interface(&r.signature);
         let batching = view.deployment(&r.name).batching;
+        // A decoder is decoupled (a stream of responses per request) and takes one
+        // request per call: no batch dimension in its tensors.
+        let decoupled = r.spec.family().batching() == kiln_core::family::Batching::Generate;
+        let dims = |shape: &[i64]| -> Vec<i64> {
+            if decoupled {
+                shape.to_vec()
+            } else {
+                shape.get(1..).unwrap_or_default().to_vec()
+            }
+        };
         let runtime = view
             .workers
             .values()
@@ -354,7 +407,12 @@ impl GrpcInferenceService for InferenceService {
                     oip::model_version_policy::All {},
                 )),
             }),
-            max_batch_size: batching.max_batch_size as i32,
+            max_batch_size: if decoupled {
+                0
+            } else {
+                batching.max_batch_size as i32
+            },
+            model_transaction_policy: Some(oip::ModelTransactionPolicy { decoupled }),
             // The batch dimension is implied by max_batch_size, as Triton reports it.
             input: interface
                 .inputs
@@ -362,7 +420,7 @@ impl GrpcInferenceService for InferenceService {
                 .map(|t| oip::ModelInput {
                     name: t.name.clone(),
                     data_type: config_datatype(t.datatype) as i32,
-                    dims: t.shape.get(1..).unwrap_or_default().to_vec(),
+                    dims: dims(&t.shape),
                     optional: t.optional,
                 })
                 .collect(),
@@ -372,7 +430,7 @@ impl GrpcInferenceService for InferenceService {
                 .map(|t| oip::ModelOutput {
                     name: t.name.clone(),
                     data_type: config_datatype(t.datatype) as i32,
-                    dims: t.shape.get(1..).unwrap_or_default().to_vec(),
+                    dims: dims(&t.shape),
                 })
                 .collect(),
             scheduling_choice: Some(oip::model_config::SchedulingChoice::DynamicBatching(

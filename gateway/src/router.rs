@@ -317,6 +317,78 @@ impl Router {
     }
 }
 
+/// A generation in progress on one replica: its events, and the replica's count of open
+/// generations from this router (released when this is dropped).
+pub struct Generation {
+    /// The worker's events.
+    pub events: tonic::Streaming<pb::GenerateEvent>,
+    _in_flight: InFlight,
+}
+
+impl Router {
+    /// Start a generation on a ready replica of `key`: the one with the most free slots as
+    /// this router sees them (fewest open generations from here, then fewest running as
+    /// the replica last reported), tried once more on another if the first could not take
+    /// it.
+    pub async fn generate(
+        &self,
+        key: &VersionKey,
+        request: pb::GenerateRequest,
+    ) -> Result<Generation> {
+        let mut addresses = self.ready_addresses(key);
+        if addresses.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "model {} version {} has no ready replica",
+                key.model, key.version
+            )));
+        }
+        let mut last_error = None;
+        for _ in 0..2 {
+            let draw = mix64(self.rotation.fetch_add(1, Ordering::Relaxed) as u64);
+            let Some(i) = choose_replica(&self.loads(&addresses), draw) else {
+                break;
+            };
+            let address = addresses.swap_remove(i);
+            let (mut client, load) = self.replica(&address)?;
+            load.in_flight.fetch_add(1, Ordering::Relaxed);
+            let guard = InFlight(load);
+            match client.generate(request.clone()).await {
+                Ok(response) => {
+                    return Ok(Generation {
+                        events: response.into_inner(),
+                        _in_flight: guard,
+                    });
+                }
+                Err(status) => {
+                    let gone = matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown
+                    );
+                    let error = map_worker_status(status);
+                    if !gone || addresses.is_empty() {
+                        return Err(error);
+                    }
+                    self.stats.retried(key);
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error
+            .unwrap_or_else(|| Error::Unavailable("no replica could take the request".into())))
+    }
+}
+
+impl Generation {
+    /// Note what the replica reported when the generation started: its sequences running
+    /// and waiting, the depth the next replica choice weighs beside open generations.
+    pub fn started(&self, running: u32) {
+        self._in_flight
+            .0
+            .queue_depth
+            .store(u64::from(running), Ordering::Relaxed);
+    }
+}
+
 /// A worker's response, checked: every output well-formed with the request's rows.
 fn answer(response: pb::InferResponse, rows: usize) -> Result<Answer> {
     let outputs = response
@@ -341,7 +413,7 @@ fn answer(response: pb::InferResponse, rows: usize) -> Result<Answer> {
     })
 }
 
-fn map_worker_status(status: tonic::Status) -> Error {
+pub(crate) fn map_worker_status(status: tonic::Status) -> Error {
     let message = status.message().to_owned();
     match status.code() {
         tonic::Code::InvalidArgument => Error::Invalid(message),

@@ -49,7 +49,11 @@ pub fn desired_placements(view: &ClusterView) -> BTreeMap<String, BTreeSet<Versi
                     key,
                     replicas: deployment.replicas,
                     eligible: eligible.clone(),
-                    bytes: version.artifact.size,
+                    // A decoder's key/value cache counts as well as its weights.
+                    bytes: version
+                        .artifact
+                        .size
+                        .saturating_add(entry.record.spec.cache_reservation_bytes()),
                 },
             ));
         }

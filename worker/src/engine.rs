@@ -14,9 +14,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::family::{Loaded, Prepared};
+use crate::generation::scheduler::GenerationRequest;
+use crate::generation::{GenEvent, Generator, GeneratorStats, Prompt};
 use crate::training::{EpochReport, Step, TrainingOutcome, TrainingRun};
 use crate::{Error, Result};
 use kiln_core::MlpWeights;
+use kiln_core::generation::Sampling;
 
 /// Commands waiting for the engine beyond this make senders wait (backpressure): while the
 /// engine is busy, the batchers keep filling their next batch instead.
@@ -26,6 +29,10 @@ const ENGINE_QUEUE: usize = 8;
 pub struct Engine {
     device: Device,
     models: HashMap<VersionKey, Box<dyn Loaded>>,
+    /// The generation state of each loaded decoder with work.
+    generators: HashMap<VersionKey, Generator>,
+    /// Running and waiting counts per decoder, for metrics and replica choice.
+    gauges: Arc<std::sync::Mutex<HashMap<VersionKey, GeneratorStats>>>,
 }
 
 /// A finished forward pass.
@@ -45,7 +52,72 @@ impl Engine {
         Self {
             device,
             models: HashMap::new(),
+            generators: HashMap::new(),
+            gauges: Arc::default(),
         }
+    }
+
+    /// Queue a generation on a loaded decoder; refused at once if it can never run.
+    pub fn generate(&mut self, key: &VersionKey, request: GenerationRequest) -> Result<()> {
+        let model = self
+            .models
+            .get_mut(key)
+            .ok_or_else(|| Error::NotLoaded(key.clone()))?;
+        let decoder = model.decoder().ok_or_else(|| {
+            Error::Invalid(format!(
+                "model {} does not generate text; use ModelInfer",
+                key.model
+            ))
+        })?;
+        let generator = self.generators.entry(key.clone()).or_default();
+        guarded(|| generator.submit(decoder, request))??;
+        self.publish(key);
+        Ok(())
+    }
+
+    /// Whether any decoder has sequences running or waiting.
+    pub fn generating(&self) -> bool {
+        self.generators.values().any(Generator::busy)
+    }
+
+    /// One generation step of every decoder with work.
+    pub fn generate_step(&mut self) {
+        let keys: Vec<VersionKey> = self
+            .generators
+            .iter()
+            .filter(|(_, g)| g.busy())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            let (Some(model), Some(generator)) =
+                (self.models.get_mut(&key), self.generators.get_mut(&key))
+            else {
+                continue;
+            };
+            let Some(decoder) = model.decoder() else {
+                continue;
+            };
+            if let Err(e) = guarded(|| generator.step(decoder)) {
+                generator.abort(&e);
+            }
+            self.publish(&key);
+        }
+    }
+
+    /// Update the shared counts of `key`'s generator.
+    fn publish(&mut self, key: &VersionKey) {
+        let slots = self
+            .models
+            .get_mut(key)
+            .and_then(|m| m.decoder().map(|d| d.slots()))
+            .unwrap_or(0);
+        let stats = self
+            .generators
+            .get(key)
+            .map(|g| g.stats(slots))
+            .unwrap_or_default();
+        let mut gauges = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
+        gauges.insert(key.clone(), stats);
     }
 
     /// Build a prepared version on the device; replaces any earlier copy of `key`.
@@ -57,6 +129,13 @@ impl Engine {
 
     /// Drop a model; returns whether it was loaded.
     pub fn unload(&mut self, key: &VersionKey) -> bool {
+        if let Some(mut generator) = self.generators.remove(key) {
+            generator.abort(&Error::NotLoaded(key.clone()));
+        }
+        self.gauges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
         self.models.remove(key).is_some()
     }
 
@@ -130,6 +209,12 @@ pub(crate) enum Command {
     },
     /// Work that must run on the device's thread (a data-parallel replica's step).
     Exec(Box<dyn FnOnce() + Send>),
+    /// Queue a generation.
+    Generate {
+        key: VersionKey,
+        request: GenerationRequest,
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 /// What a training run on the engine reports.
@@ -209,23 +294,29 @@ impl ActiveRun {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    gauges: Arc<std::sync::Mutex<HashMap<VersionKey, GeneratorStats>>>,
 }
 
 impl EngineHandle {
     /// Start the engine thread for `device`; it ends when every handle is dropped.
     pub fn spawn(device: Device, name: &str) -> std::io::Result<Self> {
         let (tx, mut rx) = mpsc::channel::<Command>(ENGINE_QUEUE);
+        let engine = Engine::new(device);
+        let gauges = engine.gauges.clone();
         std::thread::Builder::new()
             .name(format!("kiln-engine-{name}"))
             .spawn(move || {
-                let mut engine = Engine::new(device);
+                let mut engine = engine;
                 let mut runs: Vec<ActiveRun> = Vec::new();
                 let mut next_run = 0usize;
+                // Generation steps and training batches take turns when both have work.
+                let mut generation_turn = true;
                 loop {
-                    // Commands (inference, loads) go first; training advances one batch at
-                    // a time in between, round-robin over the runs, so a long job never
-                    // keeps other models from answering.
-                    let command = if runs.is_empty() {
+                    // Commands (inference, loads) go first; generation steps and training
+                    // batches run in between, one at a time, so that neither a long job
+                    // nor a long generation keeps other models from answering.
+                    let generating = engine.generating();
+                    let command = if runs.is_empty() && !generating {
                         match rx.blocking_recv() {
                             Some(c) => c,
                             None => return,
@@ -235,6 +326,12 @@ impl EngineHandle {
                             Ok(c) => c,
                             Err(mpsc::error::TryRecvError::Disconnected) => return,
                             Err(mpsc::error::TryRecvError::Empty) => {
+                                if generating && (generation_turn || runs.is_empty()) {
+                                    generation_turn = false;
+                                    engine.generate_step();
+                                    continue;
+                                }
+                                generation_turn = true;
                                 next_run %= runs.len();
                                 if runs[next_run].advance() {
                                     next_run += 1;
@@ -280,10 +377,51 @@ impl EngineHandle {
                             done: false,
                         }),
                         Command::Exec(work) => work(),
+                        Command::Generate {
+                            key,
+                            request,
+                            reply,
+                        } => {
+                            let _ = reply.send(engine.generate(&key, request));
+                        }
                     }
                 }
             })?;
-        Ok(Self { tx })
+        Ok(Self { tx, gauges })
+    }
+
+    /// Queue a generation on a loaded decoder. Its events arrive on the returned
+    /// receiver; dropping it cancels the generation at the next step. A request that can
+    /// never run is refused here.
+    pub async fn generate(
+        &self,
+        key: VersionKey,
+        prompt: Prompt,
+        sampling: Sampling,
+    ) -> Result<mpsc::UnboundedReceiver<GenEvent>> {
+        let (events, rx) = mpsc::unbounded_channel();
+        let request = GenerationRequest {
+            prompt,
+            sampling,
+            events,
+        };
+        self.call(|reply| Command::Generate {
+            key,
+            request,
+            reply,
+        })
+        .await??;
+        Ok(rx)
+    }
+
+    /// Running and waiting sequences of a loaded decoder (zeros for other models).
+    pub fn generation_stats(&self, key: &VersionKey) -> GeneratorStats {
+        self.gauges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// A handle whose commands go to the returned receiver instead of a device thread, so
@@ -291,7 +429,13 @@ impl EngineHandle {
     #[cfg(test)]
     pub(crate) fn detached() -> (Self, mpsc::Receiver<Command>) {
         let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
-        (Self { tx }, rx)
+        (
+            Self {
+                tx,
+                gauges: Arc::default(),
+            },
+            rx,
+        )
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {

@@ -34,6 +34,24 @@ pub enum Error {
     Registry(#[from] kiln_registry::Error),
 }
 
+impl Error {
+    /// The same error for another caller (one failure of a decode step fails each
+    /// sequence in it). Cluster-state errors keep only their message.
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::Invalid(m) => Error::Invalid(m.clone()),
+            Error::NotLoaded(k) => Error::NotLoaded(k.clone()),
+            Error::QueueFull(n) => Error::QueueFull(*n),
+            Error::DeadlineExceeded => Error::DeadlineExceeded,
+            Error::Device(m) => Error::Device(m.clone()),
+            Error::EngineStopped => Error::EngineStopped,
+            Error::Cancelled => Error::Cancelled,
+            Error::TrainingFailed(m) => Error::TrainingFailed(m.clone()),
+            Error::Registry(e) => Error::Device(e.to_string()),
+        }
+    }
+}
+
 /// The worker's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -3,6 +3,8 @@
 //! - [`device`]: run-time device choice (`--device auto|cpu|wgpu[:N|:cpu]`);
 //! - [`family`]: the device half of the model-family seam (loading a version, running a
 //!   batch) and its implementations (the MLP);
+//! - [`generation`]: the generation engine of decoder families (continuous batching,
+//!   sampling, streaming text);
 //! - [`model`]: the MLP as a Burn module;
 //! - [`engine`]: the one thread per device that owns the models and runs all compute;
 //! - [`batcher`]: the dynamic batcher per loaded version;
@@ -18,6 +20,7 @@ pub mod device;
 pub mod engine;
 mod error;
 pub mod family;
+pub mod generation;
 pub mod metrics;
 pub mod model;
 pub mod node;

@@ -156,6 +156,64 @@ impl Collector for WorkerMetrics {
                 workers.iter().map(|w| (self.labels(w, Vec::new()), rss)),
             )?;
         }
+        f.gauge(
+            "kiln_worker_generation_sequences",
+            "Generations on a decoder version, by state (running in a cache slot, or waiting for one).",
+            workers.iter().flat_map(|w| {
+                let served = w.served.read().unwrap_or_else(|p| p.into_inner());
+                let mut keys: Vec<&VersionKey> = served
+                    .iter()
+                    .filter(|(_, s)| matches!(s.spec, kiln_core::spec::ModelSpec::Llama(_)))
+                    .map(|(k, _)| k)
+                    .collect();
+                keys.sort();
+                keys.into_iter()
+                    .flat_map(|key| {
+                        let stats = w.engine.generation_stats(key);
+                        [("running", stats.running), ("waiting", stats.waiting)].map(
+                            |(state, n)| {
+                                let labels = vec![
+                                    ("model", key.model.clone()),
+                                    ("version", key.version.to_string()),
+                                    ("state", state.to_owned()),
+                                ];
+                                (self.labels(w, labels), n as u64)
+                            },
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            }),
+        )?;
+        let generation: Vec<_> = workers
+            .iter()
+            .map(|w| w.generation_metrics.snapshot())
+            .collect();
+        for (i, (name, help)) in [
+            (
+                "kiln_worker_generation_time_to_first_token_seconds",
+                "Time from a generation's arrival at the worker to its first token.",
+            ),
+            (
+                "kiln_worker_generation_inter_token_seconds",
+                "Time between consecutive tokens of a generation.",
+            ),
+            (
+                "kiln_worker_generation_queue_seconds",
+                "Time a generation waited for a cache slot.",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            f.histogram(
+                name,
+                help,
+                workers
+                    .iter()
+                    .zip(&generation)
+                    .map(|(w, h)| (self.labels(w, Vec::new()), &h[i])),
+            )?;
+        }
         let loads: Vec<_> = workers
             .iter()
             .map(|w| lock(&w.load_seconds).clone())
@@ -173,6 +231,46 @@ impl Collector for WorkerMetrics {
                     ]
                 }),
         )
+    }
+}
+
+/// Histograms of a worker's generations: time to first token, between tokens, queued.
+pub(crate) struct GenerationMetrics {
+    histograms: std::sync::Mutex<[kiln_telemetry::metrics::Histogram; 3]>,
+}
+
+impl Default for GenerationMetrics {
+    fn default() -> Self {
+        Self {
+            histograms: std::sync::Mutex::new(std::array::from_fn(|_| {
+                kiln_telemetry::metrics::Histogram::new(kiln_telemetry::metrics::SECONDS_BOUNDS)
+            })),
+        }
+    }
+}
+
+impl GenerationMetrics {
+    fn observe(&self, i: usize, d: std::time::Duration) {
+        lock(&self.histograms)[i].observe(d.as_secs_f64());
+    }
+
+    /// A generation's first token, `d` after it arrived.
+    pub(crate) fn first_token(&self, d: std::time::Duration) {
+        self.observe(0, d);
+    }
+
+    /// A token `d` after the one before.
+    pub(crate) fn between_tokens(&self, d: std::time::Duration) {
+        self.observe(1, d);
+    }
+
+    /// A generation admitted after waiting `d`.
+    pub(crate) fn queue(&self, d: std::time::Duration) {
+        self.observe(2, d);
+    }
+
+    fn snapshot(&self) -> [kiln_telemetry::metrics::Histogram; 3] {
+        lock(&self.histograms).clone()
     }
 }
 

@@ -52,10 +52,20 @@ impl Worker for FakeWorker {
     type TrainShardStream =
         Pin<Box<dyn Stream<Item = Result<internal::ShardReply, Status>> + Send + 'static>>;
 
+    type GenerateStream =
+        Pin<Box<dyn Stream<Item = Result<internal::GenerateEvent, Status>> + Send + 'static>>;
+
     async fn infer(
         &self,
         _: Request<internal::InferRequest>,
     ) -> Result<Response<internal::InferResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn generate(
+        &self,
+        _: Request<internal::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
 

@@ -9,6 +9,7 @@
 //! so neither knows which family a version is.
 
 pub mod bert;
+pub mod llama;
 pub mod mlp;
 
 use std::collections::BTreeMap;
@@ -58,6 +59,12 @@ pub trait Loaded: Send {
     /// checked against the interface). Returns the outputs in the interface's order, each
     /// of `rows` rows, row `i` answering input row `i`.
     fn run(&self, inputs: Vec<Tensor>, rows: usize) -> Result<Ran>;
+
+    /// A generative family's decoder, which the generation engine drives instead of
+    /// [`run`](Self::run); `None` for families that answer batches.
+    fn decoder(&mut self) -> Option<&mut dyn crate::generation::Decoder> {
+        None
+    }
 }
 
 /// A batch's answer.
@@ -85,5 +92,6 @@ pub fn family(spec: &ModelSpec) -> &'static dyn Family {
     match spec {
         ModelSpec::Mlp(_) => &mlp::MlpFamily,
         ModelSpec::Bert(_) => &bert::BertFamily,
+        ModelSpec::Llama(_) => &llama::LlamaFamily,
     }
 }

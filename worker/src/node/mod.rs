@@ -111,6 +111,8 @@ pub(crate) struct State {
     pub(crate) memory_bytes: u64,
     /// How long model loads took, by outcome (success, failure).
     pub(crate) load_seconds: Mutex<[kiln_telemetry::metrics::Histogram; 2]>,
+    /// Time to first token, between tokens, and in the queue, of generations.
+    pub(crate) generation_metrics: crate::metrics::GenerationMetrics,
     /// FP32 parameter bytes of each version served.
     pub(crate) weight_bytes: Mutex<HashMap<VersionKey, u64>>,
 }
@@ -155,6 +157,7 @@ pub async fn serve(
         written: Mutex::new(None),
         last_used: Mutex::new(HashMap::new()),
         memory_bytes: config.memory_bytes,
+        generation_metrics: Default::default(),
         load_seconds: Mutex::new(std::array::from_fn(|_| {
             kiln_telemetry::metrics::Histogram::new(kiln_telemetry::metrics::LONG_SECONDS_BOUNDS)
         })),
@@ -240,6 +243,7 @@ pub async fn serve(
     result.map_err(|e| Error::Device(format!("worker server: {e}")))
 }
 
+mod generate;
 mod membership;
 mod placement;
 mod replica;

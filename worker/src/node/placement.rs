@@ -124,6 +124,7 @@ pub(super) async fn fetch_and_build(
     state.engine.load(key.clone(), prepared).await?;
     let batcher = Batcher::spawn(key.clone(), batching, state.engine.clone());
     lock(&state.weight_bytes).insert(key.clone(), spec.parameter_count() * 4);
+    // Generation versions queue on the engine's generator; their batcher stays idle.
     state
         .served
         .write()

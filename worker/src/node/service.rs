@@ -114,6 +114,22 @@ impl Worker for WorkerService {
 
     type TrainStream = TrainStream;
 
+    type GenerateStream = generate::GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        if lock(&self.state.lease).is_none() {
+            return Err(Status::unavailable(format!(
+                "worker {} is not registered in the cluster right now",
+                self.state.id
+            )));
+        }
+        let stream = generate::start_generation(&self.state, request.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
+
     type TrainShardStream = ShardStream;
 
     async fn train_shard(
