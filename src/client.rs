@@ -367,8 +367,18 @@ pub async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// `kiln generate`: stream a generation's text to standard output as it comes; with
-/// `stats`, the counts and timings after it.
+/// How `kiln generate` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GenerateOutput {
+    /// The text as it comes.
+    Text,
+    /// The text, then the counts and timings.
+    TextWithStats,
+    /// Each response as a JSON line.
+    Json,
+}
+
+/// `kiln generate`: stream a generation to standard output as it comes.
 pub async fn generate(
     addr: &str,
     model: &str,
@@ -376,7 +386,7 @@ pub async fn generate(
     prompt: String,
     messages: Vec<(String, String)>,
     sampling: kiln_proto::kiln::v1::SamplingParameters,
-    stats: bool,
+    output: GenerateOutput,
 ) -> anyhow::Result<()> {
     use kiln_proto::kiln::v1::generation_client::GenerationClient;
     use std::io::Write;
@@ -398,11 +408,27 @@ pub async fn generate(
         if !r.token_ids.is_empty() && first_ns.is_none() {
             first_ns = Some(r.elapsed_ns);
         }
+        if output == GenerateOutput::Json {
+            let line = serde_json::json!({
+                "token_ids": r.token_ids,
+                "text": r.text,
+                "finish_reason": r.finish_reason,
+                "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": r.completion_tokens,
+                "elapsed_ns": r.elapsed_ns,
+                "queue_ns": r.queue_ns,
+                "version": r.version,
+                "logprob": r.logprob,
+                "top_logprobs": r.top_logprobs.iter().map(|t| (t.id, t.logprob)).collect::<Vec<_>>(),
+            });
+            writeln!(out, "{line}")?;
+            continue;
+        }
         write!(out, "{}", r.text)?;
         out.flush()?;
         if !r.finish_reason.is_empty() {
             writeln!(out)?;
-            if stats {
+            if output == GenerateOutput::TextWithStats {
                 let total = r.elapsed_ns as f64 / 1e9;
                 let first = first_ns.unwrap_or(r.elapsed_ns) as f64 / 1e9;
                 let rate = if total > first && r.completion_tokens > 1 {

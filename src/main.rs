@@ -146,6 +146,17 @@ enum Command {
         /// Stop at this text (repeatable).
         #[arg(long)]
         stop: Vec<String>,
+        /// Go on past the model's end-of-sequence tokens.
+        #[arg(long)]
+        ignore_eos: bool,
+        /// Report the log-probabilities of the N most likely tokens at each step (with
+        /// --json).
+        #[arg(long, default_value_t = 0)]
+        logprobs: u32,
+        /// Print each response as a JSON object on its own line (token ids, text, timings,
+        /// log-probabilities) instead of the text.
+        #[arg(long)]
+        json: bool,
         /// Print the token count and timings after the text.
         #[arg(long)]
         stats: bool,
@@ -696,7 +707,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
             }
             Command::Generate {
                 model, prompt, chat, system, max_tokens, temperature, top_p, top_k, seed, stop,
-                stats, addr,
+                ignore_eos, logprobs, json, stats, addr,
             } => {
                 let sampling = kiln_proto::kiln::v1::SamplingParameters {
                     temperature,
@@ -705,7 +716,8 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                     max_tokens,
                     stop,
                     seed,
-                    ignore_eos: false,
+                    ignore_eos,
+                    logprobs,
                 };
                 let (name, version) = match model.split_once(':') {
                     Some((n, v)) => (n.to_owned(), v.parse::<u64>().context("VERSION must be a number")?),
@@ -722,7 +734,14 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                     Vec::new()
                 };
                 let prompt = if chat { String::new() } else { prompt };
-                client::generate(&addr, &name, version, prompt, messages, sampling, stats).await
+                let output = if json {
+                    client::GenerateOutput::Json
+                } else if stats {
+                    client::GenerateOutput::TextWithStats
+                } else {
+                    client::GenerateOutput::Text
+                };
+                client::generate(&addr, &name, version, prompt, messages, sampling, output).await
             }
             Command::Models { command } => match command {
                 ModelsCommand::List { addr } => {

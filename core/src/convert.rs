@@ -209,6 +209,7 @@ pub fn sampling_from_proto(
         stop: s.stop.clone(),
         seed: s.seed,
         ignore_eos: s.ignore_eos,
+        logprobs: s.logprobs,
     };
     sampling.validate()?;
     Ok(sampling)
@@ -224,6 +225,7 @@ pub fn sampling_to_proto(s: &crate::generation::Sampling) -> pb::SamplingParamet
         stop: s.stop.clone(),
         seed: s.seed,
         ignore_eos: s.ignore_eos,
+        logprobs: s.logprobs,
     }
 }
 

@@ -7,7 +7,7 @@
 
 use crate::generation::{
     EXCLUDE_INPUT, FINISH_OUTPUT, INPUT_TOKENS_OUTPUT, OUTPUT_TOKENS_OUTPUT, SAMPLING_INPUT,
-    STREAM_INPUT, Sampling, TEXT_INPUT as PROMPT_INPUT, TEXT_OUTPUT,
+    STREAM_INPUT, Sampling, TEXT_INPUT as PROMPT_INPUT, TEXT_OUTPUT, TOKEN_IDS_OUTPUT,
 };
 use crate::spec::{BertSpec, LlamaSpec, MlpSpec, ModelSpec, Signature};
 use crate::tensor::{DataType, Interface, Tensor, TensorSpec};
@@ -289,7 +289,8 @@ impl FamilySpec for LlamaSpec {
     /// `[1]`, optional `stream` BOOL `[1]`, `sampling_parameters` BYTES `[1]` (JSON) and
     /// `exclude_input_in_output` BOOL `[1]`. Out: `text_output` BYTES `[1]`,
     /// `finish_reason` BYTES `[1]` (empty until the last response), `num_input_tokens` and
-    /// `num_output_tokens` UINT32 `[1]`.
+    /// `num_output_tokens` UINT32 `[1]`, and `token_ids` UINT32 `[-1]` (the ids of the
+    /// tokens the response carries).
     fn interface(&self, _: &Signature) -> Interface {
         let tensor = |name: &str, datatype: DataType, optional: bool| TensorSpec {
             name: name.into(),
@@ -309,6 +310,12 @@ impl FamilySpec for LlamaSpec {
                 tensor(FINISH_OUTPUT, DataType::Bytes, false),
                 tensor(INPUT_TOKENS_OUTPUT, DataType::U32, false),
                 tensor(OUTPUT_TOKENS_OUTPUT, DataType::U32, false),
+                TensorSpec {
+                    name: TOKEN_IDS_OUTPUT.into(),
+                    datatype: DataType::U32,
+                    shape: vec![-1],
+                    optional: false,
+                },
             ],
         }
     }

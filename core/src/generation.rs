@@ -19,6 +19,9 @@ pub const EXCLUDE_INPUT: &str = "exclude_input_in_output";
 pub const TEXT_OUTPUT: &str = "text_output";
 /// Why the generation ended (`stop`, `length`), on the last response.
 pub const FINISH_OUTPUT: &str = "finish_reason";
+/// The ids of the tokens a response carries (Kiln's addition to the vLLM backend's
+/// outputs).
+pub const TOKEN_IDS_OUTPUT: &str = "token_ids";
 /// Tokens in the prompt.
 pub const INPUT_TOKENS_OUTPUT: &str = "num_input_tokens";
 /// Tokens generated so far.
@@ -32,6 +35,8 @@ pub const MAX_STOP_BYTES: usize = 256;
 pub const MAX_TOP_K: u32 = 1 << 20;
 /// Largest temperature.
 pub const MAX_TEMPERATURE: f64 = 100.0;
+/// Most alternatives `logprobs` may ask for per token.
+pub const MAX_LOGPROBS: u32 = 1_024;
 /// Tokens generated when a request does not say (and the context leaves room).
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
 
@@ -52,6 +57,9 @@ pub struct Sampling {
     pub seed: Option<u64>,
     /// Go on past the model's end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Report the log-probabilities of this many most likely tokens at each step (and of
+    /// the token taken), from the model's logits before temperature. 0: none.
+    pub logprobs: u32,
 }
 
 impl Default for Sampling {
@@ -65,6 +73,7 @@ impl Default for Sampling {
             stop: Vec::new(),
             seed: None,
             ignore_eos: false,
+            logprobs: 0,
         }
     }
 }
@@ -110,6 +119,13 @@ impl Sampling {
                 }
                 "seed" => s.seed = Some(whole(&field(key), number(&field(key), v)?, u64::MAX)?),
                 "ignore_eos" => s.ignore_eos = boolean(&field(key), v)?,
+                "logprobs" => {
+                    s.logprobs = whole(
+                        &field(key),
+                        number(&field(key), v)?,
+                        u64::from(MAX_LOGPROBS),
+                    )? as u32
+                }
                 "stop" => {
                     s.stop = match v {
                         Value::String(one) => vec![one.clone()],
@@ -135,7 +151,7 @@ impl Sampling {
                 }
                 other => {
                     return Err(Error::Invalid(format!(
-                        "{SAMPLING_INPUT}: unknown parameter {other:?}; known: temperature, top_p, top_k, max_tokens, stop, seed, ignore_eos"
+                        "{SAMPLING_INPUT}: unknown parameter {other:?}; known: temperature, top_p, top_k, max_tokens, stop, seed, ignore_eos, logprobs"
                     )));
                 }
             }
@@ -172,6 +188,13 @@ impl Sampling {
             return Err(Error::Invalid(format!(
                 "{} must be at least 1",
                 field("max_tokens")
+            )));
+        }
+        if self.logprobs > MAX_LOGPROBS {
+            return Err(Error::Invalid(format!(
+                "{} must be at most {MAX_LOGPROBS}, got {}",
+                field("logprobs"),
+                self.logprobs
             )));
         }
         if self.stop.len() > MAX_STOP_STRINGS {

@@ -15,6 +15,7 @@ use futures::Stream;
 use kiln_core::family::{Batching, GenerateInputs};
 use kiln_core::generation::{
     FINISH_OUTPUT, INPUT_TOKENS_OUTPUT, OUTPUT_TOKENS_OUTPUT, Sampling, TEXT_OUTPUT,
+    TOKEN_IDS_OUTPUT,
 };
 use kiln_core::records::VersionKey;
 use kiln_core::tensor::{DataType, Tensor};
@@ -39,8 +40,13 @@ pub const FINAL: &str = "triton_final_response";
 pub(crate) enum Step {
     /// The prompt ran on the worker.
     Started { prompt_tokens: u32, queue_ns: u64 },
-    /// One token and the text it completes.
-    Token { id: u32, text: String },
+    /// One token, the text it completes, and its log-probabilities if asked for.
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<f32>,
+        top: Vec<pb::TokenLogprob>,
+    },
     /// The end: why, and text held back that was not a stop string.
     Finished {
         reason: String,
@@ -82,6 +88,8 @@ impl Running {
             ipb::generate_event::Event::Token(t) => Step::Token {
                 id: t.id,
                 text: t.text,
+                logprob: t.logprob,
+                top: t.top_logprobs,
             },
             ipb::generate_event::Event::Finished(f) => {
                 self.ok = true;
@@ -212,12 +220,16 @@ impl Shared {
             inputs.prompt.clone()
         };
         let mut prompt_tokens = 0;
+        let mut ids = Vec::new();
         let (reason, completion_tokens) = loop {
             match running.next().await? {
                 Some(Step::Started {
                     prompt_tokens: p, ..
                 }) => prompt_tokens = p,
-                Some(Step::Token { text: t, .. }) => text.push_str(&t),
+                Some(Step::Token { text: t, id, .. }) => {
+                    text.push_str(&t);
+                    ids.push(id);
+                }
                 Some(Step::Finished {
                     reason,
                     text: t,
@@ -239,7 +251,7 @@ impl Shared {
             id: req.id.clone(),
             ..Default::default()
         };
-        let outputs = outputs(&text, &reason, prompt_tokens, completion_tokens)?;
+        let outputs = outputs(&text, &reason, prompt_tokens, completion_tokens, &ids)?;
         encode_outputs(&mut response, pick(outputs, &wanted), raw);
         Ok(response)
     }
@@ -323,14 +335,14 @@ impl Shared {
             )
             .await?;
         let version = running.key.version.to_string();
-        let respond = |text: &str, reason: &str, prompt: u32, completion: u32| {
+        let respond = |text: &str, reason: &str, prompt: u32, completion: u32, ids: &[u32]| {
             let mut response = oip::ModelInferResponse {
                 model_name: req.model_name.clone(),
                 model_version: version.clone(),
                 id: req.id.clone(),
                 ..Default::default()
             };
-            let outs = outputs(text, reason, prompt, completion)?;
+            let outs = outputs(text, reason, prompt, completion, ids)?;
             encode_outputs(&mut response, pick(outs, &wanted), raw);
             Ok::<_, Error>(response)
         };
@@ -338,7 +350,9 @@ impl Shared {
         let mut generated = 0;
         // A response waits until the next one exists, so that the last one with text can
         // carry the final flag and the finish reason.
-        let mut pending: Option<String> = None;
+        let mut pending: Option<(String, Vec<u32>)> = None;
+        // Ids of tokens whose text is not out yet (part of a character, a possible stop).
+        let mut ids: Vec<u32> = Vec::new();
         loop {
             let step = tokio::select! {
                 _ = tx.closed() => return Ok(()),
@@ -348,13 +362,18 @@ impl Shared {
                 Some(Step::Started {
                     prompt_tokens: p, ..
                 }) => prompt_tokens = p,
-                Some(Step::Token { text, .. }) => {
+                Some(Step::Token { text, id, .. }) => {
                     generated += 1;
+                    ids.push(id);
                     if text.is_empty() {
                         continue;
                     }
-                    if let Some(previous) = pending.replace(text) {
-                        let r = respond(&previous, "", prompt_tokens, generated - 1)?;
+                    let held = ids.len() as u32;
+                    if let Some((previous, previous_ids)) =
+                        pending.replace((text, std::mem::take(&mut ids)))
+                    {
+                        let sent = generated - held;
+                        let r = respond(&previous, "", prompt_tokens, sent, &previous_ids)?;
                         if tx.send(Ok(streamed(with_final(r, false)))).await.is_err() {
                             return Ok(());
                         }
@@ -365,9 +384,10 @@ impl Shared {
                     text,
                     completion_tokens,
                 }) => {
-                    let mut last = pending.take().unwrap_or_default();
+                    let (mut last, mut last_ids) = pending.take().unwrap_or_default();
                     last.push_str(&text);
-                    let r = respond(&last, &reason, prompt_tokens, completion_tokens)?;
+                    last_ids.append(&mut ids);
+                    let r = respond(&last, &reason, prompt_tokens, completion_tokens, &last_ids)?;
                     if empty_final {
                         let _ = tx.send(Ok(streamed(with_final(r, false)))).await;
                         let close = oip::ModelInferResponse {
@@ -413,7 +433,13 @@ fn inputs_stream(req: &oip::ModelInferRequest) -> bool {
 }
 
 /// The outputs of the decoder interface, in its order.
-fn outputs(text: &str, reason: &str, prompt: u32, completion: u32) -> Result<Vec<Tensor>> {
+fn outputs(
+    text: &str,
+    reason: &str,
+    prompt: u32,
+    completion: u32,
+    ids: &[u32],
+) -> Result<Vec<Tensor>> {
     let count = |name: &str, n: u32| {
         Tensor::new(
             name,
@@ -427,6 +453,12 @@ fn outputs(text: &str, reason: &str, prompt: u32, completion: u32) -> Result<Vec
         Tensor::from_byte_strings(FINISH_OUTPUT, vec![1], &[reason.as_bytes()])?,
         count(INPUT_TOKENS_OUTPUT, prompt)?,
         count(OUTPUT_TOKENS_OUTPUT, completion)?,
+        Tensor::new(
+            TOKEN_IDS_OUTPUT,
+            DataType::U32,
+            vec![ids.len()],
+            ids.iter().flat_map(|i| i.to_le_bytes()).collect(),
+        )?,
     ])
 }
 
@@ -504,9 +536,16 @@ impl pb::generation_server::Generation for GenerationService {
                         queue_ns = q;
                         continue;
                     }
-                    Ok(Some(Step::Token { id, text })) => {
+                    Ok(Some(Step::Token {
+                        id,
+                        text,
+                        logprob,
+                        top,
+                    })) => {
                         generated += 1;
                         pb::GenerateResponse {
+                            logprob,
+                            top_logprobs: top,
                             token_ids: vec![id],
                             text,
                             finish_reason: String::new(),
@@ -523,6 +562,8 @@ impl pb::generation_server::Generation for GenerationService {
                         completion_tokens,
                     })) => {
                         let last = pb::GenerateResponse {
+                            logprob: None,
+                            top_logprobs: Vec::new(),
                             token_ids: Vec::new(),
                             text,
                             finish_reason: reason,

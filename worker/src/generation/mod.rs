@@ -91,6 +91,8 @@ pub enum GenEvent {
         /// The text it completes (may be empty: part of a character, or held back as the
         /// start of a stop string).
         text: String,
+        /// Log-probabilities, when the request asked for them.
+        logprobs: Option<Logprobs>,
     },
     /// The generation ended.
     Finished {
@@ -103,6 +105,37 @@ pub enum GenEvent {
     },
     /// The generation failed.
     Failed(Error),
+}
+
+/// Log-probabilities at one step, from the model's logits before temperature.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprobs {
+    /// Of the token taken.
+    pub chosen: f32,
+    /// The most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl Logprobs {
+    /// The log-softmax of `logits` at `chosen` and at the `top` most likely tokens.
+    pub fn of(logits: &[f32], chosen: u32, top: usize) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|v| f64::from(v - max).exp()).sum();
+        let norm = f64::from(max) + sum.ln();
+        let log = |i: usize| (f64::from(logits[i]) - norm) as f32;
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        let top = top.min(order.len());
+        let by = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        if top > 0 && top < order.len() {
+            order.select_nth_unstable_by(top - 1, by);
+        }
+        order.truncate(top);
+        order.sort_by(by);
+        Logprobs {
+            chosen: log(chosen as usize),
+            top: order.into_iter().map(|i| (i as u32, log(i))).collect(),
+        }
+    }
 }
 
 /// The model's tokenizer, chat template and special tokens.

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::sampler::Sampler;
 use super::text::{Piece, TextStream};
-use super::{DecodeRow, Decoder, GenEvent, Prompt, admit};
+use super::{DecodeRow, Decoder, GenEvent, Logprobs, Prompt, admit};
 use crate::{Error, Result};
 
 /// Most prompt tokens prefilled in one step (beyond the first prompt), so that a burst of
@@ -45,6 +45,8 @@ struct Running {
     generated: u32,
     budget: u32,
     ignore_eos: bool,
+    /// Alternatives to report per step (0: no log-probabilities).
+    logprobs: u32,
     sampler: Sampler,
     text: TextStream,
     events: mpsc::UnboundedSender<GenEvent>,
@@ -135,7 +137,7 @@ impl Generator {
                     let r = &mut self.running[*i];
                     r.length += 1;
                     let token = r.sampler.pick(&row);
-                    if !accept(decoder, r, token) {
+                    if !accept(decoder, r, token, &row) {
                         done.push(*i);
                     }
                 }
@@ -183,12 +185,13 @@ impl Generator {
                 generated: 0,
                 budget: w.budget,
                 ignore_eos: w.sampling.ignore_eos,
+                logprobs: w.sampling.logprobs,
                 text: TextStream::new(w.sampling.stop.clone()),
                 sampler: Sampler::new(w.sampling),
                 events: w.events,
             };
             let token = r.sampler.pick(&logits);
-            if accept(decoder, &mut r, token) {
+            if accept(decoder, &mut r, token, &logits) {
                 self.running.push(r);
             }
         }
@@ -197,7 +200,7 @@ impl Generator {
 
 /// Take a sampled token into a sequence and tell its caller; false when the sequence is
 /// over (finished, or its caller gone).
-fn accept(decoder: &dyn Decoder, r: &mut Running, token: u32) -> bool {
+fn accept(decoder: &dyn Decoder, r: &mut Running, token: u32, logits: &[f32]) -> bool {
     r.generated += 1;
     r.last = token;
     let codec = decoder.codec();
@@ -210,7 +213,15 @@ fn accept(decoder: &dyn Decoder, r: &mut Running, token: u32) -> bool {
             Piece::Stopped(t) => (t, true),
         }
     };
-    if r.events.send(GenEvent::Token { id: token, text }).is_err() {
+    let logprobs = (r.logprobs > 0).then(|| Logprobs::of(logits, token, r.logprobs as usize));
+    if r.events
+        .send(GenEvent::Token {
+            id: token,
+            text,
+            logprobs,
+        })
+        .is_err()
+    {
         return false;
     }
     let finish = if stopped {

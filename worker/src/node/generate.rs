@@ -83,14 +83,32 @@ pub(super) async fn start_generation(
                         free_slots: stats.free_slots as u32,
                     })
                 }
-                GenEvent::Token { id, text } => {
+                GenEvent::Token { id, text, logprobs } => {
                     let now = Instant::now();
                     match last_token {
                         None => state.generation_metrics.first_token(now - arrived),
                         Some(t) => state.generation_metrics.between_tokens(now - t),
                     }
                     last_token = Some(now);
-                    pb::generate_event::Event::Token(pb::GenerateToken { id, text })
+                    let (logprob, top_logprobs) = match logprobs {
+                        Some(l) => (
+                            Some(l.chosen),
+                            l.top
+                                .into_iter()
+                                .map(|(id, logprob)| kiln_proto::kiln::v1::TokenLogprob {
+                                    id,
+                                    logprob,
+                                })
+                                .collect(),
+                        ),
+                        None => (None, Vec::new()),
+                    };
+                    pb::generate_event::Event::Token(pb::GenerateToken {
+                        id,
+                        text,
+                        logprob,
+                        top_logprobs,
+                    })
                 }
                 GenEvent::Finished {
                     reason,
