@@ -248,3 +248,233 @@ fn remove(running: &mut Vec<Running>, indices: Vec<usize>) {
         running.remove(i);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generation::TextCodec;
+    use kiln_core::spec::LlamaSpec;
+    use tokenizers::Tokenizer;
+
+    /// Characters as tokens: `<eos>` is 0, then `a`, `b`, `c`, `d`; decoding concatenates.
+    fn codec() -> TextCodec {
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "."},
+                              "behavior": "Isolated", "invert": false},
+            "post_processor": null,
+            "decoder": {"type": "Fuse"},
+            "model": {"type": "WordLevel", "unk_token": "<eos>",
+                      "vocab": {"<eos>": 0, "a": 1, "b": 2, "c": 3, "d": 4}},
+        });
+        let tokenizer = Tokenizer::from_bytes(json.to_string().as_bytes()).unwrap();
+        let spec = LlamaSpec {
+            vocab_size: 5,
+            hidden_size: 4,
+            intermediate_size: 4,
+            num_hidden_layers: 1,
+            num_attention_heads: 1,
+            num_key_value_heads: 1,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            add_bos_token: false,
+            eos_token_ids: vec![0],
+        };
+        TextCodec::new(tokenizer, None, &spec).unwrap()
+    }
+
+    /// A decoder whose next token after position p is `a`, `b`, `c` in turn (1 + p mod 3),
+    /// or `<eos>` at `eos_at`; it records the rows of every decode step.
+    struct Fake {
+        codec: TextCodec,
+        slots: usize,
+        eos_at: Option<usize>,
+        steps: Vec<Vec<DecodeRow>>,
+        prefills: Vec<usize>,
+    }
+
+    impl Fake {
+        fn new(slots: usize) -> Self {
+            Fake {
+                codec: codec(),
+                slots,
+                eos_at: None,
+                steps: Vec::new(),
+                prefills: Vec::new(),
+            }
+        }
+
+        fn logits(&self, next_position: usize) -> Vec<f32> {
+            let mut l = vec![0.0; 5];
+            let token = if self.eos_at == Some(next_position) {
+                0
+            } else {
+                1 + next_position % 3
+            };
+            l[token] = 10.0;
+            l
+        }
+    }
+
+    impl Decoder for Fake {
+        fn codec(&self) -> &TextCodec {
+            &self.codec
+        }
+        fn context(&self) -> u32 {
+            64
+        }
+        fn slots(&self) -> usize {
+            self.slots
+        }
+        fn prefill(&mut self, slot: usize, tokens: &[u32]) -> Result<Vec<f32>> {
+            self.prefills.push(slot);
+            Ok(self.logits(tokens.len()))
+        }
+        fn decode(&mut self, rows: &[DecodeRow]) -> Result<Vec<Vec<f32>>> {
+            self.steps.push(rows.to_vec());
+            Ok(rows.iter().map(|r| self.logits(r.position + 1)).collect())
+        }
+    }
+
+    fn request(
+        prompt: &str,
+        max_tokens: u32,
+        stop: &[&str],
+    ) -> (GenerationRequest, mpsc::UnboundedReceiver<GenEvent>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let sampling = Sampling {
+            temperature: 0.0,
+            max_tokens: Some(max_tokens),
+            stop: stop.iter().map(|s| (*s).to_owned()).collect(),
+            ..Sampling::default()
+        };
+        (
+            GenerationRequest {
+                prompt: Prompt::Text(prompt.into()),
+                sampling,
+                events,
+            },
+            rx,
+        )
+    }
+
+    /// Every event so far: the text, the token count, and the finish reason if any.
+    fn drain(rx: &mut mpsc::UnboundedReceiver<GenEvent>) -> (String, usize, Option<FinishReason>) {
+        let (mut text, mut tokens, mut finish) = (String::new(), 0, None);
+        while let Ok(event) = rx.try_recv() {
+            match event {
+                GenEvent::Token { text: t, .. } => {
+                    text += &t;
+                    tokens += 1;
+                }
+                GenEvent::Finished {
+                    reason, text: t, ..
+                } => {
+                    text += &t;
+                    finish = Some(reason);
+                }
+                GenEvent::Started { .. } => {}
+                GenEvent::Failed(e) => panic!("failed: {e}"),
+            }
+        }
+        (text, tokens, finish)
+    }
+
+    #[test]
+    fn sequences_wait_for_a_slot_and_take_it_when_one_is_freed() {
+        let mut fake = Fake::new(2);
+        let mut generator = Generator::default();
+        let mut receivers = Vec::new();
+        for max in [2, 4, 3] {
+            let (r, rx) = request("a", max, &[]);
+            generator.submit(&fake, r).unwrap();
+            receivers.push(rx);
+        }
+        let mut steps = 0;
+        while generator.busy() {
+            generator.step(&mut fake);
+            steps += 1;
+            assert!(steps < 20);
+        }
+        assert!(fake.steps.iter().all(|rows| rows.len() <= 2));
+        // The third waited for the first's slot (slot 0), freed after its two tokens.
+        assert_eq!(fake.prefills, vec![0, 1, 0]);
+        // Prompt "a" (position 0): the tokens after it are b, c, a, b, ...
+        let answers: Vec<_> = receivers.iter_mut().map(drain).collect();
+        assert_eq!(answers[0], ("bc".into(), 2, Some(FinishReason::Length)));
+        assert_eq!(answers[1], ("bcab".into(), 4, Some(FinishReason::Length)));
+        assert_eq!(answers[2], ("bca".into(), 3, Some(FinishReason::Length)));
+        assert_eq!(generator.stats(2).running, 0);
+    }
+
+    #[test]
+    fn a_caller_that_goes_away_frees_its_slot_at_the_next_step() {
+        let mut fake = Fake::new(1);
+        let mut generator = Generator::default();
+        let (r, rx) = request("a", 50, &[]);
+        generator.submit(&fake, r).unwrap();
+        generator.step(&mut fake);
+        generator.step(&mut fake);
+        assert_eq!(generator.stats(1).running, 1);
+        drop(rx);
+        generator.step(&mut fake);
+        assert_eq!(generator.stats(1).running, 0);
+        assert!(!generator.busy());
+        let decoded = fake.steps.len();
+        generator.step(&mut fake);
+        assert_eq!(
+            fake.steps.len(),
+            decoded,
+            "nothing runs for a cancelled sequence"
+        );
+    }
+
+    #[test]
+    fn stop_strings_and_end_of_sequence_end_a_generation_with_the_text_before_them() {
+        let mut fake = Fake::new(4);
+        let mut generator = Generator::default();
+        // b c a b c ...: "ab" first completes at the 4th token.
+        let (r, mut stopped) = request("a", 20, &["ab"]);
+        generator.submit(&fake, r).unwrap();
+        // A stop string that never completes is given out in the end.
+        let (r, mut partial) = request("a", 3, &["ax"]);
+        generator.submit(&fake, r).unwrap();
+        while generator.busy() {
+            generator.step(&mut fake);
+        }
+        let (text, tokens, finish) = drain(&mut stopped);
+        assert_eq!(
+            (text.as_str(), tokens, finish),
+            ("bc", 4, Some(FinishReason::Stop))
+        );
+        assert_eq!(
+            drain(&mut partial),
+            ("bca".into(), 3, Some(FinishReason::Length))
+        );
+
+        fake.eos_at = Some(3);
+        let (r, mut eos) = request("a", 20, &[]);
+        generator.submit(&fake, r).unwrap();
+        while generator.busy() {
+            generator.step(&mut fake);
+        }
+        // Tokens at positions 1 and 2, then <eos> (no text).
+        assert_eq!(drain(&mut eos), ("bc".into(), 3, Some(FinishReason::Stop)));
+    }
+
+    #[test]
+    fn requests_that_can_never_run_are_refused_before_they_wait() {
+        let fake = Fake::new(1);
+        let mut generator = Generator::default();
+        let (r, _rx) = request(&"a".repeat(64), 1, &[]);
+        let err = generator.submit(&fake, r).unwrap_err().to_string();
+        assert!(err.contains("context"), "{err}");
+        let (r, _rx) = request("", 1, &[]);
+        assert!(generator.submit(&fake, r).is_err());
+        assert!(!generator.busy());
+    }
+}
