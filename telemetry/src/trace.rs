@@ -473,6 +473,16 @@ pub fn batch(
     requests: &[&Context],
     attributes: impl FnOnce() -> Vec<KeyValue>,
 ) -> Option<Detached> {
+    shared_step("batch", requests, attributes)
+}
+
+/// As [`batch`], for a step named `name` that serves several requests at once (a decode
+/// step of every running generation).
+pub fn shared_step(
+    name: &'static str,
+    requests: &[&Context],
+    attributes: impl FnOnce() -> Vec<KeyValue>,
+) -> Option<Detached> {
     let first = requests.iter().find(|cx| cx.span().is_recording())?;
     let links = || {
         requests
@@ -480,7 +490,7 @@ pub fn batch(
             .map(|cx| Link::with_context(cx.span().span_context().clone()))
             .collect()
     };
-    let span = Detached::start_linked("batch", first, attributes, links)?;
+    let span = Detached::start_linked(name, first, attributes, links)?;
     let mut hex = [0u8; 16];
     crate::w3c::write_hex(&mut hex, &span.span_context().span_id().to_bytes());
     let id: Arc<str> = String::from_utf8_lossy(&hex).into();

@@ -268,6 +268,19 @@ def test_stop_strings_and_max_tokens_end_a_stream(served):
     short = stream(client, [("c", PROMPT, {"temperature": 0, "max_tokens": 5,
                                            "ignore_eos": True})])["c"]
     assert short[0] == base[0][:5] and short[2] == "length"
+    # Each ended on the worker, not just on the wire: no sequence holds a slot.
+    assert running_sequences(served[0]) == 0
+
+
+def test_aliases_choose_the_version_a_generation_runs_on(served, tiny):
+    cluster, client = served
+    cluster.kiln("models", "import", str(tiny["dir"]), "--name", "tiny")  # version 2
+    cluster.kiln("models", "alias", "tiny", "production", "2")
+    wait_ready(client, "tiny", timeout=60)
+    lines = generate_json(cluster, "tiny", PROMPT, "--temperature", "0", "--max-tokens", "4")
+    assert lines[-1]["version"] == 2, "the production alias chose the version"
+    lines = generate_json(cluster, "tiny:1", PROMPT, "--temperature", "0", "--max-tokens", "4")
+    assert lines[-1]["version"] == 1
 
 
 def test_a_cancelled_stream_frees_its_slot(served):

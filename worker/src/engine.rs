@@ -400,10 +400,27 @@ impl EngineHandle {
         sampling: Sampling,
     ) -> Result<mpsc::UnboundedReceiver<GenEvent>> {
         let (events, rx) = mpsc::unbounded_channel();
+        // The generation's span: its prefill and decode steps are recorded under it on the
+        // engine thread, and it ends when the generation does.
+        let trace = kiln_telemetry::trace::start(
+            "generation",
+            kiln_telemetry::trace::SpanKind::Internal,
+            &kiln_telemetry::trace::current(),
+            || {
+                vec![
+                    kiln_telemetry::trace::KeyValue::new(
+                        "kiln.model.name",
+                        kiln_telemetry::trace::name_value(&key.model),
+                    ),
+                    kiln_telemetry::trace::KeyValue::new("kiln.model.version", key.version as i64),
+                ]
+            },
+        );
         let request = GenerationRequest {
             prompt,
             sampling,
             events,
+            trace,
         };
         self.call(|reply| Command::Generate {
             key,

@@ -27,9 +27,13 @@ pub struct GenerationRequest {
     pub sampling: Sampling,
     /// Where its events go; dropping the receiver cancels it.
     pub events: mpsc::UnboundedSender<GenEvent>,
+    /// The generation's span, when traced: its prefill and the decode steps it takes
+    /// part in are recorded under it (the steps linked to every generation in them).
+    pub trace: Option<kiln_telemetry::trace::Context>,
 }
 
 struct Waiting {
+    trace: Option<kiln_telemetry::trace::Context>,
     ids: Vec<u32>,
     budget: u32,
     sampling: Sampling,
@@ -38,6 +42,7 @@ struct Waiting {
 }
 
 struct Running {
+    trace: Option<kiln_telemetry::trace::Context>,
     slot: usize,
     /// Tokens in the slot's cache, plus the newest token (not yet run).
     length: usize,
@@ -76,6 +81,7 @@ impl Generator {
     pub fn submit(&mut self, decoder: &dyn Decoder, request: GenerationRequest) -> Result<()> {
         let (ids, budget) = admit(decoder, &request.prompt, &request.sampling)?;
         self.waiting.push_back(Waiting {
+            trace: request.trace,
             ids,
             budget,
             sampling: request.sampling,
@@ -130,7 +136,10 @@ impl Generator {
                 }
             })
             .collect();
-        match decoder.decode(&rows) {
+        let span = step_span(&self.running, &decoding);
+        let result = decoder.decode(&rows);
+        drop(span);
+        match result {
             Ok(logits) => {
                 let mut done = Vec::new();
                 for (i, row) in decoding.iter().zip(logits) {
@@ -167,7 +176,18 @@ impl Generator {
                 return;
             };
             prefilled += w.ids.len();
-            let logits = match decoder.prefill(slot, &w.ids) {
+            let span = w.trace.as_ref().and_then(|cx| {
+                use kiln_telemetry::trace::KeyValue;
+                kiln_telemetry::trace::Detached::start("prefill", cx, || {
+                    vec![
+                        KeyValue::new("kiln.generation.prompt_tokens", w.ids.len() as i64),
+                        KeyValue::new("kiln.generation.slot", slot as i64),
+                    ]
+                })
+            });
+            let result = decoder.prefill(slot, &w.ids);
+            drop(span);
+            let logits = match result {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = w.events.send(GenEvent::Failed(e));
@@ -179,6 +199,7 @@ impl Generator {
                 queue: w.since.elapsed(),
             });
             let mut r = Running {
+                trace: w.trace,
                 slot,
                 length: w.ids.len() + 1,
                 last: 0,
@@ -240,6 +261,25 @@ fn accept(decoder: &dyn Decoder, r: &mut Running, token: u32, logits: &[f32]) ->
         return false;
     }
     true
+}
+
+/// The span of a decode step over `running[decoding]`, linked to each traced generation
+/// in it.
+fn step_span(running: &[Running], decoding: &[usize]) -> Option<kiln_telemetry::trace::Detached> {
+    if !kiln_telemetry::trace::enabled() {
+        return None;
+    }
+    let traced: Vec<&kiln_telemetry::trace::Context> = decoding
+        .iter()
+        .filter_map(|i| running[*i].trace.as_ref())
+        .collect();
+    let rows = decoding.len();
+    kiln_telemetry::trace::shared_step("decode step", &traced, || {
+        vec![kiln_telemetry::trace::KeyValue::new(
+            "kiln.generation.rows",
+            rows as i64,
+        )]
+    })
 }
 
 /// Remove the sequences at `indices` (ascending).
@@ -357,6 +397,7 @@ mod tests {
                 prompt: Prompt::Text(prompt.into()),
                 sampling,
                 events,
+                trace: None,
             },
             rx,
         )
