@@ -403,3 +403,51 @@ def test_smollm2_from_gguf_answers_the_capital_of_france(served):
     lines = generate_json(cluster, "smollm2", "What is the capital of France?", "--chat",
                           "--temperature", "0", "--max-tokens", "30")
     assert "".join(line["text"] for line in lines) == "The capital of France is Paris."
+
+
+def test_generations_spread_over_the_replicas_of_a_deployment(tmp_path_factory, tiny):
+    """With two replicas, new generations go to the replica with free slots: four long
+    streams started together run on both workers (each worker's running gauge)."""
+    c = Cluster(tmp_path_factory.mktemp("kiln-gen-2"), workers=2)
+    c.metrics = f"127.0.0.1:{free_port()}"
+    c.extra = ["--metrics-addr", c.metrics]
+    c.start()
+    client = grpcclient.InferenceServerClient(c.addr)
+    try:
+        c.kiln("models", "import", str(tiny["dir"]), "--name", "tiny")
+        assert "2 replicas" in c.kiln("models", "deploy", "tiny", "--replicas", "2")
+        deadline = time.monotonic() + 60
+        while True:
+            status = json.loads(c.kiln("status", "--json"))
+            ready = [v for v in status["versions"] if v["model"] == "tiny"]
+            if ready and len(ready[0]["ready_on"]) == 2:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.1)
+        answers = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for i in range(4):
+            text = grpcclient.InferInput("text_input", [1], "BYTES")
+            text.set_data_from_numpy(np.array([PROMPT.encode()], dtype=object))
+            flag = grpcclient.InferInput("stream", [1], "BOOL")
+            flag.set_data_from_numpy(np.array([True]))
+            params = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
+            params.set_data_from_numpy(np.array([json.dumps(
+                {"max_tokens": 1000, "ignore_eos": True, "seed": i}).encode()], dtype=object))
+            client.async_stream_infer("tiny", [text, flag, params], request_id=f"g{i}")
+        seen = set()
+        while len(seen) < 4:
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            seen.add(result.get_response().id)
+        page = urllib.request.urlopen(f"http://{c.metrics}/metrics", timeout=5).read().decode()
+        per_worker = {}
+        for worker, n in re.findall(
+                r'kiln_worker_generation_sequences\{worker="([^"]+)",[^}]*state="running"[^}]*\} (\d+)',
+                page):
+            per_worker[worker] = per_worker.get(worker, 0) + int(n)
+        assert sorted(per_worker.values()) == [2, 2], per_worker
+        client.stop_stream(cancel_requests=True)
+    finally:
+        client.close()
+        c.stop()
