@@ -1,6 +1,7 @@
 //! What every part of Kiln shares and that is not storage: the data of the cluster state
 //! and of the wire, and the pure functions over it.
 //!
+//! - [`auth`]: roles, the role each public RPC requires, tokens and their stored hashes;
 //! - [`spec`]: model specs (the MLP family), signatures, standardisation, name rules;
 //! - [`tensor`]: named, typed tensors (every OIP datatype) and model interfaces;
 //! - [`family`]: the device-free half of the model-family seam (interface, batching);
@@ -20,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod convert;
 mod error;
 pub mod family;
