@@ -1,6 +1,6 @@
-//! Who may call what: the
-//! roles a bearer token carries, the role every public RPC requires, and tokens as they are
-//! made, shown once and stored (hashed: a stored token cannot be used to call Kiln).
+//! Who may call what: the roles a bearer token carries, the role every public RPC
+//! requires, and tokens as they are made, shown once and stored (hashed: a stored token
+//! cannot be used to call Kiln). Not yet enforced by the servers.
 //!
 //! - `infer`: OIP inference and metadata, text generation, model listings;
 //! - `train`: training jobs and datasets;
