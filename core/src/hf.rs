@@ -124,17 +124,7 @@ pub fn import(files: &BTreeMap<String, Bytes>) -> Result<Imported> {
             "{CONFIG}: position_embedding_type {position:?} is not served; Kiln computes \"absolute\""
         )));
     }
-    let number = |field: &str| -> Result<u32> {
-        config
-            .get(field)
-            .and_then(Value::as_u64)
-            .and_then(|v| u32::try_from(v).ok())
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{CONFIG}: {field} is missing or not a whole number"
-                ))
-            })
-    };
+    let number = |field: &str| config_u32(&config, field);
     let max_position_embeddings = number("max_position_embeddings")?;
     let modules = files.get(MODULES).map(|b| &b[..]);
     let labels = labels(&config)?;
@@ -198,7 +188,21 @@ fn missing(file: &str) -> Error {
     Error::Invalid(format!("{file} is missing from the model directory"))
 }
 
-fn json(files: &BTreeMap<String, Bytes>, name: &str) -> Result<Option<Value>> {
+/// A whole-number field of `config.json`; the error names it.
+pub(crate) fn config_u32(config: &Value, field: &str) -> Result<u32> {
+    config
+        .get(field)
+        .and_then(Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{CONFIG}: {field} is missing or not a whole number"
+            ))
+        })
+}
+
+/// A JSON file of the directory, if it was sent; the error names the file.
+pub(crate) fn json(files: &BTreeMap<String, Bytes>, name: &str) -> Result<Option<Value>> {
     files
         .get(name)
         .map(|b| {

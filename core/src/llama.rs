@@ -10,7 +10,7 @@ use bytes::Bytes;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use crate::hf::{CONFIG, Imported, TOKENIZER, WEIGHTS};
+use crate::hf::{CONFIG, Imported, TOKENIZER, WEIGHTS, config_u32, json};
 use crate::spec::{LlamaSpec, ModelSpec};
 use crate::{Error, Result};
 
@@ -63,17 +63,7 @@ pub fn llama_tensors(spec: &LlamaSpec) -> Vec<(String, Vec<usize>)> {
 
 /// Check a Hugging Face Llama directory (its `config.json` already read) and read its spec.
 pub fn import(config: &Value, files: &BTreeMap<String, Bytes>) -> Result<Imported> {
-    let number = |field: &str| -> Result<u32> {
-        config
-            .get(field)
-            .and_then(Value::as_u64)
-            .and_then(|v| u32::try_from(v).ok())
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{CONFIG}: {field} is missing or not a whole number"
-                ))
-            })
-    };
+    let number = |field: &str| config_u32(config, field);
     let act = config
         .get("hidden_act")
         .and_then(Value::as_str)
@@ -241,16 +231,6 @@ fn chat_template(
             })?;
     }
     Ok(template)
-}
-
-fn json(files: &BTreeMap<String, Bytes>, name: &str) -> Result<Option<Value>> {
-    files
-        .get(name)
-        .map(|b| {
-            serde_json::from_slice(b)
-                .map_err(|e| Error::Invalid(format!("{name} is not valid JSON: {e}")))
-        })
-        .transpose()
 }
 
 /// Check that the weights hold every tensor of `spec` in its shape, and return them as an

@@ -112,15 +112,6 @@ pub const MAX_LABEL_BYTES: usize = 256;
 impl BertSpec {
     /// Check every limit; the error names the `config.json` field.
     pub fn validate(&self) -> Result<()> {
-        let positive = |field: &str, v: u32, max: u32| {
-            if v == 0 || v > max {
-                Err(Error::Invalid(format!(
-                    "config.json: {field} must be between 1 and {max}, got {v}"
-                )))
-            } else {
-                Ok(())
-            }
-        };
         positive("vocab_size", self.vocab_size, 1 << 22)?;
         positive("hidden_size", self.hidden_size, MAX_ENCODER_WIDTH)?;
         positive(
@@ -251,15 +242,6 @@ impl LlamaSpec {
 
     /// Check every limit; the error names the `config.json` field.
     pub fn validate(&self) -> Result<()> {
-        let positive = |field: &str, v: u32, max: u32| {
-            if v == 0 || v > max {
-                Err(Error::Invalid(format!(
-                    "config.json: {field} must be between 1 and {max}, got {v}"
-                )))
-            } else {
-                Ok(())
-            }
-        };
         positive("vocab_size", self.vocab_size, 1 << 22)?;
         positive("hidden_size", self.hidden_size, MAX_DECODER_WIDTH)?;
         positive(
@@ -353,6 +335,17 @@ impl LlamaSpec {
     pub fn cache_reservation_bytes(&self) -> u64 {
         let positions = u64::from(self.max_position_embeddings).min(CACHE_RESERVED_POSITIONS);
         GENERATION_SLOTS as u64 * positions * self.kv_bytes_per_token()
+    }
+}
+
+/// Check that a `config.json` count is between 1 and `max`; the error names the field.
+fn positive(field: &str, v: u32, max: u32) -> Result<()> {
+    if v == 0 || v > max {
+        Err(Error::Invalid(format!(
+            "config.json: {field} must be between 1 and {max}, got {v}"
+        )))
+    } else {
+        Ok(())
     }
 }
 

@@ -205,6 +205,17 @@ impl Shared {
         req: oip::ModelInferRequest,
     ) -> Result<oip::ModelInferResponse> {
         let (inputs, wanted, raw) = self.generation_inputs(&req)?;
+        self.complete(&req, inputs, &wanted, raw).await
+    }
+
+    /// Run a decoded generation request to its end and answer the whole completion.
+    async fn complete(
+        self: &Arc<Self>,
+        req: &oip::ModelInferRequest,
+        inputs: GenerateInputs,
+        wanted: &[usize],
+        raw: bool,
+    ) -> Result<oip::ModelInferResponse> {
         let mut running = self
             .start_generation(
                 &req.model_name,
@@ -252,7 +263,7 @@ impl Shared {
             ..Default::default()
         };
         let outputs = outputs(&text, &reason, prompt_tokens, completion_tokens, &ids)?;
-        encode_outputs(&mut response, pick(outputs, &wanted), raw);
+        encode_outputs(&mut response, pick(outputs, wanted), raw);
         Ok(response)
     }
 
@@ -311,8 +322,9 @@ impl Shared {
         req: &oip::ModelInferRequest,
         tx: &tokio::sync::mpsc::Sender<Result<oip::ModelStreamInferResponse, Status>>,
     ) -> Result<()> {
-        if !inputs_stream(req) {
-            let response = self.infer_generation(req.clone()).await?;
+        let (inputs, wanted, raw) = self.generation_inputs(req)?;
+        if !inputs.stream {
+            let response = self.complete(req, inputs, &wanted, raw).await?;
             let _ = tx.send(Ok(streamed(with_final(response, true)))).await;
             return Ok(());
         }
@@ -324,7 +336,6 @@ impl Shared {
                 _ => None,
             })
             .unwrap_or(false);
-        let (inputs, wanted, raw) = self.generation_inputs(req)?;
         let mut running = self
             .start_generation(
                 &req.model_name,
@@ -410,26 +421,6 @@ impl Shared {
             }
         }
     }
-}
-
-/// Whether the request asks for a token-by-token answer (`stream` true).
-fn inputs_stream(req: &oip::ModelInferRequest) -> bool {
-    // Decoded properly in `generation_inputs`; here only the flag, from either form.
-    let Some(i) = req
-        .inputs
-        .iter()
-        .position(|t| t.name == kiln_core::generation::STREAM_INPUT)
-    else {
-        return false;
-    };
-    if let Some(raw) = req.raw_input_contents.get(i) {
-        return raw.first().copied().unwrap_or(0) != 0;
-    }
-    req.inputs[i]
-        .contents
-        .as_ref()
-        .and_then(|c| c.bool_contents.first().copied())
-        .unwrap_or(false)
 }
 
 /// The outputs of the decoder interface, in its order.

@@ -24,10 +24,10 @@ use kiln_core::family::{IDS_INPUT, MASK_INPUT, TEXT_INPUT, TYPES_INPUT, token_ro
 use kiln_core::hf::{TOKENIZER, bert_tensors, checkpoint_name, tensor_prefix};
 use kiln_core::spec::{BertSpec, ModelSpec, Pooling};
 use kiln_core::tensor::{Interface, Tensor};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::{Artifacts, Family, Loaded, Prepared, Ran};
+use super::{Artifacts, Family, HostTensor, Loaded, Prepared, Ran, f32_tensor};
 use crate::{Error, Result};
 
 /// The encoder family's device code.
@@ -72,12 +72,6 @@ fn tokenizer(spec: &BertSpec, artifacts: &Artifacts) -> Result<Tokenizer> {
     Ok(tokenizer)
 }
 
-/// One weight on the host: its values and shape, linear weights already as `[in, out]`.
-struct HostTensor {
-    values: Vec<f32>,
-    shape: Vec<usize>,
-}
-
 /// Every tensor of the encoder, read off the safetensors file, by its Hugging Face name
 /// (without the `bert.` prefix of task checkpoints).
 fn read_weights(spec: &BertSpec, bytes: &[u8]) -> Result<HashMap<String, HostTensor>> {
@@ -89,17 +83,7 @@ fn read_weights(spec: &BertSpec, bytes: &[u8]) -> Result<HashMap<String, HostTen
     let mut out = HashMap::new();
     for (name, shape) in bert_tensors(spec) {
         let full = checkpoint_name(prefix, &name);
-        let view = file
-            .tensor(&full)
-            .map_err(|_| Error::Invalid(format!("model.safetensors: tensor {full} is missing")))?;
-        if view.dtype() != Dtype::F32 || view.shape() != shape.as_slice() {
-            return Err(Error::Invalid(format!(
-                "model.safetensors: tensor {full} is {:?} {:?}; expected F32 {shape:?}",
-                view.dtype(),
-                view.shape()
-            )));
-        }
-        let values: Vec<f32> = kiln_core::weights::f32_from_le(view.data()).collect();
+        let HostTensor { values, .. } = f32_tensor(&file, &full, &shape)?;
         // Linear weights are [out, in] in the checkpoint; Burn's Linear takes [in, out].
         let tensor = if name.ends_with("dense.weight")
             || name == "classifier.weight"

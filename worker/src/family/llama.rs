@@ -20,10 +20,10 @@ use kiln_core::hf::{TOKENIZER, WEIGHTS};
 use kiln_core::llama::{CHAT_TEMPLATE, llama_tensors};
 use kiln_core::spec::{LlamaSpec, ModelSpec};
 use kiln_core::tensor::{Interface, Tensor};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 use tokenizers::Tokenizer;
 
-use super::{Artifacts, Family, Loaded, Prepared, Ran};
+use super::{Artifacts, Family, HostTensor, Loaded, Prepared, Ran, f32_tensor};
 use crate::generation::{DecodeRow, Decoder, TextCodec};
 use crate::{Error, Result};
 
@@ -65,30 +65,14 @@ impl Family for LlamaFamily {
     }
 }
 
-/// One weight on the host, in the checkpoint's layout.
-struct HostTensor {
-    values: Vec<f32>,
-    shape: Vec<usize>,
-}
-
 fn read_weights(spec: &LlamaSpec, bytes: &[u8]) -> Result<HashMap<String, HostTensor>> {
     let file =
         SafeTensors::deserialize(bytes).map_err(|e| Error::Invalid(format!("{WEIGHTS}: {e}")))?;
     let mut out = HashMap::new();
     for (name, shape) in llama_tensors(spec) {
-        let view = file
-            .tensor(&name)
-            .map_err(|_| Error::Invalid(format!("{WEIGHTS}: tensor {name} is missing")))?;
-        if view.dtype() != Dtype::F32 || view.shape() != shape.as_slice() {
-            return Err(Error::Invalid(format!(
-                "{WEIGHTS}: tensor {name} is {:?} {:?}; expected F32 {shape:?}",
-                view.dtype(),
-                view.shape()
-            )));
-        }
         // Linear weights stay `[out, in]`, as the checkpoint has them (see [`linear`]).
-        let values: Vec<f32> = kiln_core::weights::f32_from_le(view.data()).collect();
-        out.insert(name, HostTensor { values, shape });
+        let tensor = f32_tensor(&file, &name, &shape)?;
+        out.insert(name, tensor);
     }
     Ok(out)
 }

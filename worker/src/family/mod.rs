@@ -32,6 +32,35 @@ pub struct Artifacts {
     pub preprocessing: Option<Standardization>,
 }
 
+/// One weight on the host: its values and shape.
+pub(crate) struct HostTensor {
+    pub(crate) values: Vec<f32>,
+    pub(crate) shape: Vec<usize>,
+}
+
+/// The FP32 tensor `name` of a checkpoint, which must have `shape`; the error names the
+/// weights file and the tensor.
+pub(crate) fn f32_tensor(
+    file: &safetensors::SafeTensors,
+    name: &str,
+    shape: &[usize],
+) -> Result<HostTensor> {
+    let view = file.tensor(name).map_err(|_| {
+        crate::Error::Invalid(format!("model.safetensors: tensor {name} is missing"))
+    })?;
+    if view.dtype() != safetensors::Dtype::F32 || view.shape() != shape {
+        return Err(crate::Error::Invalid(format!(
+            "model.safetensors: tensor {name} is {:?} {:?}; expected F32 {shape:?}",
+            view.dtype(),
+            view.shape()
+        )));
+    }
+    Ok(HostTensor {
+        values: kiln_core::weights::f32_from_le(view.data()).collect(),
+        shape: shape.to_vec(),
+    })
+}
+
 /// A family's device code.
 pub trait Family: Send + Sync {
     /// Decode and check a version's artifacts for `spec`, served under `interface`. Runs
