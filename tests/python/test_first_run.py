@@ -148,6 +148,11 @@ def test_kiln_up_serves_every_parts_metrics_on_one_port(tmp_path):
     try:
         client = grpcclient.InferenceServerClient(cluster.addr)
         wait_ready(client, "demo-mlp")
+        # Ready means ready on one worker; the scrape below counts both.
+        deadline = time.monotonic() + 60
+        while len(json.loads(cluster.kiln("status", "--json"))["versions"][0]["ready_on"]) < 2:
+            assert time.monotonic() < deadline, "demo-mlp never became ready on both workers"
+            time.sleep(0.1)
         x = grpcclient.InferInput("input", [1, 10], "FP32")
         x.set_data_from_numpy(np.ones((1, 10), dtype=np.float32))
         client.infer("demo-mlp", [x])
