@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "kiln/v1/training.proto",
         "kiln/v1/cluster.proto",
         "kiln/v1/generate.proto",
+        "kiln/v1/tokens.proto",
         "kiln/internal/v1/worker.proto",
     ];
     for proto in protos {

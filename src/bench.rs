@@ -208,8 +208,23 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<Cell>> {
         metrics_addr: None,
     })
     .await?;
+    // Measured as users run it: with token authentication on.
+    let token = cluster
+        .admin_token
+        .as_ref()
+        .and_then(|t| t.created.clone())
+        .context("the benchmark cluster made no admin token")?;
     let channel = kiln_rpc::channel::connect(&cluster.addr.to_string()).await?;
-    let oip = GrpcInferenceServiceClient::new(channel);
+    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
+    let oip = GrpcInferenceServiceClient::with_interceptor(
+        channel,
+        move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+            Ok(request)
+        },
+    );
     // Wait for every model, then find the worker's own address for the direct path.
     let mut names = vec![model_name(true, 0)];
     names.extend(config.batch.iter().map(|b| model_name(false, *b)));

@@ -1,6 +1,7 @@
 //! Client commands: `kiln models …` and `kiln infer`, all over gRPC.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{Context, bail};
 use kiln_core::spec::{ModelSpec, Signature};
@@ -11,6 +12,9 @@ use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceCl
 use kiln_proto::kiln::v1 as pb;
 use kiln_proto::kiln::v1::models_client::ModelsClient;
 use serde::Deserialize;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// Largest message the CLI sends or accepts.
@@ -32,19 +36,87 @@ pub struct SpecFile {
     pub description: String,
 }
 
-/// A connected channel to the gateway at `addr`, or an error a CLI user can act on.
-pub(crate) async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    kiln_rpc::channel::connect(addr).await.map_err(|e| match e {
-        kiln_rpc::Error::Unreachable { .. } => {
-            anyhow::anyhow!("{e}; is `kiln up` running?")
-        }
-        other => other.into(),
+/// How the CLI identifies itself to a gateway, set once from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// The bearer token sent with every call (none: calls go without one).
+    pub token: Option<String>,
+}
+
+static CREDENTIALS: OnceLock<Credentials> = OnceLock::new();
+
+/// Use `credentials` for every call this process makes (the first setting wins).
+pub fn set_credentials(credentials: Credentials) {
+    let _ = CREDENTIALS.set(credentials);
+}
+
+/// Where `kiln up` writes its admin token, under its data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// The token the CLI sends: `--token`/`KILN_TOKEN` when given, else the admin token that
+/// `kiln up` wrote into `data_dir` (the same default as `kiln up`'s), when readable.
+pub fn token_from(explicit: Option<String>, data_dir: &Path) -> Option<String> {
+    explicit.filter(|t| !t.trim().is_empty()).or_else(|| {
+        std::fs::read_to_string(data_dir.join(ADMIN_TOKEN_FILE))
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
     })
 }
 
-/// A gRPC error as the CLI prints it: the code, then the server's message.
+/// Adds `authorization: Bearer …` to each call when the CLI has a token.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A connection to the gateway carrying the CLI's credentials.
+pub type Conn = InterceptedService<Channel, Bearer>;
+
+/// A connected channel to the gateway at `addr`, or an error a CLI user can act on.
+pub(crate) async fn channel(addr: &str) -> anyhow::Result<Conn> {
+    let channel = kiln_rpc::channel::connect(addr)
+        .await
+        .map_err(|e| match e {
+            kiln_rpc::Error::Unreachable { .. } => {
+                anyhow::anyhow!("{e}; is `kiln up` running?")
+            }
+            other => other.into(),
+        })?;
+    let token = CREDENTIALS.get().and_then(|c| c.token.as_deref());
+    let header =
+        match token {
+            Some(token) => Some(MetadataValue::try_from(format!("Bearer {token}")).map_err(
+                |_| anyhow::anyhow!("the token (--token, KILN_TOKEN) is not printable ASCII"),
+            )?),
+            None => None,
+        };
+    Ok(InterceptedService::new(channel, Bearer(header)))
+}
+
+/// A gRPC error as the CLI prints it: the code, then the server's message (and, when the
+/// gateway wants a token, where to find one).
 pub(crate) fn status(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+    let hint = match e.code() {
+        tonic::Code::Unauthenticated => {
+            "\n(give a token with --token or KILN_TOKEN; `kiln up` writes its admin token to \
+             DATA_DIR/admin.token)"
+        }
+        _ => "",
+    };
+    anyhow::anyhow!("{:?}: {}{hint}", e.code(), e.message())
 }
 
 /// `NAME[:VERSION]` → (name, version selector).

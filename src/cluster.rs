@@ -91,9 +91,23 @@ pub(crate) async fn serve_metrics(
     addr: SocketAddr,
     collectors: Vec<Box<dyn kiln_telemetry::metrics::Collector>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(addr)
+    serve_metrics_on(bind_metrics(addr).await?, collectors)
+}
+
+/// Bind the metrics port (before the process binds any port of its own choosing, so that
+/// no such port can take the one asked for).
+pub(crate) async fn bind_metrics(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot serve metrics on {addr} (--metrics-addr)"))?;
+        .with_context(|| format!("cannot serve metrics on {addr} (--metrics-addr)"))
+}
+
+/// Serve what `collectors` describe at `/metrics` on `listener`.
+pub(crate) fn serve_metrics_on(
+    listener: TcpListener,
+    collectors: Vec<Box<dyn kiln_telemetry::metrics::Collector>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let addr = listener.local_addr()?;
     tracing::info!(%addr, "metrics at /metrics");
     let mut registry = kiln_telemetry::metrics::Registry::default();
     for collector in collectors {

@@ -2,7 +2,7 @@
 //! code paths over loopback, with the embedded file store and a local artifact directory.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,10 +51,21 @@ pub struct UpConfig {
     pub metrics_addr: Option<SocketAddr>,
 }
 
+/// The admin token of a `kiln up` with authentication on.
+#[derive(Debug, Clone)]
+pub struct AdminToken {
+    /// The file that holds it (mode 0600, in the data directory).
+    pub path: PathBuf,
+    /// The token, when this start made it (it is printed once).
+    pub created: Option<String>,
+}
+
 /// A running embedded cluster.
 pub struct Embedded {
     /// The gateway's bound address.
     pub addr: SocketAddr,
+    /// The admin token (None with `--auth off`).
+    pub admin_token: Option<AdminToken>,
     stop: watch::Sender<bool>,
     registry: Registry,
     /// Lets `stop` wait until every component has let go of the state file.
@@ -102,6 +113,56 @@ async fn create_demo_model(registry: &Registry, artifacts: &ArtifactStore) -> an
     Ok(())
 }
 
+/// The admin token in `data_dir`: kept when the file holds a token the cluster knows,
+/// else a new one (named `admin`, or `admin-N` when taken) written there with mode 0600 —
+/// deleting the file and restarting is how a lost token is replaced.
+async fn ensure_admin_token(registry: &Registry, data_dir: &Path) -> anyhow::Result<AdminToken> {
+    let path = data_dir.join(crate::client::ADMIN_TOKEN_FILE);
+    let tokens = registry.list_tokens().await?;
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let hash = kiln_core::auth::token_hash(text.trim());
+        if tokens.iter().any(|t| t.sha256 == hash) {
+            return Ok(AdminToken {
+                path,
+                created: None,
+            });
+        }
+    }
+    let taken = |name: &str| tokens.iter().any(|t| t.name == name);
+    let name = std::iter::once("admin".to_owned())
+        .chain((2..).map(|n| format!("admin-{n}")))
+        .find(|n| !taken(n))
+        .unwrap_or_else(|| "admin".to_owned());
+    let (_, secret) = registry
+        .create_token(&name, kiln_core::auth::Role::Admin)
+        .await?;
+    write_private(&path, &secret)
+        .with_context(|| format!("cannot write the admin token to {}", path.display()))?;
+    Ok(AdminToken {
+        path,
+        created: Some(secret),
+    })
+}
+
+/// Write `text` to `path` readable by its owner only (through a temporary file, so the
+/// token is never in a file others can read, and a crash leaves the old file whole).
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Start everything and return once the gateway is listening.
 pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
     if config.workers == 0 || config.workers > 64 {
@@ -120,7 +181,16 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
         create_demo_model(&registry, &artifacts).await?;
         tracing::info!(model = DEMO_MODEL, "created the demo model");
     }
+    let admin_token = if config.gateway.auth {
+        Some(ensure_admin_token(&registry, &config.data_dir).await?)
+    } else {
+        None
+    };
     let view = WatchedView::start(store.clone(), PREFIX.to_owned()).await?;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(crate::cluster::bind_metrics(addr).await?),
+        None => None,
+    };
     let gateway_listener = TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.grpc_addr))?;
@@ -198,18 +268,15 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
     let mut gateway_config = config.gateway.clone();
     gateway_config.training = kiln_gateway::TrainingRoute::Scheduler(scheduler_addr.to_string());
     let stats: Arc<kiln_gateway::stats::Stats> = Default::default();
-    let metrics = match config.metrics_addr {
-        Some(addr) => Some(
-            crate::cluster::serve_metrics(
-                addr,
-                vec![
-                    Box::new(stats.clone()),
-                    Box::new(worker_metrics),
-                    Box::new(scheduler_metrics),
-                ],
-            )
-            .await?,
-        ),
+    let metrics = match metrics_listener {
+        Some(listener) => Some(crate::cluster::serve_metrics_on(
+            listener,
+            vec![
+                Box::new(stats.clone()),
+                Box::new(worker_metrics),
+                Box::new(scheduler_metrics),
+            ],
+        )?),
         None => None,
     };
     let deps = GatewayDeps {
@@ -226,6 +293,7 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
     ));
     Ok(Embedded {
         addr,
+        admin_token,
         stop,
         store: Arc::downgrade(&store),
         registry,

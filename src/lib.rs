@@ -13,6 +13,7 @@ pub mod embedded;
 pub mod headless;
 pub mod jobs;
 pub mod plot;
+pub mod tokens;
 pub mod train;
 
 /// Write a line to standard output. A closed pipe (`kiln … | head -1`) ends the process

@@ -40,8 +40,30 @@ struct Cli {
     log_format: LogFormat,
     #[command(flatten)]
     trace: TraceFlags,
+    /// Bearer token of client commands (default: the admin token `kiln up` wrote to
+    /// ./kiln-data/admin.token, or to $KILN_DATA_DIR, when readable).
+    #[arg(long, env = "KILN_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Whether the gateway asks for tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AuthMode {
+    /// Every call but health and reflection needs a token with the right role.
+    On,
+    /// Anyone who reaches the port may do anything: only for trusted networks.
+    Off,
+}
+
+/// Say loudly that anyone may call everything.
+fn warn_auth_off(addr: impl std::fmt::Display) {
+    tracing::warn!(
+        %addr,
+        "AUTHENTICATION IS OFF (--auth off): anyone who can reach this port can read, \
+         change and delete every model, dataset and job"
+    );
 }
 
 #[derive(Subcommand)]
@@ -106,9 +128,18 @@ enum Command {
         /// Deadline of requests that carry none, in milliseconds.
         #[arg(long, env = "KILN_DEFAULT_TIMEOUT_MS", default_value_t = 30_000)]
         default_timeout_ms: u64,
+        /// Token authentication: `on` (make the first admin token with `kiln tokens create
+        /// --etcd …`) or `off` (trusted networks only).
+        #[arg(long, env = "KILN_AUTH", value_enum, default_value_t = AuthMode::On)]
+        auth: AuthMode,
         /// Write the bound address to this file once listening (for scripts).
         #[arg(long)]
         addr_file: Option<PathBuf>,
+    },
+    /// Bearer tokens: make, list and revoke them (admin only).
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
     },
     /// Manage models.
     Models {
@@ -332,6 +363,10 @@ struct UpArgs {
     /// Write the gateway's bound address to this file once it listens (for scripts).
     #[arg(long, env = "KILN_ADDR_FILE")]
     addr_file: Option<PathBuf>,
+    /// Token authentication: `on` (an admin token is made on first start and written to
+    /// DATA_DIR/admin.token) or `off` (trusted networks only).
+    #[arg(long, env = "KILN_AUTH", value_enum, default_value_t = AuthMode::On)]
+    auth: AuthMode,
     #[command(flatten)]
     limits: LimitFlags,
     /// MiB of model weights each worker may hold (0: no limit); when full, the least
@@ -342,6 +377,47 @@ struct UpArgs {
     /// scheduler at http://ADDR/metrics (off unless given; Triton's port is 8002).
     #[arg(long, env = "KILN_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Make a token; it is printed once and stored only as its SHA-256.
+    Create {
+        /// Its name (unique).
+        #[arg(long)]
+        name: String,
+        /// What it may call: infer (inference, generation, metadata), train (training
+        /// jobs, datasets) or admin (everything).
+        #[arg(long)]
+        role: String,
+        /// Write it into etcd directly instead of asking a gateway: how the first admin
+        /// token of a cluster is made (endpoints, comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// Key prefix of the cluster's state in etcd (with --etcd).
+        #[arg(long, env = "KILN_PREFIX", default_value = "/kiln/v1/")]
+        prefix: String,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
+    /// List tokens: names, roles, fingerprints (never the tokens).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
+    /// Revoke a token: every gateway refuses it within a second.
+    Revoke {
+        /// Its name.
+        name: String,
+        /// Gateway address.
+        #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
+        addr: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -531,6 +607,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         gateway: GatewayConfig {
             max_message_bytes: args.max_message_mib * 1024 * 1024,
             default_timeout: Duration::from_millis(args.default_timeout_ms.max(1)),
+            auth: args.auth == AuthMode::On,
             ..GatewayConfig::default()
         },
         lease_ttl: Duration::from_secs(10),
@@ -550,11 +627,46 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     if let Some(metrics) = args.metrics_addr {
         kiln::say!("  metrics: http://{metrics}/metrics");
     }
+    let token_path = match &cluster.admin_token {
+        Some(token) => {
+            match &token.created {
+                Some(secret) => {
+                    kiln::say!();
+                    kiln::say!("Authentication is on. The admin token (shown only now):");
+                    kiln::say!();
+                    kiln::say!("  {secret}");
+                    kiln::say!();
+                    kiln::say!(
+                        "It is also in {} (mode 0600); the kiln CLI reads it from there.",
+                        token.path.display()
+                    );
+                }
+                None => kiln::say!(
+                    "  authentication: on (admin token in {})",
+                    token.path.display()
+                ),
+            }
+            Some(token.path.clone())
+        }
+        None => {
+            warn_auth_off(addr);
+            kiln::say!(
+                "  authentication: OFF (--auth off): anyone who reaches the port may do anything"
+            );
+            None
+        }
+    };
     kiln::say!();
     kiln::say!("Try it from Python (pip install 'tritonclient[grpc]' numpy):");
     kiln::say!();
     kiln::say!("  import numpy as np, tritonclient.grpc as grpcclient");
     kiln::say!("  c = grpcclient.InferenceServerClient(\"{addr}\")");
+    if let Some(path) = &token_path {
+        kiln::say!("  token = open(\"{}\").read().strip()", path.display());
+        kiln::say!(
+            "  c.register_plugin(lambda r: r.headers.update(authorization=\"Bearer \" + token))"
+        );
+    }
     kiln::say!("  x = grpcclient.InferInput(\"input\", [1, 10], \"FP32\")");
     kiln::say!("  x.set_data_from_numpy(np.ones((1, 10), dtype=np.float32))");
     kiln::say!(
@@ -601,8 +713,29 @@ async fn run(cli: Cli) -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let data_dir = std::env::var_os("KILN_DATA_DIR")
+        .map_or_else(|| PathBuf::from("./kiln-data"), PathBuf::from);
+    client::set_credentials(client::Credentials {
+        token: client::token_from(cli.token, &data_dir),
+    });
     let result: anyhow::Result<()> = async {
         match cli.command {
+            Command::Tokens { command } => {
+                let out = match command {
+                    TokensCommand::Create { name, role, etcd, prefix, addr } => {
+                        let target = if etcd.is_empty() {
+                            kiln::tokens::Target::Gateway(&addr)
+                        } else {
+                            kiln::tokens::Target::Etcd(&etcd, &prefix)
+                        };
+                        kiln::tokens::create(target, &name, &role).await?
+                    }
+                    TokensCommand::List { json, addr } => kiln::tokens::list(&addr, json).await?,
+                    TokensCommand::Revoke { name, addr } => kiln::tokens::revoke(&addr, &name).await?,
+                };
+                kiln::say!("{}", out.trim_end());
+                Ok(())
+            }
             Command::Up(args) => up(args).await,
             Command::Status { json, addr } => {
                 kiln::say!("{}", client::cluster_status(&addr, json).await?.trim_end());
@@ -631,7 +764,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                 };
                 kiln::cluster::worker(cluster.config(), args, kiln::shutdown_signal()).await
             }
-            Command::Gateway { cluster, listen, max_message_mib, default_timeout_ms, addr_file } => {
+            Command::Gateway { cluster, listen, max_message_mib, default_timeout_ms, auth, addr_file } => {
                 if max_message_mib == 0 || max_message_mib > 2047 {
                     anyhow::bail!("--max-message-mib must be between 1 and 2047");
                 }
@@ -640,6 +773,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                     config: GatewayConfig {
                         max_message_bytes: max_message_mib * 1024 * 1024,
                         default_timeout: Duration::from_millis(default_timeout_ms.max(1)),
+                        auth: auth == AuthMode::On,
                         ..GatewayConfig::default()
                     },
                     addr_file,

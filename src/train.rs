@@ -13,7 +13,6 @@ use kiln_proto::kiln::v1 as pb;
 use kiln_proto::kiln::v1::training_client::TrainingClient;
 use kiln_proto::kiln::v1::training_event::Event;
 use serde::Deserialize;
-use tonic::transport::Channel;
 
 /// Where a job's rows come from.
 #[derive(Debug, Deserialize)]
@@ -349,7 +348,7 @@ pub fn read_job_file(path: &Path) -> anyhow::Result<JobFile> {
     }
 }
 
-pub(crate) async fn client(addr: &str) -> anyhow::Result<TrainingClient<Channel>> {
+pub(crate) async fn client(addr: &str) -> anyhow::Result<TrainingClient<crate::client::Conn>> {
     let channel = crate::client::channel(addr).await?;
     Ok(TrainingClient::new(channel).max_encoding_message_size(256 * 1024 * 1024))
 }

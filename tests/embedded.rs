@@ -26,7 +26,11 @@ fn config(dir: &Path) -> UpConfig {
         workers: 2,
         data_dir: dir.to_path_buf(),
         device: DeviceChoice::Cpu,
-        gateway: GatewayConfig::default(),
+        // Tokens and roles are tested end to end in tests/python/test_auth.py.
+        gateway: GatewayConfig {
+            auth: false,
+            ..GatewayConfig::default()
+        },
         lease_ttl: Duration::from_secs(10),
         training_limits: Default::default(),
         worker_memory_bytes: 0,

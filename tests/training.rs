@@ -28,7 +28,11 @@ async fn start_with(dir: &std::path::Path, workers: usize) -> (embedded::Embedde
         workers,
         data_dir: dir.to_path_buf(),
         device: DeviceChoice::Cpu,
-        gateway: GatewayConfig::default(),
+        // Tokens and roles are tested end to end in tests/python/test_auth.py.
+        gateway: GatewayConfig {
+            auth: false,
+            ..GatewayConfig::default()
+        },
         lease_ttl: Duration::from_secs(10),
         // Caps below the defaults, to see that the server's settings are the ones applied.
         training_limits: kiln_core::training::TrainingLimits {

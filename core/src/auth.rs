@@ -1,6 +1,6 @@
 //! Who may call what: the roles a bearer token carries, the role every public RPC
 //! requires, and tokens as they are made, shown once and stored (hashed: a stored token
-//! cannot be used to call Kiln). Not yet enforced by the servers.
+//! cannot be used to call Kiln). The gateway enforces it (`kiln_gateway::auth`).
 //!
 //! - `infer`: OIP inference and metadata, text generation, model listings;
 //! - `train`: training jobs and datasets;
@@ -84,6 +84,7 @@ pub fn required(path: &str) -> Access {
             "Generate" => Access::Needs(Role::Infer),
             _ => Access::Needs(Role::Admin),
         },
+        "kiln.v1.Tokens" => Access::Needs(Role::Admin),
         "kiln.v1.Models" => match method {
             "ListModels" | "GetModelVersion" => Access::Needs(Role::Infer),
             _ => Access::Needs(Role::Admin),
@@ -148,15 +149,16 @@ mod tests {
                         ("kiln.v1", "Generation", _) => Role::Infer,
                         ("kiln.v1", "Training", _) => Role::Train,
                         ("kiln.v1", "Models", "ListModels" | "GetModelVersion") => Role::Infer,
-                        ("kiln.v1", "Models" | "Cluster", _) => Role::Admin,
+                        ("kiln.v1", "Models" | "Cluster" | "Tokens", _) => Role::Admin,
                         other => panic!("{other:?} has no role in this test"),
                     };
                     assert_eq!(required(&path), Access::Needs(expected), "{path}");
                 }
             }
         }
-        // The public API's RPCs: 12 of OIP, 7 Models, 8 Training, Cluster and Generation.
-        assert_eq!(seen, 29, "the descriptor set lists every public RPC");
+        // The public API's RPCs: 12 of OIP, 7 Models, 8 Training, Cluster, Generation and
+        // 3 Tokens.
+        assert_eq!(seen, 32, "the descriptor set lists every public RPC");
         assert_eq!(required("/grpc.health.v1.Health/Check"), Access::Open);
         assert_eq!(
             required("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),

@@ -296,6 +296,22 @@ pub struct LeaderRecord {
     pub since_unix_ms: u64,
 }
 
+/// `tokens/<name>`: a bearer token, stored as its SHA-256 (the token itself is shown once
+/// and kept nowhere).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Record schema.
+    pub schema: u32,
+    /// Unique name.
+    pub name: String,
+    /// What it may call.
+    pub role: crate::auth::Role,
+    /// SHA-256 of the token, hex.
+    pub sha256: String,
+    /// When it was made.
+    pub created_unix_ms: u64,
+}
+
 /// Key construction and parsing. All keys are relative to the store's prefix.
 pub mod keys {
     /// Prefix of worker records.
@@ -338,6 +354,12 @@ pub mod keys {
     /// `datasets/<id>`.
     pub fn dataset(id: &str) -> String {
         format!("{DATASETS}{id}")
+    }
+    /// Prefix of bearer tokens.
+    pub const TOKENS: &str = "tokens/";
+    /// `tokens/<name>`.
+    pub fn token(name: &str) -> String {
+        format!("{TOKENS}{name}")
     }
     /// Prefix of training jobs.
     pub const JOBS: &str = "jobs/";

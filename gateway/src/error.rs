@@ -23,6 +23,12 @@ pub enum Error {
     /// The deadline passed.
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// The call carries no token, or one that is not (or no longer) valid.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The token's role does not allow the call.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// Something failed inside Kiln; details are logged, not sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -57,6 +63,8 @@ impl From<Error> for Status {
             Error::Unavailable(m) => Status::unavailable(m),
             Error::Overloaded(m) => Status::resource_exhausted(m),
             Error::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+            Error::Unauthenticated(m) => Status::unauthenticated(m),
+            Error::PermissionDenied(m) => Status::permission_denied(m),
             Error::Registry(e) => e.into(),
             Error::Internal(m) => {
                 tracing::error!(error = %m, "internal error");

@@ -3,6 +3,7 @@
 //! - [`oip`]: `inference.GRPCInferenceService` (Open Inference Protocol + Triton extensions);
 //! - [`models`]: the `kiln.v1.Models` service;
 //! - [`training`]: `kiln.v1.Training`, forwarded to the scheduler;
+//! - [`auth`]: tokens and roles, checked before every call; [`tokens`]: `kiln.v1.Tokens`;
 //! - [`codec`]: OIP tensor decoding and encoding, with every validation rule;
 //! - [`router`]: replica choice, deadlines and the one retry;
 //! - [`convert`]: wire types to domain types; [`stats`]: ModelStatistics.
@@ -11,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod cluster;
 pub mod codec;
 mod error;
@@ -21,6 +23,7 @@ pub mod models;
 pub mod oip;
 pub mod router;
 pub mod stats;
+pub mod tokens;
 pub mod training;
 
 use std::future::Future;
@@ -46,6 +49,8 @@ pub struct GatewayConfig {
     pub load_timeout: Duration,
     /// Where `kiln.v1.Training` calls go.
     pub training: TrainingRoute,
+    /// Whether calls need a bearer token (`--auth on`, the default).
+    pub auth: bool,
 }
 
 /// Where the gateway sends `kiln.v1.Training` calls.
@@ -66,6 +71,7 @@ impl Default for GatewayConfig {
             default_timeout: Duration::from_secs(30),
             load_timeout: Duration::from_secs(60),
             training: TrainingRoute::Off,
+            auth: true,
         }
     }
 }
@@ -131,6 +137,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::result::Result<(), tonic::transport::Error> {
     let training_view = deps.view.clone();
+    let authenticator = if config.auth {
+        auth::Authenticator::Tokens(deps.view.clone())
+    } else {
+        auth::Authenticator::Off
+    };
     let shared = Arc::new(Shared {
         router: router::Router::new(
             deps.view.clone(),
@@ -155,6 +166,7 @@ pub async fn serve(
         "kiln.v1.Models",
         "kiln.v1.Cluster",
         "kiln.v1.Generation",
+        "kiln.v1.Tokens",
     ];
     if !matches!(config.training, TrainingRoute::Off) {
         served.push("kiln.v1.Training");
@@ -173,6 +185,7 @@ pub async fn serve(
     .max_encoding_message_size(config.max_message_bytes);
     let shared_for_cluster = shared.clone();
     let shared_for_generation = shared.clone();
+    let shared_for_tokens = shared.clone();
     let proxy = match &config.training {
         TrainingRoute::Off => None,
         TrainingRoute::Scheduler(addr) => {
@@ -211,6 +224,8 @@ pub async fn serve(
         .layer(tower::util::MapResponseLayer::new(move |response| {
             oversized_is_resource_exhausted(response, limit)
         }))
+        // Token and role, before any handler reads the request.
+        .layer(auth::AuthLayer(authenticator))
         .add_service(health_service)
         .add_service(reflection.v1)
         .add_service(reflection.v1alpha)
@@ -224,6 +239,11 @@ pub async fn serve(
                 },
             ),
         )
+        .add_service(kiln_proto::kiln::v1::tokens_server::TokensServer::new(
+            tokens::TokensService {
+                shared: shared_for_tokens,
+            },
+        ))
         .add_service(kiln_proto::kiln::v1::cluster_server::ClusterServer::new(
             cluster::ClusterService {
                 shared: shared_for_cluster,

@@ -12,7 +12,7 @@ use crate::view::ClusterView;
 use crate::{Error, Result};
 use kiln_core::records::{
     AliasRecord, ArtifactRef, Canary, DeploymentRecord, LeaderRecord, ModelRecord, PlacementRecord,
-    SCHEMA, VersionRecord, WorkerRecord, keys, now_unix_ms,
+    SCHEMA, TokenRecord, VersionRecord, WorkerRecord, keys, now_unix_ms,
 };
 use kiln_core::spec::{ModelSpec, Signature, validate_name};
 use kiln_core::training::{DatasetRecord, JobRecord};
@@ -424,6 +424,65 @@ impl Registry {
             .delete(&self.full(&keys::dataset(id)))
             .await
             .map(|_| ())
+    }
+
+    // --- tokens ---
+
+    /// Make a token named `name` with `role`: returns the record and the token itself,
+    /// which is not stored anywhere (only its SHA-256 is). A taken name is refused.
+    #[tracing::instrument(name = "registry create_token", skip_all)]
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: kiln_core::auth::Role,
+    ) -> Result<(TokenRecord, String)> {
+        validate_name("name", name)?;
+        let mut random = [0u8; 32];
+        getrandom::fill(&mut random)
+            .map_err(|e| Error::Storage(format!("no randomness for a token: {e}")))?;
+        let secret = kiln_core::auth::new_token(random);
+        let record = TokenRecord {
+            schema: SCHEMA,
+            name: name.to_owned(),
+            role,
+            sha256: kiln_core::auth::token_hash(&secret),
+            created_unix_ms: now_unix_ms(),
+        };
+        let key = keys::token(name);
+        let value = self.encode(&key, &record)?;
+        match self
+            .store
+            .compare_and_put(&self.full(&key), Expect::Absent, value, None)
+            .await?
+        {
+            Ok(_) => Ok((record, secret)),
+            Err(_) => Err(Error::AlreadyExists {
+                what: format!("token {name:?}"),
+            }),
+        }
+    }
+
+    /// Every token, by name.
+    pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+        let listing = self.store.list(&self.full(keys::TOKENS)).await?;
+        listing
+            .items
+            .iter()
+            .map(|kv| decode::<TokenRecord>(&kv.key, &kv.value))
+            .collect()
+    }
+
+    /// Revoke (delete) the token named `name`.
+    #[tracing::instrument(name = "registry revoke_token", skip_all)]
+    pub async fn revoke_token(&self, name: &str) -> Result<()> {
+        validate_name("name", name)?;
+        if self.store.delete(&self.full(&keys::token(name))).await? {
+            Ok(())
+        } else {
+            Err(Error::NotFound {
+                what: format!("token {name:?}"),
+            })
+        }
     }
 
     // --- workers and placements ---

@@ -13,8 +13,8 @@ use crate::kv::{KeyValue, KvStore, WatchEvent};
 use crate::registry::decode;
 use crate::{Error, Result};
 use kiln_core::records::{
-    AliasRecord, DeploymentRecord, LeaderRecord, ModelRecord, PlacementRecord, VersionRecord,
-    WorkerRecord, keys,
+    AliasRecord, DeploymentRecord, LeaderRecord, ModelRecord, PlacementRecord, TokenRecord,
+    VersionRecord, WorkerRecord, keys,
 };
 
 /// The alias an unqualified model name resolves to, when it exists.
@@ -46,6 +46,8 @@ pub struct ClusterView {
     pub deployments: BTreeMap<String, DeploymentRecord>,
     /// The leading scheduler, when one leads.
     pub leader: Option<LeaderRecord>,
+    /// Bearer tokens by their SHA-256 (how a request's token is looked up).
+    pub tokens: BTreeMap<String, TokenRecord>,
 }
 
 impl ClusterView {
@@ -91,6 +93,9 @@ impl ClusterView {
                 view.deployments.insert(record.model.clone(), record);
             } else if key == keys::LEADER {
                 view.leader = Some(decode(&kv.key, &kv.value)?);
+            } else if key.starts_with(keys::TOKENS) {
+                let record: TokenRecord = decode(&kv.key, &kv.value)?;
+                view.tokens.insert(record.sha256.clone(), record);
             }
         }
         for v in versions {
@@ -339,6 +344,7 @@ fn in_view(prefix: &str, key: &str) -> bool {
             keys::PLACEMENTS,
             keys::DEPLOYMENTS,
             keys::LEADER,
+            keys::TOKENS,
         ]
         .iter()
         .any(|p| k.starts_with(p))

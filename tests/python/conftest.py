@@ -9,10 +9,29 @@ import subprocess
 import time
 
 import pytest
+import tritonclient.grpc as grpcclient
 
 KILN = os.environ.get("KILN_BIN", "kiln")
 TTL = 3  # seconds: lease TTL of workers and of the scheduler's lead in cluster tests
 PREFIX = "/kiln/v1/"
+
+
+class Bearer:
+    """A tritonclient plugin that sends a Kiln token with every call."""
+
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, request):
+        request.headers["authorization"] = f"Bearer {self.token}"
+
+
+def triton(addr, token, **kwargs):
+    """tritonclient's gRPC client, sending `token` (None: no token) with every call."""
+    client = grpcclient.InferenceServerClient(addr, **kwargs)
+    if token:
+        client.register_plugin(Bearer(token))
+    return client
 
 
 class Cluster:
@@ -23,7 +42,18 @@ class Cluster:
         self.workers = workers
         self.proc = None
         self.addr = None
+        self.token = None  # the admin token `kiln up` wrote (None with --auth off)
         self.extra = []  # more `kiln up` flags
+
+    @property
+    def env(self):
+        """The environment of CLI commands against this cluster (its admin token)."""
+        env = {k: v for k, v in os.environ.items() if k != "KILN_TOKEN"}
+        return {**env, "KILN_TOKEN": self.token} if self.token else env
+
+    def triton(self, **kwargs):
+        """A tritonclient client of this cluster with its admin token."""
+        return triton(self.addr, self.token, **kwargs)
 
     def start(self):
         addr_file = self.data_dir / "addr"
@@ -44,6 +74,8 @@ class Cluster:
                 raise TimeoutError("kiln up did not start within 60 s")
             time.sleep(0.05)
         self.addr = addr_file.read_text().strip()
+        token_file = self.data_dir / "admin.token"
+        self.token = token_file.read_text().strip() if token_file.exists() else None
         return self
 
     def stop(self):
@@ -54,9 +86,15 @@ class Cluster:
 
     def kiln(self, *args):
         """Run a client command against this cluster and return its stdout."""
-        out = subprocess.run([KILN, *args, "--addr", self.addr], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([KILN, *args, "--addr", self.addr], capture_output=True, text=True,
+                             timeout=60, env=self.env)
         assert out.returncode == 0, out.stderr
         return out.stdout
+
+
+def token_in(text):
+    """The token `kiln tokens create` printed."""
+    return next(w for w in text.split() if w.startswith("kiln_"))
 
 
 def wait_ready(client, model, timeout=60):
@@ -101,6 +139,17 @@ class Multi:
         self.env = {**os.environ, "KILN_ETCD": self.etcd,
                     "KILN_ARTIFACTS": f"file://{dir / 'artifacts'}",
                     "KILN_LEASE_TTL_SECS": str(TTL), **(env or {})}
+        # The cluster's first admin token, made straight in etcd as an operator would.
+        out = subprocess.run([KILN, "tokens", "create", "--name", "admin", "--role", "admin",
+                              "--etcd", self.etcd], capture_output=True, text=True, timeout=60,
+                             env=self.env)
+        assert out.returncode == 0, out.stderr
+        self.token = token_in(out.stdout)
+        self.env["KILN_TOKEN"] = self.token
+
+    def triton(self, addr=None, **kwargs):
+        """A tritonclient client of the gateway (or `addr`) with the admin token."""
+        return triton(addr or self.gateway, self.token, **kwargs)
 
     def etcdctl(self, *args, check=True):
         out = subprocess.run(["etcdctl", "--endpoints", self.etcd, *args],

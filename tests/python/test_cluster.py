@@ -41,8 +41,8 @@ def multi(tmp_path_factory):
         m.stop()
 
 
-def infer(addr, x, model="m"):
-    client = grpcclient.InferenceServerClient(addr)
+def infer(multi, x, model="m"):
+    client = multi.triton()
     inp = grpcclient.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     return client.infer(model, [inp], client_timeout=10).as_numpy("output")
@@ -57,14 +57,14 @@ def test_tritonclient_infers_and_etcd_holds_the_documented_keys(multi, tmp_path)
     while len(ready_holders(multi, "m", 1)) != 2:
         assert time.monotonic() < deadline, multi.records("workers/")
         time.sleep(0.1)
-    wait_ready(grpcclient.InferenceServerClient(multi.gateway), "m")
+    wait_ready(multi.triton(), "m")
 
     multi.kiln("models", "export", "m:1", "-o", str(tmp_path / "m.safetensors"))
     w = load_file(str(tmp_path / "m.safetensors"))
     x = np.random.default_rng(1).random((8, 10), dtype=np.float32)
     h = np.maximum(x @ w["layers.0.weight"] + w["layers.0.bias"], 0)
     expected = 1 / (1 + np.exp(-(h @ w["layers.1.weight"] + w["layers.1.bias"])))
-    np.testing.assert_allclose(infer(multi.gateway, x), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(infer(multi, x), expected, rtol=1e-5, atol=1e-6)
 
     keys = set(multi.etcdctl("get", "--prefix", PREFIX, "--keys-only").stdout.split())
     for key in ["leader/scheduler", "models/m", "models/m/versions/1", "deployments/m",
@@ -106,12 +106,12 @@ def test_each_process_serves_prometheus_metrics(multi):
     before = scrape(multi.metrics["gateway"]).get(key, 0)
     x = np.ones((1, 10), np.float32)
     for _ in range(17):
-        infer(multi.gateway, x)
+        infer(multi, x)
     durations = ("kiln_gateway_request_duration_seconds_count",
                  (("model", "m"), ("outcome", "success"), ("version", "1")))
     before_histogram = scrape(multi.metrics["gateway"]).get(durations, 0)
     for _ in range(17):
-        infer(multi.gateway, x)
+        infer(multi, x)
     after = scrape(multi.metrics["gateway"])
     assert after[key] - before == 34
     # The histogram saw every request, its buckets are cumulative and end at its count.
@@ -154,11 +154,11 @@ def worker_adapter(samples):
 def test_a_killed_worker_loses_no_request_and_its_replica_moves(multi):
     holders = ready_holders(multi, "m", 1)
     x = np.ones((1, 10), np.float32)
-    expected = infer(multi.gateway, x)
+    expected = infer(multi, x)
     failures, answers, stop = [], [0], threading.Event()
 
     def load():
-        client = grpcclient.InferenceServerClient(multi.gateway)
+        client = multi.triton()
         inp = grpcclient.InferInput("input", [1, 10], "FP32")
         inp.set_data_from_numpy(x)
         while not stop.is_set():
@@ -218,7 +218,7 @@ def test_a_sharded_request_answers_the_unsharded_bits_with_a_replica_killed(mult
         assert time.monotonic() < deadline, ready_holders(multi, "wide", 1)
         time.sleep(0.05)
     holders = ready_holders(multi, "wide", 1)
-    client = grpcclient.InferenceServerClient(multi.gateway)
+    client = multi.triton()
     # 4,099 rows: above the shard threshold, split 2,050/2,049 across the two replicas.
     x = np.random.default_rng(12).normal(size=(4099, 10)).astype(np.float32)
     # The unsharded answer: requests of 99 rows, each below the threshold.
@@ -232,7 +232,7 @@ def test_a_sharded_request_answers_the_unsharded_bits_with_a_replica_killed(mult
     failures, answers, stop = [], [0], threading.Event()
 
     def load():
-        c = grpcclient.InferenceServerClient(multi.gateway)
+        c = multi.triton()
         while not stop.is_set():
             try:
                 got = infer_many(c, x, "wide")
@@ -294,11 +294,11 @@ def test_a_restarted_scheduler_rebuilds_its_state_and_reuses_no_version(multi, t
 
 def test_another_gateway_gives_the_same_answers(multi):
     x = np.random.default_rng(5).random((4, 10), dtype=np.float32)
-    before = infer(multi.gateway, x)
+    before = infer(multi, x)
     multi.kill("gateway-1")
     multi.gateway = multi.start("gateway-2", "gateway")
-    wait_ready(grpcclient.InferenceServerClient(multi.gateway), "m")
-    np.testing.assert_array_equal(infer(multi.gateway, x), before)
+    wait_ready(multi.triton(), "m")
+    np.testing.assert_array_equal(infer(multi, x), before)
 
 
 def wait_job(multi, job_id, until, what, timeout=120):
@@ -357,9 +357,9 @@ def test_a_training_job_outlives_its_worker_and_its_scheduler(multi, tmp_path):
     assert j["worker"] != first and second != first
     assert j["result_version"] == 1
     # The result serves.
-    client = grpcclient.InferenceServerClient(multi.gateway)
+    client = multi.triton()
     wait_ready(client, "long")
-    predictions = infer(multi.gateway, x[:64], model="long")[:, 0] > 0.5
+    predictions = infer(multi, x[:64], model="long")[:, 0] > 0.5
     assert np.mean(predictions == (x[:64].sum(1) > 5)) > 0.9
 
 
@@ -400,7 +400,7 @@ def test_a_data_parallel_job_goes_on_with_the_workers_left(multi, tmp_path):
     assert len(after) == 2 and victim not in after, j["worker"]
     assert j["data_parallel"]["workers"] == 2 and j["data_parallel"]["steps"] > 0, j
     assert j["history"][-1]["train_accuracy"] > 0.9, j["history"][-1]
-    client = grpcclient.InferenceServerClient(multi.gateway)
+    client = multi.triton()
     wait_ready(client, "dp")
-    predictions = infer(multi.gateway, x[:64], model="dp")[:, 0] > 0.5
+    predictions = infer(multi, x[:64], model="dp")[:, 0] > 0.5
     assert np.mean(predictions == (x[:64].sum(1) > 5)) > 0.9

@@ -141,7 +141,8 @@ def cosine(a, b):
 
 def kiln_import(cluster, directory, name):
     return subprocess.run([KILN, "models", "import", str(directory), "--name", name,
-                           "--addr", cluster.addr], capture_output=True, text=True, timeout=300)
+                           "--addr", cluster.addr], capture_output=True, text=True, timeout=300,
+                          env=cluster.env)
 
 
 # --- a tiny random BERT written here ---------------------------------------------------
@@ -236,7 +237,7 @@ def test_minilm_answers_as_the_numpy_reference_and_the_quickstart(cluster):
     model_dir = minilm_dir()
     out = kiln_import(cluster, model_dir, "minilm")
     assert out.returncode == 0, out.stderr
-    client = grpcclient.InferenceServerClient(cluster.addr)
+    client = cluster.triton()
     wait_ready(client, "minilm", timeout=120)
     meta = client.get_model_metadata("minilm", as_json=True)
     assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == \
@@ -278,7 +279,7 @@ def test_minilm_answers_as_the_numpy_reference_and_the_quickstart(cluster):
 
 
 def test_bad_text_inputs_are_refused_naming_the_input_and_the_worker_serves_on(cluster):
-    client = grpcclient.InferenceServerClient(cluster.addr)
+    client = cluster.triton()
     tiny_dir = tiny_model(cluster.data_dir / "tiny-bad")
     assert kiln_import(cluster, tiny_dir, "tiny-bad").returncode == 0
     wait_ready(client, "tiny-bad")
@@ -299,7 +300,8 @@ def test_bad_text_inputs_are_refused_naming_the_input_and_the_worker_serves_on(c
     from tritonclient.grpc import service_pb2_grpc
     channel = grpc.insecure_channel(cluster.addr)
     with pytest.raises(grpc.RpcError) as rpc:
-        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, metadata=[("authorization", f"Bearer {cluster.token}")])
     assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert '"text"' in rpc.value.details() and "200" in rpc.value.details()
     # An FP32 tensor where text is expected.
@@ -354,7 +356,7 @@ def test_bad_text_inputs_are_refused_naming_the_input_and_the_worker_serves_on(c
 def test_a_tiny_random_bert_equals_the_numpy_reference_on_this_device(cluster, tmp_path):
     """Run on both test devices (CPU backend, and wgpu through lavapipe): both must equal
     the NumPy reference, so they equal each other."""
-    client = grpcclient.InferenceServerClient(cluster.addr)
+    client = cluster.triton()
     for pooling in ("mean", "cls"):
         name = f"tiny-{pooling}"
         directory = tiny_model(tmp_path / name, cls_pooling=pooling == "cls")
@@ -367,7 +369,7 @@ def test_a_tiny_random_bert_equals_the_numpy_reference_on_this_device(cluster, t
 
 
 def test_a_tiny_sequence_classifier_answers_logits_and_labels_on_this_device(cluster, tmp_path):
-    client = grpcclient.InferenceServerClient(cluster.addr)
+    client = cluster.triton()
     directory = tiny_model(tmp_path / "tiny-classifier", classifier=True)
     out = kiln_import(cluster, directory, "tiny-classifier")
     assert out.returncode == 0, out.stderr
@@ -389,7 +391,7 @@ def test_a_tiny_sequence_classifier_answers_logits_and_labels_on_this_device(clu
 
 def test_token_ids_with_segments_answer_as_the_reference_on_this_device(cluster, tmp_path):
     """Pre-tokenised pairs (token types 0 and 1) through the embedding model."""
-    client = grpcclient.InferenceServerClient(cluster.addr)
+    client = cluster.triton()
     directory = tiny_model(tmp_path / "tiny-ids", cls_pooling=True)
     assert kiln_import(cluster, directory, "tiny-ids").returncode == 0
     wait_ready(client, "tiny-ids")
@@ -421,7 +423,7 @@ def test_import_refusals_name_the_problem_and_register_nothing(cluster, tmp_path
         out = kiln_import(cluster, tiny_model(tmp_path / name, **kwargs), name)
         assert out.returncode != 0, name
         assert needle in out.stderr, out.stderr
-    index = grpcclient.InferenceServerClient(cluster.addr).get_model_repository_index(
+    index = cluster.triton().get_model_repository_index(
         as_json=True)
     names = {m["name"] for m in index.get("models", [])}
     assert "demo-mlp" in names and not names & set(cases), names
@@ -431,7 +433,7 @@ def test_an_encoder_is_sharded_aliased_and_counted_like_any_model(cluster, tmp_p
     """A request of more texts than the shard threshold is split across the two workers'
     replicas and joined back in order; the cut texts of both shards are counted; an alias
     reaches the version; statistics count the request."""
-    client = grpcclient.InferenceServerClient(cluster.addr)
+    client = cluster.triton()
     directory = tiny_model(tmp_path / "tiny-shard")
     assert kiln_import(cluster, directory, "tiny-shard").returncode == 0
     wait_ready(client, "tiny-shard")

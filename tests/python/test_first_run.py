@@ -146,7 +146,7 @@ def test_kiln_up_serves_every_parts_metrics_on_one_port(tmp_path):
     cluster.extra = ["--metrics-addr", f"127.0.0.1:{port}"]
     cluster.start()
     try:
-        client = grpcclient.InferenceServerClient(cluster.addr)
+        client = cluster.triton()
         wait_ready(client, "demo-mlp")
         # Ready means ready on one worker; the scrape below counts both.
         deadline = time.monotonic() + 60

@@ -145,7 +145,7 @@ def served(tmp_path_factory, tiny):
     c.extra = ["--metrics-addr", c.metrics]
     c.start()
     c.kiln("models", "import", str(tiny["dir"]), "--name", "tiny")
-    client = grpcclient.InferenceServerClient(c.addr)
+    client = c.triton()
     wait_ready(client, "tiny")
     yield c, client
     client.close()
@@ -155,7 +155,8 @@ def served(tmp_path_factory, tiny):
 def generate_json(cluster, model, prompt, *flags):
     """`kiln generate --json`: one object per response."""
     out = subprocess.run([KILN, "generate", model, prompt, "--json", *flags,
-                          "--addr", cluster.addr], capture_output=True, text=True, timeout=120)
+                          "--addr", cluster.addr], capture_output=True, text=True, timeout=120,
+                         env=cluster.env)
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines()]
 
@@ -412,7 +413,7 @@ def test_generations_spread_over_the_replicas_of_a_deployment(tmp_path_factory, 
     c.metrics = f"127.0.0.1:{free_port()}"
     c.extra = ["--metrics-addr", c.metrics]
     c.start()
-    client = grpcclient.InferenceServerClient(c.addr)
+    client = c.triton()
     try:
         c.kiln("models", "import", str(tiny["dir"]), "--name", "tiny")
         assert "2 replicas" in c.kiln("models", "deploy", "tiny", "--replicas", "2")

@@ -36,7 +36,7 @@ def reference(weights, x, hidden_activation="relu", head="sigmoid"):
 
 @pytest.fixture(scope="module")
 def client(cluster):
-    c = grpcclient.InferenceServerClient(cluster.addr)
+    c = cluster.triton()
     wait_ready(c, MODEL)
     return c
 
@@ -123,7 +123,7 @@ def test_64_concurrent_callers_each_get_their_own_answer(client, cluster, weight
 
     def call(i):
         try:
-            c = grpcclient.InferenceServerClient(cluster.addr)
+            c = cluster.triton()
             x = np.full((1, 10), i / 10.0, np.float32) * np.linspace(-1, 1, 10, dtype=np.float32)
             results[i] = (x, infer(c, x))
         except Exception as e:  # noqa: BLE001 - reported below
@@ -151,7 +151,7 @@ def test_stream_infer_answers_every_request_in_order(client, cluster, weights):
         if len(answers) == 5:
             done.set()
 
-    c = grpcclient.InferenceServerClient(cluster.addr)
+    c = cluster.triton()
     c.start_stream(callback=callback)
     xs = [np.full((2, 10), i, np.float32) for i in range(5)]
     for i, x in enumerate(xs):
@@ -204,7 +204,7 @@ def test_models_survive_a_restart(tmp_path):
     try:
         listing = second.kiln("models", "list")
         assert "iris" in listing and "demo-mlp" in listing
-        c = grpcclient.InferenceServerClient(second.addr)
+        c = second.triton()
         wait_ready(c, "iris")
         x = np.array([[0.1, -0.2, 0.3, 0.4]], np.float32)
         w = load_file(str(tmp_path / "iris.safetensors"))

@@ -10,9 +10,9 @@ import csv
 import os
 import subprocess
 
-import tritonclient.grpc as grpcclient
+import pytest
 
-from conftest import wait_ready
+from conftest import Cluster, wait_ready
 
 PERF_ANALYZER = os.environ.get("KILN_PERF_ANALYZER", "")
 
@@ -32,8 +32,23 @@ def run_perf_analyzer(addr, tmp_path, *args):
     return out.stdout, rows
 
 
-def test_perf_analyzer_reports_throughput_and_latency(cluster, tmp_path):
-    client = grpcclient.InferenceServerClient(cluster.addr)
+@pytest.fixture(scope="module")
+def open_cluster(tmp_path_factory):
+    """perf_analyzer's gRPC client sends no custom headers (its -H is for HTTP only), so it
+    meets Kiln as on a trusted network: `--auth off`, which `kiln up` announces loudly."""
+    c = Cluster(tmp_path_factory.mktemp("kiln-open"))
+    c.extra = ["--auth", "off"]
+    c.start()
+    yield c
+    c.stop()
+
+
+def test_perf_analyzer_reports_throughput_and_latency(open_cluster, tmp_path):
+    cluster = open_cluster
+    assert cluster.token is None and not (cluster.data_dir / "admin.token").exists()
+    log = (cluster.data_dir / "kiln.log").read_text()
+    assert "AUTHENTICATION IS OFF" in log and "authentication: OFF" in log, log[-2000:]
+    client = cluster.triton()
     wait_ready(client, "demo-mlp")
     before = client.get_inference_statistics("demo-mlp", as_json=True)
     stdout, rows = run_perf_analyzer(cluster.addr, tmp_path, "-b", "4",

@@ -76,13 +76,13 @@ def test_versions_live_in_the_bucket_under_their_sha256(cluster_on_s3, tmp_path)
     sha = create(multi, tmp_path, "m", 1)
     body = client.get_object(Bucket=BUCKET, Key=f"artifacts/sha256/{sha}.safetensors")["Body"].read()
     assert hashlib.sha256(body).hexdigest() == sha
-    wait_ready(grpcclient.InferenceServerClient(multi.gateway), "m")
-    assert infer(multi.gateway, np.ones((2, 10), np.float32)).shape == (2, 1)
+    wait_ready(multi.triton(), "m")
+    assert infer(multi, np.ones((2, 10), np.float32)).shape == (2, 1)
 
 
 def test_a_corrupted_object_fails_to_load_and_says_so_while_the_worker_serves_on(cluster_on_s3, tmp_path):
     multi, client = cluster_on_s3
-    triton = grpcclient.InferenceServerClient(multi.gateway)
+    triton = multi.triton()
     sha = create(multi, tmp_path, "bad", 2)
     wait_ready(triton, "bad")
     triton.unload_model("bad")
@@ -94,6 +94,6 @@ def test_a_corrupted_object_fails_to_load_and_says_so_while_the_worker_serves_on
     assert not triton.is_model_ready("bad")
     # The worker is alive and still serves the model whose object is intact.
     assert multi.procs["w0"].poll() is None
-    assert infer(multi.gateway, np.ones((1, 10), np.float32)).shape == (1, 1)
+    assert infer(multi, np.ones((1, 10), np.float32)).shape == (1, 1)
     index = {m.name: m for m in triton.get_model_repository_index().models}
     assert "corrupt" in index["bad"].reason, index["bad"]

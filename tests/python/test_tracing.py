@@ -44,7 +44,7 @@ def traced(tmp_path_factory):
         while ready_holders(m, "m", 1) != ["w0"]:
             assert time.monotonic() < deadline, m.records("workers/")
             time.sleep(0.1)
-        m.client = grpcclient.InferenceServerClient(m.gateway)
+        m.client = m.triton()
         wait_ready(m.client, "m")
         m.receiver = receiver
         yield m
@@ -126,7 +126,7 @@ def test_a_traceparent_from_the_client_continues_through_gateway_worker_and_batc
 def test_a_stream_is_one_span_for_its_whole_life_with_a_span_per_request(traced):
     trace_id = secrets.token_hex(16)
     answers = queue.Queue()
-    c = grpcclient.InferenceServerClient(traced.gateway)
+    c = traced.triton()
     c.start_stream(callback=lambda result, error: answers.put(error),
                    headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
     opened = time.monotonic()

@@ -145,7 +145,7 @@ def test_a_trained_version_serves_through_tritonclient_at_its_reported_accuracy(
     assert [h["epoch"] for h in job["history"]] == list(range(1, 16))
     reported = job["history"][-1]["validation_accuracy"]
     assert reported >= 0.9
-    client = grpcclient.InferenceServerClient(cluster.addr)
+    client = cluster.triton()
     wait_ready(client, "sum5")
     predictions = []
     for chunk in np.array_split(x, 20):
@@ -191,7 +191,7 @@ seed: 5
     job = json.loads(cluster.kiln("jobs", "show", out.splitlines()[0].split()[-1], "--json"))
     test = job["test"]
     assert test["rows"] == 200 and test["accuracy"] >= 0.9, test
-    client = grpcclient.InferenceServerClient(cluster.addr)
+    client = cluster.triton()
     wait_ready(client, "sum5-npy")
     served = []
     for chunk in np.array_split(x[1000:].astype(np.float32), 4):

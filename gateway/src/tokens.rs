@@ -1,0 +1,78 @@
+//! `kiln.v1.Tokens`: make, list and revoke bearer tokens (admin only, as the auth layer
+//! enforces). A token's secret is in the create answer and nowhere else.
+
+use std::sync::Arc;
+
+use kiln_core::auth::Role;
+use kiln_core::records::TokenRecord;
+use kiln_proto::kiln::v1 as pb;
+use kiln_proto::kiln::v1::tokens_server::Tokens;
+use tonic::{Request, Response, Status};
+
+use crate::{Error, Shared};
+
+/// The `kiln.v1.Tokens` service.
+pub struct TokensService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// How a stored token is listed: its fingerprint is the start of its hash.
+pub fn token_info(record: &TokenRecord) -> pb::TokenInfo {
+    pb::TokenInfo {
+        name: record.name.clone(),
+        role: record.role.as_str().to_owned(),
+        fingerprint: record.sha256.get(..12).unwrap_or_default().to_owned(),
+        created_unix_ms: record.created_unix_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl Tokens for TokensService {
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let request = request.into_inner();
+        let role = Role::parse(&request.role).map_err(|e| Error::Invalid(format!("role: {e}")))?;
+        let (record, secret) = self
+            .shared
+            .registry
+            .create_token(&request.name, role)
+            .await
+            .map_err(Error::from)?;
+        tracing::info!(name = %record.name, role = role.as_str(), "token created");
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: Some(token_info(&record)),
+            secret,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        _: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let tokens = self
+            .shared
+            .registry
+            .list_tokens()
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: tokens.iter().map(token_info).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let name = request.into_inner().name;
+        self.shared
+            .registry
+            .revoke_token(&name)
+            .await
+            .map_err(Error::from)?;
+        tracing::info!(%name, "token revoked");
+        Ok(Response::new(pb::RevokeTokenResponse {}))
+    }
+}
