@@ -206,6 +206,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<Cell>> {
         training_limits: Default::default(),
         worker_memory_bytes: 0,
         metrics_addr: None,
+        tls: None,
     })
     .await?;
     // Measured as users run it: with token authentication on.

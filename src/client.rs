@@ -90,6 +90,11 @@ pub(crate) async fn channel(addr: &str) -> anyhow::Result<Conn> {
     let channel = kiln_rpc::channel::connect(addr)
         .await
         .map_err(|e| match e {
+            kiln_rpc::Error::Unreachable { ref detail, .. }
+                if detail.contains("corrupt message") || detail.contains("InvalidContentType") =>
+            {
+                anyhow::anyhow!("{e}; the server does not speak TLS (drop --tls-ca / KILN_TLS_CA)")
+            }
             kiln_rpc::Error::Unreachable { .. } => {
                 anyhow::anyhow!("{e}; is `kiln up` running?")
             }
@@ -109,14 +114,23 @@ pub(crate) async fn channel(addr: &str) -> anyhow::Result<Conn> {
 /// A gRPC error as the CLI prints it: the code, then the server's message (and, when the
 /// gateway wants a token, where to find one).
 pub(crate) fn status(e: tonic::Status) -> anyhow::Error {
+    let message = e.message();
     let hint = match e.code() {
         tonic::Code::Unauthenticated => {
             "\n(give a token with --token or KILN_TOKEN; `kiln up` writes its admin token to \
              DATA_DIR/admin.token)"
         }
+        // What a plaintext call meets at a TLS port: the connection is dropped at once.
+        tonic::Code::Internal | tonic::Code::Cancelled | tonic::Code::Unknown
+            if message.contains("h2 protocol error")
+                || message.contains("operation was canceled")
+                || message.contains("transport error") =>
+        {
+            "\n(if the gateway serves TLS, give its CA with --tls-ca or KILN_TLS_CA)"
+        }
         _ => "",
     };
-    anyhow::anyhow!("{:?}: {}{hint}", e.code(), e.message())
+    anyhow::anyhow!("{:?}: {message}{hint}", e.code())
 }
 
 /// `NAME[:VERSION]` → (name, version selector).

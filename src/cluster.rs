@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::Context;
 use kiln_core::training::TrainingLimits;
 use kiln_gateway::{GatewayConfig, GatewayDeps, TrainingRoute};
-use kiln_registry::{ArtifactStore, EtcdStore, KvStore, Registry, WatchedView};
+use kiln_registry::{ArtifactStore, EtcdStore, EtcdTls, KvStore, Registry, WatchedView};
+use kiln_rpc::net::Listener;
+use kiln_rpc::tls::{ServerTls, ServerTlsFiles};
 use kiln_scheduler::training::{CoordinatorSlot, TrainingCoordinator, TrainingService};
 use kiln_worker::{DeviceChoice, WorkerConfig, WorkerDeps};
 use tokio::net::TcpListener;
@@ -30,6 +32,10 @@ pub struct ClusterConfig {
     pub artifacts: String,
     /// Lease TTL of registrations and of the scheduler's leadership.
     pub lease_ttl: Duration,
+    /// TLS to etcd.
+    pub etcd_tls: Option<EtcdTls>,
+    /// TLS of this process's listener (certificate, key, and the client CA of mutual TLS).
+    pub tls: Option<ServerTlsFiles>,
 }
 
 /// What a process needs from the cluster: the store, the registry, the artifacts.
@@ -50,9 +56,13 @@ async fn connect(config: &ClusterConfig) -> anyhow::Result<Connected> {
         anyhow::bail!("--lease-ttl-secs must be at least 2 (etcd's shortest lease)");
     }
     let store: Arc<dyn KvStore> = Arc::new(
-        EtcdStore::connect(&config.etcd, Duration::from_secs(10))
-            .await
-            .with_context(|| format!("cannot reach etcd at {}", config.etcd.join(",")))?,
+        EtcdStore::connect_with(
+            &config.etcd,
+            Duration::from_secs(10),
+            config.etcd_tls.as_ref(),
+        )
+        .await
+        .with_context(|| format!("cannot reach etcd at {}", config.etcd.join(",")))?,
     );
     let artifacts = ArtifactStore::open(&config.artifacts)
         .with_context(|| format!("cannot open the artifact store {}", config.artifacts))?;
@@ -63,7 +73,16 @@ async fn connect(config: &ClusterConfig) -> anyhow::Result<Connected> {
     })
 }
 
-async fn bind(listen: SocketAddr, addr_file: Option<&PathBuf>) -> anyhow::Result<TcpListener> {
+/// Bind `listen`, serving TLS when `tls` is given (its files read now: a bad one fails the
+/// start, naming it).
+pub(crate) async fn bind(
+    listen: SocketAddr,
+    addr_file: Option<&PathBuf>,
+    tls: Option<&ServerTlsFiles>,
+) -> anyhow::Result<Listener> {
+    let tls = tls
+        .map(|files| ServerTls::load(files.clone()))
+        .transpose()?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -71,7 +90,7 @@ async fn bind(listen: SocketAddr, addr_file: Option<&PathBuf>) -> anyhow::Result
         std::fs::write(path, listener.local_addr()?.to_string())
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    Ok(listener)
+    Ok(Listener::new(listener, tls))
 }
 
 /// The address others reach a process at: `--advertise`, else the bound address when it
@@ -165,7 +184,7 @@ pub async fn worker(
 ) -> anyhow::Result<()> {
     kiln_core::spec::validate_name("--id", &args.id)?;
     let c = connect(&cluster).await?;
-    let listener = bind(args.listen, args.addr_file.as_ref()).await?;
+    let listener = bind(args.listen, args.addr_file.as_ref(), cluster.tls.as_ref()).await?;
     let advertise = advertised(args.advertise, listener.local_addr()?, "--advertise")?;
     tracing::info!(worker = %args.id, %advertise, "worker starting");
     let config = WorkerConfig {
@@ -206,7 +225,7 @@ pub async fn gateway(
 ) -> anyhow::Result<()> {
     let c = connect(&cluster).await?;
     let view = WatchedView::start(c.store.clone(), cluster.prefix.clone()).await?;
-    let listener = bind(args.listen, args.addr_file.as_ref()).await?;
+    let listener = bind(args.listen, args.addr_file.as_ref(), cluster.tls.as_ref()).await?;
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
     let config = GatewayConfig {
         training: TrainingRoute::Leader,
@@ -259,7 +278,7 @@ pub async fn scheduler(
     kiln_core::spec::validate_name("--id", &args.id)?;
     let c = connect(&cluster).await?;
     let view = WatchedView::start(c.store.clone(), cluster.prefix.clone()).await?;
-    let listener = bind(args.listen, args.addr_file.as_ref()).await?;
+    let listener = bind(args.listen, args.addr_file.as_ref(), cluster.tls.as_ref()).await?;
     let advertise = advertised(args.advertise, listener.local_addr()?, "--advertise")?;
 
     let slot: CoordinatorSlot = Arc::new(std::sync::RwLock::new(None));
@@ -291,7 +310,7 @@ pub async fn scheduler(
             .add_service(reflection.v1)
             .add_service(reflection.v1alpha)
             .add_service(TrainingService::standby(slot.clone()))
-            .serve_with_incoming_shutdown(kiln_rpc::net::incoming(listener), stop_server),
+            .serve_with_incoming_shutdown(listener.incoming(), stop_server),
     );
     tracing::info!(scheduler = %args.id, %advertise, "scheduler listening; campaigning for the lead");
 

@@ -49,6 +49,8 @@ pub struct UpConfig {
     /// Serve the Prometheus metrics of every part (gateway, workers labelled by id,
     /// scheduler) at `http://ADDR/metrics` (None: not served).
     pub metrics_addr: Option<SocketAddr>,
+    /// TLS of the gateway's listener (the other parts talk in-process or over loopback).
+    pub tls: Option<kiln_rpc::tls::ServerTlsFiles>,
 }
 
 /// The admin token of a `kiln up` with authentication on.
@@ -191,9 +193,8 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
         Some(addr) => Some(crate::cluster::bind_metrics(addr).await?),
         None => None,
     };
-    let gateway_listener = TcpListener::bind(config.grpc_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.grpc_addr))?;
+    let gateway_listener =
+        crate::cluster::bind(config.grpc_addr, None, config.tls.as_ref()).await?;
     let addr = gateway_listener.local_addr()?;
 
     let (stop, stop_rx) = watch::channel(false);

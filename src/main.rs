@@ -44,8 +44,110 @@ struct Cli {
     /// ./kiln-data/admin.token, or to $KILN_DATA_DIR, when readable).
     #[arg(long, env = "KILN_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    #[command(flatten)]
+    tls: TlsFlags,
     #[command(subcommand)]
     command: Command,
+}
+
+/// TLS of listeners, of calls to other Kiln processes, and of etcd (docs/security.md).
+#[derive(clap::Args)]
+struct TlsFlags {
+    /// This process's certificate chain (PEM): served on its listener, and presented to
+    /// peers that ask for a client certificate. Re-read when the file changes.
+    #[arg(long, env = "KILN_TLS_CERT", global = true)]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "KILN_TLS_KEY", global = true)]
+    tls_key: Option<PathBuf>,
+    /// Require every client of this process's listener to present a certificate from this
+    /// CA (PEM): mutual TLS.
+    #[arg(long, env = "KILN_TLS_CLIENT_CA", global = true)]
+    tls_client_ca: Option<PathBuf>,
+    /// Call gateways and other Kiln processes over TLS, trusting this CA (PEM).
+    #[arg(long, env = "KILN_TLS_CA", global = true)]
+    tls_ca: Option<PathBuf>,
+    /// The name the called processes' certificates carry (default: the host called).
+    #[arg(long, env = "KILN_TLS_SERVER_NAME", global = true)]
+    tls_server_name: Option<String>,
+    /// CA (PEM) of etcd's certificate: etcd is reached over TLS (https:// endpoints).
+    #[arg(long, env = "KILN_ETCD_CA", global = true)]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an etcd that asks for one.
+    #[arg(long, env = "KILN_ETCD_CERT", global = true)]
+    etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, env = "KILN_ETCD_KEY", global = true)]
+    etcd_key: Option<PathBuf>,
+}
+
+fn read_file(path: &std::path::Path, flag: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {} ({flag})", path.display()))
+}
+
+impl TlsFlags {
+    fn pair(&self, cert: &str, key: &str) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
+        let (c, k) = if cert == "--tls-cert" {
+            (&self.tls_cert, &self.tls_key)
+        } else {
+            (&self.etcd_cert, &self.etcd_key)
+        };
+        match (c, k) {
+            (Some(c), Some(k)) => Ok(Some((c.clone(), k.clone()))),
+            (None, None) => Ok(None),
+            _ => anyhow::bail!("{cert} and {key} go together"),
+        }
+    }
+
+    /// The listener's TLS, when a certificate is given.
+    fn server(&self) -> anyhow::Result<Option<kiln_rpc::tls::ServerTlsFiles>> {
+        match self.pair("--tls-cert", "--tls-key")? {
+            Some((cert, key)) => Ok(Some(kiln_rpc::tls::ServerTlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca.clone(),
+            })),
+            None if self.tls_client_ca.is_some() => {
+                anyhow::bail!(
+                    "--tls-client-ca needs --tls-cert and --tls-key (a listener asks for client certificates only over TLS)"
+                )
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Make every channel of this process TLS, when a CA is given.
+    fn install_client(&self) -> anyhow::Result<()> {
+        let identity = self.pair("--tls-cert", "--tls-key")?;
+        if let Some(ca) = &self.tls_ca {
+            kiln_rpc::tls::set_client(&kiln_rpc::tls::ClientTlsFiles {
+                ca: ca.clone(),
+                identity,
+                server_name: self.tls_server_name.clone(),
+            })?;
+        } else if self.tls_server_name.is_some() {
+            anyhow::bail!("--tls-server-name needs --tls-ca");
+        }
+        Ok(())
+    }
+
+    /// TLS to etcd, when its CA is given.
+    fn etcd(&self) -> anyhow::Result<Option<kiln_registry::EtcdTls>> {
+        let identity = self.pair("--etcd-cert", "--etcd-key")?;
+        let Some(ca) = &self.etcd_ca else {
+            if identity.is_some() {
+                anyhow::bail!("--etcd-cert needs --etcd-ca");
+            }
+            return Ok(None);
+        };
+        Ok(Some(kiln_registry::EtcdTls {
+            ca: read_file(ca, "--etcd-ca")?,
+            identity: match identity {
+                Some((c, k)) => Some((read_file(&c, "--etcd-cert")?, read_file(&k, "--etcd-key")?)),
+                None => None,
+            },
+        }))
+    }
 }
 
 /// Whether the gateway asks for tokens.
@@ -303,13 +405,15 @@ struct ClusterFlags {
 }
 
 impl ClusterFlags {
-    fn config(self) -> kiln::cluster::ClusterConfig {
-        kiln::cluster::ClusterConfig {
+    fn config(self, tls: &TlsFlags) -> anyhow::Result<kiln::cluster::ClusterConfig> {
+        Ok(kiln::cluster::ClusterConfig {
             etcd: self.etcd,
             prefix: self.prefix,
             artifacts: self.artifacts,
             lease_ttl: Duration::from_secs(self.lease_ttl_secs),
-        }
+            etcd_tls: tls.etcd()?,
+            tls: tls.server()?,
+        })
     }
 }
 
@@ -594,7 +698,7 @@ enum ModelsCommand {
     },
 }
 
-async fn up(args: UpArgs) -> anyhow::Result<()> {
+async fn up(args: UpArgs, server_tls: Option<kiln_rpc::tls::ServerTlsFiles>) -> anyhow::Result<()> {
     if args.max_message_mib == 0 || args.max_message_mib > 2047 {
         anyhow::bail!("--max-message-mib must be between 1 and 2047");
     }
@@ -614,6 +718,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         training_limits: args.limits.limits()?,
         worker_memory_bytes: args.model_memory_mib.saturating_mul(1024 * 1024),
         metrics_addr: args.metrics_addr,
+        tls: server_tls,
     };
     let cluster = embedded::start(config).await?;
     let addr = cluster.addr;
@@ -718,15 +823,22 @@ async fn run(cli: Cli) -> std::process::ExitCode {
     client::set_credentials(client::Credentials {
         token: client::token_from(cli.token, &data_dir),
     });
+    let tls = cli.tls;
     let result: anyhow::Result<()> = async {
+        // `kiln up`'s own parts talk in-process or over loopback; every other command's
+        // calls to Kiln processes use TLS when given a CA.
+        if !matches!(cli.command, Command::Up(_)) {
+            tls.install_client()?;
+        }
         match cli.command {
             Command::Tokens { command } => {
                 let out = match command {
                     TokensCommand::Create { name, role, etcd, prefix, addr } => {
+                        let etcd_tls = tls.etcd()?;
                         let target = if etcd.is_empty() {
                             kiln::tokens::Target::Gateway(&addr)
                         } else {
-                            kiln::tokens::Target::Etcd(&etcd, &prefix)
+                            kiln::tokens::Target::Etcd(&etcd, &prefix, etcd_tls.as_ref())
                         };
                         kiln::tokens::create(target, &name, &role).await?
                     }
@@ -736,7 +848,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                 kiln::say!("{}", out.trim_end());
                 Ok(())
             }
-            Command::Up(args) => up(args).await,
+            Command::Up(args) => up(args, tls.server()?).await,
             Command::Status { json, addr } => {
                 kiln::say!("{}", client::cluster_status(&addr, json).await?.trim_end());
                 Ok(())
@@ -750,7 +862,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                     addr_file,
                     metrics_addr: cluster.metrics_addr,
                 };
-                kiln::cluster::scheduler(cluster.config(), args, kiln::shutdown_signal()).await
+                kiln::cluster::scheduler(cluster.config(&tls)?, args, kiln::shutdown_signal()).await
             }
             Command::Worker { cluster, id, listen, advertise, device, model_memory_mib, addr_file } => {
                 let args = kiln::cluster::WorkerArgs {
@@ -762,7 +874,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                     memory_bytes: model_memory_mib.saturating_mul(1024 * 1024),
                     metrics_addr: cluster.metrics_addr,
                 };
-                kiln::cluster::worker(cluster.config(), args, kiln::shutdown_signal()).await
+                kiln::cluster::worker(cluster.config(&tls)?, args, kiln::shutdown_signal()).await
             }
             Command::Gateway { cluster, listen, max_message_mib, default_timeout_ms, auth, addr_file } => {
                 if max_message_mib == 0 || max_message_mib > 2047 {
@@ -779,7 +891,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                     addr_file,
                     metrics_addr: cluster.metrics_addr,
                 };
-                kiln::cluster::gateway(cluster.config(), args, kiln::shutdown_signal()).await
+                kiln::cluster::gateway(cluster.config(&tls)?, args, kiln::shutdown_signal()).await
             }
             Command::Bench { concurrency, batch, seconds, device, hidden, output } => {
                 if concurrency.iter().chain(&batch).any(|n| *n == 0 || *n > 4096) || seconds == 0 {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use kiln_core::auth::Role;
 use kiln_proto::kiln::v1 as pb;
 use kiln_proto::kiln::v1::tokens_client::TokensClient;
-use kiln_registry::{EtcdStore, Registry};
+use kiln_registry::{EtcdStore, EtcdTls, Registry};
 
 use crate::client::{channel, status};
 
@@ -15,8 +15,8 @@ use crate::client::{channel, status};
 pub enum Target<'a> {
     /// A gateway, with the CLI's credentials.
     Gateway(&'a str),
-    /// etcd directly: endpoints and the cluster's key prefix.
-    Etcd(&'a [String], &'a str),
+    /// etcd directly: endpoints, the cluster's key prefix, TLS.
+    Etcd(&'a [String], &'a str, Option<&'a EtcdTls>),
 }
 
 fn created_text(info: &pb::TokenInfo, secret: &str) -> String {
@@ -43,9 +43,9 @@ pub async fn create(target: Target<'_>, name: &str, role: &str) -> anyhow::Resul
             let info = response.token.unwrap_or_default();
             Ok(created_text(&info, &response.secret))
         }
-        Target::Etcd(endpoints, prefix) => {
+        Target::Etcd(endpoints, prefix, tls) => {
             let role = Role::parse(role)?;
-            let store = EtcdStore::connect(endpoints, Duration::from_secs(10)).await?;
+            let store = EtcdStore::connect_with(endpoints, Duration::from_secs(10), tls).await?;
             let registry = Registry::new(std::sync::Arc::new(store), prefix);
             let (record, secret) = registry.create_token(name, role).await?;
             let info = kiln_gateway::tokens::token_info(&record);

@@ -35,6 +35,7 @@ fn config(dir: &Path) -> UpConfig {
         training_limits: Default::default(),
         worker_memory_bytes: 0,
         metrics_addr: None,
+        tls: None,
     }
 }
 
@@ -499,6 +500,7 @@ async fn a_full_worker_gives_way_to_a_new_version_by_evicting_the_least_recently
         // Room for two versions of this size, not three.
         worker_memory_bytes: 2 * size + size / 2,
         metrics_addr: None,
+        tls: None,
         // Renewals every second: the worker reports use quickly.
         lease_ttl: Duration::from_secs(3),
         ..config(dir.path())

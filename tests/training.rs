@@ -42,6 +42,7 @@ async fn start_with(dir: &std::path::Path, workers: usize) -> (embedded::Embedde
         },
         worker_memory_bytes: 0,
         metrics_addr: None,
+        tls: None,
     })
     .await
     .unwrap();

@@ -34,7 +34,6 @@ use std::time::Duration;
 use kiln_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use kiln_proto::kiln::v1::models_server::ModelsServer;
 use kiln_registry::{ArtifactStore, Registry, WatchedView};
-use tokio::net::TcpListener;
 
 pub use error::{Error, Result};
 
@@ -132,10 +131,11 @@ fn oversized_is_resource_exhausted<B>(
 /// calls and return.
 pub async fn serve(
     config: GatewayConfig,
-    listener: TcpListener,
+    listener: impl Into<kiln_rpc::net::Listener>,
     deps: GatewayDeps,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::result::Result<(), tonic::transport::Error> {
+    let listener = listener.into();
     let training_view = deps.view.clone();
     let authenticator = if config.auth {
         auth::Authenticator::Tokens(deps.view.clone())
@@ -249,6 +249,6 @@ pub async fn serve(
                 shared: shared_for_cluster,
             },
         ))
-        .serve_with_incoming_shutdown(kiln_rpc::net::incoming(listener), on_shutdown)
+        .serve_with_incoming_shutdown(listener.incoming(), on_shutdown)
         .await
 }

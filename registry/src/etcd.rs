@@ -19,6 +19,16 @@ use crate::{Error, Result};
 /// Largest answer read from etcd (a listing of many job records).
 const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 
+/// TLS to etcd: the CA its certificate comes from and, when etcd asks for client
+/// certificates, this process's (all PEM bytes).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// CA certificate(s).
+    pub ca: Vec<u8>,
+    /// Client certificate chain and key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// The cluster state in etcd.
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -48,12 +58,29 @@ impl EtcdStore {
     /// Connect to etcd (`http://host:port` or `host:port` endpoints), failing after
     /// `timeout` when none answers.
     pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Self> {
+        Self::connect_with(endpoints, timeout, None).await
+    }
+
+    /// [`connect`](Self::connect) over TLS when `tls` is given (endpoints `https://…`).
+    pub async fn connect_with(
+        endpoints: &[String],
+        timeout: Duration,
+        tls: Option<&EtcdTls>,
+    ) -> Result<Self> {
         if endpoints.is_empty() {
             return Err(Error::Invalid("no etcd endpoint given".into()));
         }
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let Some(tls) = tls {
+            let mut config = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca));
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(config);
+        }
         let client = tokio::time::timeout(timeout, Client::connect(endpoints, Some(options)))
             .await
             .map_err(|_| {

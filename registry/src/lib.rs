@@ -25,7 +25,7 @@ pub mod view;
 
 pub use artifacts::{ArtifactStore, sha256_hex};
 pub use error::{Error, Result};
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdStore, EtcdTls};
 pub use file::FileStore;
 pub use kv::{KvStore, LeaseId};
 pub use memory::MemoryStore;

@@ -23,15 +23,27 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
 pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `address` (`HOST:PORT`, or a URL with `http://`) as an endpoint with Kiln's settings.
+/// With TLS set for the process ([`crate::tls::set_client`]), every endpoint is `https`.
 pub fn endpoint(address: &str) -> Result<Endpoint> {
-    let url = if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
+    let tls = crate::tls::client();
+    let bare = address
+        .strip_prefix("http://")
+        .or_else(|| address.strip_prefix("https://"));
+    let url = match (bare, tls) {
+        (Some(host), Some(_)) => format!("https://{host}"),
+        (Some(_), None) => address.to_owned(),
+        (None, Some(_)) => format!("https://{address}"),
+        (None, None) => format!("http://{address}"),
     };
-    let endpoint = Endpoint::from_shared(url).map_err(|_| Error::Address {
+    let bad = || Error::Address {
         address: address.to_owned(),
-    })?;
+    };
+    let mut endpoint = Endpoint::from_shared(url).map_err(|_| bad())?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.config.clone())
+            .map_err(|e| Error::Tls(format!("{address}: {e}")))?;
+    }
     Ok(endpoint
         .tcp_nodelay(true)
         .connect_timeout(CONNECT_TIMEOUT)

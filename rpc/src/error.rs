@@ -19,6 +19,9 @@ pub enum Error {
         /// The innermost cause (connection refused, timed out, no such host).
         detail: String,
     },
+    /// A certificate, key or CA file that cannot be read or used; names the file and flag.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The reflection service could not read a descriptor set (a build problem).
     #[error("reflection: {0}")]
     Reflection(String),

@@ -121,10 +121,11 @@ pub(crate) struct State {
 /// lease), finish in-flight calls, stop.
 pub async fn serve(
     config: WorkerConfig,
-    listener: TcpListener,
+    listener: impl Into<kiln_rpc::net::Listener>,
     deps: WorkerDeps,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let listener = listener.into();
     let choice = config.device.clone();
     let selected = tokio::task::spawn_blocking(move || select_device(&choice))
         .await
@@ -221,7 +222,7 @@ pub async fn serve(
         .add_service(reflection.v1)
         .add_service(reflection.v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(kiln_rpc::net::incoming(listener), on_shutdown);
+        .serve_with_incoming_shutdown(listener.incoming(), on_shutdown);
     tokio::pin!(server);
     let result = tokio::select! {
         result = &mut server => result,
