@@ -261,6 +261,7 @@ pub async fn models_deploy(
     replicas: u32,
     device: &str,
     shard_rows: u32,
+    batching: Option<pb::Batching>,
 ) -> anyhow::Result<pb::Deployment> {
     let device = match device {
         "any" => pb::DeviceClass::Any,
@@ -275,6 +276,7 @@ pub async fn models_deploy(
             replicas,
             device: device as i32,
             shard_rows,
+            batching,
         })
         .await
         .map_err(status)?

@@ -136,7 +136,7 @@ async fn ensure_admin_token(registry: &Registry, data_dir: &Path) -> anyhow::Res
         .find(|n| !taken(n))
         .unwrap_or_else(|| "admin".to_owned());
     let (_, secret) = registry
-        .create_token(&name, kiln_core::auth::Role::Admin)
+        .create_token(&name, kiln_core::auth::Role::Admin, Default::default())
         .await?;
     write_private(&path, &secret)
         .with_context(|| format!("cannot write the admin token to {}", path.display()))?;

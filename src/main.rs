@@ -234,6 +234,8 @@ enum Command {
         /// --etcd …`) or `off` (trusted networks only).
         #[arg(long, env = "KILN_AUTH", value_enum, default_value_t = AuthMode::On)]
         auth: AuthMode,
+        #[command(flatten)]
+        caller_limits: CallerLimitFlags,
         /// Write the bound address to this file once listening (for scripts).
         #[arg(long)]
         addr_file: Option<PathBuf>,
@@ -417,6 +419,78 @@ impl ClusterFlags {
     }
 }
 
+/// Each role's default limits per token (a token's own limits override them).
+#[derive(clap::Args)]
+struct CallerLimitFlags {
+    /// Sustained requests per second of each token of a role, `ROLE=N` (repeatable; 0: no
+    /// limit, the default).
+    #[arg(long, env = "KILN_REQUESTS_PER_SECOND", value_delimiter = ',')]
+    requests_per_second: Vec<String>,
+    /// Requests a token may send at once above its rate, `ROLE=N` (default: one second's
+    /// worth).
+    #[arg(long, env = "KILN_BURST", value_delimiter = ',')]
+    burst: Vec<String>,
+    /// Calls in flight at once per token of a role, `ROLE=N` (default 1024 for every role).
+    #[arg(long, env = "KILN_MAX_IN_FLIGHT", value_delimiter = ',')]
+    max_in_flight: Vec<String>,
+    /// Most tensor elements one inference request may declare, all inputs together.
+    #[arg(long, env = "KILN_MAX_REQUEST_ELEMENTS", default_value_t = 16 * 1024 * 1024)]
+    max_request_elements: u64,
+}
+
+impl CallerLimitFlags {
+    fn role_limits(&self) -> anyhow::Result<kiln_gateway::admission::RoleLimits> {
+        use kiln_core::auth::Role;
+        let mut limits = kiln_gateway::admission::RoleLimits::default();
+        let pairs = |flag: &str, items: &[String]| -> anyhow::Result<Vec<(Role, f64)>> {
+            items
+                .iter()
+                .map(|item| {
+                    let (role, n) = item.split_once('=').with_context(|| {
+                        format!("{flag} takes ROLE=N (e.g. infer=100), got {item:?}")
+                    })?;
+                    let role = Role::parse(role.trim()).with_context(|| flag.to_string())?;
+                    let n: f64 = n
+                        .trim()
+                        .parse()
+                        .ok()
+                        .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+                        .with_context(|| format!("{flag}: {n:?} is not a number of at least 0"))?;
+                    Ok((role, n))
+                })
+                .collect()
+        };
+        for (role, n) in pairs("--requests-per-second", &self.requests_per_second)? {
+            role_slot(&mut limits, role).requests_per_second = n;
+        }
+        for (role, n) in pairs("--burst", &self.burst)? {
+            role_slot(&mut limits, role).burst = n as u32;
+        }
+        for (role, n) in pairs("--max-in-flight", &self.max_in_flight)? {
+            role_slot(&mut limits, role).max_in_flight = n as u32;
+        }
+        for (name, l) in [
+            ("infer", limits.infer),
+            ("train", limits.train),
+            ("admin", limits.admin),
+        ] {
+            l.validate(&format!("{name}: "))?;
+        }
+        Ok(limits)
+    }
+}
+
+fn role_slot(
+    limits: &mut kiln_gateway::admission::RoleLimits,
+    role: kiln_core::auth::Role,
+) -> &mut kiln_core::auth::Limits {
+    match role {
+        kiln_core::auth::Role::Infer => &mut limits.infer,
+        kiln_core::auth::Role::Train => &mut limits.train,
+        kiln_core::auth::Role::Admin => &mut limits.admin,
+    }
+}
+
 /// Caps on training jobs.
 #[derive(clap::Args)]
 struct LimitFlags {
@@ -472,6 +546,8 @@ struct UpArgs {
     #[arg(long, env = "KILN_AUTH", value_enum, default_value_t = AuthMode::On)]
     auth: AuthMode,
     #[command(flatten)]
+    caller_limits: CallerLimitFlags,
+    #[command(flatten)]
     limits: LimitFlags,
     /// MiB of model weights each worker may hold (0: no limit); when full, the least
     /// recently used versions give way.
@@ -501,6 +577,16 @@ enum TokensCommand {
         /// Key prefix of the cluster's state in etcd (with --etcd).
         #[arg(long, env = "KILN_PREFIX", default_value = "/kiln/v1/")]
         prefix: String,
+        /// Its own sustained requests per second (default: its role's, set by the
+        /// gateway's --requests-per-second).
+        #[arg(long, default_value_t = 0.0)]
+        requests_per_second: f64,
+        /// Requests it may send at once above its rate (default: one second's worth).
+        #[arg(long, default_value_t = 0)]
+        burst: u32,
+        /// Its own limit of calls in flight (default: its role's).
+        #[arg(long, default_value_t = 0)]
+        max_in_flight: u32,
         /// Gateway address.
         #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
         addr: String,
@@ -674,6 +760,16 @@ enum ModelsCommand {
         /// model's max_batch_size).
         #[arg(long, default_value_t = 0)]
         shard_rows: u32,
+        /// Most rows in one batch of each replica's batcher (with any batching flag, the
+        /// others default to 64 rows, 1,024 queued requests, no delay).
+        #[arg(long)]
+        max_batch_size: Option<u32>,
+        /// Most requests waiting in each replica's queue; beyond it, RESOURCE_EXHAUSTED.
+        #[arg(long)]
+        max_queue_size: Option<u32>,
+        /// How long a batch's first request waits for more, in microseconds.
+        #[arg(long)]
+        max_queue_delay_us: Option<u64>,
         /// Gateway address.
         #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
         addr: String,
@@ -712,6 +808,8 @@ async fn up(args: UpArgs, server_tls: Option<kiln_rpc::tls::ServerTlsFiles>) -> 
             max_message_bytes: args.max_message_mib * 1024 * 1024,
             default_timeout: Duration::from_millis(args.default_timeout_ms.max(1)),
             auth: args.auth == AuthMode::On,
+            limits: args.caller_limits.role_limits()?,
+            max_request_elements: args.caller_limits.max_request_elements.max(1),
             ..GatewayConfig::default()
         },
         lease_ttl: Duration::from_secs(10),
@@ -833,14 +931,15 @@ async fn run(cli: Cli) -> std::process::ExitCode {
         match cli.command {
             Command::Tokens { command } => {
                 let out = match command {
-                    TokensCommand::Create { name, role, etcd, prefix, addr } => {
+                    TokensCommand::Create { name, role, etcd, prefix, requests_per_second, burst, max_in_flight, addr } => {
+                        let limits = kiln_core::auth::Limits { requests_per_second, burst, max_in_flight };
                         let etcd_tls = tls.etcd()?;
                         let target = if etcd.is_empty() {
                             kiln::tokens::Target::Gateway(&addr)
                         } else {
                             kiln::tokens::Target::Etcd(&etcd, &prefix, etcd_tls.as_ref())
                         };
-                        kiln::tokens::create(target, &name, &role).await?
+                        kiln::tokens::create(target, &name, &role, limits).await?
                     }
                     TokensCommand::List { json, addr } => kiln::tokens::list(&addr, json).await?,
                     TokensCommand::Revoke { name, addr } => kiln::tokens::revoke(&addr, &name).await?,
@@ -876,7 +975,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                 };
                 kiln::cluster::worker(cluster.config(&tls)?, args, kiln::shutdown_signal()).await
             }
-            Command::Gateway { cluster, listen, max_message_mib, default_timeout_ms, auth, addr_file } => {
+            Command::Gateway { cluster, listen, max_message_mib, default_timeout_ms, auth, caller_limits, addr_file } => {
                 if max_message_mib == 0 || max_message_mib > 2047 {
                     anyhow::bail!("--max-message-mib must be between 1 and 2047");
                 }
@@ -886,6 +985,8 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                         max_message_bytes: max_message_mib * 1024 * 1024,
                         default_timeout: Duration::from_millis(default_timeout_ms.max(1)),
                         auth: auth == AuthMode::On,
+                        limits: caller_limits.role_limits()?,
+                        max_request_elements: caller_limits.max_request_elements.max(1),
                         ..GatewayConfig::default()
                     },
                     addr_file,
@@ -1009,8 +1110,14 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                     kiln::say!("wrote {} version {} to {} ({} bytes, sha256 {})", v.model, v.version, output.display(), v.size_bytes, v.sha256);
                     Ok(())
                 }
-                ModelsCommand::Deploy { model, replicas, device, shard_rows, addr } => {
-                    let d = client::models_deploy(&addr, &model, replicas, &device, shard_rows).await?;
+                ModelsCommand::Deploy { model, replicas, device, shard_rows, max_batch_size, max_queue_size, max_queue_delay_us, addr } => {
+                    let batching = (max_batch_size.is_some() || max_queue_size.is_some() || max_queue_delay_us.is_some())
+                        .then(|| kiln_proto::kiln::v1::Batching {
+                            max_batch_size: max_batch_size.unwrap_or(64),
+                            max_queue_size: max_queue_size.unwrap_or(1024),
+                            max_queue_delay_us: max_queue_delay_us.unwrap_or(0),
+                        });
+                    let d = client::models_deploy(&addr, &model, replicas, &device, shard_rows, batching).await?;
                     let replicas = if d.replicas == 0 { "every eligible worker".to_owned() } else { format!("{} replicas", d.replicas) };
                     let class = match kiln_proto::kiln::v1::DeviceClass::try_from(d.device) {
                         Ok(kiln_proto::kiln::v1::DeviceClass::Gpu) => "gpu",
@@ -1018,6 +1125,9 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                         _ => "any",
                     };
                     kiln::say!("{}: {replicas} of each version, on {class} workers", d.model);
+                    if let Some(b) = d.batching {
+                        kiln::say!("  batching: at most {} rows a batch, {} queued requests, {} µs delay", b.max_batch_size, b.max_queue_size, b.max_queue_delay_us);
+                    }
                     Ok(())
                 }
                 ModelsCommand::Alias { model, alias, version, canary, canary_weight, addr } => {

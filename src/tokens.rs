@@ -29,13 +29,23 @@ fn created_text(info: &pb::TokenInfo, secret: &str) -> String {
 }
 
 /// `kiln tokens create --name N --role R`.
-pub async fn create(target: Target<'_>, name: &str, role: &str) -> anyhow::Result<String> {
+pub async fn create(
+    target: Target<'_>,
+    name: &str,
+    role: &str,
+    limits: kiln_core::auth::Limits,
+) -> anyhow::Result<String> {
     match target {
         Target::Gateway(addr) => {
             let response = TokensClient::new(channel(addr).await?)
                 .create_token(pb::CreateTokenRequest {
                     name: name.into(),
                     role: role.into(),
+                    limits: Some(pb::Limits {
+                        requests_per_second: limits.requests_per_second,
+                        burst: limits.burst,
+                        max_in_flight: limits.max_in_flight,
+                    }),
                 })
                 .await
                 .map_err(status)?
@@ -47,7 +57,7 @@ pub async fn create(target: Target<'_>, name: &str, role: &str) -> anyhow::Resul
             let role = Role::parse(role)?;
             let store = EtcdStore::connect_with(endpoints, Duration::from_secs(10), tls).await?;
             let registry = Registry::new(std::sync::Arc::new(store), prefix);
-            let (record, secret) = registry.create_token(name, role).await?;
+            let (record, secret) = registry.create_token(name, role, limits).await?;
             let info = kiln_gateway::tokens::token_info(&record);
             Ok(created_text(&info, &secret))
         }
@@ -71,22 +81,28 @@ pub async fn list(addr: &str, json: bool) -> anyhow::Result<String> {
                     "role": t.role,
                     "fingerprint": t.fingerprint,
                     "created_unix_ms": t.created_unix_ms,
+                    "limits": t.limits.as_ref().map(|l| serde_json::json!({
+                        "requests_per_second": l.requests_per_second,
+                        "burst": l.burst,
+                        "max_in_flight": l.max_in_flight,
+                    })),
                 })
             })
             .collect();
         return Ok(serde_json::to_string_pretty(&items)?);
     }
     let mut out = format!(
-        "{:<24} {:<6} {:<12} {}\n",
-        "NAME", "ROLE", "FINGERPRINT", "MADE"
+        "{:<24} {:<6} {:<12} {:<10} {:<26}\n",
+        "NAME", "ROLE", "FINGERPRINT", "MADE", "LIMITS"
     );
     for t in &tokens {
         out.push_str(&format!(
-            "{:<24} {:<6} {:<12} {}\n",
+            "{:<24} {:<6} {:<12} {:<10} {}\n",
             t.name,
             t.role,
             t.fingerprint,
-            age(t.created_unix_ms)
+            age(t.created_unix_ms),
+            limits_text(t.limits.as_ref())
         ));
     }
     Ok(out)
@@ -109,5 +125,27 @@ fn age(unix_ms: u64) -> String {
         60..3600 => format!("{}m ago", seconds / 60),
         3600..86400 => format!("{}h ago", seconds / 3600),
         _ => format!("{}d ago", seconds / 86400),
+    }
+}
+
+/// A token's own limits, for the listing (`role default` where it has none).
+fn limits_text(limits: Option<&pb::Limits>) -> String {
+    let Some(l) = limits else {
+        return "role defaults".into();
+    };
+    let mut parts = Vec::new();
+    if l.requests_per_second > 0.0 {
+        parts.push(format!("{}/s", l.requests_per_second));
+    }
+    if l.burst > 0 {
+        parts.push(format!("burst {}", l.burst));
+    }
+    if l.max_in_flight > 0 {
+        parts.push(format!("{} in flight", l.max_in_flight));
+    }
+    if parts.is_empty() {
+        "role defaults".into()
+    } else {
+        parts.join(", ")
     }
 }

@@ -413,6 +413,7 @@ async fn cluster_status_lists_workers_and_where_each_version_serves() {
             replicas: 1,
             device: pb::DeviceClass::Cpu as i32,
             shard_rows: 0,
+            batching: None,
         })
         .await
         .unwrap();
@@ -457,6 +458,7 @@ async fn cluster_status_lists_workers_and_where_each_version_serves() {
             replicas: 0,
             device: pb::DeviceClass::Gpu as i32,
             shard_rows: 0,
+            batching: None,
         })
         .await
         .unwrap();
@@ -480,6 +482,7 @@ async fn cluster_status_lists_workers_and_where_each_version_serves() {
             replicas: 1,
             device: 0,
             shard_rows: 0,
+            batching: None,
         })
         .await
         .unwrap_err();

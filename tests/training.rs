@@ -558,7 +558,7 @@ async fn uploaded_datasets_keep_their_sha256_and_train_jobs() {
         )))
         .await
         .unwrap_err();
-    assert_eq!(big.code(), tonic::Code::InvalidArgument, "{big:?}");
+    assert_eq!(big.code(), tonic::Code::ResourceExhausted, "{big:?}");
     assert!(big.message().contains("upload limit"), "{}", big.message());
     let listed = training
         .list_datasets(pb::ListDatasetsRequest {})

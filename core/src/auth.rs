@@ -55,6 +55,67 @@ impl Role {
     }
 }
 
+/// How much a caller may ask of a gateway; 0 means no limit. A token's own limits
+/// override its role's defaults field by field.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Sustained requests per second (a token bucket refilled at this rate).
+    pub requests_per_second: f64,
+    /// Requests that may arrive at once above the rate (0: one second's worth, at least 1).
+    pub burst: u32,
+    /// Calls in flight at once (a stream counts until it ends).
+    pub max_in_flight: u32,
+}
+
+impl Limits {
+    /// These limits, with `defaults` where these are 0.
+    pub fn or(self, defaults: Limits) -> Limits {
+        Limits {
+            requests_per_second: if self.requests_per_second > 0.0 {
+                self.requests_per_second
+            } else {
+                defaults.requests_per_second
+            },
+            burst: if self.burst > 0 {
+                self.burst
+            } else {
+                defaults.burst
+            },
+            max_in_flight: if self.max_in_flight > 0 {
+                self.max_in_flight
+            } else {
+                defaults.max_in_flight
+            },
+        }
+    }
+
+    /// The bucket's size: `burst`, else one second's worth (at least 1).
+    pub fn bucket(&self) -> f64 {
+        if self.burst > 0 {
+            f64::from(self.burst)
+        } else {
+            self.requests_per_second.ceil().max(1.0)
+        }
+    }
+
+    /// Check the values a request or flag gives; `field` prefixes the names in the error.
+    pub fn validate(&self, field: &str) -> Result<()> {
+        let rps = self.requests_per_second;
+        if !rps.is_finite() || !(0.0..=1_000_000.0).contains(&rps) {
+            return Err(Error::Invalid(format!(
+                "{field}requests_per_second must be between 0 (no limit) and 1000000, got {rps}"
+            )));
+        }
+        if self.burst > 1_000_000 || self.max_in_flight > 1_000_000 {
+            return Err(Error::Invalid(format!(
+                "{field}burst and {field}max_in_flight must be at most 1000000"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// What an RPC requires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {

@@ -298,7 +298,7 @@ pub struct LeaderRecord {
 
 /// `tokens/<name>`: a bearer token, stored as its SHA-256 (the token itself is shown once
 /// and kept nowhere).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenRecord {
     /// Record schema.
     pub schema: u32,
@@ -310,6 +310,9 @@ pub struct TokenRecord {
     pub sha256: String,
     /// When it was made.
     pub created_unix_ms: u64,
+    /// Its own limits (0 fields: its role's defaults).
+    #[serde(default)]
+    pub limits: crate::auth::Limits,
 }
 
 /// Key construction and parsing. All keys are relative to the store's prefix.

@@ -8,18 +8,21 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::Either;
-use kiln_core::auth::{Access, Role, bearer, required, token_hash};
+use kiln_core::auth::{Access, Limits, Role, bearer, required, token_hash};
 use kiln_registry::WatchedView;
 
 use crate::Error;
+use crate::admission::{Admission, Guarded, Permit};
 
 /// Who is calling, as the handlers see it (a request extension).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Caller {
     /// The token's name (`anonymous` when authentication is off or the RPC is open).
     pub name: Arc<str>,
     /// What it may do.
     pub role: Role,
+    /// Its token's own limits (0 fields: the role's defaults).
+    pub limits: Limits,
 }
 
 impl Caller {
@@ -28,6 +31,7 @@ impl Caller {
         Self {
             name: Arc::from("anonymous"),
             role: Role::Admin,
+            limits: Limits::default(),
         }
     }
 }
@@ -42,14 +46,16 @@ pub enum Authenticator {
 }
 
 impl Authenticator {
-    /// Decide a call to `path` carrying `authorization` (the header's value, if any).
-    pub fn check(&self, path: &str, authorization: Option<&str>) -> Result<Caller, Error> {
+    /// Decide a call to `path` carrying `authorization` (the header's value, if any):
+    /// the token's caller, or None for a call that needs no token (open RPCs, or
+    /// authentication off).
+    pub fn check(&self, path: &str, authorization: Option<&str>) -> Result<Option<Caller>, Error> {
         let view = match self {
-            Authenticator::Off => return Ok(Caller::anonymous()),
+            Authenticator::Off => return Ok(None),
             Authenticator::Tokens(view) => view,
         };
         let needed = match required(path) {
-            Access::Open => return Ok(Caller::anonymous()),
+            Access::Open => return Ok(None),
             Access::Needs(role) => role,
         };
         let Some(token) = authorization.and_then(bearer) else {
@@ -73,16 +79,27 @@ impl Authenticator {
                 needed.as_str()
             )));
         }
-        Ok(Caller {
+        Ok(Some(Caller {
             name: Arc::from(record.name.as_str()),
             role: record.role,
-        })
+            limits: record.limits,
+        }))
     }
 }
 
 /// [`AuthService`] as a layer for `tonic::transport::Server::builder().layer(..)`.
 #[derive(Clone)]
-pub struct AuthLayer(pub Authenticator);
+pub struct AuthLayer {
+    auth: Authenticator,
+    admission: Arc<Admission>,
+}
+
+impl AuthLayer {
+    /// Check tokens with `auth` and admit each token's calls through `admission`.
+    pub fn new(auth: Authenticator, admission: Arc<Admission>) -> Self {
+        Self { auth, admission }
+    }
+}
 
 impl<S> tower::Layer<S> for AuthLayer {
     type Service = AuthService<S>;
@@ -90,27 +107,58 @@ impl<S> tower::Layer<S> for AuthLayer {
     fn layer(&self, inner: S) -> AuthService<S> {
         AuthService {
             inner,
-            auth: self.0.clone(),
+            auth: self.auth.clone(),
+            admission: self.admission.clone(),
         }
     }
 }
 
-/// Checks each call's token and role; answers UNAUTHENTICATED or PERMISSION_DENIED itself
-/// (trailers only), else passes the call on with its [`Caller`] attached.
+/// Checks each call's token, role and limits; answers UNAUTHENTICATED, PERMISSION_DENIED
+/// or RESOURCE_EXHAUSTED itself (trailers only), else passes the call on with its
+/// [`Caller`] attached and its in-flight place held until the answer's body ends.
 #[derive(Clone)]
 pub struct AuthService<S> {
     inner: S,
     auth: Authenticator,
+    admission: Arc<Admission>,
 }
 
-impl<S, B, R> tower::Service<http::Request<B>> for AuthService<S>
+pin_project_lite::pin_project! {
+    /// The inner call's answer, its body holding the call's permit.
+    pub struct Admitted<F> {
+        #[pin]
+        inner: F,
+        permit: Option<Permit>,
+    }
+}
+
+impl<F, E> std::future::Future for Admitted<F>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
-    R: Default,
+    F: std::future::Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        match this.inner.poll(cx) {
+            Poll::Ready(Ok(response)) => {
+                let permit = this.permit.take();
+                Poll::Ready(Ok(
+                    response.map(|body| tonic::body::Body::new(Guarded::new(body, permit)))
+                ))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Either<std::future::Ready<Result<S::Response, S::Error>>, S::Future>;
+    type Future = Either<std::future::Ready<Result<S::Response, S::Error>>, Admitted<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -121,13 +169,26 @@ where
             .headers()
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        match self.auth.check(request.uri().path(), authorization) {
-            Ok(caller) => {
+        let admitted = self
+            .auth
+            .check(request.uri().path(), authorization)
+            .and_then(|caller| match caller {
+                Some(caller) => {
+                    let permit = self.admission.admit(&caller)?;
+                    Ok((caller, Some(permit)))
+                }
+                None => Ok((Caller::anonymous(), None)),
+            });
+        match admitted {
+            Ok((caller, permit)) => {
                 // The token goes no further than this check: not to handlers, logs or
                 // the services calls are forwarded to.
                 request.headers_mut().remove(http::header::AUTHORIZATION);
                 request.extensions_mut().insert(caller);
-                Either::Right(self.inner.call(request))
+                Either::Right(Admitted {
+                    inner: self.inner.call(request),
+                    permit,
+                })
             }
             Err(e) => {
                 let status: tonic::Status = e.into();
@@ -146,15 +207,24 @@ mod tests {
     async fn tokens_are_checked_against_the_watched_view_and_revocation_is_seen() {
         let store = Arc::new(MemoryStore::default());
         let registry = Registry::new(store.clone(), "/t/");
-        let (_, infer) = registry.create_token("svc", Role::Infer).await.unwrap();
-        let (_, admin) = registry.create_token("ops", Role::Admin).await.unwrap();
+        let (_, infer) = registry
+            .create_token("svc", Role::Infer, Default::default())
+            .await
+            .unwrap();
+        let (_, admin) = registry
+            .create_token("ops", Role::Admin, Default::default())
+            .await
+            .unwrap();
         let view = WatchedView::start(store, "/t/".into()).await.unwrap();
         let auth = Authenticator::Tokens(view.clone());
         let infer_call = "/inference.GRPCInferenceService/ModelInfer";
         let admin_call = "/kiln.v1.Models/CreateModel";
         let bearer = |t: &str| format!("Bearer {t}");
 
-        let caller = auth.check(infer_call, Some(&bearer(&infer))).unwrap();
+        let caller = auth
+            .check(infer_call, Some(&bearer(&infer)))
+            .unwrap()
+            .unwrap();
         assert_eq!((&*caller.name, caller.role), ("svc", Role::Infer));
         assert!(matches!(
             auth.check(admin_call, Some(&bearer(&infer))),
@@ -170,7 +240,10 @@ mod tests {
             Err(Error::Unauthenticated(_))
         ));
         // Open RPCs need nothing.
-        assert!(auth.check("/grpc.health.v1.Health/Check", None).is_ok());
+        assert!(matches!(
+            auth.check("/grpc.health.v1.Health/Check", None),
+            Ok(None)
+        ));
 
         registry.revoke_token("svc").await.unwrap();
         let gone = view
@@ -182,6 +255,9 @@ mod tests {
             Err(Error::Unauthenticated(_))
         ));
         // Off: anything goes.
-        assert!(Authenticator::Off.check(admin_call, None).is_ok());
+        assert!(matches!(
+            Authenticator::Off.check(admin_call, None),
+            Ok(None)
+        ));
     }
 }

@@ -46,6 +46,22 @@ pub struct Decoded {
     pub raw: bool,
 }
 
+/// How many elements a request's input shapes declare, all inputs together (saturating;
+/// a negative dimension counts as 0 — decoding refuses it).
+pub fn request_elements(request: &ModelInferRequest) -> u64 {
+    request
+        .inputs
+        .iter()
+        .map(|input| {
+            input
+                .shape
+                .iter()
+                .map(|&d| u64::try_from(d).unwrap_or(0))
+                .fold(1u64, u64::saturating_mul)
+        })
+        .fold(0u64, u64::saturating_add)
+}
+
 /// Check and decode a request's inputs against the model's interface. Never panics,
 /// whatever the request holds.
 pub fn decode_inputs(

@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod auth;
 pub mod cluster;
 pub mod codec;
@@ -50,6 +51,10 @@ pub struct GatewayConfig {
     pub training: TrainingRoute,
     /// Whether calls need a bearer token (`--auth on`, the default).
     pub auth: bool,
+    /// Each role's default limits per token (with `auth`).
+    pub limits: admission::RoleLimits,
+    /// Most tensor elements one inference request may declare, all inputs together.
+    pub max_request_elements: u64,
 }
 
 /// Where the gateway sends `kiln.v1.Training` calls.
@@ -71,6 +76,9 @@ impl Default for GatewayConfig {
             load_timeout: Duration::from_secs(60),
             training: TrainingRoute::Off,
             auth: true,
+            limits: Default::default(),
+            // 64 MiB of FP32: what the default message size carries.
+            max_request_elements: 16 * 1024 * 1024,
         }
     }
 }
@@ -225,7 +233,10 @@ pub async fn serve(
             oversized_is_resource_exhausted(response, limit)
         }))
         // Token and role, before any handler reads the request.
-        .layer(auth::AuthLayer(authenticator))
+        .layer(auth::AuthLayer::new(
+            authenticator,
+            Arc::new(admission::Admission::new(config.limits)),
+        ))
         .add_service(health_service)
         .add_service(reflection.v1)
         .add_service(reflection.v1alpha)

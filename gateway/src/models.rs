@@ -387,6 +387,31 @@ impl Models for ModelsService {
         deployment.replicas = (req.replicas > 0).then_some(req.replicas);
         deployment.device = device;
         deployment.shard_rows = (req.shard_rows > 0).then_some(req.shard_rows);
+        if let Some(b) = req.batching {
+            if !(1..=65_536).contains(&b.max_batch_size) {
+                return Err(Status::invalid_argument(format!(
+                    "batching.max_batch_size must be between 1 and 65536, got {}",
+                    b.max_batch_size
+                )));
+            }
+            if !(1..=1_000_000).contains(&b.max_queue_size) {
+                return Err(Status::invalid_argument(format!(
+                    "batching.max_queue_size must be between 1 and 1000000, got {}",
+                    b.max_queue_size
+                )));
+            }
+            if b.max_queue_delay_us > 10_000_000 {
+                return Err(Status::invalid_argument(format!(
+                    "batching.max_queue_delay_us must be at most 10000000 (10 s), got {}",
+                    b.max_queue_delay_us
+                )));
+            }
+            deployment.batching = kiln_core::records::BatchingSettings {
+                max_batch_size: b.max_batch_size,
+                max_queue_delay_us: b.max_queue_delay_us,
+                max_queue_size: b.max_queue_size,
+            };
+        }
         registry
             .set_deployment(&deployment)
             .await
@@ -397,6 +422,11 @@ impl Models for ModelsService {
             device: req.device,
             loaded: deployment.loaded,
             shard_rows: deployment.shard_rows.unwrap_or(0),
+            batching: Some(pb::Batching {
+                max_batch_size: deployment.batching.max_batch_size,
+                max_queue_delay_us: deployment.batching.max_queue_delay_us,
+                max_queue_size: deployment.batching.max_queue_size,
+            }),
         }))
     }
 }

@@ -75,6 +75,14 @@ impl Shared {
         if req.model_name.is_empty() {
             return Err(Error::Invalid("model_name is empty".into()));
         }
+        let elements = crate::codec::request_elements(&req);
+        if elements > self.config.max_request_elements {
+            return Err(Error::Overloaded(format!(
+                "the request's inputs hold {elements} tensor elements; the gateway's limit is {} \
+                 (--max-request-elements)",
+                self.config.max_request_elements
+            )));
+        }
         let view = self.view.current();
         let ticket = self
             .tickets

@@ -23,6 +23,21 @@ pub fn token_info(record: &TokenRecord) -> pb::TokenInfo {
         role: record.role.as_str().to_owned(),
         fingerprint: record.sha256.get(..12).unwrap_or_default().to_owned(),
         created_unix_ms: record.created_unix_ms,
+        limits: Some(pb::Limits {
+            requests_per_second: record.limits.requests_per_second,
+            burst: record.limits.burst,
+            max_in_flight: record.limits.max_in_flight,
+        }),
+    }
+}
+
+/// A request's limits (unset: all 0, the role's defaults).
+pub fn limits_from_proto(limits: Option<pb::Limits>) -> kiln_core::auth::Limits {
+    let l = limits.unwrap_or_default();
+    kiln_core::auth::Limits {
+        requests_per_second: l.requests_per_second,
+        burst: l.burst,
+        max_in_flight: l.max_in_flight,
     }
 }
 
@@ -37,7 +52,7 @@ impl Tokens for TokensService {
         let (record, secret) = self
             .shared
             .registry
-            .create_token(&request.name, role)
+            .create_token(&request.name, role, limits_from_proto(request.limits))
             .await
             .map_err(Error::from)?;
         tracing::info!(name = %record.name, role = role.as_str(), "token created");

@@ -435,8 +435,10 @@ impl Registry {
         &self,
         name: &str,
         role: kiln_core::auth::Role,
+        limits: kiln_core::auth::Limits,
     ) -> Result<(TokenRecord, String)> {
         validate_name("name", name)?;
+        limits.validate("limits.")?;
         let mut random = [0u8; 32];
         getrandom::fill(&mut random)
             .map_err(|e| Error::Storage(format!("no randomness for a token: {e}")))?;
@@ -447,6 +449,7 @@ impl Registry {
             role,
             sha256: kiln_core::auth::token_hash(&secret),
             created_unix_ms: now_unix_ms(),
+            limits,
         };
         let key = keys::token(name);
         let value = self.encode(&key, &record)?;

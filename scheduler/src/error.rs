@@ -10,6 +10,9 @@ pub enum Error {
     /// A job, dataset or upload broke a rule; the text names the field and the limit.
     #[error("{0}")]
     Invalid(String),
+    /// A request over one of the server's size limits; the text names the limit.
+    #[error("{0}")]
+    Limit(String),
     /// A job, dataset or version the call names does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -73,6 +76,7 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::Invalid(_) => Code::InvalidArgument,
+            Error::Limit(_) => Code::ResourceExhausted,
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::Unavailable(_) => Code::Unavailable,

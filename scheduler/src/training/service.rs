@@ -248,9 +248,12 @@ impl TrainingService {
             }
         };
         let max = self.coordinator()?.limits.max_upload_bytes;
-        if header.size_bytes == 0 || header.size_bytes > max {
-            return Err(Error::invalid(format!(
-                "header.size_bytes must be between 1 and {max} (the server's upload limit), got {}",
+        if header.size_bytes == 0 {
+            return Err(Error::invalid("header.size_bytes must be at least 1"));
+        }
+        if header.size_bytes > max {
+            return Err(Error::Limit(format!(
+                "header.size_bytes is {}; the server's upload limit is {max} bytes (--max-upload-mib)",
                 header.size_bytes
             )));
         }
@@ -320,8 +323,8 @@ impl TrainingService {
         };
         let max_rows = self.coordinator()?.limits.max_rows;
         if parsed.rows > max_rows {
-            return Err(Error::invalid(format!(
-                "the dataset has {} rows; at most {max_rows} are allowed (the server's row limit)",
+            return Err(Error::Limit(format!(
+                "the dataset has {} rows; at most {max_rows} are allowed (the server's row limit, --max-rows)",
                 parsed.rows
             )));
         }
