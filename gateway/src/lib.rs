@@ -135,6 +135,27 @@ fn oversized_is_resource_exhausted<B>(
     response
 }
 
+/// Rewrite tonic's answer to a call whose `grpc-timeout` ran out (CANCELLED, "Timeout
+/// expired") into DEADLINE_EXCEEDED, the code gRPC gives a passed deadline.
+fn expired_is_deadline_exceeded<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let cancelled = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"1");
+    let expired = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m.replace("%20", " ").contains("Timeout expired"));
+    if cancelled && expired {
+        headers.insert("grpc-status", http::HeaderValue::from_static("4"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("the deadline passed before the answer"),
+        );
+    }
+    response
+}
+
 /// Serve the public services on `listener` until `shutdown` resolves, then drain in-flight
 /// calls and return.
 pub async fn serve(
@@ -230,7 +251,7 @@ pub async fn serve(
         // tonic refuses an oversized request with OUT_OF_RANGE; the protocol (and Triton)
         // answer RESOURCE_EXHAUSTED, naming the limit.
         .layer(tower::util::MapResponseLayer::new(move |response| {
-            oversized_is_resource_exhausted(response, limit)
+            expired_is_deadline_exceeded(oversized_is_resource_exhausted(response, limit))
         }))
         // Token and role, before any handler reads the request.
         .layer(auth::AuthLayer::new(

@@ -159,14 +159,16 @@ class Multi:
             assert out.returncode == 0, out.stderr
         return out
 
-    def start(self, name, *args):
-        """Start `kiln ARGS…` on a free port; returns its bound address."""
+    def start(self, name, *args, env=None):
+        """Start `kiln ARGS…` on a free port (with `env` over the cluster's environment);
+        returns its bound address."""
         addr_file = self.dir / f"{name}.addr"
         if addr_file.exists():
             addr_file.unlink()
         self.procs[name] = subprocess.Popen(
             [KILN, *args, "--listen", "127.0.0.1:0", "--addr-file", str(addr_file)],
-            stdout=subprocess.DEVNULL, stderr=open(self.dir / f"{name}.log", "ab"), env=self.env)
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / f"{name}.log", "ab"),
+            env={**self.env, **(env or {})})
         deadline = time.monotonic() + 60
         while not addr_file.exists() or not addr_file.read_text():
             assert self.procs[name].poll() is None, f"{name} exited; see {self.dir / (name + '.log')}"

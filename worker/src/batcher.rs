@@ -12,7 +12,7 @@
 //! open that long for company (tokio's timer resolution, 1 ms, applies).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_core::records::{BatchingSettings, VersionKey};
@@ -61,6 +61,8 @@ impl Pending {
 pub struct Batcher {
     tx: mpsc::Sender<Pending>,
     depth: Arc<AtomicUsize>,
+    /// Rows sent to the engine so far (requests dropped before compute are not counted).
+    computed: Arc<AtomicU64>,
     settings: BatchingSettings,
 }
 
@@ -69,10 +71,19 @@ impl Batcher {
     pub fn spawn(key: VersionKey, settings: BatchingSettings, engine: EngineHandle) -> Self {
         let (tx, rx) = mpsc::channel(settings.max_queue_size.max(1) as usize);
         let depth = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(run(key, settings, engine, rx, depth.clone()));
+        let computed = Arc::new(AtomicU64::new(0));
+        tokio::spawn(run(
+            key,
+            settings,
+            engine,
+            rx,
+            depth.clone(),
+            computed.clone(),
+        ));
         Self {
             tx,
             depth,
+            computed,
             settings,
         }
     }
@@ -80,6 +91,12 @@ impl Batcher {
     /// Requests waiting right now.
     pub fn queue_depth(&self) -> usize {
         self.depth.load(Ordering::Relaxed)
+    }
+
+    /// Rows the engine has been given to compute (expired and abandoned requests are
+    /// dropped before and not counted).
+    pub fn rows_computed(&self) -> u64 {
+        self.computed.load(Ordering::Relaxed)
     }
 
     /// The settings it runs with.
@@ -171,6 +188,7 @@ async fn run(
     engine: EngineHandle,
     mut rx: mpsc::Receiver<Pending>,
     depth: Arc<AtomicUsize>,
+    computed: Arc<AtomicU64>,
 ) {
     let max_rows = settings.max_batch_size.max(1) as usize;
     let delay = Duration::from_micros(settings.max_queue_delay_us);
@@ -239,6 +257,7 @@ async fn run(
             }
         };
         let started = Instant::now();
+        computed.fetch_add(rows as u64, Ordering::Relaxed);
         // While the engine works on this batch, new requests pile up in the queue and form
         // the next one: waiting here is what makes batches grow under load.
         let result = engine.forward(key.clone(), inputs, rows).await;

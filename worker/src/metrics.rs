@@ -101,6 +101,25 @@ impl Collector for WorkerMetrics {
                 })
             }),
         )?;
+        f.counter(
+            "kiln_worker_rows_computed",
+            "Rows a version's batches gave the engine (requests dropped for their deadline, \
+             or whose caller left, before compute are not counted).",
+            workers.iter().flat_map(|w| {
+                let served = w.served.read().unwrap_or_else(|p| p.into_inner());
+                let mut keys: Vec<&VersionKey> = served.keys().collect();
+                keys.sort();
+                keys.into_iter()
+                    .map(|key| {
+                        let labels = vec![
+                            ("model", key.model.clone()),
+                            ("version", key.version.to_string()),
+                        ];
+                        (self.labels(w, labels), served[key].batcher.rows_computed())
+                    })
+                    .collect::<Vec<_>>()
+            }),
+        )?;
         f.gauge(
             "kiln_worker_queue_depth",
             "Requests waiting in a version's batcher.",

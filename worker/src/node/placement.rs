@@ -33,6 +33,11 @@ pub(super) async fn follow_placement(state: Arc<State>) {
 }
 
 pub(super) async fn reconcile(state: &Arc<State>, desired: &BTreeSet<VersionKey>) {
+    // A stopping worker has left the routing table; the placement controller moves its
+    // versions elsewhere, but what it holds stays until its in-flight calls are answered.
+    if state.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     let held: Vec<VersionKey> = lock(&state.loaded).keys().cloned().collect();
     for key in held.iter().filter(|k| !desired.contains(*k)) {
         unload_version(state, key).await;
