@@ -292,7 +292,13 @@ impl Tensor {
 
     /// Rows `start..start + rows` as a tensor of their own (a view of the same data).
     pub fn slice_rows(&self, start: usize, rows: usize) -> Result<Self> {
-        if start + rows > self.rows() {
+        if self.shape.is_empty() {
+            return Err(Error::Invalid(format!(
+                "tensor {:?}: a scalar has no rows",
+                self.name
+            )));
+        }
+        if start.checked_add(rows).is_none_or(|end| end > self.rows()) {
             return Err(Error::Invalid(format!(
                 "tensor {:?}: rows {start}..{} of {}",
                 self.name,
@@ -345,6 +351,12 @@ impl Tensor {
         let Some(first) = parts.first() else {
             return Err(Error::Invalid("no tensors to join".into()));
         };
+        if parts.iter().any(|p| p.shape.is_empty()) {
+            return Err(Error::Invalid(format!(
+                "tensor {:?}: a scalar has no rows to join",
+                first.name
+            )));
+        }
         let (name, datatype, row_shape) = (first.name.clone(), first.datatype, &first.shape[1..]);
         let mut rows = 0;
         for p in &parts {
