@@ -280,7 +280,8 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<oip::ModelInferRequest>,
     ) -> Result<Response<oip::ModelInferResponse>, Status> {
-        let timeout = kiln_rpc::deadline::from_metadata(request.metadata());
+        let timeout = kiln_rpc::deadline::from_metadata(request.metadata())
+            .map(kiln_rpc::deadline::answer_within);
         let req = request.into_inner();
         if self
             .shared

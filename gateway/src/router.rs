@@ -413,6 +413,26 @@ fn answer(response: pb::InferResponse, rows: usize) -> Result<Answer> {
     })
 }
 
+/// Whether a transport's error text names internals (an address, a path, a source line)
+/// that a caller must not see.
+fn leaks_internals(message: &str) -> bool {
+    let address = message
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .any(|word| {
+            word.rsplit_once(':').is_some_and(|(host, port)| {
+                !port.is_empty()
+                    && port.chars().all(|c| c.is_ascii_digit())
+                    && (host.parse::<std::net::IpAddr>().is_ok()
+                        || host
+                            .trim_matches(['[', ']'])
+                            .parse::<std::net::Ipv6Addr>()
+                            .is_ok()
+                        || host.contains('.'))
+            })
+        });
+    address || message.contains(".rs:") || message.contains(" /") || message.starts_with('/')
+}
+
 pub(crate) fn map_worker_status(status: tonic::Status) -> Error {
     let message = status.message().to_owned();
     match status.code() {
@@ -422,9 +442,36 @@ pub(crate) fn map_worker_status(status: tonic::Status) -> Error {
             Error::DeadlineExceeded("the deadline passed before the model answered".into())
         }
         tonic::Code::NotFound => Error::NotFound(message),
+        tonic::Code::Unavailable | tonic::Code::Unknown if leaks_internals(&message) => {
+            tracing::warn!(error = %message, "worker unavailable");
+            Error::Unavailable("worker unavailable: it could not be reached".into())
+        }
         tonic::Code::Unavailable | tonic::Code::Unknown => {
             Error::Unavailable(format!("worker unavailable: {message}"))
         }
         _ => Error::Internal(format!("worker answered {:?}: {message}", status.code())),
+    }
+}
+
+#[cfg(test)]
+mod leak_tests {
+    use super::*;
+
+    #[test]
+    fn transport_errors_that_name_internals_are_not_passed_on() {
+        for text in [
+            "error trying to connect: tcp connect error 10.0.0.5:8101",
+            "connect to [::1]:9000 failed",
+            "panicked at worker/src/lib.rs:12",
+            "cannot open /var/lib/kiln/x",
+            "dns error: worker-0.kiln.svc:8101",
+        ] {
+            let e = map_worker_status(tonic::Status::unavailable(text)).to_string();
+            assert_eq!(e, "worker unavailable: it could not be reached", "{text}");
+        }
+        let e = map_worker_status(tonic::Status::unavailable(
+            "model version m:1 is not loaded on this worker",
+        ));
+        assert!(e.to_string().contains("not loaded"), "{e}");
     }
 }

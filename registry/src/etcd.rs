@@ -37,8 +37,25 @@ pub struct EtcdStore {
     lease: LeaseClient,
 }
 
+/// etcd's error as one readable line: a status's message and its innermost cause (the
+/// client's own text is a debug dump of the status).
 fn etcd(e: etcd_client::Error) -> Error {
-    Error::Etcd(e.to_string())
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> =
+                std::error::Error::source(&status);
+            let mut innermost = None;
+            while let Some(c) = cause {
+                innermost = Some(c.to_string());
+                cause = c.source();
+            }
+            Error::Etcd(match innermost {
+                Some(cause) => format!("{} ({cause})", status.message()),
+                None => format!("{:?}: {}", status.code(), status.message()),
+            })
+        }
+        other => Error::Etcd(other.to_string()),
+    }
 }
 
 fn key_value(kv: &etcd_client::KeyValue) -> Result<KeyValue> {

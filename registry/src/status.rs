@@ -54,15 +54,34 @@ impl Error {
     pub fn code(&self) -> Code {
         answer(self).0
     }
+
+    /// The text a caller may read (the status message this error is answered with): for
+    /// example a failed load's reason, which ModelReady and RepositoryIndex show.
+    pub fn public_text(&self) -> String {
+        match (self, answer(self).1) {
+            // The checksums are the caller's to compare; the location is not.
+            (
+                Error::Corrupt {
+                    expected, actual, ..
+                },
+                _,
+            ) => format!(
+                "the artifact with sha256 {expected} is corrupt: its bytes hash to {actual}; \
+                 register the version again"
+            ),
+            (_, Some(text)) => text.to_owned(),
+            (_, None) => self.to_string(),
+        }
+    }
 }
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         match answer(&error) {
             (code, None) => Status::new(code, error.to_string()),
-            (code, Some(text)) => {
+            (code, Some(_)) => {
                 tracing::warn!(error = %error, code = ?code, "cluster state error");
-                Status::new(code, text)
+                Status::new(code, error.public_text())
             }
         }
     }

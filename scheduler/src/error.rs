@@ -110,7 +110,9 @@ impl From<Error> for Status {
             Error::Registry(e) => e.into(),
             Error::Internal(m) => {
                 tracing::error!(error = %m, "training coordinator error");
-                Status::internal(m)
+                Status::internal(
+                    "internal error in the training coordinator; see the scheduler's log",
+                )
             }
             other => Status::new(other.code(), other.to_string()),
         }

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +13,94 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 KILN = os.environ.get("KILN_BIN", "kiln")
+
+# --- every error text the suites provoke, scanned for leaks at the end -------------------
+#
+# Kiln's error messages go to callers who must not learn its internals: no file path, no
+# address, no source position or stack trace, no token. Every error a test meets — from
+# tritonclient, from grpcio, from the kiln CLI — is collected here and scanned when the
+# session ends (docs/reliability.md).
+
+ERRORS = []
+LEAKS = [
+    ("a file path", re.compile(r"(?<![\w.:])/(?:tmp|var|home|root|work|usr|etc|proc|srv|opt)/")),
+    ("a source position", re.compile(r"\.rs:\d+")),
+    ("a socket address", re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}:\d+\b|\[[0-9a-fA-F:]+\]:\d+")),
+    ("a stack trace", re.compile(r"panicked|stack backtrace|RUST_BACKTRACE")),
+    ("a token", re.compile(r"kiln_[0-9a-f]{64}")),
+    ("an artifact location", re.compile(r"file://|s3://")),
+]
+# Texts grpc-core makes on the client's side (about the address the client dialled).
+CLIENT_SIDE = re.compile(r"failed to connect to all addresses|ipv4:|ipv6:|Socket closed|"
+                         r"Connection reset|Deadline Exceeded|Cancelled$|cannot reach|"
+                         r"is not a gRPC address")
+
+
+SERVER_ERROR = re.compile(
+    r"^error: (?:Cancelled|Unknown|InvalidArgument|DeadlineExceeded|NotFound|AlreadyExists|"
+    r"PermissionDenied|ResourceExhausted|FailedPrecondition|Aborted|OutOfRange|"
+    r"Unimplemented|Internal|Unavailable|DataLoss|Unauthenticated): (.*)")
+
+
+def record_error(source, text):
+    if text and not CLIENT_SIDE.search(str(text)):
+        ERRORS.append((source, str(text)))
+
+
+def _collect_errors():
+    from tritonclient.utils import InferenceServerException
+    import grpc._channel as channel
+
+    init = InferenceServerException.__init__
+
+    def exception_init(self, msg, status=None, debug_details=None):
+        init(self, msg, status, debug_details)
+        record_error("tritonclient", msg)
+
+    InferenceServerException.__init__ = exception_init
+    for cls in (channel._InactiveRpcError, channel._MultiThreadedRendezvous):
+        original = cls.details
+
+        def details(self, original=original):
+            text = original(self)
+            record_error("grpc", text)
+            return text
+
+        cls.details = details
+    run = subprocess.run
+
+    def recorded_run(args, *a, **kw):
+        out = run(args, *a, **kw)
+        if (isinstance(args, (list, tuple)) and args and str(args[0]) == KILN
+                and args[1:2] != ["up"] and out.returncode != 0 and isinstance(out.stderr, str)):
+            # The CLI prints a server's answer as `error: Code: the server's message`
+            # (its own complaints, about files and addresses the user gave, otherwise).
+            for line in out.stderr.splitlines():
+                served = SERVER_ERROR.match(line)
+                if served:
+                    record_error("kiln CLI", served.group(1))
+        return out
+
+    subprocess.run = recorded_run
+
+
+_collect_errors()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leaks = [(source, what, text) for source, text in ERRORS
+             for what, pattern in LEAKS if pattern.search(text)]
+    report = pathlib.Path(os.environ.get("KILN_ERROR_REPORT", "/tmp/kiln-test-errors.txt"))
+    try:
+        report.write_text("".join(f"{s}\t{t}\n" for s, t in ERRORS))
+    except OSError:
+        pass
+    print(f"\nerror texts scanned for internal details: {len(ERRORS)} "
+          f"(all of them in {report})")
+    if leaks:
+        for source, what, text in leaks:
+            print(f"LEAK ({what}) from {source}: {text}")
+        session.exitstatus = 1
 TTL = 3  # seconds: lease TTL of workers and of the scheduler's lead in cluster tests
 PREFIX = "/kiln/v1/"
 

@@ -63,6 +63,17 @@ impl From<kiln_core::Error> for Error {
     }
 }
 
+impl Error {
+    /// The text a caller may read: a registry failure's public text (no locations), else
+    /// the error's own.
+    pub fn public_text(&self) -> String {
+        match self {
+            Error::Registry(e) => e.public_text(),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         use tonic::Status;

@@ -90,7 +90,7 @@ pub(super) async fn load_version(
         Err(e) => {
             lock(&state.load_seconds)[1].observe(started.elapsed().as_secs_f64());
             span.in_scope(|| tracing::warn!(version = %key, error = %e, "model failed to load"));
-            set_loaded(state, key, LoadState::Failed, e.to_string());
+            set_loaded(state, key, LoadState::Failed, e.public_text());
             Err(e)
         }
     }
