@@ -109,49 +109,49 @@ pub(crate) struct Shared {
     ready: AtomicBool,
 }
 
+/// Whether `response` answers gRPC status `code` with a message containing `text`.
+fn answers<B>(response: &http::Response<B>, code: &[u8], text: &str) -> bool {
+    let headers = response.headers();
+    headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == code)
+        && headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| m.replace("%20", " ").contains(text))
+}
+
+/// Set `response`'s gRPC status to `code` with `message`.
+fn answer_with<B>(response: &mut http::Response<B>, code: &'static str, message: &str) {
+    let headers = response.headers_mut();
+    headers.insert("grpc-status", http::HeaderValue::from_static(code));
+    if let Ok(value) = http::HeaderValue::from_str(message) {
+        headers.insert("grpc-message", value);
+    }
+}
+
 /// Rewrite tonic's "decoded message length too large" (OUT_OF_RANGE, answered before any
 /// handler runs) into RESOURCE_EXHAUSTED with a message that names the limit and its flag.
 fn oversized_is_resource_exhausted<B>(
     mut response: http::Response<B>,
     limit: usize,
 ) -> http::Response<B> {
-    let headers = response.headers_mut();
-    let out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == b"11");
-    let too_large = headers
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
-    if out_of_range && too_large {
+    if answers(&response, b"11", "message length too large") {
         let message = format!(
             "request message larger than the gateway's limit of {limit} bytes (--max-message-mib)"
         );
-        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
-        if let Ok(value) = http::HeaderValue::from_str(&message) {
-            headers.insert("grpc-message", value);
-        }
+        answer_with(&mut response, "8", &message);
     }
     response
 }
 
 /// Rewrite tonic's answer to a call whose `grpc-timeout` ran out (CANCELLED, "Timeout
-/// expired") into DEADLINE_EXCEEDED, the code gRPC gives a passed deadline.
+/// expired") into DEADLINE_EXCEEDED, the code gRPC gives a passed deadline, for the
+/// answers that pass through the layers (tonic's own timer answers outside them: the
+/// services answer a margin ahead of it, see `kiln_rpc::deadline::answer_within`).
 fn expired_is_deadline_exceeded<B>(mut response: http::Response<B>) -> http::Response<B> {
-    let headers = response.headers_mut();
-    let cancelled = headers
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == b"1");
-    let expired = headers
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|m| m.replace("%20", " ").contains("Timeout expired"));
-    if cancelled && expired {
-        headers.insert("grpc-status", http::HeaderValue::from_static("4"));
-        headers.insert(
-            "grpc-message",
-            http::HeaderValue::from_static("the deadline passed before the answer"),
-        );
+    if answers(&response, b"1", "Timeout expired") {
+        answer_with(&mut response, "4", "the deadline passed before the answer");
     }
     response
 }

@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock, Weak};
 use kiln_core::records::{LoadState, VersionKey};
 use kiln_telemetry::metrics::{Collector, DescriptorEncoder, Families, Labels};
 
+use crate::batcher::Batcher;
 use crate::node::{State, lock};
 
 /// The metrics of the workers added to it (see the module docs).
@@ -52,6 +53,32 @@ impl WorkerMetrics {
         let mut live: Vec<Arc<State>> = workers.iter().filter_map(Weak::upgrade).collect();
         live.sort_by(|a, b| a.id.cmp(&b.id));
         live
+    }
+
+    /// One sample per version each worker serves, of `value` of its batcher, labelled by
+    /// model and version (in order).
+    fn per_version(
+        &self,
+        workers: &[Arc<State>],
+        value: impl Fn(&Batcher) -> u64,
+    ) -> Vec<(Labels, u64)> {
+        workers
+            .iter()
+            .flat_map(|w| {
+                let served = w.served.read().unwrap_or_else(|p| p.into_inner());
+                let mut keys: Vec<&VersionKey> = served.keys().collect();
+                keys.sort();
+                keys.into_iter()
+                    .map(|key| {
+                        let labels = vec![
+                            ("model", key.model.clone()),
+                            ("version", key.version.to_string()),
+                        ];
+                        (self.labels(w, labels), value(&served[key].batcher))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// The labels of a sample of `state`'s, before `more`.
@@ -105,41 +132,12 @@ impl Collector for WorkerMetrics {
             "kiln_worker_rows_computed",
             "Rows a version's batches gave the engine (requests dropped for their deadline, \
              or whose caller left, before compute are not counted).",
-            workers.iter().flat_map(|w| {
-                let served = w.served.read().unwrap_or_else(|p| p.into_inner());
-                let mut keys: Vec<&VersionKey> = served.keys().collect();
-                keys.sort();
-                keys.into_iter()
-                    .map(|key| {
-                        let labels = vec![
-                            ("model", key.model.clone()),
-                            ("version", key.version.to_string()),
-                        ];
-                        (self.labels(w, labels), served[key].batcher.rows_computed())
-                    })
-                    .collect::<Vec<_>>()
-            }),
+            self.per_version(&workers, Batcher::rows_computed),
         )?;
         f.gauge(
             "kiln_worker_queue_depth",
             "Requests waiting in a version's batcher.",
-            workers.iter().flat_map(|w| {
-                let served = w.served.read().unwrap_or_else(|p| p.into_inner());
-                let mut keys: Vec<&VersionKey> = served.keys().collect();
-                keys.sort();
-                keys.into_iter()
-                    .map(|key| {
-                        let labels = vec![
-                            ("model", key.model.clone()),
-                            ("version", key.version.to_string()),
-                        ];
-                        (
-                            self.labels(w, labels),
-                            served[key].batcher.queue_depth() as u64,
-                        )
-                    })
-                    .collect::<Vec<_>>()
-            }),
+            self.per_version(&workers, |b| b.queue_depth() as u64),
         )?;
         f.gauge(
             "kiln_worker_training_runs",
