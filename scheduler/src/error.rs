@@ -136,8 +136,8 @@ mod tests {
             (Error::cancelled("cancelled by request"), Code::Cancelled),
             (Error::data_loss("dataset gone"), Code::DataLoss),
             (
-                Error::internal("a replica answered out of turn"),
-                Code::Internal,
+                Error::Limit("the dataset has 11 rows; at most 10 are allowed".into()),
+                Code::ResourceExhausted,
             ),
             (
                 Error::Worker(Status::resource_exhausted("queue full")),
@@ -150,6 +150,11 @@ mod tests {
             let status = Status::from(error);
             assert_eq!((status.code(), status.message()), (code, text.as_str()));
         }
+        // Internal failures keep their details in the log.
+        let internal = Status::from(Error::internal("replica w-3 at 10.1.2.3:8101 out of turn"));
+        assert_eq!(internal.code(), Code::Internal);
+        assert!(internal.message().contains("scheduler's log"));
+        assert!(!internal.message().contains("10.1.2.3"));
         let hidden = Error::from(kiln_registry::Error::Etcd("10.1.2.3:2379 refused".into()));
         assert_eq!(hidden.code(), Code::Unavailable);
         assert!(!Status::from(hidden).message().contains("10.1.2.3"));

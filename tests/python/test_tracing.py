@@ -91,6 +91,10 @@ def test_a_traceparent_from_the_client_continues_through_gateway_worker_and_batc
         ("kiln-gateway", infer_rpc), ("kiln-gateway", worker_rpc),
         ("kiln-worker", worker_rpc), ("kiln-worker", "queue wait"), ("kiln-worker", "batch")})
 
+    # The caller's bearer token is in no span (it is checked and dropped before the call
+    # reaches anything that records).
+    assert traced.token not in repr(spans)
+    assert not any(traced.token in str(v) for s in spans for v in s.attributes.values())
     # The gateway's request span continues the caller's span, with the RPC conventions.
     gateway = one([s for s in spans if s.kind == "SERVER"], "kiln-gateway", infer_rpc)
     assert gateway.parent_span_id == caller
