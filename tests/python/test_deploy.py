@@ -138,3 +138,78 @@ def test_every_flag_and_variable_the_manifests_use_exists(rendered):
                     assert f"env: {name}=" in text, f"kiln {subcommand} does not read {name}"
                 checked.add(subcommand)
     assert checked == {"scheduler", "worker", "gateway"}
+
+
+@pytest.mark.skipif(__import__("shutil").which("etcd") is None, reason="etcd is not installed")
+def test_the_process_graph_the_manifests_describe_serves_and_survives_its_leader(rendered,
+                                                                                tmp_path):
+    """The cpu overlay's workloads as local processes: each replica of the schedulers,
+    workers and gateways runs the container's args with the ConfigMap as its environment
+    (and its own HOSTNAME, as a pod has); etcd and the artifact store are local ones."""
+    import json
+    import time
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from conftest import Multi, wait_ready
+
+    docs = rendered["cpu"]
+    config = next(d["data"] for d in docs if d["kind"] == "ConfigMap")
+    local = {k: v for k, v in config.items()
+             if k not in ("KILN_ETCD", "KILN_ARTIFACTS") and not k.startswith("OTEL_")}
+    local["KILN_METRICS_ADDR"] = "127.0.0.1:0"
+    local["HOME"] = local["XDG_CACHE_HOME"] = str(tmp_path)
+    m = Multi(tmp_path)
+    try:
+        m.env.pop("KILN_LEASE_TTL_SECS")  # the ConfigMap's own
+        order = ["kiln-scheduler", "kiln-worker", "kiln-gateway"]
+        workloads = sorted((d for d in docs if d["kind"] in WORKLOADS
+                            and d["metadata"]["name"] in order),
+                           key=lambda d: order.index(d["metadata"]["name"]))
+        gateways = []
+        for d in workloads:
+            (c,) = containers(d)
+            args = list(c["args"])
+            at = args.index("--listen")
+            del args[at:at + 2]  # the test listens on loopback ports of its own
+            env = {**local, **{e["name"]: e["value"] for e in c.get("env", [])
+                               if "value" in e and "$(" not in e["value"]}}
+            if "--device" in args:
+                args[args.index("--device") + 1] = os.environ.get("KILN_TEST_DEVICE", "cpu")
+            for i in range(d["spec"]["replicas"]):
+                pod = f"{d['metadata']['name']}-{i}"
+                addr = m.start(pod, *args, env={**env, "HOSTNAME": pod})
+                if args[0] == "gateway":
+                    gateways.append(addr)
+        assert len(gateways) == 2
+        (tmp_path / "m.json").write_text(json.dumps({"name": "m", "spec": {"mlp": {
+            "input_width": 10, "hidden": [8], "output_width": 1, "task": "regression"}}}))
+        m.gateway = gateways[0]
+        m.kiln("models", "create", "--spec", str(tmp_path / "m.json"), "--seed", "1")
+        x = grpcclient.InferInput("input", [2, 10], "FP32")
+        x.set_data_from_numpy(np.ones((2, 10), np.float32))
+        answers = []
+        for g in gateways:
+            client = m.triton(g)
+            wait_ready(client, "m")
+            answers.append(client.infer("m", [x]).as_numpy("output"))
+        np.testing.assert_array_equal(answers[0], answers[1])
+
+        # The leading scheduler goes; the other takes the lead and places a new version.
+        leader = m.records("leader/scheduler")[0]["id"]
+        assert leader in ("scheduler-kiln-scheduler-0", "scheduler-kiln-scheduler-1"), leader
+        m.kill(leader.removeprefix("scheduler-"))
+        deadline = time.monotonic() + 60
+        while not any(r["id"] != leader for r in m.records("leader/scheduler")):
+            assert time.monotonic() < deadline, "no scheduler took the lead"
+            time.sleep(0.2)
+        m.kiln("models", "create", "--spec", str(tmp_path / "m.json"), "--seed", "2")
+        client = m.triton(gateways[1])
+        deadline = time.monotonic() + 60
+        while not client.is_model_ready("m", "2"):
+            assert time.monotonic() < deadline, "the new leader never placed version 2"
+            time.sleep(0.2)
+        assert client.infer("m", [x], model_version="2").as_numpy("output").shape == (2, 1)
+    finally:
+        m.stop()
