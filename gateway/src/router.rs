@@ -279,7 +279,18 @@ impl Router {
                 inputs: inputs.clone(),
             });
             request.set_timeout(remaining);
-            match client.infer(request).await {
+            // The deadline is kept here too: a worker in this process (`kiln up`) is called
+            // without a server in between to enforce it. Dropping the call at the deadline
+            // tells the worker's batcher its caller left, so it never computes the rows.
+            let called = match tokio::time::timeout(remaining, client.infer(request)).await {
+                Ok(called) => called,
+                Err(_) => {
+                    return Err(Error::DeadlineExceeded(
+                        "the deadline passed before the model answered".into(),
+                    ));
+                }
+            };
+            match called {
                 Ok(response) => {
                     let response = response.into_inner();
                     guard
