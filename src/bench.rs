@@ -216,15 +216,9 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<Cell>> {
         .and_then(|t| t.created.clone())
         .context("the benchmark cluster made no admin token")?;
     let channel = kiln_rpc::channel::connect(&cluster.addr.to_string()).await?;
-    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
     let oip = GrpcInferenceServiceClient::with_interceptor(
         channel,
-        move |mut request: tonic::Request<()>| {
-            request
-                .metadata_mut()
-                .insert("authorization", header.clone());
-            Ok(request)
-        },
+        crate::client::Bearer::new(Some(&token))?,
     );
     // Wait for every model, then find the worker's own address for the direct path.
     let mut names = vec![model_name(true, 0)];

@@ -68,6 +68,20 @@ pub fn token_from(explicit: Option<String>, data_dir: &Path) -> Option<String> {
 #[derive(Clone)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
 
+impl Bearer {
+    /// Send `token` (none: calls go without one).
+    pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
+        let header = token
+            .map(|t| {
+                MetadataValue::try_from(format!("Bearer {t}")).map_err(|_| {
+                    anyhow::anyhow!("the token (--token, KILN_TOKEN) is not printable ASCII")
+                })
+            })
+            .transpose()?;
+        Ok(Self(header))
+    }
+}
+
 impl Interceptor for Bearer {
     fn call(
         &mut self,
@@ -101,14 +115,7 @@ pub(crate) async fn channel(addr: &str) -> anyhow::Result<Conn> {
             other => other.into(),
         })?;
     let token = CREDENTIALS.get().and_then(|c| c.token.as_deref());
-    let header =
-        match token {
-            Some(token) => Some(MetadataValue::try_from(format!("Bearer {token}")).map_err(
-                |_| anyhow::anyhow!("the token (--token, KILN_TOKEN) is not printable ASCII"),
-            )?),
-            None => None,
-        };
-    Ok(InterceptedService::new(channel, Bearer(header)))
+    Ok(InterceptedService::new(channel, Bearer::new(token)?))
 }
 
 /// A gRPC error as the CLI prints it: the code, then the server's message (and, when the

@@ -86,22 +86,27 @@ fn read_file(path: &std::path::Path, flag: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 impl TlsFlags {
-    fn pair(&self, cert: &str, key: &str) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
-        let (c, k) = if cert == "--tls-cert" {
-            (&self.tls_cert, &self.tls_key)
-        } else {
-            (&self.etcd_cert, &self.etcd_key)
-        };
-        match (c, k) {
+    /// A certificate and its key, given together or not at all.
+    fn pair(
+        cert: &Option<PathBuf>,
+        key: &Option<PathBuf>,
+        names: (&str, &str),
+    ) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
+        match (cert, key) {
             (Some(c), Some(k)) => Ok(Some((c.clone(), k.clone()))),
             (None, None) => Ok(None),
-            _ => anyhow::bail!("{cert} and {key} go together"),
+            _ => anyhow::bail!("{} and {} go together", names.0, names.1),
         }
+    }
+
+    /// This process's certificate and key.
+    fn identity(&self) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
+        Self::pair(&self.tls_cert, &self.tls_key, ("--tls-cert", "--tls-key"))
     }
 
     /// The listener's TLS, when a certificate is given.
     fn server(&self) -> anyhow::Result<Option<kiln_rpc::tls::ServerTlsFiles>> {
-        match self.pair("--tls-cert", "--tls-key")? {
+        match self.identity()? {
             Some((cert, key)) => Ok(Some(kiln_rpc::tls::ServerTlsFiles {
                 cert,
                 key,
@@ -118,7 +123,7 @@ impl TlsFlags {
 
     /// Make every channel of this process TLS, when a CA is given.
     fn install_client(&self) -> anyhow::Result<()> {
-        let identity = self.pair("--tls-cert", "--tls-key")?;
+        let identity = self.identity()?;
         if let Some(ca) = &self.tls_ca {
             kiln_rpc::tls::set_client(&kiln_rpc::tls::ClientTlsFiles {
                 ca: ca.clone(),
@@ -133,7 +138,11 @@ impl TlsFlags {
 
     /// TLS to etcd, when its CA is given.
     fn etcd(&self) -> anyhow::Result<Option<kiln_registry::EtcdTls>> {
-        let identity = self.pair("--etcd-cert", "--etcd-key")?;
+        let identity = Self::pair(
+            &self.etcd_cert,
+            &self.etcd_key,
+            ("--etcd-cert", "--etcd-key"),
+        )?;
         let Some(ca) = &self.etcd_ca else {
             if identity.is_some() {
                 anyhow::bail!("--etcd-cert needs --etcd-ca");
