@@ -145,17 +145,6 @@ fn oversized_is_resource_exhausted<B>(
     response
 }
 
-/// Rewrite tonic's answer to a call whose `grpc-timeout` ran out (CANCELLED, "Timeout
-/// expired") into DEADLINE_EXCEEDED, the code gRPC gives a passed deadline, for the
-/// answers that pass through the layers (tonic's own timer answers outside them: the
-/// services answer a margin ahead of it, see `kiln_rpc::deadline::answer_within`).
-fn expired_is_deadline_exceeded<B>(mut response: http::Response<B>) -> http::Response<B> {
-    if answers(&response, b"1", "Timeout expired") {
-        answer_with(&mut response, "4", "the deadline passed before the answer");
-    }
-    response
-}
-
 /// Serve the public services on `listener` until `shutdown` resolves, then drain in-flight
 /// calls and return.
 pub async fn serve(
@@ -251,7 +240,7 @@ pub async fn serve(
         // tonic refuses an oversized request with OUT_OF_RANGE; the protocol (and Triton)
         // answer RESOURCE_EXHAUSTED, naming the limit.
         .layer(tower::util::MapResponseLayer::new(move |response| {
-            expired_is_deadline_exceeded(oversized_is_resource_exhausted(response, limit))
+            oversized_is_resource_exhausted(response, limit)
         }))
         // Token and role, before any handler reads the request.
         .layer(auth::AuthLayer::new(
