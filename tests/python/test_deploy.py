@@ -2,9 +2,13 @@
 overlay: valid against the Kubernetes API schemas, following the operating policy
 (probes, resources, non-root, read-only root filesystem, disruption budgets, GPUs only for
 GPU workers), and using only `kiln` subcommands, flags and KILN_* variables that exist in
-the built binary."""
+the built binary. The autoscaling components: the KEDA ScaledObject valid against KEDA's
+CRD schema, the worker HPA against Kubernetes', scale-down paced for drains, and both
+queries evaluated by a real Prometheus over a real worker's metrics. The image:
+deploy/Dockerfile's stages, user and runtime libraries."""
 
 import copy
+import json
 import os
 import pathlib
 import subprocess
@@ -26,7 +30,11 @@ WORKLOADS = ("Deployment", "StatefulSet")
 
 
 def render(overlay):
-    out = subprocess.run([KUBECTL, "kustomize", str(DEPLOY / "overlays" / overlay)],
+    return render_dir(DEPLOY / "overlays" / overlay)
+
+
+def render_dir(directory):
+    out = subprocess.run([KUBECTL, "kustomize", str(directory)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
@@ -213,3 +221,313 @@ def test_the_process_graph_the_manifests_describe_serves_and_survives_its_leader
         assert client.infer("m", [x], model_version="2").as_numpy("output").shape == (2, 1)
     finally:
         m.stop()
+
+
+# Autoscaling: the components an overlay adds (deploy/kubernetes/components).
+
+COMPONENTS = DEPLOY / "components"
+# The prometheus trigger's parameters, as KEDA documents them (keda.sh/docs/scalers/prometheus);
+# the CRD types trigger metadata as a map of strings, so its schema cannot catch a typo here.
+PROMETHEUS_TRIGGER = {"serverAddress", "query", "threshold", "activationThreshold", "namespace",
+                      "customHeaders", "ignoreNullValues", "queryParameters", "unsafeSsl",
+                      "timeout", "authModes"}
+
+
+@pytest.fixture(scope="module")
+def autoscaled(tmp_path_factory):
+    """The cpu overlay with both autoscaling components, rendered as an overlay of a user's
+    would be (kustomize takes only relative paths to other kustomizations)."""
+    where = tmp_path_factory.mktemp("autoscaled")
+    up = os.path.relpath(DEPLOY, where)
+    (where / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [f"{up}/overlays/cpu"],
+        "components": [f"{up}/components/keda", f"{up}/components/worker-hpa"]}))
+    docs = render_dir(where)
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+    return by_kind
+
+
+def unknown_fields(model, data, path=()):
+    """The paths in `data` that `model` (pydantic, generated from a CRD's openAPIV3Schema)
+    has no field for: the API server would refuse them under kubectl's strict field
+    validation; pydantic alone ignores them."""
+    import types
+    import typing
+
+    import pydantic
+
+    origin, args = typing.get_origin(model), typing.get_args(model)
+    if origin is typing.Annotated:
+        return unknown_fields(args[0], data, path)
+    if origin in (typing.Union, types.UnionType):
+        options = [unknown_fields(a, data, path) for a in args if a is not type(None)]
+        return min(options, key=len) if options else []
+    if origin is list and isinstance(data, list):
+        return [p for i, item in enumerate(data) for p in unknown_fields(args[0], item, path + (i,))]
+    if origin is dict and isinstance(data, dict):
+        return [p for k, v in data.items() for p in unknown_fields(args[1], v, path + (k,))]
+    if isinstance(model, type) and issubclass(model, pydantic.RootModel):
+        return unknown_fields(model.model_fields["root"].annotation, data, path)
+    if isinstance(model, type) and issubclass(model, pydantic.BaseModel) and isinstance(data, dict):
+        fields = {(f.alias or name): f for name, f in model.model_fields.items()}
+        return [p for k, v in data.items()
+                for p in ([path + (k,)] if k not in fields
+                          else unknown_fields(fields[k].annotation, v, path + (k,)))]
+    return []
+
+
+def validate_scaled_object(doc):
+    """Validate against KEDA 2.16's ScaledObject schema (cloudcoil-models-keda), strictly."""
+    from cloudcoil.models.keda import v1alpha1 as keda
+
+    keda.ScaledObject.model_validate(doc)
+    extra = unknown_fields(keda.ScaledObject, doc)
+    assert not extra, f"fields KEDA's ScaledObject does not have: {extra}"
+
+
+def test_the_scaled_object_validates_against_kedas_crd_schema(autoscaled):
+    (so,) = autoscaled["ScaledObject"].values()
+    validate_scaled_object(so)
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert set(trigger["metadata"]) <= PROMETHEUS_TRIGGER, set(trigger["metadata"])
+    assert {"serverAddress", "query", "threshold"} <= set(trigger["metadata"])
+    float(trigger["metadata"]["threshold"])
+    # Per worker: KEDA divides the query's value by the replicas running.
+    assert trigger["metricType"] == "AverageValue"
+    target = so["spec"]["scaleTargetRef"]
+    assert target["name"] in autoscaled[target["kind"]], target
+    assert 1 <= so["spec"]["minReplicaCount"] < so["spec"]["maxReplicaCount"]
+
+
+def test_the_keda_schema_check_catches_mistakes(autoscaled):
+    import pydantic
+
+    (so,) = autoscaled["ScaledObject"].values()
+    typo = copy.deepcopy(so)
+    typo["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behaviour"] = typo["spec"][
+        "advanced"]["horizontalPodAutoscalerConfig"].pop("behavior")
+    with pytest.raises(AssertionError, match="behaviour"):
+        validate_scaled_object(typo)
+    wrong = copy.deepcopy(so)
+    wrong["spec"]["maxReplicaCount"] = "ten"
+    with pytest.raises(pydantic.ValidationError):
+        validate_scaled_object(wrong)
+    missing = copy.deepcopy(so)
+    del missing["spec"]["scaleTargetRef"]["name"]
+    with pytest.raises(pydantic.ValidationError):
+        validate_scaled_object(missing)
+
+
+def test_the_worker_hpa_validates_and_asks_for_the_adapters_metric(autoscaled):
+    hpa = autoscaled["HorizontalPodAutoscaler"]["kiln-worker"]
+    kubernetes_validate.validate(hpa, KUBERNETES, strict=True)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "External" and metric["external"]["target"]["type"] == "AverageValue"
+    rules = yaml.safe_load((COMPONENTS / "worker-hpa" / "prometheus-adapter-rules.yaml").read_text())
+    served = {r["name"]["as"] for r in rules["externalRules"]}
+    assert metric["external"]["metric"]["name"] in served
+    target = hpa["spec"]["scaleTargetRef"]
+    assert target["name"] in autoscaled[target["kind"]], target
+
+
+def test_scaling_down_goes_one_drained_worker_at_a_time(autoscaled):
+    """Work is not lost when the autoscaler removes workers: each one removed drains within
+    its grace period, and the next goes only after the placement controller has had time to
+    reload the versions it held elsewhere."""
+    worker = autoscaled["StatefulSet"]["kiln-worker"]
+    grace = worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    (so,) = autoscaled["ScaledObject"].values()
+    behaviors = [so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"],
+                 autoscaled["HorizontalPodAutoscaler"]["kiln-worker"]["spec"]["behavior"]]
+    for behavior in behaviors:
+        down = behavior["scaleDown"]
+        assert down["stabilizationWindowSeconds"] >= 60, down
+        assert down["selectPolicy"] == "Min", down
+        for policy in down["policies"]:
+            assert policy["type"] == "Pods" and policy["value"] == 1, policy
+            assert policy["periodSeconds"] > grace, (policy, grace)
+    assert so["spec"]["minReplicaCount"] >= 1  # never to zero: models stay loaded
+
+
+PROMETHEUS = os.environ.get("KILN_PROMETHEUS", "/var/tmp/kiln-prometheus/prometheus")
+
+
+@pytest.mark.skipif(not os.access(PROMETHEUS, os.X_OK),
+                    reason="no Prometheus binary (scripts/test.sh installs one: kiln_prometheus)")
+def test_the_autoscaling_queries_follow_a_real_workers_queue(autoscaled, tmp_path):
+    """Prometheus scrapes a worker (labelled as deploy/observability's scrape config labels
+    a pod); the KEDA trigger's query and the prometheus-adapter rule's query, exactly as
+    written, read 0 when idle and rise past the threshold while requests queue."""
+    import threading
+    import time
+    import urllib.parse
+    import urllib.request
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from conftest import Cluster, free_port
+
+    c = Cluster(tmp_path / "kiln", workers=1)
+    c.data_dir.mkdir()
+    metrics = f"127.0.0.1:{free_port()}"
+    c.extra = ["--metrics-addr", metrics]
+    c.start()
+    web = f"127.0.0.1:{free_port()}"
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "kiln", "static_configs": [{
+            "targets": [metrics],
+            "labels": {"namespace": "kiln", "pod": "kiln-worker-0", "component": "kiln-worker"},
+        }]}]}))
+    prometheus = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={web}"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+    stop = threading.Event()
+    try:
+        (so,) = autoscaled["ScaledObject"].values()
+        trigger = so["spec"]["triggers"][0]["metadata"]
+        keda_query, threshold = trigger["query"], float(trigger["threshold"])
+        rule = yaml.safe_load((COMPONENTS / "worker-hpa" / "prometheus-adapter-rules.yaml")
+                              .read_text())["externalRules"][0]
+        series = rule["name"]["as"]
+
+        def adapter_query(namespace):
+            # What the adapter sends for an HPA in `namespace` (its template filled in).
+            return (rule["metricsQuery"].replace("<<.Series>>", series)
+                    .replace("<<.LabelMatchers>>", f'namespace="{namespace}"'))
+
+        def query(q):
+            url = f"http://{web}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+            body = json.loads(urllib.request.urlopen(url, timeout=5).read())
+            assert body["status"] == "success", body
+            return [float(r["value"][1]) for r in body["data"]["result"]]
+
+        def eventually(q, ok, what, timeout=30):
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    values = query(q)
+                except OSError:
+                    values = None
+                if values is not None and ok(values):
+                    return values
+                assert time.monotonic() < deadline, f"{what}: {q} gave {values}"
+                time.sleep(0.5)
+
+        # A model whose batches wait 300 ms to fill: every caller's request queues.
+        (tmp_path / "m.json").write_text(json.dumps({"name": "m", "spec": {"mlp": {
+            "input_width": 4, "hidden": [8], "output_width": 1, "task": "regression"}}}))
+        c.kiln("models", "create", "--spec", str(tmp_path / "m.json"), "--seed", "1")
+        c.kiln("models", "deploy", "m", "--max-batch-size", "64", "--max-queue-delay-us", "300000")
+        client = c.triton()
+        from conftest import wait_ready
+        wait_ready(client, "m")
+        client.unload_model("m")
+        client.load_model("m")
+        wait_ready(client, "m")
+
+        # Idle: one sample, 0 (a series even with nothing queued, so that KEDA's
+        # ignoreNullValues=false reads a broken scrape as a failure, not an empty queue).
+        assert eventually(keda_query, lambda v: v == [0.0], "idle") == [0.0]
+        assert query(adapter_query("kiln")) == [0.0]
+        assert query(adapter_query("elsewhere")) == [], "the adapter's namespace matcher"
+
+        def caller():
+            x = grpcclient.InferInput("input", [1, 4], "FP32")
+            x.set_data_from_numpy(np.ones((1, 4), np.float32))
+            own = c.triton()
+            while not stop.is_set():
+                own.infer("m", [x], client_timeout=10)
+
+        callers = [threading.Thread(target=caller, daemon=True) for _ in range(32)]
+        for t in callers:
+            t.start()
+        # 32 callers, each request queued ~300 ms: about 32 queued on one worker, so the
+        # per-worker value (KEDA and the HPA divide by the replicas, here 1) passes 8.
+        (busy,) = eventually(keda_query, lambda v: v and v[0] > threshold, "under load")
+        (adapter,) = eventually(adapter_query("kiln"), lambda v: v and v[0] > threshold,
+                                "adapter under load")
+        assert busy <= 32 and adapter <= 32, (busy, adapter)
+        stop.set()
+        for t in callers:
+            t.join(timeout=15)
+        # The queue empties as soon as the callers stop.
+        eventually(series, lambda v: v == [0.0], "after the load", timeout=15)
+    finally:
+        stop.set()
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
+        c.stop()
+
+
+# The image.
+
+DOCKERFILE = DEPLOY.parent / "Dockerfile"
+
+
+@pytest.fixture(scope="module")
+def dockerfile():
+    from dockerfile_parse import DockerfileParser
+
+    parser = DockerfileParser(fileobj=open(DOCKERFILE, "rb"))
+    stages, current = [], None
+    for instruction in parser.structure:
+        if instruction["instruction"] == "FROM":
+            current = {"from": instruction["value"], "steps": []}
+            stages.append(current)
+        elif current is not None:
+            current["steps"].append((instruction["instruction"], instruction["value"]))
+    return stages
+
+
+def steps(stage, name):
+    return [value for instruction, value in stage["steps"] if instruction == name]
+
+
+def test_the_image_builds_the_release_binary_in_its_own_stage(dockerfile):
+    build, runtime = dockerfile
+    image, _, alias = build["from"].partition(" AS ")
+    assert alias.strip() == "build"
+    # The build stage's Rust is at least the workspace's floor.
+    cargo = (DEPLOY.parents[1] / "Cargo.toml").read_text()
+    floor = next(line.split('"')[1] for line in cargo.splitlines()
+                 if line.startswith("rust-version"))
+    version = image.split(":")[1].split("-")[0]
+    assert tuple(map(int, version.split("."))) >= tuple(map(int, floor.split("."))), (image, floor)
+    runs = " ".join(steps(build, "RUN"))
+    assert "cargo build --release --locked --bin kiln" in runs
+    # Only the binary crosses into the runtime stage.
+    assert steps(runtime, "COPY") == ["--from=build /usr/local/bin/kiln /usr/local/bin/kiln"]
+
+
+def test_the_runtime_image_runs_as_the_manifests_user_with_vulkan(dockerfile, rendered):
+    _, runtime = dockerfile
+    user = steps(runtime, "USER")[-1]
+    uid, _, gid = user.partition(":")
+    assert int(uid) != 0 and int(gid) != 0, user
+    # Numeric, so that runAsNonRoot can check it, and the user the pods run as.
+    for docs in rendered.values():
+        for d in (d for d in docs if d["kind"] in WORKLOADS):
+            if any(c["image"].startswith("kiln") for c in containers(d)):
+                assert d["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(uid)
+    installs = " ".join(steps(runtime, "RUN"))
+    for package in ("libvulkan1", "mesa-vulkan-drivers", "ca-certificates"):
+        assert package in installs, package
+    assert json.loads(steps(runtime, "ENTRYPOINT")[-1]) == ["kiln"]
+
+
+def test_the_binary_needs_no_library_the_runtime_image_lacks():
+    """The release binary links only what Debian slim has (libc, libm, libgcc_s); Vulkan is
+    opened at run time (libvulkan1 in the image). A new linked library would build here and
+    fail in the image."""
+    out = subprocess.run(["readelf", "-d", KILN], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    needed = {line.split("[")[1].rstrip("]") for line in out.stdout.splitlines() if "NEEDED" in line}
+    assert needed <= {"libc.so.6", "libm.so.6", "libgcc_s.so.1", "ld-linux-x86-64.so.2",
+                      "libdl.so.2", "libpthread.so.0", "librt.so.1"}, needed

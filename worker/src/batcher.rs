@@ -88,7 +88,7 @@ impl Batcher {
         }
     }
 
-    /// Requests waiting right now.
+    /// Requests waiting right now: queued, or in a batch that has not yet gone to the engine.
     pub fn queue_depth(&self) -> usize {
         self.depth.load(Ordering::Relaxed)
     }
@@ -169,14 +169,17 @@ impl Batcher {
             reply,
             trace,
         };
-        match self.tx.try_send(pending) {
-            Ok(()) => {
-                self.depth.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                return Err(Error::QueueFull(self.settings.max_queue_size));
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::EngineStopped),
+        // Counted before it is sent, so that the batcher never takes it off an uncounted
+        // depth; taken back if it was not queued.
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.tx.try_send(pending) {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+            return Err(match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    Error::QueueFull(self.settings.max_queue_size)
+                }
+                mpsc::error::TrySendError::Closed(_) => Error::EngineStopped,
+            });
         }
         Ok(async move { rx.await.map_err(|_| Error::EngineStopped)? })
     }
@@ -198,10 +201,7 @@ async fn run(
         let first = match carry.take() {
             Some(p) => p,
             None => match rx.recv().await {
-                Some(p) => {
-                    depth.fetch_sub(1, Ordering::Relaxed);
-                    p
-                }
+                Some(p) => p,
                 None => return,
             },
         };
@@ -224,7 +224,6 @@ async fn run(
                 }
             };
             let Some(p) = next else { break };
-            depth.fetch_sub(1, Ordering::Relaxed);
             if rows + p.rows > max_rows || !joinable(&batch[0], &p) {
                 carry = Some(p);
                 break;
@@ -233,6 +232,9 @@ async fn run(
             batch.push(p);
         }
 
+        // A request waits (and counts in the depth) until its batch leaves for the engine:
+        // those gathered while the batch fills, and one carried over to the next, too.
+        depth.fetch_sub(batch.len(), Ordering::Relaxed);
         let now = Instant::now();
         queue_waits(&batch, now);
         // Callers whose deadline passed, or who left, are dropped before compute.
@@ -531,6 +533,43 @@ mod tests {
                 i as f32 * 10.0 + 1.0,
                 "caller {i} got someone else's row"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_in_a_filling_batch_count_as_queued_until_it_leaves() {
+        // A batch that waits up to 2 s to fill (it never does: 3 rows of 16).
+        let (engine, mut commands) = EngineHandle::detached();
+        let settings = BatchingSettings {
+            max_batch_size: 16,
+            max_queue_delay_us: 2_000_000,
+            max_queue_size: 64,
+        };
+        let batcher = Batcher::spawn(key(), settings, engine);
+        let waiting: Vec<_> = (0..3)
+            .map(|_| {
+                let b = batcher.clone();
+                tokio::spawn(async move { b.infer(rows(1), 1, None).await })
+            })
+            .collect();
+        let all_counted = async {
+            while batcher.queue_depth() < 3 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(1), all_counted)
+            .await
+            .expect("the three requests never all counted");
+        // The batcher has taken them off its channel to fill the batch; they still wait,
+        // and still count (an autoscaler's signal).
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(batcher.queue_depth(), 3);
+        }
+        assert_eq!(answer(&mut commands).await, 3);
+        assert_eq!(batcher.queue_depth(), 0);
+        for task in waiting {
+            task.await.unwrap().unwrap();
         }
     }
 

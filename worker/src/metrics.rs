@@ -1,4 +1,5 @@
-//! The worker's Prometheus metrics: registration, memory, versions by state, queue depth,
+//! The worker's Prometheus metrics: registration, memory, versions by state, queue depth
+//! (per version, and the worker's total for autoscaling),
 //! training runs, device, weights, resident memory and model-load times.
 //!
 //! One [`WorkerMetrics`] describes the workers added to it when scraped. A worker process
@@ -140,6 +141,12 @@ impl Collector for WorkerMetrics {
             self.per_version(&workers, |b| b.queue_depth() as u64),
         )?;
         f.gauge(
+            "kiln_worker_queued_requests",
+            "Requests waiting on this worker: in its versions' batchers, and generations \
+             waiting for a cache slot (the autoscaling signal).",
+            each(queued_requests),
+        )?;
+        f.gauge(
             "kiln_worker_training_runs",
             "Training runs in progress on this worker.",
             each(|w| {
@@ -249,6 +256,23 @@ impl Collector for WorkerMetrics {
                 }),
         )
     }
+}
+
+/// Requests waiting on `state`'s worker, over every version it serves: rows queued in a
+/// batcher and generations waiting for a cache slot. Always present (0 on an idle or empty
+/// worker), so that an autoscaler's query never finds no series.
+fn queued_requests(state: &State) -> u64 {
+    let served = state.served.read().unwrap_or_else(|p| p.into_inner());
+    served
+        .iter()
+        .map(|(key, s)| {
+            let generations = match s.spec {
+                kiln_core::spec::ModelSpec::Llama(_) => state.engine.generation_stats(key).waiting,
+                _ => 0,
+            };
+            s.batcher.queue_depth() as u64 + generations as u64
+        })
+        .sum()
 }
 
 /// Histograms of a worker's generations: time to first token, between tokens, queued.
