@@ -111,6 +111,7 @@ async fn prepare(dir: &std::path::Path, batches: &[usize], hidden: &[u32]) -> an
                 batching,
                 device: Default::default(),
                 shard_rows: None,
+                avoid_training: None,
             })
             .await?;
         registry
@@ -138,13 +139,24 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// What one closed-loop run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    /// Successful requests a second.
+    pub rps: f64,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th-percentile latency.
+    pub p99: Duration,
+    /// The slowest request.
+    pub max: Duration,
+    /// Failed calls.
+    pub errors: u64,
+}
+
 /// Run `call` from `concurrency` callers in a closed loop for `duration`: requests a
-/// second, p50 and p99 latency, and the number of failed calls.
-pub async fn run_cell<F, Fut>(
-    concurrency: usize,
-    duration: Duration,
-    call: F,
-) -> (f64, Duration, Duration, u64)
+/// second, p50, p99 and maximum latency, and the number of failed calls.
+pub async fn run_cell<F, Fut>(concurrency: usize, duration: Duration, call: F) -> Measured
 where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send,
@@ -184,12 +196,13 @@ where
     }
     let elapsed = start.elapsed().as_secs_f64();
     all.sort();
-    (
-        all.len() as f64 / elapsed,
-        percentile(&all, 0.5),
-        percentile(&all, 0.99),
+    Measured {
+        rps: all.len() as f64 / elapsed,
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+        max: all.last().copied().unwrap_or_default(),
         errors,
-    )
+    }
 }
 
 /// Run the benchmark and return every cell.
@@ -205,6 +218,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<Cell>> {
         lease_ttl: Duration::from_secs(10),
         training_limits: Default::default(),
         worker_memory_bytes: 0,
+        training_slice: kiln_worker::DEFAULT_TRAINING_SLICE,
         metrics_addr: None,
         tls: None,
     })
@@ -261,7 +275,13 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<Cell>> {
             let name = model_name(batching, batch);
             for &concurrency in &config.concurrency {
                 for path in ["gateway", "worker"] {
-                    let (rps, p50, p99, errors) = if path == "gateway" {
+                    let Measured {
+                        rps,
+                        p50,
+                        p99,
+                        errors,
+                        ..
+                    } = if path == "gateway" {
                         let client = oip.clone();
                         let request = ModelInferRequest {
                             model_name: name.clone(),
@@ -319,7 +339,13 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<Cell>> {
     // which is what the gateway hop adds at the least.
     for &concurrency in &config.concurrency {
         let client = worker.clone();
-        let (rps, p50, p99, errors) = run_cell(concurrency, config.duration, move || {
+        let Measured {
+            rps,
+            p50,
+            p99,
+            errors,
+            ..
+        } = run_cell(concurrency, config.duration, move || {
             let mut client = client.clone();
             async move { client.status(internal::StatusRequest {}).await.is_ok() }
         })

@@ -269,6 +269,7 @@ pub async fn models_deploy(
     device: &str,
     shard_rows: u32,
     batching: Option<pb::Batching>,
+    avoid_training: Option<bool>,
 ) -> anyhow::Result<pb::Deployment> {
     let device = match device {
         "any" => pb::DeviceClass::Any,
@@ -284,6 +285,7 @@ pub async fn models_deploy(
             device: device as i32,
             shard_rows,
             batching,
+            avoid_training,
         })
         .await
         .map_err(status)?
@@ -373,6 +375,7 @@ pub async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<String> {
                     "adapter": w.adapter,
                     "reachable": w.reachable,
                     "queue_depth": w.queue_depth,
+                    "training_runs": w.training_runs,
                     "versions": w.versions.iter().map(|v| serde_json::json!({
                         "model": v.model,
                         "version": v.version,
@@ -413,8 +416,8 @@ pub async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<String> {
         )
     };
     out.push_str(&format!(
-        "\n{:<16} {:<22} {:<28} {:>5}  VERSIONS\n",
-        "WORKER", "ADDRESS", "DEVICE", "QUEUE"
+        "\n{:<16} {:<22} {:<28} {:>5} {:>8}  VERSIONS\n",
+        "WORKER", "ADDRESS", "DEVICE", "QUEUE", "TRAINING"
     ));
     for w in &s.workers {
         let versions: Vec<String> = w
@@ -428,11 +431,16 @@ pub async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<String> {
             "?".into()
         };
         out.push_str(&format!(
-            "{:<16} {:<22} {:<28} {:>5}  {}\n",
+            "{:<16} {:<22} {:<28} {:>5} {:>8}  {}\n",
             w.id,
             w.address,
             format!("{} ({})", w.backend, w.adapter),
             queue,
+            if w.training_runs == 0 {
+                "-".to_owned()
+            } else {
+                w.training_runs.to_string()
+            },
             if versions.is_empty() {
                 "-".to_owned()
             } else {

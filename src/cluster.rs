@@ -174,6 +174,8 @@ pub struct WorkerArgs {
     pub memory_bytes: u64,
     /// Serve Prometheus metrics here.
     pub metrics_addr: Option<SocketAddr>,
+    /// Slice budget of training runs (zero: whole batches).
+    pub training_slice: Duration,
 }
 
 /// Run a worker until `shutdown`.
@@ -194,6 +196,7 @@ pub async fn worker(
         lease_ttl: cluster.lease_ttl,
         memory_bytes: args.memory_bytes,
         metrics_addr: args.metrics_addr,
+        training_slice: args.training_slice,
     };
     let deps = WorkerDeps {
         registry: c.registry,

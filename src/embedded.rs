@@ -46,6 +46,8 @@ pub struct UpConfig {
     /// Bytes of model weights each worker may hold (0: no limit; the least recently used
     /// versions give way).
     pub worker_memory_bytes: u64,
+    /// The longest a training run holds a worker's device at a time (zero: whole batches).
+    pub training_slice: Duration,
     /// Serve the Prometheus metrics of every part (gateway, workers labelled by id,
     /// scheduler) at `http://ADDR/metrics` (None: not served).
     pub metrics_addr: Option<SocketAddr>,
@@ -210,6 +212,7 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
             lease_ttl: config.lease_ttl,
             memory_bytes: config.worker_memory_bytes,
             metrics_addr: None,
+            training_slice: config.training_slice,
         };
         let deps = WorkerDeps {
             registry: registry.clone(),

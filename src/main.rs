@@ -222,6 +222,11 @@ enum Command {
         /// recently used versions give way.
         #[arg(long, env = "KILN_MODEL_MEMORY_MIB", default_value_t = 0)]
         model_memory_mib: u64,
+        /// Milliseconds a training run may hold the device at a time: each batch is
+        /// trained in slices of about this much compute (gradients accumulate, the trained
+        /// weights are the same), so inference waits at most one slice. 0: whole batches.
+        #[arg(long, env = "KILN_TRAINING_SLICE_MS", default_value_t = kiln_worker::DEFAULT_TRAINING_SLICE.as_millis() as u64)]
+        training_slice_ms: u64,
         /// Write the bound address to this file once listening (for scripts).
         #[arg(long)]
         addr_file: Option<PathBuf>,
@@ -562,6 +567,11 @@ struct UpArgs {
     /// recently used versions give way.
     #[arg(long, env = "KILN_MODEL_MEMORY_MIB", default_value_t = 0)]
     model_memory_mib: u64,
+    /// Milliseconds a training run may hold the device at a time: each batch is
+    /// trained in slices of about this much compute (gradients accumulate, the trained
+    /// weights are the same), so inference waits at most one slice. 0: whole batches.
+    #[arg(long, env = "KILN_TRAINING_SLICE_MS", default_value_t = kiln_worker::DEFAULT_TRAINING_SLICE.as_millis() as u64)]
+    training_slice_ms: u64,
     /// Serve the Prometheus metrics of the gateway, every worker (labelled by id) and the
     /// scheduler at http://ADDR/metrics (off unless given; Triton's port is 8002).
     #[arg(long, env = "KILN_METRICS_ADDR")]
@@ -779,6 +789,10 @@ enum ModelsCommand {
         /// How long a batch's first request waits for more, in microseconds.
         #[arg(long)]
         max_queue_delay_us: Option<u64>,
+        /// Keep replicas off workers that are running training when other eligible
+        /// workers exist (default: on for more than one replica; unchanged when omitted).
+        #[arg(long)]
+        avoid_training: Option<bool>,
         /// Gateway address.
         #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8001")]
         addr: String,
@@ -824,6 +838,7 @@ async fn up(args: UpArgs, server_tls: Option<kiln_rpc::tls::ServerTlsFiles>) -> 
         lease_ttl: Duration::from_secs(10),
         training_limits: args.limits.limits()?,
         worker_memory_bytes: args.model_memory_mib.saturating_mul(1024 * 1024),
+        training_slice: Duration::from_millis(args.training_slice_ms),
         metrics_addr: args.metrics_addr,
         tls: server_tls,
     };
@@ -972,7 +987,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                 };
                 kiln::cluster::scheduler(cluster.config(&tls)?, args, kiln::shutdown_signal()).await
             }
-            Command::Worker { cluster, id, listen, advertise, device, model_memory_mib, addr_file } => {
+            Command::Worker { cluster, id, listen, advertise, device, model_memory_mib, training_slice_ms, addr_file } => {
                 let args = kiln::cluster::WorkerArgs {
                     id: id.unwrap_or_else(|| kiln::cluster::default_id("worker")),
                     listen,
@@ -981,6 +996,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                     addr_file,
                     memory_bytes: model_memory_mib.saturating_mul(1024 * 1024),
                     metrics_addr: cluster.metrics_addr,
+                    training_slice: Duration::from_millis(training_slice_ms),
                 };
                 kiln::cluster::worker(cluster.config(&tls)?, args, kiln::shutdown_signal()).await
             }
@@ -1119,14 +1135,14 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                     kiln::say!("wrote {} version {} to {} ({} bytes, sha256 {})", v.model, v.version, output.display(), v.size_bytes, v.sha256);
                     Ok(())
                 }
-                ModelsCommand::Deploy { model, replicas, device, shard_rows, max_batch_size, max_queue_size, max_queue_delay_us, addr } => {
+                ModelsCommand::Deploy { model, replicas, device, shard_rows, max_batch_size, max_queue_size, max_queue_delay_us, avoid_training, addr } => {
                     let batching = (max_batch_size.is_some() || max_queue_size.is_some() || max_queue_delay_us.is_some())
                         .then(|| kiln_proto::kiln::v1::Batching {
                             max_batch_size: max_batch_size.unwrap_or(64),
                             max_queue_size: max_queue_size.unwrap_or(1024),
                             max_queue_delay_us: max_queue_delay_us.unwrap_or(0),
                         });
-                    let d = client::models_deploy(&addr, &model, replicas, &device, shard_rows, batching).await?;
+                    let d = client::models_deploy(&addr, &model, replicas, &device, shard_rows, batching, avoid_training).await?;
                     let replicas = if d.replicas == 0 { "every eligible worker".to_owned() } else { format!("{} replicas", d.replicas) };
                     let class = match kiln_proto::kiln::v1::DeviceClass::try_from(d.device) {
                         Ok(kiln_proto::kiln::v1::DeviceClass::Gpu) => "gpu",
@@ -1134,6 +1150,9 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                         _ => "any",
                     };
                     kiln::say!("{}: {replicas} of each version, on {class} workers", d.model);
+                    if d.avoid_training {
+                        kiln::say!("  kept off workers that are running training while others can serve it");
+                    }
                     if let Some(b) = d.batching {
                         kiln::say!("  batching: at most {} rows a batch, {} queued requests, {} µs delay", b.max_batch_size, b.max_queue_size, b.max_queue_delay_us);
                     }

@@ -34,6 +34,7 @@ fn config(dir: &Path) -> UpConfig {
         lease_ttl: Duration::from_secs(10),
         training_limits: Default::default(),
         worker_memory_bytes: 0,
+        training_slice: kiln_worker::DEFAULT_TRAINING_SLICE,
         metrics_addr: None,
         tls: None,
     }
@@ -414,6 +415,7 @@ async fn cluster_status_lists_workers_and_where_each_version_serves() {
             device: pb::DeviceClass::Cpu as i32,
             shard_rows: 0,
             batching: None,
+            avoid_training: None,
         })
         .await
         .unwrap();
@@ -459,6 +461,7 @@ async fn cluster_status_lists_workers_and_where_each_version_serves() {
             device: pb::DeviceClass::Gpu as i32,
             shard_rows: 0,
             batching: None,
+            avoid_training: None,
         })
         .await
         .unwrap();
@@ -483,6 +486,7 @@ async fn cluster_status_lists_workers_and_where_each_version_serves() {
             device: 0,
             shard_rows: 0,
             batching: None,
+            avoid_training: None,
         })
         .await
         .unwrap_err();
@@ -502,6 +506,7 @@ async fn a_full_worker_gives_way_to_a_new_version_by_evicting_the_least_recently
         workers: 1,
         // Room for two versions of this size, not three.
         worker_memory_bytes: 2 * size + size / 2,
+        training_slice: kiln_worker::DEFAULT_TRAINING_SLICE,
         metrics_addr: None,
         tls: None,
         // Renewals every second: the worker reports use quickly.

@@ -41,6 +41,7 @@ async fn start_with(dir: &std::path::Path, workers: usize) -> (embedded::Embedde
             max_upload_bytes: 4 * 1024 * 1024,
         },
         worker_memory_bytes: 0,
+        training_slice: kiln_worker::DEFAULT_TRAINING_SLICE,
         metrics_addr: None,
         tls: None,
     })

@@ -96,7 +96,7 @@ pub async fn run_oip(load: OipLoad) -> anyhow::Result<Vec<serde_json::Value>> {
             let clients = Arc::new(clients);
             let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let request = request.clone();
-            let (rps, p50, p99, errors) = run_cell(concurrency, load.duration, move || {
+            let m = run_cell(concurrency, load.duration, move || {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let mut client = clients[i % clients.len()].clone();
                 let request = request.clone();
@@ -106,11 +106,12 @@ pub async fn run_oip(load: OipLoad) -> anyhow::Result<Vec<serde_json::Value>> {
             let cell = serde_json::json!({
                 "concurrency": concurrency,
                 "batch": batch,
-                "requests_per_s": rps,
-                "rows_per_s": rps * batch as f64,
-                "p50_ms": p50.as_secs_f64() * 1e3,
-                "p99_ms": p99.as_secs_f64() * 1e3,
-                "errors": errors,
+                "requests_per_s": m.rps,
+                "rows_per_s": m.rps * batch as f64,
+                "p50_ms": m.p50.as_secs_f64() * 1e3,
+                "p99_ms": m.p99.as_secs_f64() * 1e3,
+                "max_ms": m.max.as_secs_f64() * 1e3,
+                "errors": m.errors,
             });
             println!("{cell}");
             out.push(cell);

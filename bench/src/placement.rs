@@ -66,6 +66,7 @@ pub async fn run(
                     loaded: Vec::new(),
                     started_unix_ms: now_unix_ms(),
                     memory_bytes: 0,
+                    training: 0,
                 },
                 lease,
             )

@@ -177,6 +177,14 @@ pub struct WorkerRecord {
     /// its placement under it, evicting the least recently used versions.
     #[serde(default)]
     pub memory_bytes: u64,
+    /// Training runs (and data-parallel replicas) in progress on it: routing prefers
+    /// replicas on workers without any.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub training: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl WorkerRecord {
@@ -242,6 +250,11 @@ pub struct DeploymentRecord {
     /// the batcher's `max_batch_size`).
     #[serde(default)]
     pub shard_rows: Option<u32>,
+    /// Keep replicas off workers that are running training when other eligible workers
+    /// exist (None: yes unless the deployment asks for exactly one replica; see
+    /// [`DeploymentRecord::avoids_training`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avoid_training: Option<bool>,
 }
 
 /// Which workers may hold a model.
@@ -279,7 +292,15 @@ impl DeploymentRecord {
             batching: BatchingSettings::default(),
             device: DeviceClass::Any,
             shard_rows: None,
+            avoid_training: None,
         }
+    }
+
+    /// Whether placement keeps this model's replicas off training workers: as set, else
+    /// for every deployment with more than one replica (a single replica would move for
+    /// every job, and a reload costs more than sharing the device).
+    pub fn avoids_training(&self) -> bool {
+        self.avoid_training.unwrap_or(self.replicas != Some(1))
     }
 }
 

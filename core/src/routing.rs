@@ -9,6 +9,9 @@ pub struct ReplicaLoad {
     pub in_flight: u64,
     /// Requests waiting in the replica's batcher, as it last reported (every answer says).
     pub queue_depth: u64,
+    /// Whether the replica's worker is running training (its device is shared: requests
+    /// may wait behind a training slice).
+    pub training: bool,
 }
 
 impl ReplicaLoad {
@@ -30,16 +33,25 @@ pub fn mix64(mut x: u64) -> u64 {
 /// Power of two choices: draw two different replicas from `draw` (random bits, e.g.
 /// [`mix64`] of a counter) and take the one with less outstanding work, the first drawn on
 /// a tie. Near the best choice's balance without every router herding onto the one
-/// replica that looks idlest.
+/// replica that looks idlest. Only replicas on workers that are not training are drawn,
+/// when there are any.
 pub fn choose_replica(loads: &[ReplicaLoad], draw: u64) -> Option<usize> {
-    let n = loads.len() as u64;
+    // Replicas on workers that are not training, when there are any: a request there
+    // never waits behind a training slice.
+    let serving: Vec<usize> = (0..loads.len()).filter(|&i| !loads[i].training).collect();
+    let pool: Vec<usize> = if serving.is_empty() {
+        (0..loads.len()).collect()
+    } else {
+        serving
+    };
+    let n = pool.len() as u64;
     match n {
         0 => None,
-        1 => Some(0),
+        1 => Some(pool[0]),
         _ => {
             let first = draw % n;
             let second = (first + 1 + (draw >> 32) % (n - 1)) % n;
-            let (a, b) = (first as usize, second as usize);
+            let (a, b) = (pool[first as usize], pool[second as usize]);
             Some(if loads[b].outstanding() < loads[a].outstanding() {
                 b
             } else {
@@ -126,7 +138,41 @@ mod tests {
         ReplicaLoad {
             in_flight,
             queue_depth,
+            training: false,
         }
+    }
+
+    #[test]
+    fn replicas_on_training_workers_are_chosen_only_when_every_replica_is_on_one() {
+        let training = ReplicaLoad {
+            training: true,
+            ..load(0, 0)
+        };
+        // However busy the others are, an idle replica on a training worker is passed over.
+        let loads = [training, load(5, 5), training, load(9, 0)];
+        for draw in 0..200 {
+            let chosen = choose_replica(&loads, mix64(draw)).unwrap();
+            assert!(chosen == 1 || chosen == 3, "draw {draw} chose {chosen}");
+        }
+        // Both non-training replicas are drawn over many requests.
+        let picks: std::collections::BTreeSet<usize> = (0..200)
+            .filter_map(|d| choose_replica(&[load(1, 0), training, load(1, 0)], mix64(d)))
+            .collect();
+        assert_eq!(picks, [0, 2].into());
+        // All on training workers: the ordinary choice among them.
+        assert_eq!(
+            choose_replica(
+                &[
+                    training,
+                    ReplicaLoad {
+                        queue_depth: 4,
+                        ..training
+                    }
+                ],
+                3
+            ),
+            Some(0)
+        );
     }
 
     #[test]

@@ -91,6 +91,7 @@ impl Cluster for ClusterService {
                     versions,
                     reachable,
                     started_unix_ms: w.started_unix_ms,
+                    training_runs: w.training,
                 }
             })
             .collect();

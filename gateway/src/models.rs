@@ -387,6 +387,9 @@ impl Models for ModelsService {
         deployment.replicas = (req.replicas > 0).then_some(req.replicas);
         deployment.device = device;
         deployment.shard_rows = (req.shard_rows > 0).then_some(req.shard_rows);
+        if let Some(avoid) = req.avoid_training {
+            deployment.avoid_training = Some(avoid);
+        }
         if let Some(b) = req.batching {
             if !(1..=65_536).contains(&b.max_batch_size) {
                 return Err(Status::invalid_argument(format!(
@@ -416,12 +419,14 @@ impl Models for ModelsService {
             .set_deployment(&deployment)
             .await
             .map_err(Error::from)?;
+        let avoid_training = deployment.avoids_training();
         Ok(Response::new(pb::Deployment {
             model: deployment.model,
             replicas: deployment.replicas.unwrap_or(0),
             device: req.device,
             loaded: deployment.loaded,
             shard_rows: deployment.shard_rows.unwrap_or(0),
+            avoid_training,
             batching: Some(pb::Batching {
                 max_batch_size: deployment.batching.max_batch_size,
                 max_queue_delay_us: deployment.batching.max_queue_delay_us,

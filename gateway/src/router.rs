@@ -116,17 +116,29 @@ impl Router {
         Ok((client, load))
     }
 
-    /// The load this router sees on each of `addresses`.
+    /// The load this router sees on each of `addresses` (whether its worker trains comes
+    /// from the worker's record).
     fn loads(&self, addresses: &[String]) -> Vec<ReplicaLoad> {
+        let view = self.view.current();
+        let training: std::collections::HashSet<&str> = view
+            .workers
+            .values()
+            .filter(|w| w.training > 0)
+            .map(|w| w.address.as_str())
+            .collect();
         let map = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
         addresses
             .iter()
             .map(|a| {
-                map.get(a)
+                let mut load = map
+                    .get(a)
                     .map_or_else(ReplicaLoad::default, |r| ReplicaLoad {
                         in_flight: r.load.in_flight.load(Ordering::Relaxed),
                         queue_depth: r.load.queue_depth.load(Ordering::Relaxed),
-                    })
+                        training: false,
+                    });
+                load.training = training.contains(a.as_str());
+                load
             })
             .collect()
     }
@@ -171,10 +183,18 @@ impl Router {
         if rows <= sharding.threshold || addresses.len() < 2 {
             return self.infer_on(key, inputs, addresses, None, deadline).await;
         }
-        let capacities: Vec<u64> = self
-            .loads(&addresses)
+        // Replicas on training workers take no shard while others can.
+        let loads = self.loads(&addresses);
+        let others_free = loads.iter().any(|l| !l.training);
+        let capacities: Vec<u64> = loads
             .iter()
-            .map(|l| sharding.queue_capacity.saturating_sub(l.outstanding()))
+            .map(|l| {
+                if others_free && l.training {
+                    0
+                } else {
+                    sharding.queue_capacity.saturating_sub(l.outstanding())
+                }
+            })
             .collect();
         let plan = plan_shards(rows, &capacities);
         // Views of the caller's tensors, not copies.

@@ -453,6 +453,7 @@ async fn a_watcher_cut_off_while_etcd_compacts_comes_back_without_stale_workers(
         loaded: vec![],
         started_unix_ms: 0,
         memory_bytes: 0,
+        training: 0,
     };
     let lease = registry.grant_lease(Duration::from_secs(60)).await.unwrap();
     registry

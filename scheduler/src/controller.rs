@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kiln_core::records::{DeviceClass, PlacementRecord, SCHEMA, VersionKey};
+use kiln_core::records::{
+    DeploymentRecord, DeviceClass, PlacementRecord, SCHEMA, VersionKey, WorkerRecord,
+};
 use kiln_registry::{ClusterView, Registry, WatchedView};
 
 use crate::plan::{Want, plan_placements_within};
@@ -29,13 +31,7 @@ pub fn desired_placements(view: &ClusterView) -> BTreeMap<String, BTreeSet<Versi
         if !deployment.loaded {
             continue;
         }
-        let eligible = (deployment.device != DeviceClass::Any).then(|| {
-            view.workers
-                .values()
-                .filter(|w| deployment.device.admits(&w.backend))
-                .map(|w| w.id.clone())
-                .collect()
-        });
+        let eligible = eligible_workers(view, &deployment);
         for version in entry.versions.values() {
             let key = version.key();
             let recency = last_used
@@ -72,6 +68,30 @@ pub fn desired_placements(view: &ClusterView) -> BTreeMap<String, BTreeSet<Versi
         .map(|(w, p)| (w.clone(), p.versions.iter().cloned().collect()))
         .collect();
     plan_placements_within(&workers, &capacity, &wants, &current)
+}
+
+/// The workers that may hold a deployment's versions (None: any). Its device class
+/// admits them; and when it avoids training ([`DeploymentRecord::avoids_training`]), the
+/// workers running training are left out as long as the others can hold every replica it
+/// asks for — its replicas move back when the training ends.
+fn eligible_workers(view: &ClusterView, deployment: &DeploymentRecord) -> Option<BTreeSet<String>> {
+    let admitted: Vec<&WorkerRecord> = view
+        .workers
+        .values()
+        .filter(|w| deployment.device.admits(&w.backend))
+        .collect();
+    if deployment.avoids_training() {
+        let free: BTreeSet<String> = admitted
+            .iter()
+            .filter(|w| w.training == 0)
+            .map(|w| w.id.clone())
+            .collect();
+        let enough = deployment.replicas.is_none_or(|n| free.len() >= n as usize);
+        if !free.is_empty() && free.len() < admitted.len() && enough {
+            return Some(free);
+        }
+    }
+    (deployment.device != DeviceClass::Any).then(|| admitted.iter().map(|w| w.id.clone()).collect())
 }
 
 /// Run the controller until `shutdown` resolves.
@@ -129,4 +149,72 @@ pub async fn reconcile(registry: &Registry, current: &ClusterView) -> Reconciled
         }
     }
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(training: &[(&str, u32)]) -> ClusterView {
+        let mut view = ClusterView::default();
+        for (id, runs) in training {
+            view.workers.insert(
+                (*id).to_owned(),
+                WorkerRecord {
+                    schema: SCHEMA,
+                    id: (*id).to_owned(),
+                    address: format!("{id}:1"),
+                    backend: "cpu".into(),
+                    adapter: "test".into(),
+                    loaded: Vec::new(),
+                    started_unix_ms: 0,
+                    memory_bytes: 0,
+                    training: *runs,
+                },
+            );
+        }
+        view
+    }
+
+    fn deployment(replicas: Option<u32>, avoid: Option<bool>) -> DeploymentRecord {
+        DeploymentRecord {
+            replicas,
+            avoid_training: avoid,
+            ..DeploymentRecord::default_for("m")
+        }
+    }
+
+    fn ids(names: &[&str]) -> Option<BTreeSet<String>> {
+        Some(names.iter().map(|n| (*n).to_owned()).collect())
+    }
+
+    #[test]
+    fn replicas_stay_off_training_workers_while_the_others_can_hold_them() {
+        let v = view(&[("a", 1), ("b", 0), ("c", 0)]);
+        // Every worker, or two replicas: b and c can hold them.
+        assert_eq!(
+            eligible_workers(&v, &deployment(None, None)),
+            ids(&["b", "c"])
+        );
+        assert_eq!(
+            eligible_workers(&v, &deployment(Some(2), None)),
+            ids(&["b", "c"])
+        );
+        // Three replicas do not fit on two workers: every worker stays eligible.
+        assert_eq!(eligible_workers(&v, &deployment(Some(3), None)), None);
+        // One replica: by default it stays where it is (no reload for every job) ...
+        assert_eq!(eligible_workers(&v, &deployment(Some(1), None)), None);
+        // ... unless the deployment asks; and a deployment can opt out.
+        assert_eq!(
+            eligible_workers(&v, &deployment(Some(1), Some(true))),
+            ids(&["b", "c"])
+        );
+        assert_eq!(eligible_workers(&v, &deployment(None, Some(false))), None);
+        // Every worker training: nowhere else to go.
+        let all = view(&[("a", 1), ("b", 2)]);
+        assert_eq!(eligible_workers(&all, &deployment(None, None)), None);
+        // Nobody training: no restriction.
+        let none = view(&[("a", 0), ("b", 0)]);
+        assert_eq!(eligible_workers(&none, &deployment(None, None)), None);
+    }
 }

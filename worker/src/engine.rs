@@ -17,6 +17,7 @@ use crate::family::{Loaded, Prepared};
 use crate::generation::scheduler::GenerationRequest;
 use crate::generation::{GenEvent, Generator, GeneratorStats, Prompt};
 use crate::training::{EpochReport, Step, TrainingOutcome, TrainingRun};
+use crate::training_share::{TrainingClock, TrainingShare};
 use crate::{Error, Result};
 use kiln_core::MlpWeights;
 use kiln_core::generation::Sampling;
@@ -200,6 +201,8 @@ pub(crate) enum Command {
         key: VersionKey,
         inputs: Vec<Tensor>,
         rows: usize,
+        /// When the batch was handed to the engine (its wait behind training is measured).
+        sent: Instant,
         reply: oneshot::Sender<Result<ForwardOutput>>,
     },
     Train {
@@ -259,7 +262,7 @@ impl ActiveRun {
             return false;
         }
         match guarded(|| self.run.step()).and_then(|r| r) {
-            Ok(Step::Batch) => true,
+            Ok(Step::Batch | Step::Slice) => true,
             Ok(Step::Epoch(report)) => {
                 let _ = self.events.send(TrainingEvent::Epoch(report));
                 if self.run.checkpoint_due() {
@@ -295,6 +298,7 @@ impl ActiveRun {
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     gauges: Arc<std::sync::Mutex<HashMap<VersionKey, GeneratorStats>>>,
+    training: Arc<TrainingShare>,
 }
 
 impl EngineHandle {
@@ -303,11 +307,14 @@ impl EngineHandle {
         let (tx, mut rx) = mpsc::channel::<Command>(ENGINE_QUEUE);
         let engine = Engine::new(device);
         let gauges = engine.gauges.clone();
+        let training = Arc::new(TrainingShare::default());
+        let share = training.clone();
         std::thread::Builder::new()
             .name(format!("kiln-engine-{name}"))
             .spawn(move || {
                 let mut engine = engine;
                 let mut runs: Vec<ActiveRun> = Vec::new();
+                let mut clock = TrainingClock::default();
                 let mut next_run = 0usize;
                 // Generation steps and training batches take turns when both have work.
                 let mut generation_turn = true;
@@ -333,7 +340,10 @@ impl EngineHandle {
                                 }
                                 generation_turn = true;
                                 next_run %= runs.len();
-                                if runs[next_run].advance() {
+                                let started = Instant::now();
+                                let going = runs[next_run].advance();
+                                clock.ran(&share, started, Instant::now());
+                                if going {
                                     next_run += 1;
                                 } else {
                                     let finished = runs.swap_remove(next_run);
@@ -359,11 +369,13 @@ impl EngineHandle {
                             key,
                             inputs,
                             rows,
+                            sent,
                             reply,
                         } => {
                             if reply.is_closed() {
                                 continue;
                             }
+                            clock.waited(&share, sent);
                             let _ = reply.send(engine.forward(&key, inputs, rows));
                         }
                         Command::Train {
@@ -376,7 +388,12 @@ impl EngineHandle {
                             events,
                             done: false,
                         }),
-                        Command::Exec(work) => work(),
+                        // Exec carries data-parallel training steps.
+                        Command::Exec(work) => {
+                            let started = Instant::now();
+                            work();
+                            clock.ran(&share, started, Instant::now());
+                        }
                         Command::Generate {
                             key,
                             request,
@@ -387,7 +404,11 @@ impl EngineHandle {
                     }
                 }
             })?;
-        Ok(Self { tx, gauges })
+        Ok(Self {
+            tx,
+            gauges,
+            training,
+        })
     }
 
     /// Queue a generation on a loaded decoder. Its events arrive on the returned
@@ -441,6 +462,11 @@ impl EngineHandle {
             .unwrap_or_default()
     }
 
+    /// How training shares this engine's device.
+    pub fn training_share(&self) -> &TrainingShare {
+        &self.training
+    }
+
     /// A handle whose commands go to the returned receiver instead of a device thread, so
     /// batcher tests can hold and answer forward passes themselves.
     #[cfg(test)]
@@ -450,6 +476,7 @@ impl EngineHandle {
             Self {
                 tx,
                 gauges: Arc::default(),
+                training: Arc::default(),
             },
             rx,
         )
@@ -523,6 +550,7 @@ impl EngineHandle {
             key,
             inputs,
             rows,
+            sent: Instant::now(),
             reply,
         })
         .await?

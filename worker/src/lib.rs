@@ -9,7 +9,9 @@
 //! - [`engine`]: the one thread per device that owns the models and runs all compute;
 //! - [`batcher`]: the dynamic batcher per loaded version;
 //! - [`training`]: mini-batch training of an MLP (autodiff, SGD/Adam, validation, early
-//!   stopping);
+//!   stopping, batches in slices);
+//! - [`training_share`]: the device time training takes and how long inference waits
+//!   behind it;
 //! - [`node`]: registration in the cluster state, following placements, and the
 //!   `kiln.internal.v1.Worker` gRPC service ([`serve`]).
 
@@ -25,9 +27,10 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod training;
+pub mod training_share;
 
 pub use device::{DeviceChoice, SelectedDevice, select_device};
 pub use engine::{Engine, EngineHandle};
 pub use error::{Error, Result};
 pub use metrics::WorkerMetrics;
-pub use node::{WorkerConfig, WorkerDeps, serve};
+pub use node::{DEFAULT_TRAINING_SLICE, WorkerConfig, WorkerDeps, serve};

@@ -1,6 +1,7 @@
 //! The worker's Prometheus metrics: registration, memory, versions by state, queue depth
 //! (per version, and the worker's total for autoscaling),
-//! training runs, device, weights, resident memory and model-load times.
+//! training runs, the device time training takes and the waits behind it, device, weights,
+//! resident memory and model-load times.
 //!
 //! One [`WorkerMetrics`] describes the workers added to it when scraped. A worker process
 //! has its own, unlabelled, as it always had; `kiln up` runs several workers in one
@@ -155,6 +156,29 @@ impl Collector for WorkerMetrics {
                     .filter(|r| r.strong_count() > 0)
                     .count() as u64
             }),
+        )?;
+        f.counter(
+            "kiln_worker_training_seconds",
+            "Device time training has taken on this worker (its rate: the training share of \
+             the device).",
+            workers.iter().map(|w| {
+                (
+                    self.labels(w, Vec::new()),
+                    w.engine.training_share().busy_seconds(),
+                )
+            }),
+        )?;
+        let waits: Vec<_> = workers
+            .iter()
+            .map(|w| w.engine.training_share().waits())
+            .collect();
+        f.histogram(
+            "kiln_worker_inference_training_wait_seconds",
+            "How long inference batches that waited behind training waited for it.",
+            workers
+                .iter()
+                .zip(&waits)
+                .map(|(w, h)| (self.labels(w, Vec::new()), h)),
         )?;
         f.gauge(
             "kiln_worker_device_info",

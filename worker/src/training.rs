@@ -1,6 +1,9 @@
 //! Training an MLP on one device: mini-batch gradient descent with Burn's autodiff and
 //! optimizers, a validation split, optional feature standardisation, early stopping,
-//! cancellation between batches, and a report per epoch. Deterministic for a seed on the
+//! cancellation between batches, and a report per epoch. A batch can be trained in slices
+//! (micro-batches whose gradients, each weighted by its share of the batch's rows, add up
+//! to the batch's; the optimizer steps once per batch), so that inference on the same
+//! device waits at most a slice ([`TrainingRun::set_slice_budget`]). Deterministic for a seed on the
 //! CPU backend: initial weights, the split and every shuffle come from Kiln's SplitMix64.
 //!
 //! This is the engine-side core that the training service drives; it runs wherever it is
@@ -11,11 +14,11 @@
 //! model-family seam will divide by family.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData, activation};
 use kiln_core::MlpWeights;
 pub use kiln_core::parallel::{ShardGradients, ShardRole, shard_range};
@@ -79,12 +82,57 @@ pub struct TrainingOutcome {
 
 /// What one forward and backward pass on some rows gave.
 struct BatchGradients {
-    rows: usize,
     /// The mean loss times the rows.
     loss_sum: f64,
     correct: usize,
     grads: GradientsParams,
 }
+
+/// A batch being trained in slices: its rows, how far it got, the gradients so far.
+struct Partial {
+    /// The batch's rows: `train_rows[start..end]` (a replica: its shard of them).
+    start: usize,
+    end: usize,
+    /// The first row of the next slice.
+    next: usize,
+    batch_number: usize,
+    grads: GradientsAccumulator<Mlp>,
+    loss_sum: f64,
+    correct: usize,
+}
+
+impl Partial {
+    fn new(start: usize, end: usize, batch_number: usize) -> Self {
+        Self {
+            start,
+            end,
+            next: start,
+            batch_number,
+            grads: GradientsAccumulator::new(),
+            loss_sum: 0.0,
+            correct: 0,
+        }
+    }
+}
+
+/// An epoch's end in progress: the validation rows measured so far (in slices, like
+/// batches, when the run has a slice budget).
+struct Validating {
+    /// The epoch's weights (kept as the best epoch's, with early stopping).
+    weights: MlpWeights,
+    /// Them on the plain device, without autodiff.
+    model: Mlp,
+    /// The next validation row.
+    next: usize,
+    loss_sum: f64,
+    correct: usize,
+}
+
+/// Rows of a run's first slice, before it has timed one.
+const FIRST_SLICE_ROWS: usize = 16;
+
+/// How much of the slowest recent pace a faster slice keeps (see `train_slice`).
+const PACE_DECAY: f64 = 0.9;
 
 /// Rows gathered into one batch.
 struct Batch {
@@ -187,25 +235,43 @@ fn evaluate(
     device: &Device,
 ) -> Result<(f64, Option<f64>)> {
     let mlp = spec.mlp()?;
+    let model = Mlp::from_weights(mlp, weights, device);
+    let (mut total, mut right) = (0.0f64, 0usize);
+    for chunk in rows.chunks(EVALUATION_CHUNK) {
+        let (l, r) = evaluate_rows(&model, spec, data, chunk, loss, device)?;
+        total += l;
+        right += r;
+    }
+    let n = rows.len().max(1) as f64;
+    let accuracy = (mlp.task != Task::Regression).then(|| right as f64 / n);
+    Ok((total / n, accuracy))
+}
+
+/// Rows evaluated in one pass, when nothing asks for less.
+const EVALUATION_CHUNK: usize = 4096;
+
+/// The loss summed over `rows` (mean times rows) and the correct predictions, by `model`.
+fn evaluate_rows(
+    model: &Mlp,
+    spec: &ModelSpec,
+    data: &Dataset,
+    rows: &[usize],
+    loss: Loss,
+    device: &Device,
+) -> Result<(f64, usize)> {
+    let mlp = spec.mlp()?;
     let (width, outputs) = (spec.input_width(), spec.output_width());
     let label_width = if mlp.task == Task::MulticlassClassification {
         1
     } else {
         outputs
     };
-    let model = Mlp::from_weights(mlp, weights, device);
-    let (mut total, mut right) = (0.0f64, 0usize);
-    for chunk in rows.chunks(4096) {
-        let b = gather(data, chunk, width, label_width);
-        let x = Tensor::<2>::from_data(TensorData::new(b.x, [b.rows, width]), device);
-        let logits = model.logits(x);
-        let l = batch_loss(&model, loss, logits.clone(), &b.y, b.rows, device).into_scalar::<f32>();
-        total += f64::from(l) * b.rows as f64;
-        right += correct(mlp.task, &read(logits)?, &b.y, outputs).unwrap_or(0);
-    }
-    let n = rows.len().max(1) as f64;
-    let accuracy = (mlp.task != Task::Regression).then(|| right as f64 / n);
-    Ok((total / n, accuracy))
+    let b = gather(data, rows, width, label_width);
+    let x = Tensor::<2>::from_data(TensorData::new(b.x, [b.rows, width]), device);
+    let logits = model.logits(x);
+    let l = batch_loss(model, loss, logits.clone(), &b.y, b.rows, device).into_scalar::<f32>();
+    let right = correct(mlp.task, &read(logits)?, &b.y, outputs).unwrap_or(0);
+    Ok((f64::from(l) * b.rows as f64, right))
 }
 
 /// What one call of [`TrainingRun::step`] did.
@@ -213,6 +279,9 @@ fn evaluate(
 pub enum Step {
     /// One batch was trained; the epoch goes on.
     Batch,
+    /// A slice of a batch was trained: its gradients are kept; the weights change when the
+    /// batch's last slice is done.
+    Slice,
     /// An epoch ended; more follow.
     Epoch(EpochReport),
     /// The last epoch ended (all epochs run, or early stopping).
@@ -223,7 +292,7 @@ impl Step {
     /// The epoch that ended, if this step ended one.
     pub fn report(&self) -> Option<&EpochReport> {
         match self {
-            Step::Batch => None,
+            Step::Batch | Step::Slice => None,
             Step::Epoch(r) | Step::Done(r) => Some(r),
         }
     }
@@ -279,6 +348,17 @@ pub struct TrainingRun {
     shard: Option<ShardRole>,
     /// The end of the batch whose shard gradients were computed and not yet applied.
     pending_end: Option<usize>,
+    /// The batch (or this replica's shard of it) being trained in slices.
+    partial: Option<Partial>,
+    /// The epoch's end, while its validation runs in slices.
+    validating: Option<Validating>,
+    /// Seconds per validation row of the last validation slice.
+    validation_seconds_per_row: Option<f64>,
+    /// The longest one slice should hold the device (None: whole batches).
+    slice_budget: Option<Duration>,
+    /// Seconds per row of recent slices, overhead included (the slowest, decaying): sizes
+    /// the next one.
+    seconds_per_row: Option<f64>,
 }
 
 impl TrainingRun {
@@ -398,6 +478,11 @@ impl TrainingRun {
             test,
             shard: None,
             pending_end: None,
+            partial: None,
+            validating: None,
+            validation_seconds_per_row: None,
+            slice_budget: None,
+            seconds_per_row: None,
         })
     }
 
@@ -412,6 +497,60 @@ impl TrainingRun {
         }
         self.shard = Some(role);
         Ok(self)
+    }
+
+    /// Train each batch in slices of about `budget` of device time (None or zero: whole
+    /// batches). The trained weights are those of whole batches, up to float rounding.
+    pub fn set_slice_budget(&mut self, budget: Option<Duration>) {
+        self.slice_budget = budget.filter(|b| !b.is_zero());
+    }
+
+    /// Rows of the next slice, of `remaining`: as many as fit the budget at the last
+    /// slice's pace (its fixed costs included, so slices converge on the budget), at
+    /// least one.
+    fn slice_rows(&self, remaining: usize) -> usize {
+        let Some(budget) = self.slice_budget else {
+            return remaining;
+        };
+        let rows = match self.seconds_per_row {
+            Some(pace) if pace > 0.0 => (budget.as_secs_f64() / pace) as usize,
+            _ => FIRST_SLICE_ROWS,
+        };
+        rows.clamp(1, remaining)
+    }
+
+    /// Train the next slice of `partial` (rows of `rows`, the run's training rows) on
+    /// `model`: its gradients, weighted by its share of the batch, join the others. Returns whether the batch is complete, and then its
+    /// gradients; else they stay in `partial`.
+    fn train_slice(
+        &mut self,
+        model: &Mlp,
+        partial: &mut Partial,
+        rows: &[usize],
+    ) -> Result<Option<GradientsParams>> {
+        let from = partial.next;
+        let to = from + self.slice_rows(partial.end - from);
+        let whole = from == partial.start && to == partial.end;
+        let share = (to - from) as f32 / (partial.end - partial.start) as f32;
+        let started = Instant::now();
+        let g = self.gradients_on(model, &rows[from..to], partial.batch_number, share)?;
+        if self.slice_budget.is_some() {
+            // Quick to slow down, slow to speed up: a slice timed on a quiet moment does
+            // not size the next one for a busy one.
+            let pace = started.elapsed().as_secs_f64() / (to - from) as f64;
+            self.seconds_per_row = Some(match self.seconds_per_row {
+                Some(before) => pace.max(before * PACE_DECAY),
+                None => pace,
+            });
+        }
+        partial.loss_sum += g.loss_sum;
+        partial.correct += g.correct;
+        partial.next = to;
+        if whole {
+            return Ok(Some(g.grads));
+        }
+        partial.grads.accumulate(model, g.grads);
+        Ok((to == partial.end).then(|| partial.grads.grads()))
     }
 
     /// Start the epoch if the cursor is at its beginning: count it, shuffle its rows.
@@ -436,47 +575,78 @@ impl TrainingRun {
     /// the weights: [`apply_gradients`](Self::apply_gradients) does that once the shards
     /// are averaged.
     pub fn compute_shard(&mut self) -> Result<ShardGradients> {
+        loop {
+            if let Some(g) = self.compute_shard_slice()? {
+                return Ok(g);
+            }
+        }
+    }
+
+    /// One slice of [`compute_shard`](Self::compute_shard): the shard's gradients once its
+    /// last slice is done, else None (call again; the device is free in between).
+    pub fn compute_shard_slice(&mut self) -> Result<Option<ShardGradients>> {
         let role = self.shard.unwrap_or(ShardRole { rank: 0, world: 1 });
-        if self.pending_end.is_some() {
-            return Err(Error::TrainingFailed(
-                "the last batch's gradients were not applied yet".into(),
-            ));
-        }
-        self.begin_batch();
-        let batch_size = self.config.batch_size as usize;
-        let end = (self.cursor + batch_size).min(self.train_rows.len());
-        self.pending_end = Some(end);
-        let batch = &self.train_rows[self.cursor..end];
-        let mine = &batch[shard_range(batch.len(), role)];
-        if mine.is_empty() {
-            return Ok(ShardGradients {
-                rows: 0,
-                loss_sum: 0.0,
-                correct: 0,
-                gradients: Vec::new(),
-            });
-        }
+        let mut partial = match self.partial.take() {
+            Some(p) => p,
+            None => {
+                if self.pending_end.is_some() {
+                    return Err(Error::TrainingFailed(
+                        "the last batch's gradients were not applied yet".into(),
+                    ));
+                }
+                self.begin_batch();
+                let batch_size = self.config.batch_size as usize;
+                let end = (self.cursor + batch_size).min(self.train_rows.len());
+                self.pending_end = Some(end);
+                let mine = shard_range(end - self.cursor, role);
+                let (start, end) = (self.cursor + mine.start, self.cursor + mine.end);
+                if start == end {
+                    return Ok(Some(ShardGradients {
+                        rows: 0,
+                        loss_sum: 0.0,
+                        correct: 0,
+                        gradients: Vec::new(),
+                    }));
+                }
+                Partial::new(start, end, self.cursor / batch_size + 1)
+            }
+        };
         let model = self
             .model
-            .as_ref()
+            .take()
             .ok_or_else(|| Error::TrainingFailed("the run already failed".into()))?;
-        let g = self.gradients_on(model, mine, self.cursor / batch_size + 1)?;
-        Ok(ShardGradients {
-            rows: g.rows,
-            loss_sum: g.loss_sum,
-            correct: g.correct as u64,
-            gradients: model.flatten_gradients(&g.grads),
+        let rows = std::mem::take(&mut self.train_rows);
+        let done = self.train_slice(&model, &mut partial, &rows);
+        self.train_rows = rows;
+        let gradients = match done {
+            Ok(Some(grads)) => Some(model.flatten_gradients(&grads)),
+            Ok(None) => None,
+            Err(e) => return Err(e),
+        };
+        self.model = Some(model);
+        Ok(match gradients {
+            Some(gradients) => Some(ShardGradients {
+                rows: partial.end - partial.start,
+                loss_sum: partial.loss_sum,
+                correct: partial.correct as u64,
+                gradients,
+            }),
+            None => {
+                self.partial = Some(partial);
+                None
+            }
         })
     }
 
-    /// The gradients of `model`'s mean loss on `rows`: forward, the loss (which must stay
-    /// finite; `batch_number` names the batch when it does not), the correct predictions,
-    /// backward.
+    /// The gradients of `model`'s mean loss on `rows`, times `share` (a slice's part of its
+    /// batch; 1 for a whole batch): forward, the loss (which must stay finite;
+    /// `batch_number` names the batch when it does not), the correct predictions, backward.
     fn gradients_on(
         &self,
         model: &Mlp,
         rows: &[usize],
         batch_number: usize,
+        share: f32,
     ) -> Result<BatchGradients> {
         let b = gather(&self.data, rows, self.width, self.label_width);
         let x = Tensor::<2>::from_data(
@@ -500,8 +670,12 @@ impl TrainingRun {
             )));
         }
         let correct = correct(self.task, &read(logits.detach())?, &b.y, self.outputs).unwrap_or(0);
+        let loss = if share == 1.0 {
+            loss
+        } else {
+            loss.mul_scalar(share)
+        };
         Ok(BatchGradients {
-            rows: b.rows,
             loss_sum: f64::from(value) * b.rows as f64,
             correct,
             grads: GradientsParams::from_grads(loss.backward(), model),
@@ -546,22 +720,37 @@ impl TrainingRun {
         self.end_epoch()
     }
 
-    /// Train one batch; at an epoch's end, also validate and report.
+    /// Train one batch, or the next slice of one ([`Step::Slice`]); at an epoch's end, also
+    /// validate and report.
     pub fn step(&mut self) -> Result<Step> {
-        let batch_size = self.config.batch_size as usize;
-        self.begin_batch();
-        let end = (self.cursor + batch_size).min(self.train_rows.len());
-        let batch_number = self.cursor / batch_size + 1;
-        let start = self.cursor;
-        self.cursor = end;
+        if self.validating.is_some() {
+            return self.validate_slice();
+        }
+        let mut partial = match self.partial.take() {
+            Some(p) => p,
+            None => {
+                self.begin_batch();
+                let batch_size = self.config.batch_size as usize;
+                let start = self.cursor;
+                let end = (start + batch_size).min(self.train_rows.len());
+                Partial::new(start, end, start / batch_size + 1)
+            }
+        };
         let model = self
             .model
             .take()
             .ok_or_else(|| Error::TrainingFailed("the run already failed".into()))?;
-        let g = self.gradients_on(&model, &self.train_rows[start..end], batch_number)?;
-        self.loss_sum += g.loss_sum;
-        self.right += g.correct;
-        let grads = g.grads;
+        let rows = std::mem::take(&mut self.train_rows);
+        let done = self.train_slice(&model, &mut partial, &rows);
+        self.train_rows = rows;
+        let Some(grads) = done? else {
+            self.model = Some(model);
+            self.partial = Some(partial);
+            return Ok(Step::Slice);
+        };
+        self.loss_sum += partial.loss_sum;
+        self.right += partial.correct;
+        self.cursor = partial.end;
         self.model = Some(
             self.optimizer
                 .step(self.config.optimizer.learning_rate(), model, grads),
@@ -573,27 +762,88 @@ impl TrainingRun {
         self.end_epoch()
     }
 
+    /// The epoch's last batch is trained: validate (rank 0), then report. With a slice
+    /// budget the validation runs a slice per step ([`Step::Slice`] until the report).
     fn end_epoch(&mut self) -> Result<Step> {
+        let reports = self.shard.is_none_or(|r| r.rank == 0);
+        if self.validation.is_empty() || !reports {
+            let weights = if reports {
+                self.weights()
+            } else {
+                MlpWeights { layers: vec![] }
+            };
+            return self.report_epoch(weights, None, None);
+        }
+        let weights = self.weights();
+        let model = Mlp::from_weights(self.spec.mlp()?, &weights, &self.device);
+        self.validating = Some(Validating {
+            weights,
+            model,
+            next: 0,
+            loss_sum: 0.0,
+            correct: 0,
+        });
+        if self.slice_budget.is_some() {
+            return Ok(Step::Slice);
+        }
+        loop {
+            match self.validate_slice()? {
+                Step::Slice => {}
+                step => return Ok(step),
+            }
+        }
+    }
+
+    /// Measure the next validation rows; once all are measured, report the epoch.
+    fn validate_slice(&mut self) -> Result<Step> {
+        let Some(mut v) = self.validating.take() else {
+            return Err(Error::TrainingFailed("no epoch is being validated".into()));
+        };
+        let remaining = self.validation.len() - v.next;
+        let rows = match (self.slice_budget, self.validation_seconds_per_row) {
+            (None, _) => EVALUATION_CHUNK,
+            (Some(_), None) => FIRST_SLICE_ROWS * 4,
+            (Some(budget), Some(pace)) => (budget.as_secs_f64() / pace.max(1e-12)) as usize,
+        }
+        .clamp(1, remaining.max(1));
+        let started = Instant::now();
+        let chunk = &self.validation[v.next..v.next + rows.min(remaining)];
+        let (loss, right) = evaluate_rows(
+            &v.model,
+            &self.spec,
+            &self.data,
+            chunk,
+            self.config.loss,
+            &self.device,
+        )?;
+        if self.slice_budget.is_some() {
+            let pace = started.elapsed().as_secs_f64() / chunk.len().max(1) as f64;
+            self.validation_seconds_per_row = Some(match self.validation_seconds_per_row {
+                Some(before) => pace.max(before * PACE_DECAY),
+                None => pace,
+            });
+        }
+        v.loss_sum += loss;
+        v.correct += right;
+        v.next += chunk.len();
+        if v.next < self.validation.len() {
+            self.validating = Some(v);
+            return Ok(Step::Slice);
+        }
+        let n = self.validation.len() as f64;
+        let accuracy = (self.task != Task::Regression).then(|| v.correct as f64 / n);
+        self.report_epoch(v.weights, Some(v.loss_sum / n), accuracy)
+    }
+
+    /// Report the epoch with its validation figures; decide on early stopping.
+    fn report_epoch(
+        &mut self,
+        weights: MlpWeights,
+        validation_loss: Option<f64>,
+        validation_accuracy: Option<f64>,
+    ) -> Result<Step> {
         let n = self.train_rows.len() as f64;
         let reports = self.shard.is_none_or(|r| r.rank == 0);
-        let weights = if reports {
-            self.weights()
-        } else {
-            MlpWeights { layers: vec![] }
-        };
-        let (validation_loss, validation_accuracy) = if self.validation.is_empty() || !reports {
-            (None, None)
-        } else {
-            let (l, a) = evaluate(
-                &self.spec,
-                &weights,
-                &self.data,
-                &self.validation,
-                self.config.loss,
-                &self.device,
-            )?;
-            (Some(l), a)
-        };
         let report = EpochReport {
             epoch: self.epoch,
             train_loss: self.loss_sum / n,
@@ -729,7 +979,7 @@ pub fn train(
             return Err(Error::Cancelled);
         }
         match run.step()? {
-            Step::Batch => {}
+            Step::Batch | Step::Slice => {}
             Step::Epoch(report) => on_epoch(&report),
             Step::Done(report) => {
                 on_epoch(&report);

@@ -642,7 +642,7 @@ fn a_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_runs_weights() 
         let mut checkpoint = None;
         loop {
             match run.step().unwrap() {
-                Step::Batch => {}
+                Step::Batch | Step::Slice => {}
                 Step::Epoch(r) => {
                     if Some(r.epoch) == checkpoint_at {
                         checkpoint = Some(run.checkpoint().unwrap());
@@ -716,20 +716,44 @@ fn data_parallel(
     cfg: &TrainingConfig,
     world: u32,
 ) -> kiln_worker::training::TrainingOutcome {
+    data_parallel_sliced(spec, init, rows, cfg, world, None).0
+}
+
+/// [`data_parallel`] with each replica's shard computed in slices of `budget`; also
+/// returns the slices computed.
+#[allow(clippy::unwrap_used)]
+fn data_parallel_sliced(
+    spec: &ModelSpec,
+    init: &MlpWeights,
+    rows: &JobData<'_>,
+    cfg: &TrainingConfig,
+    world: u32,
+    budget: Option<std::time::Duration>,
+) -> (kiln_worker::training::TrainingOutcome, usize) {
     use kiln_core::parallel::{average_gradients, f32_from_bytes, f32_to_bytes};
     use kiln_worker::training::{ShardRole, Step, TrainingRun};
     let mut replicas: Vec<TrainingRun> = (0..world)
         .map(|rank| {
-            TrainingRun::new(spec, init, rows, cfg, &Device::flex())
+            let mut run = TrainingRun::new(spec, init, rows, cfg, &Device::flex())
                 .unwrap()
                 .into_replica(ShardRole { rank, world })
-                .unwrap()
+                .unwrap();
+            run.set_slice_budget(budget);
+            run
         })
         .collect();
+    let mut slices = 0;
     loop {
         let shards: Vec<_> = replicas
             .iter_mut()
-            .map(|r| r.compute_shard().unwrap())
+            .map(|r| {
+                loop {
+                    slices += 1;
+                    if let Some(g) = r.compute_shard_slice().unwrap() {
+                        break g;
+                    }
+                }
+            })
             .collect();
         let bytes: Vec<Vec<u8>> = shards.iter().map(|s| f32_to_bytes(&s.gradients)).collect();
         let parts: Vec<(usize, &[u8])> = shards
@@ -742,10 +766,18 @@ fn data_parallel(
         let correct: u64 = shards.iter().map(|s| s.correct).sum();
         let steps: Vec<Step> = replicas
             .iter_mut()
-            .map(|r| r.apply_gradients(&average, loss_sum, correct).unwrap())
+            .map(|r| {
+                let mut step = r.apply_gradients(&average, loss_sum, correct).unwrap();
+                // Rank 0 validates an epoch's end in slices, as the worker steps it.
+                while matches!(step, Step::Slice) {
+                    slices += 1;
+                    step = r.step().unwrap();
+                }
+                step
+            })
             .collect();
         if matches!(steps[0], Step::Done(_)) {
-            return replicas.swap_remove(0).finish().unwrap();
+            return (replicas.swap_remove(0).finish().unwrap(), slices);
         }
     }
 }
@@ -821,4 +853,142 @@ fn replicas_refuse_a_bad_role_and_mismatched_gradients() {
     assert_eq!(shard.rows, 4);
     let e = replica.apply_gradients(&[0.0; 3], 0.0, 0).unwrap_err();
     assert!(e.to_string().contains("3 values"), "{e}");
+}
+
+/// The largest difference between two sets of weights.
+fn max_difference(a: &MlpWeights, b: &MlpWeights) -> f32 {
+    a.layers
+        .iter()
+        .zip(&b.layers)
+        .flat_map(|(a, b)| {
+            a.weight
+                .iter()
+                .chain(&a.bias)
+                .zip(b.weight.iter().chain(&b.bias))
+                .map(|(x, y)| (x - y).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+/// A budget no slice fits: after the first (16 rows) every slice is one row.
+const TINY_SLICES: std::time::Duration = std::time::Duration::from_nanos(1);
+
+/// Step `run` to its end; returns the outcome, the slices and the batches it took, and the
+/// checkpoint taken after epoch `checkpoint_at`.
+#[allow(clippy::unwrap_used)]
+#[allow(clippy::type_complexity)]
+fn step_to_end(
+    mut run: kiln_worker::training::TrainingRun,
+    checkpoint_at: Option<u32>,
+) -> (
+    kiln_worker::training::TrainingOutcome,
+    usize,
+    usize,
+    Option<(u32, MlpWeights, Vec<u8>)>,
+) {
+    use kiln_worker::training::Step;
+    let (mut slices, mut batches, mut checkpoint) = (0, 0, None);
+    loop {
+        match run.step().unwrap() {
+            Step::Slice => slices += 1,
+            Step::Batch => batches += 1,
+            Step::Epoch(r) => {
+                batches += 1;
+                if Some(r.epoch) == checkpoint_at {
+                    checkpoint = Some(run.checkpoint().unwrap());
+                }
+            }
+            Step::Done(_) => return (run.finish().unwrap(), slices, batches + 1, checkpoint),
+        }
+    }
+}
+
+#[test]
+fn batches_trained_in_slices_give_the_weights_of_whole_batches() {
+    use kiln_worker::training::{Resume, TrainingRun};
+    // 300 rows, 20% held out: 240 training rows in batches of 48.
+    let data = sum_above_five(300, 43);
+    let spec = spec(10, vec![16, 8], 1, Task::BinaryClassification);
+    let init = MlpWeights::seeded(&spec, 3);
+    let cfg = TrainingConfig {
+        standardize: true,
+        ..config(6, 48, Loss::BinaryCrossEntropy, adam(0.01))
+    };
+    let rows = JobData::train_only(&data);
+    let new_run = |budget| {
+        let mut run = TrainingRun::new(&spec, &init, &rows, &cfg, &Device::flex()).unwrap();
+        run.set_slice_budget(budget);
+        run
+    };
+    let (whole, whole_slices, whole_batches, _) = step_to_end(new_run(None), None);
+    assert_eq!(whole_slices, 0, "without a budget a batch is one step");
+    assert!(whole.history.last().unwrap().validation_accuracy.unwrap() > 0.7);
+
+    let (sliced, slices, batches, checkpoint) = step_to_end(new_run(Some(TINY_SLICES)), Some(3));
+    assert_eq!(batches, whole_batches);
+    // The run's first slice is 16 rows, every later one a row: 31 or 47 slices before
+    // each batch's last.
+    assert!(
+        slices >= batches * 31,
+        "the batches were not sliced as asked: {slices}"
+    );
+    let diff = max_difference(&sliced.weights, &whole.weights);
+    assert!(diff < 1e-5, "sliced weights differ by {diff}");
+    for (a, b) in sliced.history.iter().zip(&whole.history) {
+        assert_eq!(a.validation_accuracy, b.validation_accuracy);
+        assert!((a.train_loss - b.train_loss).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+
+    // Resumed from the sliced run's checkpoint, in slices again: still the same weights.
+    let (epoch, weights, optimizer_state) = checkpoint.unwrap();
+    let mut resumed = TrainingRun::resume(
+        &spec,
+        &weights,
+        &rows,
+        &cfg,
+        &Device::flex(),
+        Some(Resume {
+            epoch,
+            optimizer_state,
+        }),
+    )
+    .unwrap();
+    resumed.set_slice_budget(Some(TINY_SLICES));
+    let (resumed, resumed_slices, _, _) = step_to_end(resumed, None);
+    assert!(resumed_slices > 0);
+    let diff = max_difference(&resumed.weights, &whole.weights);
+    assert!(diff < 1e-5, "resumed sliced weights differ by {diff}");
+
+    // Slices that skipped their share would not add up: a wrong run is caught.
+    let mut wrong = cfg.clone();
+    wrong.batch_size = 40;
+    let mut other = TrainingRun::new(&spec, &init, &rows, &wrong, &Device::flex()).unwrap();
+    other.set_slice_budget(Some(TINY_SLICES));
+    assert!(max_difference(&step_to_end(other, None).0.weights, &whole.weights) > 1e-3);
+}
+
+#[test]
+fn data_parallel_replicas_computing_in_slices_train_the_same_weights() {
+    let data = sum_above_five(263, 78);
+    let spec = spec(10, vec![12, 6], 1, Task::BinaryClassification);
+    let init = MlpWeights::seeded(&spec, 8);
+    let cfg = TrainingConfig {
+        standardize: true,
+        ..config(5, 40, Loss::BinaryCrossEntropy, adam(0.01))
+    };
+    let rows = JobData::train_only(&data);
+    for world in [1, 2] {
+        let (whole, whole_slices) = data_parallel_sliced(&spec, &init, &rows, &cfg, world, None);
+        let (sliced, slices) =
+            data_parallel_sliced(&spec, &init, &rows, &cfg, world, Some(TINY_SLICES));
+        assert!(
+            slices > 4 * whole_slices,
+            "{world} replicas: {slices} slices vs {whole_slices} shards"
+        );
+        let diff = max_difference(&sliced.weights, &whole.weights);
+        assert!(
+            diff < 1e-5,
+            "{world} replicas: sliced weights differ by {diff}"
+        );
+    }
 }

@@ -308,8 +308,10 @@ impl TrainingCoordinator {
             }
         }
     }
-    /// The workers not in `lost`, those running the fewest jobs first (ties by id). Jobs
-    /// per worker come from the jobs this coordinator runs (no store read).
+    /// The workers not in `lost`: those holding no latency-critical replicas first (ready
+    /// versions of deployments that avoid training, see
+    /// `DeploymentRecord::avoids_training`), then those running the fewest jobs, then by
+    /// id. Jobs per worker come from the jobs this coordinator runs (no store read).
     pub(super) fn least_busy(
         &self,
         view: &kiln_registry::ClusterView,
@@ -331,7 +333,19 @@ impl TrainingCoordinator {
             .filter(|w| !lost.contains(&w.id))
             .cloned()
             .collect();
-        workers.sort_by_key(|w| (busy.get(&w.id).copied().unwrap_or(0), w.id.clone()));
+        let serving = |w: &kiln_core::records::WorkerRecord| {
+            w.loaded.iter().any(|l| {
+                l.state == kiln_core::records::LoadState::Ready
+                    && view.deployment(&l.key.model).avoids_training()
+            })
+        };
+        workers.sort_by_key(|w| {
+            (
+                serving(w),
+                busy.get(&w.id).copied().unwrap_or(0),
+                w.id.clone(),
+            )
+        });
         workers
     }
 

@@ -146,6 +146,8 @@ struct Fixture {
     coordinator: Arc<TrainingCoordinator>,
     registry: Registry,
     runs: Vec<Arc<Mutex<Vec<String>>>>,
+    /// The fake workers' records, in script order.
+    workers: Vec<kiln_core::records::WorkerRecord>,
     _artifacts: tempfile::TempDir,
 }
 
@@ -155,6 +157,7 @@ async fn fixture(scripts: &[Script]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let artifacts = ArtifactStore::open(&dir.path().to_string_lossy()).unwrap();
     let mut runs = Vec::new();
+    let mut workers = Vec::new();
     for (i, script) in scripts.iter().enumerate() {
         // Unique per fixture: tests run in parallel in one process, and the in-process
         // registry is the process's.
@@ -179,8 +182,10 @@ async fn fixture(scripts: &[Script]) -> Fixture {
             loaded: Vec::new(),
             started_unix_ms: now_unix_ms(),
             memory_bytes: 0,
+            training: 0,
         };
         registry.put_worker(&record, lease).await.unwrap();
+        workers.push(record);
     }
     let view = WatchedView::start(store, PREFIX.into()).await.unwrap();
     let coordinator =
@@ -191,6 +196,7 @@ async fn fixture(scripts: &[Script]) -> Fixture {
         coordinator,
         registry,
         runs,
+        workers,
         _artifacts: dir,
     }
 }
@@ -265,6 +271,38 @@ async fn a_job_runs_on_a_worker_and_its_result_becomes_a_version() {
     let model = f.registry.get_model("fake-trained").await.unwrap();
     assert_eq!(model.last_version, 1);
     assert_eq!(*f.runs[0].lock().unwrap(), vec![job.id.clone()]);
+}
+
+#[tokio::test]
+async fn a_job_goes_to_a_worker_without_latency_critical_replicas_when_there_is_one() {
+    use kiln_core::records::{LoadState, LoadedRecord, VersionKey};
+    let f = fixture(&[Script::Train, Script::Train]).await;
+    // fake-0 (first by id, and as idle as fake-1) serves a version of a deployment that
+    // avoids training (the default for more than one replica).
+    let mut serving = f.workers[0].clone();
+    serving.loaded = vec![LoadedRecord {
+        key: VersionKey {
+            model: "served".into(),
+            version: 1,
+        },
+        state: LoadState::Ready,
+        reason: String::new(),
+        last_used_unix_ms: 0,
+    }];
+    let lease = f
+        .registry
+        .grant_lease(Duration::from_secs(60))
+        .await
+        .unwrap();
+    f.registry.put_worker(&serving, lease).await.unwrap();
+    // The coordinator's watched view follows the store.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let job = run_to_end(&f, job_spec("fake-placed")).await;
+    assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
+    assert_eq!(
+        job.worker, "fake-1",
+        "the job went to the worker serving a model"
+    );
 }
 
 #[tokio::test]

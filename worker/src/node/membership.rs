@@ -24,7 +24,17 @@ pub(super) fn record(state: &State) -> WorkerRecord {
         },
         started_unix_ms: state.started_unix_ms,
         memory_bytes: state.memory_bytes,
+        training: training_runs(state) as u32,
     }
+}
+
+/// Training runs in progress: tracked, still held, and not told to stop.
+pub(crate) fn training_runs(state: &State) -> usize {
+    lock(&state.runs)
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .filter(|cancel| !cancel.load(std::sync::atomic::Ordering::Relaxed))
+        .count()
 }
 
 pub(super) async fn register(state: &State, ttl: Duration) -> Result<()> {

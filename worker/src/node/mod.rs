@@ -30,7 +30,8 @@ use crate::batcher::Batcher;
 use crate::device::{DeviceChoice, select_device};
 use crate::engine::{EngineHandle, TrainingEvent};
 use crate::training::{
-    Dataset, JobData, Resume, ShardRole, Step, TrainingConfig, TrainingOutcome, TrainingRun,
+    Dataset, EpochReport, JobData, Resume, ShardRole, Step, TrainingConfig, TrainingOutcome,
+    TrainingRun,
 };
 use crate::{Error, Result};
 use kiln_core::convert::epoch_to_proto;
@@ -60,7 +61,14 @@ pub struct WorkerConfig {
     pub memory_bytes: u64,
     /// Serve Prometheus metrics at `http://ADDR/metrics` (None: not served).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The longest a training run holds the device at a time: batches are trained in
+    /// slices of about this much compute, so inference waits at most one (zero: whole
+    /// batches).
+    pub training_slice: Duration,
 }
+
+/// The default of [`WorkerConfig::training_slice`] (docs/training.md: how it was chosen).
+pub const DEFAULT_TRAINING_SLICE: Duration = Duration::from_millis(5);
 
 /// What a worker needs from the rest of the cluster.
 #[derive(Clone)]
@@ -109,6 +117,8 @@ pub(crate) struct State {
     pub(crate) last_used: Mutex<HashMap<VersionKey, u64>>,
     /// Bytes of weights this worker may hold (0: no limit).
     pub(crate) memory_bytes: u64,
+    /// Slice budget of training runs ([`WorkerConfig::training_slice`]).
+    pub(crate) training_slice: Duration,
     /// How long model loads took, by outcome (success, failure).
     pub(crate) load_seconds: Mutex<[kiln_telemetry::metrics::Histogram; 2]>,
     /// Time to first token, between tokens, and in the queue, of generations.
@@ -158,6 +168,7 @@ pub async fn serve(
         written: Mutex::new(None),
         last_used: Mutex::new(HashMap::new()),
         memory_bytes: config.memory_bytes,
+        training_slice: config.training_slice,
         generation_metrics: Default::default(),
         load_seconds: Mutex::new(std::array::from_fn(|_| {
             kiln_telemetry::metrics::Histogram::new(kiln_telemetry::metrics::LONG_SECONDS_BOUNDS)

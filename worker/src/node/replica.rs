@@ -10,50 +10,129 @@ pub(super) fn shard_reply(reply: pb::shard_reply::Reply) -> pb::ShardReply {
     pb::ShardReply { reply: Some(reply) }
 }
 
-/// One step of a replica, on the engine thread: apply the averaged gradients (if any),
-/// report the epoch they ended (rank 0 with its checkpoint), else compute the next shard.
+/// What applying the averaged gradients led to.
+pub(super) enum Applied {
+    /// The batch goes on: the next shard's gradients are due ([`shard_slices`]).
+    Next,
+    /// The epoch ended: the answer (rank 0's with its report and checkpoint).
+    Ended(Box<pb::ShardStepped>),
+    /// The epoch ended and rank 0 validates it a slice at a time ([`validation_slices`]).
+    Validating,
+}
+
+/// The first part of a replica's step, on the engine thread: apply the averaged gradients
+/// (if any).
 pub(super) fn replica_step(
     run: &mut TrainingRun,
     step: &pb::ShardStep,
     role: ShardRole,
     spec: &ModelSpec,
-) -> Result<pb::ShardStepped> {
-    // The replica's busy time (update and gradients): the rest of a step is communication.
-    let started = Instant::now();
-    let mut out = pb::ShardStepped::default();
-    if !step.gradients.is_empty() {
-        let gradients = f32_from_bytes("step.gradients", &step.gradients)?;
-        let ended = match run.apply_gradients(&gradients, step.loss_sum, step.correct)? {
-            Step::Batch => None,
-            Step::Epoch(r) => Some((r, false)),
-            Step::Done(r) => Some((r, true)),
-        };
-        if let Some((report, done)) = ended {
-            out.epoch_ended = true;
-            if role.rank == 0 {
-                out.epoch = Some(epoch_to_proto(&report));
-                out.done = done;
-                if !done && run.checkpoint_due() {
-                    let (epoch, weights, state) = run.checkpoint()?;
-                    out.checkpoint = Some(pb::TrainCheckpoint {
-                        epoch,
-                        weights: weights.to_safetensors(spec)?.into(),
-                        optimizer_state: state.into(),
-                    });
-                }
-            }
-            return Ok(out);
+) -> Result<Applied> {
+    if step.gradients.is_empty() {
+        return Ok(Applied::Next);
+    }
+    let gradients = f32_from_bytes("step.gradients", &step.gradients)?;
+    match run.apply_gradients(&gradients, step.loss_sum, step.correct)? {
+        Step::Batch => Ok(Applied::Next),
+        Step::Slice => Ok(Applied::Validating),
+        Step::Epoch(r) => {
+            epoch_ended(run, &r, false, role, spec).map(|s| Applied::Ended(Box::new(s)))
+        }
+        Step::Done(r) => {
+            epoch_ended(run, &r, true, role, spec).map(|s| Applied::Ended(Box::new(s)))
         }
     }
-    let g = run.compute_shard()?;
-    out.gradients = Some(pb::ShardGradients {
-        rows: g.rows as u32,
-        loss_sum: g.loss_sum,
-        correct: g.correct,
-        data: f32_to_bytes(&g.gradients).into(),
-        compute_ns: started.elapsed().as_nanos() as u64,
-    });
+}
+
+/// The answer to a step that ended an epoch: rank 0's carries the report, and the
+/// checkpoint when one is due.
+fn epoch_ended(
+    run: &TrainingRun,
+    report: &EpochReport,
+    done: bool,
+    role: ShardRole,
+    spec: &ModelSpec,
+) -> Result<pb::ShardStepped> {
+    let mut out = pb::ShardStepped {
+        epoch_ended: true,
+        ..Default::default()
+    };
+    if role.rank == 0 {
+        out.epoch = Some(epoch_to_proto(report));
+        out.done = done;
+        if !done && run.checkpoint_due() {
+            let (epoch, weights, state) = run.checkpoint()?;
+            out.checkpoint = Some(pb::TrainCheckpoint {
+                epoch,
+                weights: weights.to_safetensors(spec)?.into(),
+                optimizer_state: state.into(),
+            });
+        }
+    }
     Ok(out)
+}
+
+/// Validate the epoch rank 0 just ended on the engine thread, one slice per turn, and
+/// answer with its report.
+async fn validation_slices(
+    state: &State,
+    mut run: Box<TrainingRun>,
+    role: ShardRole,
+    spec: Arc<ModelSpec>,
+) -> Result<(Box<TrainingRun>, pb::ShardStepped), Status> {
+    loop {
+        let spec = spec.clone();
+        let (back, ended) = state
+            .engine
+            .exec(move || {
+                let ended = match run.step()? {
+                    Step::Batch | Step::Slice => None,
+                    Step::Epoch(r) => Some(epoch_ended(&run, &r, false, role, &spec)?),
+                    Step::Done(r) => Some(epoch_ended(&run, &r, true, role, &spec)?),
+                };
+                Ok((run, ended))
+            })
+            .await?;
+        run = back;
+        if let Some(stepped) = ended {
+            return Ok((run, stepped));
+        }
+    }
+}
+
+/// Compute the replica's shard of the next batch on the engine thread, one slice per turn
+/// so that inference runs in between; `busy` is the device time of the step so far (the
+/// rest of a step is communication).
+async fn shard_slices(
+    state: &State,
+    mut run: Box<TrainingRun>,
+    mut busy: Duration,
+) -> Result<(Box<TrainingRun>, pb::ShardStepped), Status> {
+    loop {
+        let (back, gradients, took) = state
+            .engine
+            .exec(move || {
+                let started = Instant::now();
+                let g = run.compute_shard_slice()?;
+                Ok((run, g, started.elapsed()))
+            })
+            .await?;
+        run = back;
+        busy += took;
+        if let Some(g) = gradients {
+            let stepped = pb::ShardStepped {
+                gradients: Some(pb::ShardGradients {
+                    rows: g.rows as u32,
+                    loss_sum: g.loss_sum,
+                    correct: g.correct,
+                    data: f32_to_bytes(&g.gradients).into(),
+                    compute_ns: busy.as_nanos() as u64,
+                }),
+                ..Default::default()
+            };
+            return Ok((run, stepped));
+        }
+    }
 }
 
 /// Hold one replica of a data-parallel run for as long as the coordinator's stream lasts.
@@ -93,7 +172,7 @@ pub(super) async fn hold_replica(
     let mut run = Some(Box::new(run.into_replica(role)?));
     let spec = Arc::new(spec);
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    track_run(&state, &cancel);
+    let _running = track_run(&state, &cancel);
     tracing::info!(job = %request.job_id, rank = role.rank, world = role.world, "data-parallel replica ready");
     if replies
         .send(Ok(shard_reply(Reply::Ready(pb::ShardReady {}))))
@@ -115,13 +194,20 @@ pub(super) async fn hold_replica(
         let spec = spec.clone();
         let reply = match command.command {
             Some(Command::Step(step)) => {
-                let (back, stepped) = state
+                let step_spec = spec.clone();
+                let (back, applied, busy) = state
                     .engine
                     .exec(move || {
-                        let stepped = replica_step(&mut taken, &step, role, &spec)?;
-                        Ok((taken, stepped))
+                        let started = Instant::now();
+                        let applied = replica_step(&mut taken, &step, role, &step_spec)?;
+                        Ok((taken, applied, started.elapsed()))
                     })
                     .await?;
+                let (back, stepped) = match applied {
+                    Applied::Ended(stepped) => (back, *stepped),
+                    Applied::Validating => validation_slices(&state, back, role, spec).await?,
+                    Applied::Next => shard_slices(&state, back, busy).await?,
+                };
                 run = Some(back);
                 Reply::Stepped(stepped)
             }

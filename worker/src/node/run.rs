@@ -53,24 +53,55 @@ pub(super) async fn prepare_run(
     let device = state.device.clone();
     // Building the run puts the model on the device: not on tokio's threads.
     let run_spec = spec.clone();
+    let slice = state.training_slice;
     let run = tokio::task::spawn_blocking(move || {
         let rows = JobData {
             train: &data,
             validation: validation.as_ref(),
             test: test.as_ref(),
         };
-        TrainingRun::resume(&run_spec, &init, &rows, &config, &device, resume)
+        TrainingRun::resume(&run_spec, &init, &rows, &config, &device, resume).map(|mut run| {
+            run.set_slice_budget(Some(slice));
+            run
+        })
     })
     .await
     .map_err(|e| Status::internal(e.to_string()))??;
     Ok((run, spec))
 }
 
-/// Remember a run's cancel flag, so that a stopping worker can hand the run back.
-pub(super) fn track_run(state: &State, cancel: &Arc<std::sync::atomic::AtomicBool>) {
+/// Remember a run's cancel flag, so that a stopping worker can hand the run back, and
+/// say in the worker's record that it trains (routing then prefers other workers). The
+/// guard rewrites the record again when the run ends.
+pub(super) fn track_run(
+    state: &Arc<State>,
+    cancel: &Arc<std::sync::atomic::AtomicBool>,
+) -> RunEnds {
     let mut runs = lock(&state.runs);
     runs.retain(|r| r.strong_count() > 0);
     runs.push(Arc::downgrade(cancel));
+    drop(runs);
+    state.report.notify_one();
+    RunEnds {
+        cancel: CancelOnDrop(cancel.clone()),
+        state: state.clone(),
+    }
+}
+
+/// Held while a run lasts: at its end the run's flag is set (it no longer counts as
+/// training) and the worker's record is rewritten.
+pub(super) struct RunEnds {
+    cancel: CancelOnDrop,
+    state: Arc<State>,
+}
+
+impl Drop for RunEnds {
+    fn drop(&mut self) {
+        self.cancel
+            .0
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.state.report.notify_one();
+    }
 }
 
 pub(super) async fn start_training(
@@ -79,11 +110,11 @@ pub(super) async fn start_training(
 ) -> Result<TrainStream, Status> {
     let (run, spec) = prepare_run(state, &req).await?;
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    track_run(state, &cancel);
+    let running = track_run(state, &cancel);
     let events = state.engine.train(run, cancel.clone()).await?;
     tracing::info!(job = %req.job_id, "training started");
     let stream = futures::stream::unfold(
-        (events, CancelOnDrop(cancel), spec, false),
+        (events, running, spec, false),
         |(mut events, guard, spec, finished)| async move {
             if finished {
                 return None;

@@ -1,0 +1,104 @@
+//! How training shares a worker's device with inference: the device time training took,
+//! and how long each inference batch waited behind it. The engine thread records both;
+//! the worker's metrics read them.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kiln_telemetry::metrics::{Histogram, SECONDS_BOUNDS};
+
+/// Training intervals remembered: more than could pass while one batch waits (the engine
+/// runs every queued command before the next training slice).
+const REMEMBERED: usize = 64;
+
+/// The figures, shared between the engine thread and the metrics.
+#[derive(Debug)]
+pub struct TrainingShare {
+    busy_ns: AtomicU64,
+    waits: Mutex<Histogram>,
+}
+
+impl Default for TrainingShare {
+    fn default() -> Self {
+        Self {
+            busy_ns: AtomicU64::new(0),
+            waits: Mutex::new(Histogram::new(SECONDS_BOUNDS)),
+        }
+    }
+}
+
+impl TrainingShare {
+    /// Seconds of device time training has taken.
+    pub fn busy_seconds(&self) -> f64 {
+        Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed)).as_secs_f64()
+    }
+
+    /// The waits of inference batches behind training (batches that did not wait are not
+    /// counted).
+    pub fn waits(&self) -> Histogram {
+        self.waits.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The engine thread's side: the recent training intervals.
+#[derive(Debug, Default)]
+pub(crate) struct TrainingClock {
+    recent: VecDeque<(Instant, Instant)>,
+}
+
+impl TrainingClock {
+    /// Training ran on the device from `start` to `end`.
+    pub(crate) fn ran(&mut self, share: &TrainingShare, start: Instant, end: Instant) {
+        share
+            .busy_ns
+            .fetch_add((end - start).as_nanos() as u64, Ordering::Relaxed);
+        if self.recent.len() == REMEMBERED {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((start, end));
+    }
+
+    /// How long a batch sent to the engine at `sent` waited behind training: the parts of
+    /// the training intervals since then. Recorded when it is more than nothing.
+    pub(crate) fn waited(&self, share: &TrainingShare, sent: Instant) -> Duration {
+        let behind: Duration = self
+            .recent
+            .iter()
+            .rev()
+            .take_while(|(_, end)| *end > sent)
+            .map(|(start, end)| *end - (*start).max(sent))
+            .sum();
+        if !behind.is_zero() {
+            share
+                .waits
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .observe(behind.as_secs_f64());
+        }
+        behind
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_waits_for_the_training_after_it_arrived_only() {
+        let share = TrainingShare::default();
+        let mut clock = TrainingClock::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Training 0–10 ms and 12–20 ms; a batch sent at 5 ms waited 5 + 8 ms behind it.
+        clock.ran(&share, t0, t0 + ms(10));
+        clock.ran(&share, t0 + ms(12), t0 + ms(20));
+        assert_eq!(clock.waited(&share, t0 + ms(5)), ms(13));
+        // One sent after the last interval did not wait; it is not counted.
+        assert_eq!(clock.waited(&share, t0 + ms(25)), Duration::ZERO);
+        assert_eq!(share.waits().count(), 1);
+        assert!((share.waits().sum() - 0.013).abs() < 1e-9);
+        assert!((share.busy_seconds() - 0.018).abs() < 1e-9);
+    }
+}
