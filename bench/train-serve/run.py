@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -184,11 +185,15 @@ def main():
     args = p.parse_args()
     meta = {"date": datetime.date.today().isoformat(), "seconds": args.seconds,
             "machine": f"{os.cpu_count()} cores, {platform.machine()}"}
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        job_file(work)
+    work = Path(tempfile.mkdtemp(prefix="kiln-train-serve-"))
+    job_file(work)
+    try:
         runs = [run_one(work, w, s, args.seconds)
                 for w in (1, 2) for s in (args.slice_ms, 0)]
+    except BaseException:
+        print(f"kept the logs in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work)
     Path(args.out).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
     write_section("train-serve", report(runs, meta, args.slice_ms))
 

@@ -315,6 +315,11 @@ impl EngineHandle {
                 let mut engine = engine;
                 let mut runs: Vec<ActiveRun> = Vec::new();
                 let mut clock = TrainingClock::default();
+                // For waiting on commands with a timeout while training yields.
+                let timer = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .ok();
                 let mut next_run = 0usize;
                 // Generation steps and training batches take turns when both have work.
                 let mut generation_turn = true;
@@ -336,20 +341,42 @@ impl EngineHandle {
                                 if generating && (generation_turn || runs.is_empty()) {
                                     generation_turn = false;
                                     engine.generate_step();
+                                    clock.served(Instant::now());
                                     continue;
                                 }
                                 generation_turn = true;
-                                next_run %= runs.len();
-                                let started = Instant::now();
-                                let going = runs[next_run].advance();
-                                clock.ran(&share, started, Instant::now());
-                                if going {
-                                    next_run += 1;
+                                // While inference is being served, training keeps to its
+                                // share: the device waits for inference a while first
+                                // (generations already take turns with it).
+                                let yielding = if generating {
+                                    None
                                 } else {
-                                    let finished = runs.swap_remove(next_run);
-                                    finished.finish();
+                                    clock.yield_until(Instant::now())
+                                };
+                                if let (Some(until), Some(timer)) = (yielding, &timer) {
+                                    let until = tokio::time::Instant::from_std(until);
+                                    // The timer is made inside the runtime (it needs one).
+                                    let waited = timer.block_on(async {
+                                        tokio::time::timeout_at(until, rx.recv()).await
+                                    });
+                                    match waited {
+                                        Ok(Some(c)) => c,
+                                        Ok(None) => return,
+                                        Err(_) => continue,
+                                    }
+                                } else {
+                                    next_run %= runs.len();
+                                    let started = Instant::now();
+                                    let going = runs[next_run].advance();
+                                    clock.ran(&share, started, Instant::now());
+                                    if going {
+                                        next_run += 1;
+                                    } else {
+                                        let finished = runs.swap_remove(next_run);
+                                        finished.finish();
+                                    }
+                                    continue;
                                 }
-                                continue;
                             }
                         }
                     };
@@ -377,6 +404,7 @@ impl EngineHandle {
                             }
                             clock.waited(&share, sent);
                             let _ = reply.send(engine.forward(&key, inputs, rows));
+                            clock.served(Instant::now());
                         }
                         Command::Train {
                             run,

@@ -1,6 +1,7 @@
 //! How training shares a worker's device with inference: the device time training took,
-//! and how long each inference batch waited behind it. The engine thread records both;
-//! the worker's metrics read them.
+//! how long each inference batch waited behind it, and the rule that keeps training to
+//! half the device while inference is being served. The engine thread records and asks;
+//! the worker's metrics read.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -12,6 +13,13 @@ use kiln_telemetry::metrics::{Histogram, SECONDS_BOUNDS};
 /// Training intervals remembered: more than could pass while one batch waits (the engine
 /// runs every queued command before the next training slice).
 const REMEMBERED: usize = 64;
+
+/// Inference counts as being served for this long after its last batch.
+const SERVING: Duration = Duration::from_millis(100);
+
+/// The device share training may take while inference is being served: after a slice of
+/// `d`, the device waits up to `d · (1 − share) / share` for inference before the next.
+pub const TRAINING_SHARE_WHILE_SERVING: f64 = 0.5;
 
 /// The figures, shared between the engine thread and the metrics.
 #[derive(Debug)]
@@ -46,6 +54,8 @@ impl TrainingShare {
 #[derive(Debug, Default)]
 pub(crate) struct TrainingClock {
     recent: VecDeque<(Instant, Instant)>,
+    /// When the device last ran an inference batch or a generation step.
+    last_served: Option<Instant>,
 }
 
 impl TrainingClock {
@@ -58,6 +68,24 @@ impl TrainingClock {
             self.recent.pop_front();
         }
         self.recent.push_back((start, end));
+    }
+
+    /// The device served inference at `at`.
+    pub(crate) fn served(&mut self, at: Instant) {
+        self.last_served = Some(at);
+    }
+
+    /// Until when the next training slice should wait for inference (None: run it now):
+    /// while inference is being served, training keeps to its share of the device.
+    pub(crate) fn yield_until(&self, now: Instant) -> Option<Instant> {
+        let served = self.last_served?;
+        if now.saturating_duration_since(served) > SERVING {
+            return None;
+        }
+        let &(start, end) = self.recent.back()?;
+        let share = TRAINING_SHARE_WHILE_SERVING;
+        let until = end + (end - start).mul_f64((1.0 - share) / share);
+        (now < until).then_some(until)
     }
 
     /// How long a batch sent to the engine at `sent` waited behind training: the parts of
@@ -100,5 +128,23 @@ mod tests {
         assert_eq!(share.waits().count(), 1);
         assert!((share.waits().sum() - 0.013).abs() < 1e-9);
         assert!((share.busy_seconds() - 0.018).abs() < 1e-9);
+    }
+
+    #[test]
+    fn while_serving_training_waits_as_long_as_its_last_slice_took() {
+        let share = TrainingShare::default();
+        let mut clock = TrainingClock::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        clock.ran(&share, t0, t0 + ms(6));
+        // Nothing served yet: train on.
+        assert_eq!(clock.yield_until(t0 + ms(7)), None);
+        clock.served(t0 + ms(7));
+        // Half the device: the 6 ms slice is followed by up to 6 ms for inference.
+        assert_eq!(clock.yield_until(t0 + ms(8)), Some(t0 + ms(12)));
+        assert_eq!(clock.yield_until(t0 + ms(12)), None);
+        // Inference gone quiet for longer than SERVING: training takes the whole device.
+        clock.ran(&share, t0 + ms(300), t0 + ms(306));
+        assert_eq!(clock.yield_until(t0 + ms(307)), None);
     }
 }
