@@ -805,16 +805,8 @@ fn two_and_three_replicas_train_the_weights_of_one_worker() {
             single.history.len(),
             "{world} replicas"
         );
-        for (a, b) in parallel.weights.layers.iter().zip(&single.weights.layers) {
-            for (x, y) in a
-                .weight
-                .iter()
-                .chain(&a.bias)
-                .zip(b.weight.iter().chain(&b.bias))
-            {
-                assert!((x - y).abs() < 1e-4, "{world} replicas: weight {x} vs {y}");
-            }
-        }
+        let diff = max_difference(&parallel.weights, &single.weights);
+        assert!(diff < 1e-4, "{world} replicas: weights differ by {diff}");
         let p = parallel.history.last().unwrap();
         assert_eq!(
             p.validation_accuracy, last.validation_accuracy,
