@@ -219,6 +219,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Vec<Cell>> {
         training_limits: Default::default(),
         worker_memory_bytes: 0,
         training_slice: kiln_worker::DEFAULT_TRAINING_SLICE,
+        training_share: kiln_worker::DEFAULT_TRAINING_SHARE,
         metrics_addr: None,
         tls: None,
     })

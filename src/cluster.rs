@@ -176,6 +176,8 @@ pub struct WorkerArgs {
     pub metrics_addr: Option<SocketAddr>,
     /// Slice budget of training runs (zero: whole batches).
     pub training_slice: Duration,
+    /// Device share of training while inference is served.
+    pub training_share: f64,
 }
 
 /// Run a worker until `shutdown`.
@@ -197,6 +199,7 @@ pub async fn worker(
         memory_bytes: args.memory_bytes,
         metrics_addr: args.metrics_addr,
         training_slice: args.training_slice,
+        training_share: args.training_share,
     };
     let deps = WorkerDeps {
         registry: c.registry,

@@ -48,6 +48,8 @@ pub struct UpConfig {
     pub worker_memory_bytes: u64,
     /// The longest a training run holds a worker's device at a time (zero: whole batches).
     pub training_slice: Duration,
+    /// The share of a worker's device training may take while inference is served.
+    pub training_share: f64,
     /// Serve the Prometheus metrics of every part (gateway, workers labelled by id,
     /// scheduler) at `http://ADDR/metrics` (None: not served).
     pub metrics_addr: Option<SocketAddr>,
@@ -213,6 +215,7 @@ pub async fn start(config: UpConfig) -> anyhow::Result<Embedded> {
             memory_bytes: config.worker_memory_bytes,
             metrics_addr: None,
             training_slice: config.training_slice,
+            training_share: config.training_share,
         };
         let deps = WorkerDeps {
             registry: registry.clone(),

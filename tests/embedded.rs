@@ -35,6 +35,7 @@ fn config(dir: &Path) -> UpConfig {
         training_limits: Default::default(),
         worker_memory_bytes: 0,
         training_slice: kiln_worker::DEFAULT_TRAINING_SLICE,
+        training_share: kiln_worker::DEFAULT_TRAINING_SHARE,
         metrics_addr: None,
         tls: None,
     }
@@ -507,6 +508,7 @@ async fn a_full_worker_gives_way_to_a_new_version_by_evicting_the_least_recently
         // Room for two versions of this size, not three.
         worker_memory_bytes: 2 * size + size / 2,
         training_slice: kiln_worker::DEFAULT_TRAINING_SLICE,
+        training_share: kiln_worker::DEFAULT_TRAINING_SHARE,
         metrics_addr: None,
         tls: None,
         // Renewals every second: the worker reports use quickly.

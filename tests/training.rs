@@ -42,6 +42,7 @@ async fn start_with(dir: &std::path::Path, workers: usize) -> (embedded::Embedde
         },
         worker_memory_bytes: 0,
         training_slice: kiln_worker::DEFAULT_TRAINING_SLICE,
+        training_share: kiln_worker::DEFAULT_TRAINING_SHARE,
         metrics_addr: None,
         tls: None,
     })

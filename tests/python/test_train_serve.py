@@ -190,3 +190,16 @@ def test_requests_go_to_the_worker_that_is_not_training(tmp_path):
             time.sleep(0.2)
     finally:
         c.stop()
+
+
+def test_a_training_share_outside_0_to_1_is_refused_naming_the_flag(tmp_path):
+    import subprocess
+
+    from conftest import KILN
+
+    for bad in ("0", "1.5", "-1", "nan"):
+        out = subprocess.run([KILN, "up", "--data-dir", str(tmp_path / "d"),
+                              f"--training-share={bad}"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode != 0
+        assert "--training-share must be above 0 and at most 1" in out.stderr, out.stderr

@@ -303,7 +303,7 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Start the engine thread for `device`; it ends when every handle is dropped.
-    pub fn spawn(device: Device, name: &str) -> std::io::Result<Self> {
+    pub fn spawn(device: Device, name: &str, training_share: f64) -> std::io::Result<Self> {
         let (tx, mut rx) = mpsc::channel::<Command>(ENGINE_QUEUE);
         let engine = Engine::new(device);
         let gauges = engine.gauges.clone();
@@ -314,7 +314,7 @@ impl EngineHandle {
             .spawn(move || {
                 let mut engine = engine;
                 let mut runs: Vec<ActiveRun> = Vec::new();
-                let mut clock = TrainingClock::default();
+                let mut clock = TrainingClock::with_share(training_share);
                 // For waiting on commands with a timeout while training yields.
                 let timer = tokio::runtime::Builder::new_current_thread()
                     .enable_time()
@@ -741,7 +741,7 @@ mod tests {
     #[tokio::test]
     async fn inference_answers_while_a_training_run_is_on_the_engine() {
         use crate::training::{Dataset, JobData, Loss, Optimizer, TrainingConfig};
-        let engine = EngineHandle::spawn(Device::flex(), "test").unwrap();
+        let engine = EngineHandle::spawn(Device::flex(), "test", 0.5).unwrap();
         let (spec, weights) = hand_model();
         engine
             .load(key(), prepared(&spec, weights, None).unwrap())

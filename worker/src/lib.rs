@@ -34,3 +34,4 @@ pub use engine::{Engine, EngineHandle};
 pub use error::{Error, Result};
 pub use metrics::WorkerMetrics;
 pub use node::{DEFAULT_TRAINING_SLICE, WorkerConfig, WorkerDeps, serve};
+pub use training_share::DEFAULT_TRAINING_SHARE;

@@ -17,9 +17,10 @@ const REMEMBERED: usize = 64;
 /// Inference counts as being served for this long after its last batch.
 const SERVING: Duration = Duration::from_millis(100);
 
-/// The device share training may take while inference is being served: after a slice of
-/// `d`, the device waits up to `d · (1 − share) / share` for inference before the next.
-pub const TRAINING_SHARE_WHILE_SERVING: f64 = 0.5;
+/// The default of the device share training may take while inference is being served
+/// (`--training-share`): after a slice of `d`, the device waits up to
+/// `d · (1 − share) / share` for inference before the next.
+pub const DEFAULT_TRAINING_SHARE: f64 = 0.5;
 
 /// The figures, shared between the engine thread and the metrics.
 #[derive(Debug)]
@@ -51,14 +52,32 @@ impl TrainingShare {
 }
 
 /// The engine thread's side: the recent training intervals.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct TrainingClock {
     recent: VecDeque<(Instant, Instant)>,
     /// When the device last ran an inference batch or a generation step.
     last_served: Option<Instant>,
+    /// The share of the device training may take while inference is served (0 to 1].
+    share: f64,
+}
+
+impl Default for TrainingClock {
+    fn default() -> Self {
+        Self::with_share(DEFAULT_TRAINING_SHARE)
+    }
 }
 
 impl TrainingClock {
+    /// A clock that keeps training to `share` of the device while inference is served
+    /// (clamped to 1%..100%; 1: no waiting for inference).
+    pub(crate) fn with_share(share: f64) -> Self {
+        Self {
+            recent: VecDeque::new(),
+            last_served: None,
+            share: share.clamp(0.01, 1.0),
+        }
+    }
+
     /// Training ran on the device from `start` to `end`.
     pub(crate) fn ran(&mut self, share: &TrainingShare, start: Instant, end: Instant) {
         share
@@ -83,8 +102,7 @@ impl TrainingClock {
             return None;
         }
         let &(start, end) = self.recent.back()?;
-        let share = TRAINING_SHARE_WHILE_SERVING;
-        let until = end + (end - start).mul_f64((1.0 - share) / share);
+        let until = end + (end - start).mul_f64((1.0 - self.share) / self.share);
         (now < until).then_some(until)
     }
 
@@ -146,5 +164,14 @@ mod tests {
         // Inference gone quiet for longer than SERVING: training takes the whole device.
         clock.ran(&share, t0 + ms(300), t0 + ms(306));
         assert_eq!(clock.yield_until(t0 + ms(307)), None);
+        // A quarter of the device: three times the slice for inference; all of it: none.
+        let mut quarter = TrainingClock::with_share(0.25);
+        quarter.ran(&share, t0, t0 + ms(4));
+        quarter.served(t0 + ms(5));
+        assert_eq!(quarter.yield_until(t0 + ms(5)), Some(t0 + ms(16)));
+        let mut all = TrainingClock::with_share(1.0);
+        all.ran(&share, t0, t0 + ms(4));
+        all.served(t0 + ms(5));
+        assert_eq!(all.yield_until(t0 + ms(5)), None);
     }
 }

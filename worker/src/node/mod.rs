@@ -65,6 +65,9 @@ pub struct WorkerConfig {
     /// slices of about this much compute, so inference waits at most one (zero: whole
     /// batches).
     pub training_slice: Duration,
+    /// The share of the device training may take while inference is being served (0 to 1;
+    /// 1: it never waits for inference).
+    pub training_share: f64,
 }
 
 /// The default of [`WorkerConfig::training_slice`] (docs/training.md: how it was chosen).
@@ -142,7 +145,7 @@ pub async fn serve(
         .map_err(|e| Error::Device(e.to_string()))?
         .map_err(|e| Error::Device(format!("cannot open device {}: {e}", config.device)))?;
     tracing::info!(worker = %config.id, backend = selected.backend, adapter = %selected.adapter, "device ready");
-    let engine = EngineHandle::spawn(selected.device.clone(), &config.id)
+    let engine = EngineHandle::spawn(selected.device.clone(), &config.id, config.training_share)
         .map_err(|e| Error::Device(format!("cannot start the engine thread: {e}")))?;
     let local = listener
         .local_addr()
