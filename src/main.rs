@@ -168,16 +168,38 @@ enum AuthMode {
     Off,
 }
 
-/// Say loudly that anyone may call everything.
-/// `--training-share`, checked: above 0, at most 1.
-fn training_share(share: f64) -> anyhow::Result<f64> {
-    if share > 0.0 && share <= 1.0 {
-        Ok(share)
-    } else {
-        anyhow::bail!("--training-share must be above 0 and at most 1, got {share}")
+/// How training shares a worker's device with serving (`kiln up`, `kiln worker`).
+#[derive(clap::Args)]
+struct TrainingFlags {
+    /// Milliseconds a training run may hold the device at a time: each batch is
+    /// trained in slices of about this much compute (gradients accumulate, the trained
+    /// weights are the same), so inference waits at most one slice. 0: whole batches.
+    #[arg(long, env = "KILN_TRAINING_SLICE_MS", default_value_t = kiln_worker::DEFAULT_TRAINING_SLICE.as_millis() as u64)]
+    training_slice_ms: u64,
+    /// Most of the device a training run may take while inference is being served (an
+    /// inference batch in the last 100 ms): after each slice the device waits for
+    /// inference up to slice × (1 − share) / share. Above 0, at most 1 (never waits).
+    #[arg(long, env = "KILN_TRAINING_SHARE", default_value_t = kiln_worker::DEFAULT_TRAINING_SHARE)]
+    training_share: f64,
+}
+
+impl TrainingFlags {
+    fn slice(&self) -> Duration {
+        Duration::from_millis(self.training_slice_ms)
+    }
+
+    /// `--training-share`, checked: above 0, at most 1.
+    fn share(&self) -> anyhow::Result<f64> {
+        let share = self.training_share;
+        if share > 0.0 && share <= 1.0 {
+            Ok(share)
+        } else {
+            anyhow::bail!("--training-share must be above 0 and at most 1, got {share}")
+        }
     }
 }
 
+/// Say loudly that anyone may call everything.
 fn warn_auth_off(addr: impl std::fmt::Display) {
     tracing::warn!(
         %addr,
@@ -231,16 +253,8 @@ enum Command {
         /// recently used versions give way.
         #[arg(long, env = "KILN_MODEL_MEMORY_MIB", default_value_t = 0)]
         model_memory_mib: u64,
-        /// Milliseconds a training run may hold the device at a time: each batch is
-        /// trained in slices of about this much compute (gradients accumulate, the trained
-        /// weights are the same), so inference waits at most one slice. 0: whole batches.
-        #[arg(long, env = "KILN_TRAINING_SLICE_MS", default_value_t = kiln_worker::DEFAULT_TRAINING_SLICE.as_millis() as u64)]
-        training_slice_ms: u64,
-        /// Most of the device a training run may take while inference is being served (an
-        /// inference batch in the last 100 ms): after each slice the device waits for
-        /// inference up to slice × (1 − share) / share. Above 0, at most 1 (never waits).
-        #[arg(long, env = "KILN_TRAINING_SHARE", default_value_t = kiln_worker::DEFAULT_TRAINING_SHARE)]
-        training_share: f64,
+        #[command(flatten)]
+        training: TrainingFlags,
         /// Write the bound address to this file once listening (for scripts).
         #[arg(long)]
         addr_file: Option<PathBuf>,
@@ -581,16 +595,8 @@ struct UpArgs {
     /// recently used versions give way.
     #[arg(long, env = "KILN_MODEL_MEMORY_MIB", default_value_t = 0)]
     model_memory_mib: u64,
-    /// Milliseconds a training run may hold the device at a time: each batch is
-    /// trained in slices of about this much compute (gradients accumulate, the trained
-    /// weights are the same), so inference waits at most one slice. 0: whole batches.
-    #[arg(long, env = "KILN_TRAINING_SLICE_MS", default_value_t = kiln_worker::DEFAULT_TRAINING_SLICE.as_millis() as u64)]
-    training_slice_ms: u64,
-    /// Most of the device a training run may take while inference is being served (an
-    /// inference batch in the last 100 ms): after each slice the device waits for
-    /// inference up to slice × (1 − share) / share. Above 0, at most 1 (never waits).
-    #[arg(long, env = "KILN_TRAINING_SHARE", default_value_t = kiln_worker::DEFAULT_TRAINING_SHARE)]
-    training_share: f64,
+    #[command(flatten)]
+    training: TrainingFlags,
     /// Serve the Prometheus metrics of the gateway, every worker (labelled by id) and the
     /// scheduler at http://ADDR/metrics (off unless given; Triton's port is 8002).
     #[arg(long, env = "KILN_METRICS_ADDR")]
@@ -857,8 +863,8 @@ async fn up(args: UpArgs, server_tls: Option<kiln_rpc::tls::ServerTlsFiles>) -> 
         lease_ttl: Duration::from_secs(10),
         training_limits: args.limits.limits()?,
         worker_memory_bytes: args.model_memory_mib.saturating_mul(1024 * 1024),
-        training_slice: Duration::from_millis(args.training_slice_ms),
-        training_share: training_share(args.training_share)?,
+        training_slice: args.training.slice(),
+        training_share: args.training.share()?,
         metrics_addr: args.metrics_addr,
         tls: server_tls,
     };
@@ -1007,7 +1013,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                 };
                 kiln::cluster::scheduler(cluster.config(&tls)?, args, kiln::shutdown_signal()).await
             }
-            Command::Worker { cluster, id, listen, advertise, device, model_memory_mib, training_slice_ms, training_share: share, addr_file } => {
+            Command::Worker { cluster, id, listen, advertise, device, model_memory_mib, training, addr_file } => {
                 let args = kiln::cluster::WorkerArgs {
                     id: id.unwrap_or_else(|| kiln::cluster::default_id("worker")),
                     listen,
@@ -1016,8 +1022,8 @@ async fn run(cli: Cli) -> std::process::ExitCode {
                     addr_file,
                     memory_bytes: model_memory_mib.saturating_mul(1024 * 1024),
                     metrics_addr: cluster.metrics_addr,
-                    training_slice: Duration::from_millis(training_slice_ms),
-                    training_share: training_share(share)?,
+                    training_slice: training.slice(),
+                    training_share: training.share()?,
                 };
                 kiln::cluster::worker(cluster.config(&tls)?, args, kiln::shutdown_signal()).await
             }

@@ -23,13 +23,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests" / "python"))
 from docs_section import write_section  # noqa: E402
-from conftest import free_port  # noqa: E402
+from conftest import free_port, long_training_job  # noqa: E402
 
 KILN = os.environ["KILN_BIN"]
 KILN_BENCH = os.environ["KILN_BENCH_BIN"]
@@ -74,20 +72,6 @@ def scrape(metrics):
 
 def summed(text, name):
     return sum(float(v) for v in re.findall(r"^%s(?:\{[^}]*\})? (\S+)$" % name, text, re.M))
-
-
-def job_file(work):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(50_000, 10)).astype(np.float32)
-    y = (x.sum(axis=1) > 0).astype(np.float32)
-    np.save(work / "x.npy", x)
-    np.save(work / "y.npy", y)
-    (work / "h.json").write_text(json.dumps({"name": "h", "spec": {"mlp": {
-        "input_width": 10, "hidden": [512, 512], "output_width": 1,
-        "task": "binary_classification"}}}))
-    (work / "job.json").write_text(json.dumps({
-        "model_name": "h", "epochs": 1000, "batch_size": 256,
-        "data": {"npy": {"features": str(work / "x.npy"), "labels": str(work / "y.npy")}}}))
 
 
 def run_one(work, workers, slice_ms, seconds):
@@ -186,7 +170,7 @@ def main():
     meta = {"date": datetime.date.today().isoformat(), "seconds": args.seconds,
             "machine": f"{os.cpu_count()} cores, {platform.machine()}"}
     work = Path(tempfile.mkdtemp(prefix="kiln-train-serve-"))
-    job_file(work)
+    long_training_job(work, 50_000, 256, 1000)
     try:
         runs = [run_one(work, w, s, args.seconds)
                 for w in (1, 2) for s in (args.slice_ms, 0)]

@@ -120,7 +120,8 @@ impl Router {
     /// from the worker's record).
     fn loads(&self, addresses: &[String]) -> Vec<ReplicaLoad> {
         let view = self.view.current();
-        let training: std::collections::HashSet<&str> = view
+        // Usually none: an empty list, nothing allocated on the request path.
+        let training: Vec<&str> = view
             .workers
             .values()
             .filter(|w| w.training > 0)
@@ -137,7 +138,7 @@ impl Router {
                         queue_depth: r.load.queue_depth.load(Ordering::Relaxed),
                         training: false,
                     });
-                load.training = training.contains(a.as_str());
+                load.training = training.contains(&a.as_str());
                 load
             })
             .collect()

@@ -292,3 +292,22 @@ def ready_holders(multi, model, version):
     return sorted(w["id"] for w in multi.records("workers/")
                   if any(l["key"] == {"model": model, "version": version} and l["state"] == "READY"
                          for l in w.get("loaded", [])))
+
+
+def long_training_job(dir, rows, batch_size, epochs):
+    """Files for a job that trains 10→512→512→1 (model `h`) on `rows` random rows for
+    minutes: `dir/h.json` (the model's spec) and `dir/job.json`. Serving-while-training
+    tests and bench/train-serve share it."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 10)).astype(np.float32)
+    y = (x.sum(axis=1) > 0).astype(np.float32)
+    np.save(dir / "x.npy", x)
+    np.save(dir / "y.npy", y)
+    (dir / "h.json").write_text(json.dumps({"name": "h", "spec": {"mlp": {
+        "input_width": 10, "hidden": [512, 512], "output_width": 1,
+        "task": "binary_classification"}}}))
+    (dir / "job.json").write_text(json.dumps({
+        "model_name": "h", "epochs": epochs, "batch_size": batch_size,
+        "data": {"npy": {"features": str(dir / "x.npy"), "labels": str(dir / "y.npy")}}}))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import Cluster, free_port, wait_ready
+from conftest import Cluster, free_port, long_training_job, wait_ready
 
 DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")
 needs_cpu = pytest.mark.skipif(
@@ -67,19 +67,8 @@ def serving_model(c, tmp_path, *deploy):
 
 def heavy_job(c, tmp_path, batch_size=1024):
     """A job of 10→512→512→1 on 20,000 rows that runs for minutes; returns its id."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(20_000, 10)).astype(np.float32)
-    y = (x.sum(axis=1) > 0).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", y)
-    (tmp_path / "h.json").write_text(json.dumps({"name": "h", "spec": {"mlp": {
-        "input_width": 10, "hidden": [512, 512], "output_width": 1,
-        "task": "binary_classification"}}}))
+    long_training_job(tmp_path, 20_000, batch_size, 500)
     c.kiln("models", "create", "--spec", str(tmp_path / "h.json"), "--seed", "1")
-    (tmp_path / "job.json").write_text(json.dumps({
-        "model_name": "h", "epochs": 500, "batch_size": batch_size,
-        "data": {"npy": {"features": str(tmp_path / "x.npy"), "labels": str(tmp_path / "y.npy")}},
-    }))
     out = c.kiln("train", str(tmp_path / "job.json"), "--detach")
     return out.split()[-1]
 

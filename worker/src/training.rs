@@ -131,8 +131,42 @@ struct Validating {
 /// Rows of a run's first slice, before it has timed one.
 const FIRST_SLICE_ROWS: usize = 16;
 
-/// How much of the slowest recent pace a faster slice keeps (see `train_slice`).
+/// How much of the slowest recent pace a faster slice keeps (see [`Pace::record`]).
 const PACE_DECAY: f64 = 0.9;
+
+/// Seconds per row of recent slices of one kind of work, fixed costs included: sizes the
+/// next slice so that slices converge on the budget.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pace(Option<f64>);
+
+impl Pace {
+    /// Rows of the next slice, of `remaining`: as many as fit `budget` at this pace (`first`
+    /// before any slice was timed; `unbudgeted` without a budget), at least one.
+    fn rows(
+        self,
+        budget: Option<Duration>,
+        first: usize,
+        unbudgeted: usize,
+        remaining: usize,
+    ) -> usize {
+        let rows = match (budget, self.0) {
+            (None, _) => unbudgeted,
+            (Some(_), None) => first,
+            (Some(budget), Some(pace)) => (budget.as_secs_f64() / pace.max(1e-12)) as usize,
+        };
+        rows.clamp(1, remaining.max(1))
+    }
+
+    /// A slice of `rows` rows took `took`. Quick to slow down, slow to speed up: a slice
+    /// timed on a quiet moment does not size the next one for a busy one.
+    fn record(&mut self, took: Duration, rows: usize) {
+        let pace = took.as_secs_f64() / rows.max(1) as f64;
+        self.0 = Some(match self.0 {
+            Some(before) => pace.max(before * PACE_DECAY),
+            None => pace,
+        });
+    }
+}
 
 /// Rows gathered into one batch.
 struct Batch {
@@ -352,13 +386,12 @@ pub struct TrainingRun {
     partial: Option<Partial>,
     /// The epoch's end, while its validation runs in slices.
     validating: Option<Validating>,
-    /// Seconds per validation row of the last validation slice.
-    validation_seconds_per_row: Option<f64>,
+    /// The pace of validation slices.
+    validation_pace: Pace,
     /// The longest one slice should hold the device (None: whole batches).
     slice_budget: Option<Duration>,
-    /// Seconds per row of recent slices, overhead included (the slowest, decaying): sizes
-    /// the next one.
-    seconds_per_row: Option<f64>,
+    /// The pace of training slices.
+    pace: Pace,
 }
 
 impl TrainingRun {
@@ -480,9 +513,9 @@ impl TrainingRun {
             pending_end: None,
             partial: None,
             validating: None,
-            validation_seconds_per_row: None,
+            validation_pace: Pace::default(),
             slice_budget: None,
-            seconds_per_row: None,
+            pace: Pace::default(),
         })
     }
 
@@ -505,52 +538,42 @@ impl TrainingRun {
         self.slice_budget = budget.filter(|b| !b.is_zero());
     }
 
-    /// Rows of the next slice, of `remaining`: as many as fit the budget at the last
-    /// slice's pace (its fixed costs included, so slices converge on the budget), at
-    /// least one.
-    fn slice_rows(&self, remaining: usize) -> usize {
-        let Some(budget) = self.slice_budget else {
-            return remaining;
-        };
-        let rows = match self.seconds_per_row {
-            Some(pace) if pace > 0.0 => (budget.as_secs_f64() / pace) as usize,
-            _ => FIRST_SLICE_ROWS,
-        };
-        rows.clamp(1, remaining)
-    }
-
-    /// Train the next slice of `partial` (rows of `rows`, the run's training rows) on
-    /// `model`: its gradients, weighted by its share of the batch, join the others. Returns whether the batch is complete, and then its
-    /// gradients; else they stay in `partial`.
-    fn train_slice(
-        &mut self,
-        model: &Mlp,
-        partial: &mut Partial,
-        rows: &[usize],
-    ) -> Result<Option<GradientsParams>> {
+    /// Train the next slice of `partial` on the run's model: its gradients, weighted by its
+    /// share of the batch, join the others. Returns the batch's gradients once its last
+    /// slice is done; until then they stay in `partial`.
+    fn train_slice(&mut self, partial: &mut Partial) -> Result<Option<GradientsParams>> {
+        let model = self
+            .model
+            .as_ref()
+            .ok_or_else(|| Error::TrainingFailed("the run already failed".into()))?;
         let from = partial.next;
-        let to = from + self.slice_rows(partial.end - from);
+        let remaining = partial.end - from;
+        let to = from
+            + self
+                .pace
+                .rows(self.slice_budget, FIRST_SLICE_ROWS, remaining, remaining);
         let whole = from == partial.start && to == partial.end;
         let share = (to - from) as f32 / (partial.end - partial.start) as f32;
         let started = Instant::now();
-        let g = self.gradients_on(model, &rows[from..to], partial.batch_number, share)?;
+        let g = self.gradients_on(
+            model,
+            &self.train_rows[from..to],
+            partial.batch_number,
+            share,
+        )?;
+        let grads = if whole {
+            Some(g.grads)
+        } else {
+            partial.grads.accumulate(model, g.grads);
+            (to == partial.end).then(|| partial.grads.grads())
+        };
         if self.slice_budget.is_some() {
-            // Quick to slow down, slow to speed up: a slice timed on a quiet moment does
-            // not size the next one for a busy one.
-            let pace = started.elapsed().as_secs_f64() / (to - from) as f64;
-            self.seconds_per_row = Some(match self.seconds_per_row {
-                Some(before) => pace.max(before * PACE_DECAY),
-                None => pace,
-            });
+            self.pace.record(started.elapsed(), to - from);
         }
         partial.loss_sum += g.loss_sum;
         partial.correct += g.correct;
         partial.next = to;
-        if whole {
-            return Ok(Some(g.grads));
-        }
-        partial.grads.accumulate(model, g.grads);
-        Ok((to == partial.end).then(|| partial.grads.grads()))
+        Ok(grads)
     }
 
     /// Start the epoch if the cursor is at its beginning: count it, shuffle its rows.
@@ -611,31 +634,21 @@ impl TrainingRun {
                 Partial::new(start, end, self.cursor / batch_size + 1)
             }
         };
-        let model = self
-            .model
-            .take()
-            .ok_or_else(|| Error::TrainingFailed("the run already failed".into()))?;
-        let rows = std::mem::take(&mut self.train_rows);
-        let done = self.train_slice(&model, &mut partial, &rows);
-        self.train_rows = rows;
-        let gradients = match done {
-            Ok(Some(grads)) => Some(model.flatten_gradients(&grads)),
-            Ok(None) => None,
-            Err(e) => return Err(e),
+        let Some(grads) = self.train_slice(&mut partial)? else {
+            self.partial = Some(partial);
+            return Ok(None);
         };
-        self.model = Some(model);
-        Ok(match gradients {
-            Some(gradients) => Some(ShardGradients {
-                rows: partial.end - partial.start,
-                loss_sum: partial.loss_sum,
-                correct: partial.correct as u64,
-                gradients,
-            }),
-            None => {
-                self.partial = Some(partial);
-                None
-            }
-        })
+        let gradients = self
+            .model
+            .as_ref()
+            .map(|model| model.flatten_gradients(&grads))
+            .unwrap_or_default();
+        Ok(Some(ShardGradients {
+            rows: partial.end - partial.start,
+            loss_sum: partial.loss_sum,
+            correct: partial.correct as u64,
+            gradients,
+        }))
     }
 
     /// The gradients of `model`'s mean loss on `rows`, times `share` (a slice's part of its
@@ -736,18 +749,14 @@ impl TrainingRun {
                 Partial::new(start, end, start / batch_size + 1)
             }
         };
+        let Some(grads) = self.train_slice(&mut partial)? else {
+            self.partial = Some(partial);
+            return Ok(Step::Slice);
+        };
         let model = self
             .model
             .take()
             .ok_or_else(|| Error::TrainingFailed("the run already failed".into()))?;
-        let rows = std::mem::take(&mut self.train_rows);
-        let done = self.train_slice(&model, &mut partial, &rows);
-        self.train_rows = rows;
-        let Some(grads) = done? else {
-            self.model = Some(model);
-            self.partial = Some(partial);
-            return Ok(Step::Slice);
-        };
         self.loss_sum += partial.loss_sum;
         self.right += partial.correct;
         self.cursor = partial.end;
@@ -800,12 +809,12 @@ impl TrainingRun {
             return Err(Error::TrainingFailed("no epoch is being validated".into()));
         };
         let remaining = self.validation.len() - v.next;
-        let rows = match (self.slice_budget, self.validation_seconds_per_row) {
-            (None, _) => EVALUATION_CHUNK,
-            (Some(_), None) => FIRST_SLICE_ROWS * 4,
-            (Some(budget), Some(pace)) => (budget.as_secs_f64() / pace.max(1e-12)) as usize,
-        }
-        .clamp(1, remaining.max(1));
+        let rows = self.validation_pace.rows(
+            self.slice_budget,
+            FIRST_SLICE_ROWS * 4,
+            EVALUATION_CHUNK,
+            remaining,
+        );
         let started = Instant::now();
         let chunk = &self.validation[v.next..v.next + rows.min(remaining)];
         let (loss, right) = evaluate_rows(
@@ -817,11 +826,7 @@ impl TrainingRun {
             &self.device,
         )?;
         if self.slice_budget.is_some() {
-            let pace = started.elapsed().as_secs_f64() / chunk.len().max(1) as f64;
-            self.validation_seconds_per_row = Some(match self.validation_seconds_per_row {
-                Some(before) => pace.max(before * PACE_DECAY),
-                None => pace,
-            });
+            self.validation_pace.record(started.elapsed(), chunk.len());
         }
         v.loss_sum += loss;
         v.correct += right;
